@@ -1,0 +1,296 @@
+"""The paper's objective: Eq. 1-6, one function per equation, then the assembly.
+
+Paper: "Disentangling Identity from Transient Attributes: A Semantically-Supervised Decoupling
+Framework for Robust Person Re-Identification", Sec. III-E (losses) and III-F (GradNorm).
+
+    L_aln       Eq. 1  clothing alignment InfoNCE     clothing_alignment_loss
+    L_decouple  Eq. 2  HSIC between f_id and f_clo    hsic
+    L_info      Eq. 3  image-text InfoNCE             info_nce (+ multi_positive_nce)
+    L_tri       Eq. 4  batch-hard triplet             triplet_loss
+    GradNorm    Eq. 5  learned task weights           GradNorm.gradnorm_loss
+    L_total     Eq. 6  sum_k w_k L_k + lambda R(w)    GradNorm.total_loss
+
+`compute_losses(out, batch, cfg)` at the bottom says which equation is applied to which output
+of `model.T2IReID.forward`; train.py feeds its dict to `GradNorm.backward`.
+
+Where this code departs from the letter of the paper, the docstring says so and why (see also
+DESIGN.md section 3). References: Gretton et al. 2005 (HSIC), Hermans et al. 2017 (batch-hard
+triplet), Chen et al. 2018 (GradNorm, arXiv:1711.02257), Khosla et al. 2020 (multi-positive
+contrastive loss).
+
+Tests: pytest tests/test_losses.py
+"""
+import math
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# -----------------------------------------------------------------------------
+# contrastive losses (Eq. 1 and Eq. 3) share one core: softmax cross-entropy whose target is
+# spread uniformly over every positive of the anchor
+
+
+def multi_positive_nce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Row-wise InfoNCE with several positives per anchor.
+
+        l_i = -1/|P(i)| * sum_{j in P(i)} log( exp(s_ij) / sum_k exp(s_ik) )
+
+    i.e. the cross-entropy between softmax(s_i) and the uniform distribution over the positive
+    set P(i) (Khosla et al. 2020, "L_out"; equal, up to a constant, to IRRA's SDM loss). With one
+    positive per row it is the ordinary InfoNCE / cross-entropy. Rows without a positive are
+    skipped.
+
+    Args: logits (Q, G) already divided by the temperature; positives (Q, G) bool.
+    Returns: scalar mean over the anchors that have a positive.
+    """
+    log_prob = F.log_softmax(logits, dim=1)  # (Q, G)
+    pos = positives.to(log_prob.dtype)
+    count = pos.sum(1)  # (Q,)
+    has_pos = count > 0
+    per_row = -(log_prob * pos).sum(1)[has_pos] / count[has_pos]  # (Q',)
+    if per_row.numel() == 0:
+        return logits.sum() * 0.0  # keeps the graph; no anchor had a positive
+    return per_row.mean()
+
+
+def clothing_alignment_loss(
+    f_clo_v: torch.Tensor, f_clo_t: torch.Tensor, tau: float, positives: torch.Tensor | None = None
+) -> torch.Tensor:
+    """L_aln (Eq. 1): align visual clothing features with clothing-description features.
+
+        L_aln = 1/2 [ -1/N sum_i log exp(s(v_i, t_i)/tau) / sum_j exp(s(v_i, t_j)/tau)
+                      -1/N sum_i log exp(s(t_i, v_i)/tau) / sum_j exp(s(t_i, v_j)/tau) ]
+
+    with s the cosine similarity, v_i = f^v_clo of image i and t_i = f^t_clo of its clothing
+    description. Symmetric (image->text and text->image averaged): both encoders are trained,
+    and the text->image direction is what makes a clothing description pick out its image; the
+    paper writes the image->text term only. Samples wearing the same outfit (identical clothing
+    descriptions, common in the cloth-changing regime) are positives of each other, not
+    negatives: pass `positives`.
+
+    Args: f_clo_v (N, E) visual clothing features; f_clo_t (N, E) clothing-text features;
+        tau temperature; positives (N, N) bool, default the identity matrix.
+    Returns: scalar.
+    """
+    sim = F.normalize(f_clo_v, dim=-1) @ F.normalize(f_clo_t, dim=-1).T  # (N, N) image x text
+    if positives is None:
+        positives = torch.eye(len(sim), dtype=torch.bool, device=sim.device)
+    image_to_text = multi_positive_nce(sim / tau, positives)
+    text_to_image = multi_positive_nce(sim.T / tau, positives.T)
+    return (image_to_text + text_to_image) / 2
+
+
+def info_nce(sim: torch.Tensor, pids_q: torch.Tensor, pids_g: torch.Tensor, tau: float) -> torch.Tensor:
+    """L_info (Eq. 3) with identity-aware positives, in both directions.
+
+        L_info = 1/2 [ 1/Q sum_i l(s_i., P_i) + 1/G sum_j l(s_.j, P_.j) ],
+        P_ij = [pid(q_i) == pid(g_j)],  l = multi_positive_nce on s/tau
+
+    The paper's Eq. 3 treats every other sample of the batch as a negative; with several images
+    of one identity in a batch (the PK sampler) that pushes apart matching pairs. Here every
+    same-identity pair is a positive (multi-positive average of log-softmax).
+
+    Args: sim (Q, G) cosine similarities, queries (texts) x candidates (images);
+        pids_q (Q,), pids_g (G,) identity labels; tau temperature.
+    Returns: scalar.
+    """
+    positives = pids_q[:, None] == pids_g[None, :]  # (Q, G)
+    text_to_image = multi_positive_nce(sim / tau, positives)
+    image_to_text = multi_positive_nce(sim.T / tau, positives.T)
+    return (text_to_image + image_to_text) / 2
+
+
+# -----------------------------------------------------------------------------
+# decoupling (Eq. 2)
+
+
+def _rbf_gram(x: torch.Tensor) -> torch.Tensor:
+    """K_ij = exp(-||x_i - x_j||^2 / (2 sigma^2)), sigma = median pairwise distance (detached)."""
+    sq = torch.cdist(x, x).pow(2)  # (N, N)
+    off_diagonal = sq[~torch.eye(len(x), dtype=torch.bool, device=x.device)]
+    sigma2 = off_diagonal.detach().median().clamp_min(1e-12)  # median of d^2 = (median d)^2
+    return torch.exp(-sq / (2 * sigma2))
+
+
+def hsic(a: torch.Tensor, b: torch.Tensor, kernel: str = "linear") -> torch.Tensor:
+    """L_decouple (Eq. 2): the biased HSIC estimator between two sets of features.
+
+        HSIC(f_id, f_clo) = tr(K_id H K_clo H) / (N - 1)^2,   H = I_N - (1/N) 1 1^T
+
+    K = a a^T for the linear kernel (as written in the paper; then HSIC equals the squared
+    Frobenius norm of the cross-covariance matrix), or an RBF kernel with the median heuristic
+    for the bandwidth (also catches non-linear dependence).
+
+    Args: a (N, Da), b (N, Db) paired features (row i of each from sample i); kernel
+        "linear" or "rbf".
+    Returns: scalar >= 0 (zero when the two are independent, in expectation for large N).
+    """
+    if kernel not in ("linear", "rbf"):
+        raise ValueError(f"hsic: kernel must be 'linear' or 'rbf', got {kernel!r}")
+    n = len(a)
+    if kernel == "linear":
+        k, l = a @ a.T, b @ b.T  # (N, N)
+    else:
+        k, l = _rbf_gram(a), _rbf_gram(b)  # (N, N)
+    h = torch.eye(n, device=a.device, dtype=a.dtype) - 1.0 / n  # (N, N) centring matrix
+    return torch.trace(k @ h @ l @ h) / (n - 1) ** 2
+
+
+# -----------------------------------------------------------------------------
+# metric learning (Eq. 4)
+
+
+def triplet_loss(feats: torch.Tensor, pids: torch.Tensor, margin: float) -> torch.Tensor:
+    """L_tri (Eq. 4) with batch-hard mining (Hermans et al. 2017).
+
+        L_tri = 1/N' sum_a [ max_{p: y_p = y_a, p != a} d(a, p) - min_{n: y_n != y_a} d(a, n) + m ]_+
+
+    d is the Euclidean distance; anchors with no other sample of their identity, or with no
+    sample of another identity, are left out (N' anchors remain).
+
+    Args: feats (N, D) visual identity features; pids (N,) labels; margin m.
+    Returns: scalar (0 with a graph when no anchor qualifies).
+    """
+    dist = torch.cdist(feats, feats).pow(2).clamp_min(1e-12).sqrt()  # (N, N), no NaN grad at 0
+    same = pids[:, None] == pids[None, :]  # (N, N)
+    not_self = ~torch.eye(len(feats), dtype=torch.bool, device=feats.device)
+    pos_mask, neg_mask = same & not_self, ~same
+    hardest_pos = dist.masked_fill(~pos_mask, float("-inf")).max(1).values  # (N,)
+    hardest_neg = dist.masked_fill(~neg_mask, float("inf")).min(1).values  # (N,)
+    valid = pos_mask.any(1) & neg_mask.any(1)
+    if not valid.any():
+        return feats.sum() * 0.0
+    return F.relu(hardest_pos[valid] - hardest_neg[valid] + margin).mean()
+
+
+# -----------------------------------------------------------------------------
+# GradNorm (Eq. 5) and the total loss (Eq. 6)
+
+
+class GradNorm(nn.Module):
+    """Learned task weights w_k = exp(s_k), trained by GradNorm (Chen et al. 2018).
+
+    Eq. 5 (GradNorm loss, a function of the s_k only):
+        G_k   = || grad_W (w_k L_k) ||_2 = w_k || grad_W L_k ||_2     W: one shared parameter
+        r_k   = L~_k / mean_j L~_j,   L~_k = L_k(t) / L_k(0)           relative inverse rate
+        L_grad = sum_k | G_k - [ mean_j G_j * r_k^alpha ] |            bracket detached
+    alpha = 1.5 is Chen et al.'s asymmetry exponent; the paper's Eq. 5 drops it (alpha = 1 would
+    be the same loss without it). Eq. 6 (the network's loss):
+        L_total = sum_k w_k L_k + lambda sum_k (log w_k)^2
+    The w_k in the first term are detached: its gradient on s_k (= w_k L_k > 0) would only shrink
+    every weight towards 0. So s_k learns from L_grad and from the regulariser lambda * s_k^2,
+    and the network from L_total. After each optimiser step `renormalise_()` clamps s_k to
+    [log w_min, log K] and shifts them so that sum_k w_k = K (Chen et al. Sec. 3.2); together this
+    keeps every weight in [w_min / K, K]: never 0, never infinite.
+
+    Use (train.py):
+        stats = gradnorm.backward(losses, model.shared_parameter())  # fills .grad of both
+        optimizer.step(); weight_optimizer.step(); gradnorm.renormalise_()
+    """
+
+    def __init__(self, tasks: Sequence[str], alpha: float = 1.5, reg_lambda: float = 0.0, w_min: float = 1e-3):
+        super().__init__()
+        self.tasks = tuple(tasks)
+        self.alpha, self.reg_lambda, self.w_min = alpha, reg_lambda, w_min
+        self.log_weights = nn.Parameter(torch.zeros(len(self.tasks)))  # s_k, w_k = 1 at start
+        self.register_buffer("initial_losses", torch.full((len(self.tasks),), float("nan")))  # L_k(0)
+
+    def weights(self) -> torch.Tensor:
+        """w_k = exp(s_k), shape (K,)."""
+        return self.log_weights.exp()
+
+    def _stack(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        missing = [t for t in self.tasks if t not in losses]
+        if missing:
+            raise KeyError(f"GradNorm: losses {missing} missing; got {sorted(losses)}, expected {self.tasks}")
+        return torch.stack([losses[t] for t in self.tasks])  # (K,)
+
+    def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Eq. 6: sum_k w_k L_k (w detached) + lambda * sum_k (log w_k)^2."""
+        stacked = self._stack(losses)  # (K,)
+        weighted = (self.weights().detach() * stacked).sum()
+        return weighted + self.reg_lambda * self.log_weights.pow(2).sum()
+
+    def gradnorm_loss(self, losses: dict[str, torch.Tensor], shared: torch.Tensor):
+        """Eq. 5. Returns (L_grad, stats); L_grad depends on the s_k only.
+
+        One `torch.autograd.grad(L_k, W, retain_graph=True)` per task: no double backward,
+        because G_k = w_k * ||grad_W L_k|| is linear in w_k for a fixed network.
+        """
+        stacked = self._stack(losses)  # (K,)
+        norms = []
+        for loss in stacked:
+            (grad,) = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
+            norms.append(torch.zeros((), device=shared.device) if grad is None else grad.detach().norm())
+        grad_norms = torch.stack(norms).to(stacked.dtype)  # (K,) ||grad_W L_k||
+        detached = stacked.detach()
+        if torch.isnan(self.initial_losses).any():
+            self.initial_losses.copy_(detached.clamp_min(1e-12))
+        g = self.weights() * grad_norms  # (K,) G_k, a function of s_k
+        ratio = detached / self.initial_losses  # L~_k
+        rate = ratio / ratio.mean()  # r_k
+        target = (g.mean() * rate.pow(self.alpha)).detach()
+        stats = {"grad_norms": g.detach(), "targets": target, "weights": self.weights().detach()}
+        return (g - target).abs().sum(), stats
+
+    def backward(self, losses: dict[str, torch.Tensor], shared: torch.Tensor) -> dict:
+        """Fill .grad: network from Eq. 6, s_k from Eq. 5 + the regulariser. Returns stats."""
+        l_grad, stats = self.gradnorm_loss(losses, shared)
+        (grad_s,) = torch.autograd.grad(l_grad, self.log_weights)  # only s_k sees L_grad
+        total = self.total_loss(losses)
+        total.backward()  # network, and lambda * s_k^2 on s_k
+        self.log_weights.grad = self.log_weights.grad + grad_s
+        stats.update(total=total.detach(), gradnorm_loss=l_grad.detach())
+        return stats
+
+    @torch.no_grad()
+    def renormalise_(self) -> None:
+        """Clamp s_k to [log w_min, log K], then shift so that sum_k w_k = K."""
+        k = len(self.tasks)
+        self.log_weights.clamp_(math.log(self.w_min), math.log(k))
+        self.log_weights.sub_(self.log_weights.exp().mean().log())
+
+
+# -----------------------------------------------------------------------------
+# the objective: which equation is applied to which model output
+
+
+def same_rows(token_ids: torch.Tensor) -> torch.Tensor:
+    """(N, T) token ids -> (N, N) bool, True where two texts are identical."""
+    return (token_ids[:, None, :] == token_ids[None, :, :]).all(-1)
+
+
+def compute_losses(out: dict, batch: dict, cfg) -> dict[str, torch.Tensor]:
+    """The named losses switched on in `cfg` (a model.ModelConfig), from `T2IReID.forward`.
+
+    aln      Eq. 1 on the visual clothing feature vs the clothing description (identical
+             descriptions are positives of each other)
+    decouple Eq. 2 on L2-normalised f_id and f_clo (normalised so that the loss cannot be won
+             by shrinking the features)
+    info     Eq. 3 on stage-1 similarities, captions and identity descriptions vs images
+    triplet  Eq. 4 on L2-normalised f_id
+    fusion   Eq. 3 on fusion scores: each text against its image + hard negative images
+             (DESIGN.md 3.1), positives = candidates of the text's identity
+    """
+    pids, tau = batch["pids"], cfg.temperature
+    losses = {}
+    if cfg.loss_aln:
+        positives = same_rows(batch["clothing"]["input_ids"])  # (B, B)
+        losses["aln"] = clothing_alignment_loss(out["clo_image"], out["clo_text"], tau, positives)
+    if cfg.loss_decouple:
+        f_id, f_clo = F.normalize(out["f_id"], dim=-1), F.normalize(out["f_clo"], dim=-1)
+        losses["decouple"] = hsic(f_id, f_clo, cfg.hsic_kernel)
+    if cfg.loss_info:
+        image = out["image_emb"]  # (B, E)
+        caption = info_nce(out["caption_emb"] @ image.T, pids, pids, tau)
+        identity = info_nce(out["identity_emb"] @ image.T, pids, pids, tau)
+        losses["info"] = (caption + identity) / 2
+    if cfg.loss_triplet:
+        losses["triplet"] = triplet_loss(F.normalize(out["f_id"], dim=-1), pids, cfg.triplet_margin)
+    if cfg.loss_fusion:
+        positives = out["fusion_pids"] == out["fusion_query_pids"][:, None]  # (S, 1+M)
+        losses["fusion"] = multi_positive_nce(out["fusion_scores"] / tau, positives)
+    return losses

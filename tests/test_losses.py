@@ -1,0 +1,249 @@
+"""Each loss of losses.py against a naive loop or an explicit formula; GradNorm on a toy problem."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from losses import (
+    GradNorm,
+    clothing_alignment_loss,
+    hsic,
+    info_nce,
+    multi_positive_nce,
+    same_rows,
+    triplet_loss,
+)
+
+
+def naive_nce_rows(sim, positives, tau):
+    """Loop form of the multi-positive InfoNCE over the rows of a list-of-lists matrix."""
+    terms = []
+    for i, row in enumerate(sim):
+        pos = [j for j in range(len(row)) if positives[i][j]]
+        if not pos:
+            continue
+        denom = sum(math.exp(s / tau) for s in row)
+        terms.append(-sum(math.log(math.exp(row[j] / tau) / denom) for j in pos) / len(pos))
+    return sum(terms) / len(terms)
+
+
+def test_multi_positive_nce_with_one_positive_is_cross_entropy():
+    logits = torch.randn(5, 7)
+    target = torch.tensor([0, 3, 6, 2, 2])
+    positives = F.one_hot(target, 7).bool()
+    assert torch.allclose(multi_positive_nce(logits, positives), F.cross_entropy(logits, target), atol=1e-6)
+
+
+def test_info_nce_matches_loop_with_identity_positives():
+    torch.manual_seed(0)
+    sim = torch.randn(6, 6).tanh()
+    pids = torch.tensor([0, 0, 1, 2, 2, 2])
+    tau = 0.1
+    pos = (pids[:, None] == pids[None, :]).tolist()
+    want = (naive_nce_rows(sim.tolist(), pos, tau) + naive_nce_rows(sim.T.tolist(), pos, tau)) / 2
+    assert info_nce(sim, pids, pids, tau).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_info_nce_same_identity_is_pulled_not_pushed():
+    # text 0 and image 1 share identity 0: the gradient must raise their similarity
+    sim = torch.tensor([[0.9, 0.5, -0.5], [0.5, 0.9, -0.5], [-0.5, -0.5, 0.9]], requires_grad=True)
+    pids = torch.tensor([0, 0, 1])
+    (aware,) = torch.autograd.grad(info_nce(sim, pids, pids, 0.05), sim)
+    (naive,) = torch.autograd.grad(info_nce(sim, torch.arange(3), torch.arange(3), 0.05), sim)
+    assert aware[0, 1] < 0 and aware[1, 0] < 0  # descent increases s_01
+    assert naive[0, 1] > 0  # the paper's literal Eq. 3 treats it as a negative
+
+
+def test_clothing_alignment_matches_loop_and_uses_the_mask():
+    torch.manual_seed(1)
+    v, t = torch.randn(5, 8), torch.randn(5, 8)
+    tau = 0.2
+    sim = (F.normalize(v, dim=-1) @ F.normalize(t, dim=-1).T).tolist()
+    eye = torch.eye(5, dtype=torch.bool)
+    sim_t = [list(r) for r in zip(*sim)]
+    want = (naive_nce_rows(sim, eye.tolist(), tau) + naive_nce_rows(sim_t, eye.tolist(), tau)) / 2
+    assert clothing_alignment_loss(v, t, tau).item() == pytest.approx(want, rel=1e-5)
+    # samples 0 and 1 share an outfit: the mask makes them positives of each other
+    mask = eye.clone()
+    mask[0, 1] = mask[1, 0] = True
+    want_mask = (naive_nce_rows(sim, mask.tolist(), tau) + naive_nce_rows(sim_t, mask.T.tolist(), tau)) / 2
+    assert clothing_alignment_loss(v, t, tau, mask).item() == pytest.approx(want_mask, rel=1e-5)
+
+
+def test_same_rows_finds_identical_texts():
+    ids = torch.tensor([[101, 5, 102, 0], [101, 6, 102, 0], [101, 5, 102, 0]])
+    assert same_rows(ids).tolist() == [[True, False, True], [False, True, False], [True, False, True]]
+
+
+def test_hsic_linear_equals_explicit_trace_and_cross_covariance():
+    torch.manual_seed(2)
+    a, b = torch.randn(20, 4, dtype=torch.float64), torch.randn(20, 3, dtype=torch.float64)
+    n = 20
+    h = np.eye(n) - np.ones((n, n)) / n
+    k, l = a.numpy() @ a.numpy().T, b.numpy() @ b.numpy().T
+    want = np.trace(k @ h @ l @ h) / (n - 1) ** 2
+    assert hsic(a, b).item() == pytest.approx(want, rel=1e-10)
+    cross_cov = np.cov(a.numpy().T, b.numpy().T)[:4, 4:]  # unbiased cross-covariance (4, 3)
+    assert hsic(a, b).item() == pytest.approx((cross_cov**2).sum(), rel=1e-10)
+
+
+def test_hsic_rbf_matches_loop():
+    torch.manual_seed(3)
+    a, b = torch.randn(7, 2, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64)
+
+    def gram(x):
+        d2 = [[float(((x[i] - x[j]) ** 2).sum()) for j in range(len(x))] for i in range(len(x))]
+        sigma2 = float(np.median([d2[i][j] for i in range(len(x)) for j in range(len(x)) if i != j]))
+        return np.exp(-np.array(d2) / (2 * sigma2))
+
+    h = np.eye(7) - 1 / 7
+    want = np.trace(gram(a) @ h @ gram(b) @ h) / 36
+    assert hsic(a, b, kernel="rbf").item() == pytest.approx(want, rel=1e-8)
+
+
+def test_hsic_near_zero_when_independent_and_positive_when_dependent():
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(400, 4, generator=g)
+    independent = torch.randn(400, 4, generator=g)
+    linear = a @ torch.randn(4, 4, generator=g) + 0.1 * torch.randn(400, 4, generator=g)
+    assert hsic(a, independent) < 0.1 * hsic(a, linear)
+    assert hsic(a, linear) > 1.0
+    # b = a^2 has zero covariance with a: only the RBF kernel sees the dependence
+    x = torch.randn(400, 1, generator=g)
+    y = torch.randn(400, 1, generator=g)
+    squared = x**2
+    assert hsic(x, squared, "rbf") > 10 * hsic(x, y, "rbf")
+    assert hsic(x, squared, "rbf") > 0.01
+    assert hsic(x, y, "rbf") < 0.005
+
+
+def test_hsic_rejects_unknown_kernel():
+    with pytest.raises(ValueError, match="linear"):
+        hsic(torch.randn(4, 2), torch.randn(4, 2), kernel="gauss")
+
+
+def test_triplet_batch_hard_matches_brute_force():
+    torch.manual_seed(5)
+    feats = torch.randn(9, 5)
+    pids = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3])  # identity 3 has no positive: not an anchor
+    margin = 0.5
+    terms = []
+    for a in range(9):
+        pos = [p for p in range(9) if pids[p] == pids[a] and p != a]
+        neg = [n for n in range(9) if pids[n] != pids[a]]
+        if not pos:
+            continue
+        # brute force over all (p, n): the hardest triplet gives the largest hinge
+        hinge = max(
+            float((feats[a] - feats[p]).norm() - (feats[a] - feats[n]).norm() + margin) for p in pos for n in neg
+        )
+        terms.append(max(hinge, 0.0))
+    assert triplet_loss(feats, pids, margin).item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+
+def test_triplet_without_valid_anchor_is_zero_with_grad():
+    feats = torch.randn(3, 4, requires_grad=True)
+    loss = triplet_loss(feats, torch.tensor([0, 1, 2]), 0.3)
+    loss.backward()
+    assert loss.item() == 0.0 and feats.grad is not None
+
+
+def toy_problem(seed=0):
+    """Two regression tasks on a shared layer; task b's loss is 100x task a's."""
+    torch.manual_seed(seed)
+    shared = nn.Linear(8, 16)
+    heads = nn.ModuleList([nn.Linear(16, 1), nn.Linear(16, 1)])
+    x = torch.randn(64, 8)
+    ya, yb = x[:, :1].sin(), x[:, 1:2] * x[:, 2:3]
+
+    def losses():
+        h = torch.relu(shared(x))
+        return {"a": F.mse_loss(heads[0](h), ya), "b": 100 * F.mse_loss(heads[1](h), yb)}
+
+    return shared, heads, losses
+
+
+def train_toy_with_gradnorm(alpha, steps=150):
+    """Adam on the network and on s_k (Chen et al. 2018 use one learning rate; 0.05 here)."""
+    shared, heads, losses = toy_problem()
+    gn = GradNorm(["a", "b"], alpha=alpha, reg_lambda=0.0)
+    net_opt = torch.optim.Adam([*shared.parameters(), *heads.parameters()], lr=1e-3)
+    w_opt = torch.optim.Adam(gn.parameters(), lr=0.05)
+    history = []
+    for _ in range(steps):
+        net_opt.zero_grad()
+        w_opt.zero_grad()
+        stats = gn.backward(losses(), shared.weight)
+        net_opt.step()
+        w_opt.step()
+        gn.renormalise_()
+        history.append(stats)
+        w = gn.weights()
+        assert torch.isfinite(w).all() and (w > 0).all()
+        assert w.sum().item() == pytest.approx(2.0, rel=1e-5)
+    return gn, history
+
+
+def norm_ratio(stats):
+    return (stats["grad_norms"].max() / stats["grad_norms"].min()).item()
+
+
+def test_gradnorm_brings_weighted_gradient_norms_together():
+    # alpha = 0: every target is the mean norm, so the weighted norms must meet
+    gn, history = train_toy_with_gradnorm(alpha=0.0)
+    assert norm_ratio(history[0]) > 20  # the 100x loss scale shows in the gradient norms
+    assert sum(norm_ratio(s) for s in history[-10:]) / 10 < 1.2
+    assert gn.weights()[0] > 50 * gn.weights()[1]  # by weighting the small task up
+
+
+def test_gradnorm_alpha_tracks_the_training_rate_targets():
+    # alpha = 1.5: task a learns faster (its L(t)/L(0) drops), so b's target norm is larger;
+    # the weighted norms follow their targets and stay far closer than the initial 100x
+    gn, history = train_toy_with_gradnorm(alpha=1.5)
+    last = history[-1]
+    assert torch.allclose(last["grad_norms"], last["targets"], rtol=0.25)
+    assert last["targets"][1] > last["targets"][0]
+    assert norm_ratio(last) < 6
+
+
+def test_gradnorm_loss_reaches_only_the_task_weights():
+    shared, heads, losses = toy_problem(seed=1)
+    gn = GradNorm(["a", "b"], reg_lambda=0.1)
+    with torch.no_grad():
+        gn.log_weights.copy_(torch.tensor([0.3, -0.3]))
+    l = losses()
+    norms = torch.stack([torch.autograd.grad(l[t], shared.weight, retain_graph=True)[0].norm() for t in "ab"])
+    gn.backward(l, shared.weight)
+    got = {n: p.grad.clone() for n, p in shared.named_parameters()}
+    got_s = gn.log_weights.grad.clone()
+    # reference: network gradients of sum_k w_k L_k alone (Eq. 6, w constant)
+    shared.zero_grad()
+    l = losses()
+    w = torch.tensor([0.3, -0.3]).exp()
+    (w[0] * l["a"] + w[1] * l["b"]).backward()
+    for n, p in shared.named_parameters():
+        assert torch.allclose(got[n], p.grad, atol=1e-6), n
+    # s_k gradient: d L_grad / d s_k + 2 lambda s_k, L_grad from explicit gradient norms
+    g = w * norms
+    target = g.mean()  # first step: L(t) = L(0), so r_k = 1
+    want = torch.sign(g - target) * g + 2 * 0.1 * torch.tensor([0.3, -0.3])
+    assert torch.allclose(got_s, want, atol=1e-5)
+
+
+def test_renormalise_keeps_weights_bounded():
+    gn = GradNorm(["a", "b", "c"], w_min=1e-3)
+    with torch.no_grad():
+        gn.log_weights.copy_(torch.tensor([50.0, -50.0, 0.0]))
+    gn.renormalise_()
+    w = gn.weights()
+    assert torch.isfinite(w).all() and (w >= 1e-3 / 3).all() and (w <= 3).all()
+    assert w.sum().item() == pytest.approx(3.0, rel=1e-5)
+
+
+def test_gradnorm_names_missing_loss():
+    gn = GradNorm(["info", "triplet"])
+    with pytest.raises(KeyError, match="triplet"):
+        gn.total_loss({"info": torch.tensor(1.0)})
