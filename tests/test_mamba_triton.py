@@ -4,6 +4,7 @@ Run: pytest tests/test_mamba_triton.py   (conftest.py switches Triton to its CPU
 """
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -58,3 +59,113 @@ def test_mamba_is_causal():
     assert y.shape == (2, 9, 16)
     torch.testing.assert_close(y[:, :t + 1], y2[:, :t + 1], rtol=0, atol=1e-6)
     assert (y[:, t + 1:] - y2[:, t + 1:]).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# The Triton kernels (interpreter on CPU) against the reference: output, last state, every gradient
+
+FP32_TOL = dict(out=dict(rtol=6e-4, atol=2e-3), grad=dict(rtol=2e-3, atol=6e-3))  # DESIGN 7
+BF16_TOL = dict(out=dict(rtol=3e-2, atol=5e-2), grad=dict(rtol=3e-2, atol=5e-2))
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def make_inputs(b, d, l, n, dtype=torch.float32, seed=0, use=NAMES):
+    """Random scan inputs; u, delta, B, C, z in `dtype`, A, D, delta_bias in fp32 (as in the block)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = dict(u=(b, d, l), delta=(b, d, l), A=(d, n), B=(b, n, l), C=(b, n, l), D=(d,),
+                  z=(b, d, l), delta_bias=(d,))
+    x = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    x["delta"] = 0.5 * x["delta"]
+    x["A"] = -0.5 - torch.rand(d, n, generator=g)                     # negative: a decaying state
+    x["delta_bias"] = 0.3 * x["delta_bias"]
+    low = ("A", "D", "delta_bias")
+    return {k: (v if k in low else v.to(dtype)).requires_grad_() if k in use else None
+            for k, v in x.items()}
+
+
+def run(fn, x, softplus, seed=1):
+    """Out, last state, and the gradients of a random linear function of both."""
+    for v in x.values():
+        if v is not None:
+            v.grad = None
+    out, last = fn(*(x[k] for k in NAMES), softplus)
+    g = torch.Generator().manual_seed(seed)
+    loss = (out.float() * torch.randn(out.shape, generator=g)).sum() \
+        + (last * torch.randn(last.shape, generator=g)).sum()
+    loss.backward()
+    return out, last, {k: v.grad for k, v in x.items() if v is not None}
+
+
+def reference(*args):
+    return mt.selective_scan_ref(*args, return_last_state=True)
+
+
+def check_against_reference(x, softplus, tol, chunk=mt.CHUNK, block_d=mt.BLOCK_D):
+    kernel = lambda *args: mt.SelectiveScanFn.apply(*args, chunk, block_d)  # noqa: E731
+    out, last, grads = run(kernel, x, softplus)
+    ref_out, ref_last, ref_grads = run(reference, x, softplus)
+    assert out.dtype == x["u"].dtype and last.dtype == torch.float32
+    torch.testing.assert_close(out, ref_out, **tol["out"])
+    torch.testing.assert_close(last, ref_last, **tol["out"])
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        assert grads[name].dtype == x[name].dtype, name
+        torch.testing.assert_close(grads[name], ref_grads[name], **tol["grad"], msg=name)
+
+
+OPTIONS = {"none": (), "D": ("D",), "z": ("z",), "bias": ("delta_bias",), "softplus": (),
+           "all": ("D", "z", "delta_bias")}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_kernel_matches_reference_per_optional_input(option, dtype):
+    """Each optional input alone, none, and all of them; odd sizes (5 channels, L = 7 < CHUNK)."""
+    x = make_inputs(2, 5, 7, 4, dtype, use=("u", "delta", "A", "B", "C") + OPTIONS[option])
+    softplus = option in ("softplus", "all")
+    check_against_reference(x, softplus, FP32_TOL if dtype == torch.float32 else BF16_TOL)
+
+
+@pytest.mark.parametrize("b, d, l, n, chunk, block_d", [
+    (2, 12, 19, 4, 8, 32),    # L not a multiple of the chunk: 8 + 8 + 3 steps
+    (2, 6, 16, 4, 8, 32),     # L an exact multiple of the chunk
+    (1, 37, 9, 3, 4, 32),     # two channel blocks, the second almost empty; N not a power of two
+    (2, 11, 13, 4, 5, 4),     # small blocks: 3 channel blocks and 3 chunks per program
+])
+def test_kernel_matches_reference_across_blocks_and_chunks(b, d, l, n, chunk, block_d):
+    x = make_inputs(b, d, l, n, seed=b + d + l)
+    check_against_reference(x, True, FP32_TOL, chunk=chunk, block_d=block_d)
+
+
+def test_selective_scan_dispatches_to_the_kernel():
+    """On CPU under TRITON_INTERPRET=1 `selective_scan` is the kernel, with or without last state."""
+    x = make_inputs(2, 5, 7, 4)
+    args = [x[k] for k in NAMES]
+    out, last = mt.selective_scan(*args, delta_softplus=True, return_last_state=True)
+    k_out, k_last = mt.SelectiveScanFn.apply(*args, True)
+    assert torch.equal(out, k_out) and torch.equal(last, k_last)
+    assert torch.equal(mt.selective_scan(*args, delta_softplus=True), k_out)
+    assert isinstance(out.grad_fn, type(k_out.grad_fn))
+
+
+def test_kernel_gradcheck_float64():
+    """gradcheck of the kernel's backward against finite differences of its own forward.
+
+    The kernels load float64 but compute in fp32, so finite differences carry fp32 rounding of
+    about 1e-7 / eps: with eps = 1e-3 that is 1e-4, far below the O(1) error of a wrong formula.
+    Two channel blocks and three chunks exercise every carry of the backward.
+    """
+    x = make_inputs(1, 3, 5, 2, dtype=torch.float64)
+    args = [x[k].detach().double().requires_grad_() for k in NAMES]
+    fn = lambda *a: mt.SelectiveScanFn.apply(*a, True, 2, 2)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, args, eps=1e-3, atol=2e-3, rtol=1e-2)
+
+
+def test_backward_saves_checkpoints_not_the_state_history():
+    """Everything saved for backward is smaller than the (b, d, l, n) history of states."""
+    b, d, l, n = 1, 4, 16, 4
+    x = make_inputs(b, d, l, n)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        mt.SelectiveScanFn.apply(*(x[k] for k in NAMES), True, 8)
+    assert saved and max(saved) < b * d * l * n
