@@ -226,3 +226,245 @@ def test_splits_are_identity_disjoint_and_outfits_follow_the_regime(tiny_synth, 
     assert {r["outfit"] for r in recs} == {0} and len(recs) == 4 * 4
     with pytest.raises(ValueError, match="same-clothes needs 1 outfit"):
         data.SynthConfig(regime="same-clothes", outfits_per_id=2)
+
+
+# ---- real benchmark readers --------------------------------------------------------------------
+
+def write_benchmark(root: Path, name: str, records: list[dict]) -> Path:
+    """Write records in the dataset's exact on-disk format, with a tiny image for each."""
+    src = data.SOURCES[name]
+    folder = root / src.folder
+    for r in records:
+        if src.path_key not in r:
+            continue
+        path = folder / "imgs" / r[src.path_key]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 16), (200, 0, 0)).save(path)
+    (folder / src.annotation).write_text(json.dumps(records))
+    return folder
+
+
+CUHK = [  # ids 1-based; one image with three captions; one identity with a single image
+    {"split": "train", "captions": ["A man in a red coat.", "He wears red."], "file_path": "CUHK01/0363004.png",
+     "processed_tokens": [["a", "man"], ["he"]], "id": 7},
+    {"split": "train", "captions": ["The man has a red coat."], "file_path": "CUHK01/0363003.png",
+     "processed_tokens": [["the"]], "id": 7},
+    {"split": "train", "captions": ["A woman in blue.", "Blue dress.", "She walks."],
+     "file_path": "cam_a/000_45.bmp", "processed_tokens": [["a"], ["b"], ["s"]], "id": 2},
+    {"split": "val", "captions": ["A child."], "file_path": "val/1.jpg", "processed_tokens": [["a"]], "id": 11},
+    {"split": "test", "captions": ["A tall man.", "Tall man, grey."], "file_path": "test_query/p1.png",
+     "processed_tokens": [["a"], ["t"]], "id": 12},
+    {"split": "test", "captions": ["A short woman.", "Woman."], "file_path": "test_query/p2.png",
+     "processed_tokens": [["a"], ["w"]], "id": 13},
+    {"split": "test", "captions": ["Tall man again.", "Grey top."], "file_path": "test_query/p3.png",
+     "processed_tokens": [["t"], ["g"]], "id": 12},
+]
+ICFG = [
+    {"id": 5, "file_path": "train/0005/0005_001.jpg", "captions": ["A man with a black bag."], "split": "train"},
+    {"id": 9, "file_path": "train/0009/0009_001.jpg", "captions": ["A woman in a skirt."], "split": "train"},
+    {"id": 3001, "file_path": "test/3001/3001_001.jpg", "captions": ["A cyclist."], "split": "test"},
+]
+RSTP = [
+    {"id": 0, "img_path": "0000_c14_0031.jpg", "captions": ["A man.", "A person."], "split": "train"},
+    {"id": 0, "img_path": "0000_c7_0036.jpg", "captions": ["A man walks.", "Walking man."], "split": "train"},
+    {"id": 4, "img_path": "0004_c1_0001.jpg", "captions": ["A woman.", "Lady."], "split": "val"},
+    {"id": 8, "img_path": "0008_c2_0003.jpg", "captions": ["A boy.", "Young."], "split": "test"},
+]
+
+
+def test_cuhk_reader(tmp_path):
+    write_benchmark(tmp_path, "cuhk", CUHK)
+    d = data.load_dataset("cuhk", tmp_path)
+    assert d.num_classes == 2 and len(d.train) == 6  # one sample per caption
+    assert [(s.pid, s.caption) for s in d.train][:3] == [(1, "A man in a red coat."), (1, "He wears red."),
+                                                        (1, "The man has a red coat.")]
+    assert d.train[3].pid == 0 and d.train[0].identity is None
+    assert Path(d.train[0].image_path) == (tmp_path / "CUHK-PEDES/imgs/CUHK01/0363004.png").resolve()
+    assert [g.pid for g in d.gallery] == [12, 13, 12] and len(d.queries) == 6
+    assert [q.pid for q in d.queries] == [12, 12, 13, 13, 12, 12]
+    val = data.load_dataset("cuhk", tmp_path, eval_split="val")
+    assert [(q.caption, q.pid) for q in val.queries] == [("A child.", 11)]
+
+
+def test_icfg_reader_has_no_val_split(tmp_path):
+    write_benchmark(tmp_path, "icfg", ICFG)
+    d = data.load_dataset("icfg", tmp_path)
+    assert d.num_classes == 2 and [s.pid for s in d.train] == [0, 1]
+    assert [(g.pid, Path(g.image_path).name) for g in d.gallery] == [(3001, "3001_001.jpg")]
+    with pytest.raises(data.DatasetError, match="no 'val' split"):
+        data.load_dataset("icfg", tmp_path, eval_split="val")
+
+
+def test_rstp_reader_takes_img_path(tmp_path):
+    write_benchmark(tmp_path, "rstp", RSTP)
+    ann = data.read_annotations("rstp", tmp_path)
+    assert ann.records[0]["file_path"] == "0000_c14_0031.jpg" and "img_path" not in ann.records[0]
+    d = data.load_dataset("rstp", tmp_path)
+    assert d.num_classes == 1 and len(d.train) == 4 and [q.pid for q in d.queries] == [8, 8]
+
+
+def test_descriptions_are_joined_by_file_path(tmp_path):
+    write_benchmark(tmp_path, "rstp", RSTP)
+    lines = [{"file_path": "0000_c14_0031.jpg", "identity": "old", "clothing": "old"},
+             {"file_path": "0000_c7_0036.jpg", "status": "error", "error": "timeout"},
+             {"file_path": "0008_c2_0003.jpg", "identity": "a boy", "clothing": "a red cap", "status": "ok"},
+             {"file_path": "0000_c14_0031.jpg", "identity": "a man", "clothing": "a coat"}]  # resumed run
+    data.descriptions_file("rstp", tmp_path).write_text("".join(json.dumps(x) + "\n" for x in lines))
+    d = data.load_dataset("rstp", tmp_path)
+    assert [(s.identity, s.clothing) for s in d.train] == [("a man", "a coat")] * 2 + [(None, None)] * 2
+    assert (d.gallery[0].identity, d.gallery[0].clothing) == ("a boy", "a red cap")
+    assert data.load_dataset("rstp", tmp_path, descriptions=False).train[0].identity is None
+
+
+# ---- errors: named file, record, field and fix; no traceback -----------------------------------
+
+@pytest.mark.parametrize("name, words", [("cuhk", ["CUHK-PEDES/reid_raw.json", "request"]),
+                                         ("icfg", ["ICFG-PEDES/ICFG-PEDES.json", "SSAN"]),
+                                         ("rstp", ["RSTPReid/data_captions.json", "request"]),
+                                         ("synth", ["python data.py --data synth"])])
+def test_missing_dataset_says_where_and_how(tmp_path, name, words):
+    with pytest.raises(data.DatasetError) as e:
+        data.load_dataset(name, tmp_path)
+    for w in words + [str(tmp_path / data.SOURCES[name].folder / "imgs")]:
+        assert w in str(e.value)
+
+
+@pytest.mark.parametrize("index, field, change", [
+    (1, "captions", {"captions": []}),
+    (2, "id", {"id": "7"}),
+    (0, "split", {"split": "training"}),
+    (3, "file_path", None),
+])
+def test_malformed_record_names_file_record_and_field(tmp_path, index, field, change):
+    records = [dict(r) for r in CUHK]
+    if change is None:
+        del records[index][field]
+    else:
+        records[index].update(change)
+    folder = write_benchmark(tmp_path, "cuhk", records)
+    with pytest.raises(data.DatasetError) as e:
+        data.read_annotations("cuhk", tmp_path)
+    msg = str(e.value)
+    assert str(folder / "reid_raw.json") in msg and f"record {index}:" in msg and f"'{field}'" in msg
+
+
+def test_bad_json_missing_and_corrupt_images_are_named(tmp_path):
+    folder = write_benchmark(tmp_path, "rstp", RSTP)
+    (folder / "imgs" / "0004_c1_0001.jpg").unlink()
+    with pytest.raises(data.DatasetError, match=r"missing, e\.g\. .*0004_c1_0001\.jpg"):
+        data.load_dataset("rstp", tmp_path)
+    corrupt = folder / "imgs" / "0008_c2_0003.jpg"
+    corrupt.write_bytes(b"not a jpeg")
+    with pytest.raises(data.DatasetError, match="0008_c2_0003.jpg is corrupt"):
+        data.load_image(corrupt)
+    with pytest.raises(data.DatasetError, match="image not found: .*nope.png"):
+        data.load_image(folder / "nope.png")
+    (folder / "data_captions.json").write_text("[{")
+    with pytest.raises(data.DatasetError, match="data_captions.json: not valid JSON"):
+        data.read_annotations("rstp", tmp_path)
+    desc = tmp_path / "descriptions.jsonl"
+    desc.write_text('{"file_path": "a.jpg", "identity": "x", "clothing": "y"}\n{"file_path": "b.jpg", "iden\n')
+    with pytest.raises(data.DatasetError, match="descriptions.jsonl: line 2: not valid JSON"):
+        data.read_descriptions(desc)
+    desc.write_text('{"file_path": "a.jpg", "identity": "x"}\n')
+    with pytest.raises(data.DatasetError, match="line 1: field 'clothing'"):
+        data.read_descriptions(desc)
+
+
+def test_main_prints_dataset_errors_without_traceback(tmp_path):
+    run = subprocess.run([sys.executable, "data.py", "--data", "cuhk", "--root", str(tmp_path)],
+                         capture_output=True, text=True, cwd=Path(data.__file__).parent)
+    assert run.returncode == 2
+    assert "CUHK-PEDES not found" in run.stderr and "Traceback" not in run.stderr
+
+
+# ---- training input -----------------------------------------------------------------------------
+
+def naive_normalised(image, size):
+    pixels = np.asarray(image.resize((size[1], size[0]), Image.Resampling.BILINEAR), dtype=np.float64) / 255
+    out = (pixels - np.array(data.IMAGENET_MEAN)) / np.array(data.IMAGENET_STD)  # (H, W, 3)
+    return torch.tensor(out.transpose(2, 0, 1), dtype=torch.float32)  # (3, H, W)
+
+
+def test_eval_transform_matches_a_naive_reference():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 20, 3), dtype=np.uint8))
+    x = data.eval_transform((32, 16))(image)
+    assert x.shape == (3, 32, 16) and x.dtype == torch.float32
+    torch.testing.assert_close(x, naive_normalised(image, (32, 16)), rtol=0, atol=1e-5)
+
+
+def test_train_transform_flip_pad_crop_and_erase():
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 16, 3), dtype=np.uint8))
+    ref = naive_normalised(image, (32, 16))
+    flip = data.TrainTransform((32, 16), flip_p=1.0, pad=0, erase_p=0.0)
+    torch.testing.assert_close(flip(image), ref.flip(-1), rtol=0, atol=1e-5)
+    # pad-and-crop: the output is a window of the black-padded image (black = -mean/std)
+    black = (-torch.tensor(data.IMAGENET_MEAN) / torch.tensor(data.IMAGENET_STD)).view(3, 1, 1)
+    padded = black.repeat(1, 32 + 6, 16 + 6)
+    padded[:, 3:35, 3:19] = ref
+    windows = {(i, j) for i in range(7) for j in range(7)}
+    crop = data.TrainTransform((32, 16), flip_p=0.0, pad=3, erase_p=0.0)
+    seen = set()
+    torch.manual_seed(0)
+    for _ in range(40):
+        x = crop(image)
+        hits = [(i, j) for i, j in windows if torch.allclose(x, padded[:, i:i + 32, j:j + 16], atol=1e-5)]
+        assert hits
+        seen.update(hits)
+    assert len(seen) > 10  # the offset varies
+    erase = data.TrainTransform((32, 16))
+    for _ in range(20):
+        x = torch.randn(3, 32, 16) + 5
+        y = erase.erase(x)
+        changed = (y != x).any(0)  # (H, W)
+        rows, cols = changed.any(1).nonzero()[:, 0], changed.any(0).nonzero()[:, 0]
+        box = changed[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        assert box.all() and changed.sum() == box.numel()  # one rectangle
+        assert 0.02 * 0.5 <= box.numel() / (32 * 16) <= 0.4 * 1.5
+        assert (y[:, changed] == 0).all()
+
+
+def test_offline_tokenizer_knows_real_words():
+    tok = data.load_tokenizer()
+    enc = data.tokenize(tok, ["A woman with long blonde hair wears a striped jacket.", "man"], max_len=8)
+    assert enc["input_ids"].shape == (2, 8) and enc["input_ids"].dtype == torch.long
+    tokens = tok.convert_ids_to_tokens(enc["input_ids"][0])
+    assert tokens[:4] == ["[CLS]", "a", "woman", "with"] and tokens[-1] == "[SEP]"
+    assert tok.unk_token_id not in enc["input_ids"][0].tolist()
+    assert enc["attention_mask"][1].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
+    assert data.load_tokenizer(data.OFFLINE_TEXT_MODEL).vocab_size == 30522  # bert-base-uncased
+
+
+def test_unreachable_hub_name_fails_fast_and_says_what_to_pass():
+    with pytest.raises(data.DatasetError, match="Pass a local folder"):
+        data.load_tokenizer("bert-base-uncased-that-is-not-cached")
+
+
+def test_trainset_and_collate(tiny_synth):
+    d = data.load_dataset("synth", tiny_synth)
+    ds = data.TrainSet(d.train, data.eval_transform((64, 32)))
+    tok = data.load_tokenizer()
+    batch = data.collate([ds[0], ds[5], ds[9]], tok, max_len=32)
+    assert batch["images"].shape == (3, 3, 64, 32)
+    assert batch["pids"].tolist() == [d.train[i].pid for i in (0, 5, 9)]
+    for key in ("caption", "identity", "clothing"):  # no descriptions.jsonl: all fall back to the caption
+        assert batch[key]["input_ids"].shape[0] == 3
+        torch.testing.assert_close(batch[key]["input_ids"], batch["caption"]["input_ids"])
+
+
+def test_identity_sampler_batches_are_p_by_k_and_cover_the_epoch():
+    rng = random.Random(0)
+    pids = [rng.randrange(30) for _ in range(200)] + [99]  # id 99 has a single sample (< K)
+    p, k = 6, 4
+    sampler = data.IdentitySampler(pids, p, k, seed=3)
+    batches = list(sampler)
+    assert len(batches) == len(sampler)
+    for batch in batches:
+        counts = Counter(pids[i] for i in batch)
+        assert len(batch) == p * k and len(counts) == p and set(counts.values()) == {k}
+    assert set(i for b in batches for i in b) == set(range(len(pids)))
+    assert list(data.IdentitySampler(pids, p, k, seed=3)) == batches  # deterministic
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+    with pytest.raises(ValueError, match="at least P=7"):
+        data.IdentitySampler([0, 1, 2, 3, 4, 5], 7, 2)
