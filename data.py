@@ -23,7 +23,6 @@ Test: pytest tests/test_data.py
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
@@ -71,6 +70,7 @@ TOPS = ("t-shirt", "shirt", "jacket", "hoodie", "tank top")  # t-shirt: short sl
 PATTERNS = ("plain", "striped", "checked", "logo")
 BOTTOMS = ("trousers", "shorts", "skirt")
 SHOES = ("sneakers", "boots")
+SHOE_COLOURS = ("black", "white", "brown", "red", "blue", "grey")
 BAGS = ("none", "backpack", "handbag", "shoulder bag")
 HATS = ("none", "cap", "beanie")
 VIEWS = ("front", "back", "side")
@@ -79,9 +79,9 @@ PLAIN_BACKGROUND = (70, 120, 110)  # used when clutter is off (tests): in no pal
 
 
 def identity_combinations() -> int:
-    """How many distinct identities the traits can express (beard only with gender "man")."""
-    per_gender = len(HEIGHTS) * len(BUILDS) * len(SKIN_TONES) * len(HAIR_COLOURS) * len(HAIR_STYLES) * 2
-    return per_gender * (1 + 2)  # woman: no beard; man: beard or not
+    """How many distinct identities the traits can express: 8,100."""
+    looks = len(HEIGHTS) * len(BUILDS) * len(SKIN_TONES) * len(HAIR_COLOURS) * len(HAIR_STYLES) * 2  # x glasses
+    return looks * (1 + 2)  # a woman has no beard; a man has one or not
 
 
 def sample_identities(num_ids: int, seed: int) -> list[dict]:
@@ -108,7 +108,7 @@ def sample_outfit(rng: random.Random) -> dict:
     bag, hat = rng.choice(BAGS), rng.choice(HATS)
     return {"top": rng.choice(TOPS), "top_colour": rng.choice(c), "pattern": rng.choice(PATTERNS),
             "bottom": rng.choice(BOTTOMS), "bottom_colour": rng.choice(c),
-            "shoes": rng.choice(SHOES), "shoes_colour": rng.choice(["black", "white", "brown", "red", "blue", "grey"]),
+            "shoes": rng.choice(SHOES), "shoes_colour": rng.choice(SHOE_COLOURS),
             "bag": bag, "bag_colour": rng.choice(c) if bag != "none" else None,
             "hat": hat, "hat_colour": rng.choice(c) if hat != "none" else None,
             "scarf_colour": rng.choice(c) if rng.random() < 0.2 else None}
@@ -390,7 +390,7 @@ def render_person(identity: dict, outfit: dict, nuisance: dict, size=(128, 64)) 
     if not (outfit["bag"] == "backpack" and view == "side"):
         draw_bag(pen, b, outfit, view)
     if nuisance["occluder"]:  # a car, bin or passer-by cutting into the lower body
-        rng = random.Random(nuisance["background"])
+        rng = random.Random(f"{nuisance['background']}/occluder")
         x = rng.choice((rng.uniform(-0.6, -0.2), rng.uniform(0.6, 1.0))) * W
         pen.rect((x, b.foot - rng.uniform(0.15, 0.4) * b.u, x + rng.uniform(0.5, 0.7) * W, H),
                  tuple(rng.randrange(30, 220) for _ in range(3)))
@@ -599,6 +599,9 @@ def ensure_synthpedes(root="data", progress=True, **kwargs) -> Path:
         same = False
     if same and (folder / "reid_raw.json").exists():
         return folder
+    if progress:
+        print(f"generating SynthPEDES in {folder}" + (" (replacing one made with other settings, "
+              "and its descriptions)" if folder.exists() else ""), file=sys.stderr)
     return generate_synthpedes(root, **asdict(cfg), progress=progress)
 
 
@@ -951,9 +954,10 @@ def collate(batch: list[dict], tokenizer, max_len: int) -> dict:
 class IdentitySampler(torch.utils.data.Sampler):
     """Batches of P identities x K samples, for the batch-hard triplet loss (Hermans et al.
     2017). Each identity's samples are shuffled and cut into groups of K (the last group topped
-    up from the same identity, with replacement if it has fewer than K); identities are drawn
-    in proportion to the groups they have left, so every sample appears in every epoch; when
-    fewer than P identities are left, the batch is filled with extra groups of other ones."""
+    up from the same identity, with replacement if it has fewer than K). All groups are shuffled
+    together and dealt into batches in that order; a group whose identity is already in the batch
+    waits for the next batch. So every sample appears in every epoch. When fewer than P
+    identities are left, the batch is completed with fresh groups of other identities."""
 
     def __init__(self, pids: list[int], p: int, k: int, seed: int = 0):
         self.by_pid = defaultdict(list)
@@ -961,37 +965,48 @@ class IdentitySampler(torch.utils.data.Sampler):
             self.by_pid[pid].append(i)
         if len(self.by_pid) < p:
             raise ValueError(f"IdentitySampler needs at least P={p} identities, got {len(self.by_pid)}")
-        self.p, self.k, self.seed, self.epoch = p, k, seed, 0
+        self.p, self.k, self.seed, self.epoch, self._cache = p, k, seed, 0, (None, [])
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
 
     def _plan(self) -> list[list[int]]:
         rng = random.Random(f"{self.seed}/{self.epoch}")
-        groups = {}
+        groups = []  # (pid, K indices)
         for pid, idx in self.by_pid.items():
             idx = rng.sample(idx, len(idx))
-            cut = [idx[i:i + self.k] for i in range(0, len(idx), self.k)]
-            groups[pid] = [g + rng.choices(idx, k=self.k - len(g)) for g in cut]
+            groups += [(pid, idx[i:i + self.k] + rng.choices(idx, k=max(0, i + self.k - len(idx))))
+                       for i in range(0, len(idx), self.k)]
+        rng.shuffle(groups)
         batches = []
         while groups:
-            # weighted sampling without replacement (Efraimidis & Spirakis 2006)
-            key = {pid: rng.random() ** (1.0 / len(g)) for pid, g in groups.items()}
-            chosen = sorted(groups, key=key.get, reverse=True)[:self.p]
-            batch = [i for pid in chosen for i in groups[pid].pop()]
-            others = [pid for pid in sorted(self.by_pid) if pid not in chosen]
-            for pid in rng.sample(others, self.p - len(chosen)):
-                batch += rng.choices(self.by_pid[pid], k=self.k) if len(self.by_pid[pid]) < self.k \
-                    else rng.sample(self.by_pid[pid], self.k)
-            groups = {pid: g for pid, g in groups.items() if g}
+            batch, chosen, waiting = [], set(), []
+            for n, (pid, group) in enumerate(groups):
+                if len(chosen) == self.p:
+                    waiting += groups[n:]
+                    break
+                if pid in chosen:
+                    waiting.append((pid, group))
+                else:
+                    chosen.add(pid)
+                    batch += group
+            others = sorted(set(self.by_pid) - chosen)
+            for pid in rng.sample(others, self.p - len(chosen)):  # fill a short batch at the end
+                batch += rng.choices(self.by_pid[pid], k=self.k)
             batches.append(batch)
+            groups = waiting
         return batches
 
+    def _batches(self) -> list[list[int]]:
+        if self._cache[0] != self.epoch:
+            self._cache = (self.epoch, self._plan())
+        return self._cache[1]
+
     def __iter__(self):
-        return iter(self._plan())
+        return iter(self._batches())
 
     def __len__(self) -> int:
-        return len(self._plan())
+        return len(self._batches())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -468,3 +468,19 @@ def test_identity_sampler_batches_are_p_by_k_and_cover_the_epoch():
     assert list(sampler) != batches
     with pytest.raises(ValueError, match="at least P=7"):
         data.IdentitySampler([0, 1, 2, 3, 4, 5], 7, 2)
+
+
+def test_main_generates_once_summarises_and_draws_a_contact_sheet(tmp_path, capsys):
+    args = ["--data", "synth", "--root", str(tmp_path), "--num-ids", "10", "--image-size", "32", "16"]
+    data.main(args)
+    out = capsys.readouterr().out
+    assert "train       6      36        72" in out and "test        3      18        36" in out
+    styles = [int(line.split(": ")[1]) for line in out.splitlines() if line.startswith("captions in style")]
+    assert len(styles) == data.NUM_STYLES and sum(styles) == 10 * 6 * 2
+    sheet = tmp_path / "SynthPEDES" / "contact_sheet.png"
+    assert f"contact sheet: {sheet}" in out and Image.open(sheet).width == 6 * (16 * 3 + 8)
+    stamp = (tmp_path / "SynthPEDES" / "reid_raw.json").stat().st_mtime_ns
+    data.main(args)  # same settings: reused, not regenerated
+    assert (tmp_path / "SynthPEDES" / "reid_raw.json").stat().st_mtime_ns == stamp
+    data.main(args[:-2] + ["24", "12"])  # other settings: regenerated
+    assert data.load_image(next((tmp_path / "SynthPEDES" / "imgs").rglob("*.png"))).size == (12, 24)
