@@ -101,16 +101,20 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 # ------------------------------------------------------------------------------------------------
 # 3. The forward kernel
 #
-# One program owns one batch element and a block of BLOCK_D channels, and keeps their states
-# h (BLOCK_D, BLOCK_N) in registers, in fp32, while it walks the sequence one step at a time: the
-# scan is sequential in time and parallel over batch and channels, as in the paper's CUDA kernel.
-# Every CHUNK steps it writes h to a small checkpoint buffer (b, d, l / CHUNK, n), from which the
-# backward recomputes the states; the full (b, d, l, n) history is never stored. A sequential loop
-# (not tl.associative_scan) keeps the kernel simple and fast in the CPU interpreter used by tests.
+# One program owns one batch element and a block of BLOCK_D channels, and keeps their states in
+# registers, in fp32, while it walks the sequence one step at a time: the scan is sequential in
+# time and parallel over batch and channels. The state is held transposed, h (BLOCK_N, BLOCK_D),
+# so that the BLOCK_D = 32 channels run across the 32 threads of the program's single warp: each
+# thread holds the whole state of one channel, and <h_t, C_t> is a sum inside one thread.
+# Every CHUNK steps the program writes h to a small checkpoint buffer (b, l / CHUNK, n, d), from
+# which the backward recomputes the states; the full (b, d, l, n) history is never stored.
+# u, delta, z and out are read through strides, so time-major views (b, d, l) of (b, l, d) memory,
+# as the Mamba block passes them, are read in place with one 128-byte load per step.
+# A sequential loop (not tl.associative_scan) keeps the kernel short and fast in the interpreter.
 
-BLOCK_D = 32      # channels per program: 512 channels x batch 64 -> 1,024 programs, one wave on H100
-CHUNK = 32        # steps between checkpoints: checkpoints cost N / CHUNK = 1/2 of u's size in fp32
-NUM_WARPS = 4     # one config everywhere: the interpreter cannot autotune
+BLOCK_D = 32      # channels per program = threads of one warp; batch 64 x 512 channels: 1,024 programs
+NUM_WARPS = 1     # one config everywhere: the interpreter cannot autotune
+CHUNK = 32        # steps between checkpoints: in fp32 they cost N / CHUNK = half of u's size
 
 
 @triton.jit
@@ -123,65 +127,67 @@ def _softplus(x):
 
 
 @triton.jit
-def _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, bias, row, col, t, mask_d, mask_n,
+def _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, bias, row, col, t, s_l, sB_l, mask_d, mask_n,
                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """Load time step t of u, delta (biased, before softplus), delta (after), B and C, in fp32."""
-    u = tl.load(u_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)            # (BLOCK_D,)
-    dt_raw = tl.load(delta_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)   # (BLOCK_D,)
+    """Load step t of u, delta (biased, before softplus), delta (after), B and C, in fp32."""
+    u = tl.load(u_ptr + row + t * s_l, mask=mask_d, other=0.0).to(tl.float32)            # (BLOCK_D,)
+    dt_raw = tl.load(delta_ptr + row + t * s_l, mask=mask_d, other=0.0).to(tl.float32)   # (BLOCK_D,)
     if HAS_BIAS:
         dt_raw += bias
     dt = dt_raw
     if SOFTPLUS:
         dt = _softplus(dt_raw)
-    B = tl.load(B_ptr + col + t, mask=mask_n, other=0.0).to(tl.float32)            # (BLOCK_N,)
-    C = tl.load(C_ptr + col + t, mask=mask_n, other=0.0).to(tl.float32)            # (BLOCK_N,)
+    B = tl.load(B_ptr + col + t * sB_l, mask=mask_n, other=0.0).to(tl.float32)           # (BLOCK_N,)
+    C = tl.load(C_ptr + col + t * sB_l, mask=mask_n, other=0.0).to(tl.float32)           # (BLOCK_N,)
     return u, dt_raw, dt, B, C
 
 
 @triton.jit
 def _scan_fwd_kernel(
-    u_ptr,          # (b, d, l) input sequence, any float dtype, contiguous
-    delta_ptr,      # (b, d, l) step sizes, before delta_bias and softplus
-    A_ptr,          # (d, n) state matrix (diagonal per channel, negative)
+    u_ptr,          # (b, d, l) input sequence, any float dtype
+    delta_ptr,      # (b, d, l) step sizes, before delta_bias and softplus; u's strides
+    z_ptr,          # (b, d, l) gate, u's strides; read only if HAS_Z
+    out_ptr,        # (b, d, l) output in u's dtype and strides
+    A_ptr,          # (n, d) A transposed and contiguous (channels adjacent)
     B_ptr,          # (b, n, l) input matrix, one per batch element and step
-    C_ptr,          # (b, n, l) output matrix, one per batch element and step
+    C_ptr,          # (b, n, l) output matrix, B's strides
     D_ptr,          # (d,) skip weights; read only if HAS_D
-    z_ptr,          # (b, d, l) gate; read only if HAS_Z
     bias_ptr,       # (d,) delta_bias; read only if HAS_BIAS
-    out_ptr,        # (b, d, l) output, written in its own dtype (u's)
-    ckpt_ptr,       # (b, d, n_chunks, n) fp32: the state after the last step of every chunk
+    ckpt_ptr,       # (b, n_chunks, n, d) fp32: the state after the last step of every chunk
     n_channels, seq_len, d_state, n_chunks,   # d, l, n, ceil(l / CHUNK)
+    s_b, s_d, s_l,      # strides of u, delta, z, out (in elements)
+    sB_b, sB_n, sB_l,   # strides of B and C
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     BLOCK_D: tl.constexpr,   # channels per program
     BLOCK_N: tl.constexpr,   # d_state rounded up to a power of two (tl.arange needs one)
     CHUNK: tl.constexpr,     # steps between checkpoints
 ):
-    pid_b = tl.program_id(0).to(tl.int64)                  # batch element of this program
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)      # (BLOCK_D,) its channels
+    pid_b = tl.program_id(0).to(tl.int64)                            # this program's batch element
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)      # (BLOCK_D,) and its channels
     offs_n = tl.arange(0, BLOCK_N)                                   # (BLOCK_N,)
     mask_d, mask_n = offs_d < n_channels, offs_n < d_state
-    mask_dn = mask_d[:, None] & mask_n[None, :]                      # (BLOCK_D, BLOCK_N)
-    A = tl.load(A_ptr + offs_d[:, None] * d_state + offs_n[None, :], mask=mask_dn, other=0.0)
-    A = A.to(tl.float32)                                             # (BLOCK_D, BLOCK_N)
+    mask_nd = mask_n[:, None] & mask_d[None, :]                      # (BLOCK_N, BLOCK_D)
+    nd = offs_n[:, None] * n_channels + offs_d[None, :]              # (BLOCK_N, BLOCK_D) in (n, d)
+    A = tl.load(A_ptr + nd, mask=mask_nd, other=0.0).to(tl.float32)
     D = tl.load(D_ptr + offs_d, mask=mask_d & HAS_D, other=0.0).to(tl.float32)        # (BLOCK_D,)
     bias = tl.load(bias_ptr + offs_d, mask=mask_d & HAS_BIAS, other=0.0).to(tl.float32)
-    row = (pid_b * n_channels + offs_d) * seq_len          # (BLOCK_D,) where each channel's l starts
-    col = (pid_b * d_state + offs_n) * seq_len             # (BLOCK_N,) where each row of B, C starts
-    ckpt = ((pid_b * n_channels + offs_d) * n_chunks)[:, None] * d_state + offs_n[None, :]
-    h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)     # h_{-1} = 0
+    row = pid_b * s_b + offs_d * s_d                  # (BLOCK_D,) start of each channel's sequence
+    col = pid_b * sB_b + offs_n * sB_n                # (BLOCK_N,) start of each row of B and C
+    ckpt = ckpt_ptr + pid_b * n_chunks * d_state * n_channels + nd
+    h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)               # h_{-1} = 0
     for c in range(n_chunks):
         for t in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, seq_len)):
             u, dt_raw, dt, B, C = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, bias, row, col, t,
-                                             mask_d, mask_n, HAS_BIAS, SOFTPLUS)
-            h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * B[None, :]   # h_t
-            y = tl.sum(h * C[None, :], axis=1)                                 # (BLOCK_D,) <h_t, C_t>
+                                             s_l, sB_l, mask_d, mask_n, HAS_BIAS, SOFTPLUS)
+            h = tl.exp(dt[None, :] * A) * h + B[:, None] * (dt * u)[None, :]  # h_t
+            y = tl.sum(h * C[:, None], axis=0)                         # (BLOCK_D,) <h_t, C_t>
             if HAS_D:
                 y += D * u
             if HAS_Z:
-                z = tl.load(z_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
-                y = y * z / (1.0 + tl.exp(-z))                                 # y * silu(z)
-            tl.store(out_ptr + row + t, y.to(out_ptr.dtype.element_ty), mask=mask_d)
-        tl.store(ckpt_ptr + ckpt + c * d_state, h, mask=mask_dn)
+                z = tl.load(z_ptr + row + t * s_l, mask=mask_d, other=0.0).to(tl.float32)
+                y = y * z / (1.0 + tl.exp(-z))                         # y * silu(z)
+            tl.store(out_ptr + row + t * s_l, y.to(out_ptr.dtype.element_ty), mask=mask_d)
+        tl.store(ckpt + c * d_state * n_channels, h, mask=mask_nd)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -203,107 +209,111 @@ def _scan_fwd_kernel(
 
 
 @triton.jit
-def _recompute_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, bias, A, h, scratch_ptr, row, col, t0, t1,
-                     mask_d, mask_n, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+def _recompute_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, bias, A, h, scratch, row, col, t0, t1, s_l,
+                     sB_l, mask_d, mask_n, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Run the recurrence from state h over steps t0..t1-1, storing h_{t-1} of each step to scratch."""
     for t in range(t0, t1):
-        tl.store(scratch_ptr + (t - t0) * BLOCK_D * BLOCK_N, h)      # h_{t-1}, (BLOCK_D, BLOCK_N)
-        u, dt_raw, dt, B, C = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, bias, row, col, t,
-                                         mask_d, mask_n, HAS_BIAS, SOFTPLUS)
-        h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * B[None, :]
+        tl.store(scratch + (t - t0) * BLOCK_N * BLOCK_D, h)          # h_{t-1}, (BLOCK_N, BLOCK_D)
+        u, dt_raw, dt, B, C = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, bias, row, col, t, s_l,
+                                         sB_l, mask_d, mask_n, HAS_BIAS, SOFTPLUS)
+        h = tl.exp(dt[None, :] * A) * h + B[:, None] * (dt * u)[None, :]
 
 
 @triton.jit
 def _scan_bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,   # the forward's inputs, as above
-    ckpt_ptr,       # (b, d, n_chunks, n) fp32 checkpoints written by the forward
-    dout_ptr,       # (b, d, l) dL/dout
-    dlast_ptr,      # (b, d, n) fp32 dL/dh at the last step (zeros unless the last state is used)
-    scratch_ptr,    # (b, d_blocks, CHUNK, BLOCK_D, BLOCK_N) fp32, one private slab per program
-    du_ptr, ddelta_ptr, dz_ptr,     # (b, d, l) gradients, each in its input's dtype
-    dA_ptr,         # (b, d, n) fp32 partial dA of each batch element
-    dB_ptr, dC_ptr,  # (b, d_blocks, n, l) fp32 partial dB, dC of each channel block
+    u_ptr, delta_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr,   # the forward's inputs
+    ckpt_ptr,       # (b, n_chunks, n, d) fp32 checkpoints written by the forward
+    dout_ptr,       # (b, d, l) dL/dout, u's strides
+    dlast_ptr,      # (b, n, d) fp32 dL/dh at the last step (zeros unless the last state is used)
+    scratch_ptr,    # (b, d_blocks, CHUNK, BLOCK_N, BLOCK_D) fp32, one private slab per program
+    du_ptr, ddelta_ptr, dz_ptr,     # (b, d, l) gradients in u's strides, each in its input's dtype
+    dA_ptr,         # (b, n, d) fp32 partial dA of each batch element
+    dB_ptr, dC_ptr,  # (b, d_blocks, l, n) fp32 partial dB, dC of each channel block
     dD_ptr, dbias_ptr,  # (b, d) fp32 partial dD, d delta_bias of each batch element
-    n_channels, seq_len, d_state, n_chunks,
+    n_channels, seq_len, d_state, n_chunks, s_b, s_d, s_l, sB_b, sB_n, sB_l,   # as in the forward
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    pid_b, pid_d = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    pid_b, pid_d, d_blocks = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.num_programs(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)                 # (BLOCK_D,)
     offs_n = tl.arange(0, BLOCK_N)                                   # (BLOCK_N,)
     mask_d, mask_n = offs_d < n_channels, offs_n < d_state
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    dn = offs_d[:, None] * d_state + offs_n[None, :]                 # (BLOCK_D, BLOCK_N) in (d, n)
-    A = tl.load(A_ptr + dn, mask=mask_dn, other=0.0).to(tl.float32)
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    nd = offs_n[:, None] * n_channels + offs_d[None, :]              # (BLOCK_N, BLOCK_D) in (n, d)
+    A = tl.load(A_ptr + nd, mask=mask_nd, other=0.0).to(tl.float32)
     D = tl.load(D_ptr + offs_d, mask=mask_d & HAS_D, other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + offs_d, mask=mask_d & HAS_BIAS, other=0.0).to(tl.float32)
-    row = (pid_b * n_channels + offs_d) * seq_len
-    col = (pid_b * d_state + offs_n) * seq_len
-    ckpt = ((pid_b * n_channels + offs_d) * n_chunks)[:, None] * d_state + offs_n[None, :]
-    dcol = ((pid_b * tl.num_programs(1) + pid_d) * d_state + offs_n) * seq_len  # rows of dB, dC
-    scratch = scratch_ptr + (pid_b * tl.num_programs(1) + pid_d) * CHUNK * BLOCK_D * BLOCK_N \
-        + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + offs_n[None, :]
-    dh = tl.load(dlast_ptr + pid_b * n_channels * d_state + dn, mask=mask_dn, other=0.0)
-    dA = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    row = pid_b * s_b + offs_d * s_d
+    col = pid_b * sB_b + offs_n * sB_n
+    ckpt = ckpt_ptr + pid_b * n_chunks * d_state * n_channels + nd
+    dcol = (pid_b * d_blocks + pid_d) * seq_len * d_state + offs_n   # (BLOCK_N,) into dB, dC
+    scratch = scratch_ptr + (pid_b * d_blocks + pid_d) * CHUNK * BLOCK_N * BLOCK_D \
+        + offs_n[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
+    dh = tl.load(dlast_ptr + pid_b * d_state * n_channels + nd, mask=mask_nd, other=0.0)
+    dA = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dD = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for c_rev in range(n_chunks):
         c = n_chunks - 1 - c_rev
         t0, t1 = c * CHUNK, tl.minimum(c * CHUNK + CHUNK, seq_len)
-        h = tl.load(ckpt_ptr + ckpt + tl.maximum(c - 1, 0) * d_state, mask=mask_dn, other=0.0)
+        h = tl.load(ckpt + tl.maximum(c - 1, 0) * d_state * n_channels, mask=mask_nd, other=0.0)
         h = tl.where(c > 0, h, 0.0)                                   # h_{t0-1}; h_{-1} = 0
         _recompute_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, bias, A, h, scratch, row, col, t0, t1,
-                         mask_d, mask_n, HAS_BIAS, SOFTPLUS, BLOCK_D, BLOCK_N)
+                         s_l, sB_l, mask_d, mask_n, HAS_BIAS, SOFTPLUS, BLOCK_D, BLOCK_N)
         tl.debug_barrier()                   # scratch written by all threads before anyone reads
         for i in range(t1 - t0):
             t = t1 - 1 - i
-            h_prev = tl.load(scratch + (t - t0) * BLOCK_D * BLOCK_N)  # (BLOCK_D, BLOCK_N) h_{t-1}
+            h_prev = tl.load(scratch + (t - t0) * BLOCK_N * BLOCK_D)  # (BLOCK_N, BLOCK_D) h_{t-1}
             u, dt_raw, dt, B, C = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, bias, row, col, t,
-                                             mask_d, mask_n, HAS_BIAS, SOFTPLUS)
-            decay = tl.exp(dt[:, None] * A)                           # (BLOCK_D, BLOCK_N)
-            h = decay * h_prev + (dt * u)[:, None] * B[None, :]       # h_t
-            dy = tl.load(dout_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)   # g_t
+                                             s_l, sB_l, mask_d, mask_n, HAS_BIAS, SOFTPLUS)
+            decay = tl.exp(dt[None, :] * A)                           # (BLOCK_N, BLOCK_D)
+            h = decay * h_prev + B[:, None] * (dt * u)[None, :]       # h_t
+            dy = tl.load(dout_ptr + row + t * s_l, mask=mask_d, other=0.0).to(tl.float32)  # g_t
             if HAS_Z:
-                z = tl.load(z_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + row + t * s_l, mask=mask_d, other=0.0).to(tl.float32)
                 sig = 1.0 / (1.0 + tl.exp(-z))
-                y = tl.sum(h * C[None, :], axis=1) + D * u            # D is 0 without HAS_D
+                y = tl.sum(h * C[:, None], axis=0) + D * u            # D is 0 without HAS_D
                 dz = dy * y * sig * (1.0 + z * (1.0 - sig))           # silu'(z) = sig (1 + z (1 - sig))
-                tl.store(dz_ptr + row + t, dz.to(dz_ptr.dtype.element_ty), mask=mask_d)
+                tl.store(dz_ptr + row + t * s_l, dz.to(dz_ptr.dtype.element_ty), mask=mask_d)
                 dy = dy * z * sig                                     # dL/dy_t
-            tl.store(dC_ptr + dcol + t, tl.sum(dy[:, None] * h, axis=0), mask=mask_n)
-            dh += dy[:, None] * C[None, :]                            # dL/dh_t complete
-            dh_B = tl.sum(dh * B[None, :], axis=1)                    # (BLOCK_D,) <dh_t, B_t>
-            tl.store(dB_ptr + dcol + t, tl.sum(dh * (dt * u)[:, None], axis=0), mask=mask_n)
-            du = dt * dh_B + dy * D
+            tl.store(dC_ptr + dcol + t * d_state, tl.sum(h * dy[None, :], axis=1), mask=mask_n)
+            dh += C[:, None] * dy[None, :]                            # dL/dh_t complete
+            dh_B = tl.sum(dh * B[:, None], axis=0)                    # (BLOCK_D,) <dh_t, B_t>
+            tl.store(dB_ptr + dcol + t * d_state, tl.sum(dh * (dt * u)[None, :], axis=1), mask=mask_n)
             dD += dy * u
             dh_decay = dh * h_prev * decay                            # dL/d(delta_t A), elementwise
-            ddt = u * dh_B + tl.sum(dh_decay * A, axis=1)             # (BLOCK_D,)
-            dA += dh_decay * dt[:, None]
+            ddt = u * dh_B + tl.sum(dh_decay * A, axis=0)             # (BLOCK_D,)
+            dA += dh_decay * dt[None, :]
             if SOFTPLUS:
                 ddt = ddt / (1.0 + tl.exp(-dt_raw))                   # softplus' = sigmoid
             dbias += ddt
-            tl.store(du_ptr + row + t, du.to(du_ptr.dtype.element_ty), mask=mask_d)
-            tl.store(ddelta_ptr + row + t, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask_d)
+            du = dt * dh_B + dy * D
+            tl.store(du_ptr + row + t * s_l, du.to(du_ptr.dtype.element_ty), mask=mask_d)
+            tl.store(ddelta_ptr + row + t * s_l, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask_d)
             dh = dh * decay                                           # carried to step t-1
         tl.debug_barrier()                   # all reads done before the next chunk overwrites scratch
-    tl.store(dA_ptr + pid_b * n_channels * d_state + dn, dA, mask=mask_dn)
+    tl.store(dA_ptr + pid_b * d_state * n_channels + nd, dA, mask=mask_nd)
     tl.store(dD_ptr + pid_b * n_channels + offs_d, dD, mask=mask_d)
     tl.store(dbias_ptr + pid_b * n_channels + offs_d, dbias, mask=mask_d)
 
 
 # ------------------------------------------------------------------------------------------------
-# 5. The autograd function: check, allocate, launch, and add up the partial sums
+# 5. The autograd function: lay out, allocate, launch, and add up the partial sums
 
 
-def _launch_args(u, delta, A, B, C, D, z, delta_bias, chunk, block_d):
-    """Pointers (absent optional inputs replaced by u, never read), sizes, grid and flags."""
+def _like(t, ref):
+    """t with the strides of the dense tensor ref (a copy only when they differ)."""
+    return t if t.stride() == ref.stride() else torch.empty_like(ref, dtype=t.dtype).copy_(t)
+
+
+def _launch_args(u, delta, z, A, B, C, D, delta_bias, chunk, block_d):
+    """Pointers (absent optional inputs replaced by u, never read), sizes, strides, grid, flags."""
     batch, channels, length = u.shape
     d_state = A.shape[1]
-    n_chunks = triton.cdiv(length, chunk)
-    tensors = [u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
-               delta_bias if delta_bias is not None else u]
-    sizes = (channels, length, d_state, n_chunks)
+    tensors = [u, delta, z if z is not None else u, A.t().contiguous(), B, C,
+               D if D is not None else u, delta_bias if delta_bias is not None else u]
+    sizes = (channels, length, d_state, triton.cdiv(length, chunk), *u.stride(), *B.stride())
     grid = (batch, triton.cdiv(channels, block_d))
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                  BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), CHUNK=chunk)
@@ -316,37 +326,42 @@ class SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                 chunk=CHUNK, block_d=BLOCK_D):
-        u, delta, A, B, C, D, z, delta_bias = (t.contiguous() if t is not None else None
-                                               for t in (u, delta, A, B, C, D, z, delta_bias))
-        tensors, sizes, grid, flags = _launch_args(u, delta, A, B, C, D, z, delta_bias, chunk, block_d)
+        if not (u.is_contiguous() or u.transpose(1, 2).is_contiguous()):
+            u = u.contiguous()                          # (b, d, l) or (b, l, d) memory, as given
+        if B.stride() != C.stride():
+            B, C = B.contiguous(), C.contiguous()       # any strides, as long as they are shared
+        delta, z = _like(delta, u), (_like(z, u) if z is not None else None)
+        tensors, sizes, grid, flags = _launch_args(u, delta, z, A, B, C, D, delta_bias, chunk,
+                                                   block_d)
         batch, channels, _ = u.shape
-        out = torch.empty_like(u)                                    # (b, d, l)
-        ckpt = u.new_empty(batch, channels, sizes[3], A.shape[1], dtype=torch.float32)  # (b, d, c, n)
-        _scan_fwd_kernel[grid](*tensors, out, ckpt, *sizes, SOFTPLUS=delta_softplus, **flags,
-                               num_warps=NUM_WARPS)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
+        out = torch.empty_like(u)                                     # (b, d, l), u's strides
+        ckpt = u.new_empty(batch, sizes[3], A.shape[1], channels, dtype=torch.float32)  # (b, c, n, d)
+        _scan_fwd_kernel[grid](*tensors[:3], out, *tensors[3:], ckpt, *sizes,
+                               SOFTPLUS=delta_softplus, **flags, num_warps=NUM_WARPS)
+        ctx.save_for_backward(u, delta, z, A, B, C, D, delta_bias, ckpt)
         ctx.delta_softplus, ctx.chunk, ctx.block_d = delta_softplus, chunk, block_d
-        return out, ckpt[:, :, -1].clone()                           # (b, d, l), (b, d, n)
+        return out, ckpt[:, -1].transpose(1, 2).contiguous()          # (b, d, l), (b, d, n)
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
-        tensors, sizes, grid, flags = _launch_args(u, delta, A, B, C, D, z, delta_bias,
-                                                   ctx.chunk, ctx.block_d)
+        u, delta, z, A, B, C, D, delta_bias, ckpt = ctx.saved_tensors
+        tensors, sizes, grid, flags = _launch_args(u, delta, z, A, B, C, D, delta_bias, ctx.chunk,
+                                                   ctx.block_d)
         batch, channels, length = u.shape
         d_state, d_blocks = A.shape[1], grid[1]
         f32 = dict(dtype=torch.float32, device=u.device)
-        scratch = torch.empty(batch, d_blocks, ctx.chunk, ctx.block_d, flags["BLOCK_N"], **f32)
+        scratch = torch.empty(batch, d_blocks, ctx.chunk, flags["BLOCK_N"], ctx.block_d, **f32)
         du, ddelta = torch.empty_like(u), torch.empty_like(delta)
         dz = torch.empty_like(z) if z is not None else None
-        dA = torch.empty(batch, channels, d_state, **f32)             # partials over b
-        dB, dC = (torch.empty(batch, d_blocks, d_state, length, **f32) for _ in range(2))
+        dA = torch.empty(batch, d_state, channels, **f32)             # partials over b
+        dB, dC = (torch.empty(batch, d_blocks, length, d_state, **f32) for _ in range(2))
         dD, dbias = (torch.empty(batch, channels, **f32) for _ in range(2))
-        _scan_bwd_kernel[grid](*tensors, ckpt, dout.contiguous(), dlast.float().contiguous(),
-                               scratch, du, ddelta, dz if z is not None else du, dA, dB, dC, dD,
-                               dbias, *sizes, SOFTPLUS=ctx.delta_softplus, **flags,
-                               num_warps=NUM_WARPS)
-        return (du, ddelta, dA.sum(0).to(A.dtype), dB.sum(1).to(B.dtype), dC.sum(1).to(C.dtype),
+        dlast = dlast.float().transpose(1, 2).contiguous()            # (b, n, d)
+        _scan_bwd_kernel[grid](*tensors, ckpt, _like(dout, u), dlast, scratch, du, ddelta,
+                               dz if z is not None else du, dA, dB, dC, dD, dbias, *sizes,
+                               SOFTPLUS=ctx.delta_softplus, **flags, num_warps=NUM_WARPS)
+        return (du, ddelta, dA.sum(0).t().to(A.dtype),
+                dB.sum(1).transpose(1, 2).to(B.dtype), dC.sum(1).transpose(1, 2).to(C.dtype),
                 dD.sum(0).to(D.dtype) if D is not None else None, dz,
                 dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None,
                 None, None, None)
@@ -408,13 +423,14 @@ class Mamba(nn.Module):
         """x (b, l, m) -> (b, l, m). Output at step t depends only on inputs at steps <= t."""
         length = x.shape[1]
         xs, z = self.in_proj(x).chunk(2, dim=-1)                     # (b, l, d) each
-        xs = rearrange(xs, "b l d -> b d l")
-        xs = F.silu(self.conv1d(xs)[..., :length])                   # (b, d, l) causal conv
-        x_dbl = self.x_proj(rearrange(xs, "b d l -> b l d"))         # (b, l, r + 2n)
+        xs = self.conv1d(rearrange(xs, "b l d -> b d l"))[..., :length]  # (b, d, l) causal conv
+        xs = rearrange(F.silu(xs), "b d l -> b l d").contiguous()     # (b, l, d) time-major memory
+        x_dbl = self.x_proj(xs)                                      # (b, l, r + 2n)
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, self.dt_proj.weight)                    # (b, l, d); bias added in scan
         A = -torch.exp(self.A_log.float())                           # (d, n)
-        y = selective_scan(xs, rearrange(delta, "b l d -> b d l"), A,
+        # (b, d, l) and (b, n, l) views of time-major memory: the kernels read them in place
+        y = selective_scan(rearrange(xs, "b l d -> b d l"), rearrange(delta, "b l d -> b d l"), A,
                            rearrange(B, "b l n -> b n l"), rearrange(C, "b l n -> b n l"),
                            D=self.D.float(), z=rearrange(z, "b l d -> b d l"),
                            delta_bias=self.dt_proj.bias.float(), delta_softplus=True)  # (b, d, l)

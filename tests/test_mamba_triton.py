@@ -169,3 +169,40 @@ def test_backward_saves_checkpoints_not_the_state_history():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         mt.SelectiveScanFn.apply(*(x[k] for k in NAMES), True, 8)
     assert saved and max(saved) < b * d * l * n
+
+
+def test_kernel_reads_strided_views_in_place():
+    """Time-major views, as the Mamba block passes them: u, delta (b, d, l) views of (b, l, d)
+    memory, z a view of half of a wider tensor, B and C views of one (b, l, r + 2n) tensor."""
+    b, d, l, n, r = 2, 6, 9, 4, 3
+    g = torch.Generator().manual_seed(3)
+    x = make_inputs(b, d, l, n)
+    x["u"] = torch.randn(b, l, d, generator=g).transpose(1, 2)                # (b, d, l) view
+    x["delta"] = 0.5 * torch.randn(b, l, d, generator=g).transpose(1, 2)
+    x["z"] = torch.randn(b, l, 2 * d, generator=g)[..., d:].transpose(1, 2)   # other strides
+    x_dbl = torch.randn(b, l, r + 2 * n, generator=g)
+    x["B"], x["C"] = x_dbl[..., r:r + n].transpose(1, 2), x_dbl[..., r + n:].transpose(1, 2)
+    for name in ("u", "delta", "z", "B", "C"):
+        x[name].requires_grad_()
+    assert not x["u"].is_contiguous() and x["z"].stride() != x["u"].stride()
+    check_against_reference(x, True, FP32_TOL)
+
+
+def test_mamba_block_kernel_matches_reference(monkeypatch):
+    """The block through the kernel equals the block through the reference, output and weights' grads."""
+    torch.manual_seed(0)
+    block = mt.Mamba(24, d_state=4)                                   # 48 channels: two blocks
+    x = torch.randn(2, 11, 24)
+
+    def outputs_and_grads():
+        block.zero_grad()
+        y = block(x)
+        (y * torch.linspace(-1, 1, 24)).sum().backward()
+        return y, {k: p.grad.clone() for k, p in block.named_parameters()}
+
+    y, grads = outputs_and_grads()
+    monkeypatch.setattr(mt, "selective_scan", mt.selective_scan_ref)
+    ref_y, ref_grads = outputs_and_grads()
+    torch.testing.assert_close(y, ref_y, **FP32_TOL["out"])
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], **FP32_TOL["grad"], msg=name)
