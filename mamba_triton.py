@@ -1,8 +1,10 @@
-"""The selective scan of Mamba, written from scratch in Triton (forward and backward), and the Mamba block.
+"""Mamba's selective scan in Triton, forward and backward, written from scratch, and the block.
 
-Read this file top to bottom, as a ladder: (1) the equations, here; (2) a sequential PyTorch
-reference written from them; (3) the forward kernel; (4) the backward kernel; (5) the autograd
-function that joins them; (6) the Mamba block that uses the scan.
+Read this file top to bottom, as a ladder: the equations, here; (2) a sequential PyTorch
+reference written from them; (3) the forward kernel; (4) the backward kernel, which recomputes
+states from checkpoints; (5) the autograd function that joins them; (6) the dispatch: Triton on
+CUDA tensors (or on CPU under TRITON_INTERPRET=1, as the tests run), the reference otherwise;
+(7) the Mamba block; (8) the check against the reference and the benchmark.
 
 The selective scan (Gu & Dao, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces",
 2023, Sec. 3.2, Algorithm 2; semantics of `selective_scan_fn` in github.com/state-spaces/mamba,
@@ -10,7 +12,7 @@ mamba_ssm/ops/selective_scan_interface.py). For every batch element b and channe
 h of N numbers per channel, kept in fp32 whatever the input dtype:
 
     delta_t = softplus(delta_t + delta_bias)                  (both optional)
-    h_t     = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t  (zero-order hold of A; Euler step of B)
+    h_t     = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t  (zero-order hold of A, Euler for B)
     y_t     = <h_t, C_t> + D * u_t                            (D optional)
     out_t   = y_t * silu(z_t)                                 (z optional)
 
@@ -26,6 +28,12 @@ Glossary of dimension letters (the Mamba paper's symbols in brackets):
 Tensor names follow the official implementation: u, delta, z are (b, d, l); A is (d, n);
 B, C are (b, n, l); D and delta_bias are (d,).
 
+Differences from mamba_ssm's CUDA kernel, each for clarity: real A only, and B, C always
+input-dependent; a sequential loop over time in each program instead of a parallel scan; sums
+over channels and batch written as partials and added by PyTorch (deterministic, no atomics);
+gradients also flow through the returned last state. References: the official code above;
+Sasha Rush's "Mamba: The Hard Way" (srush.github.io/annotated-mamba/hard.html) for the ladder.
+
 Run:  python mamba_triton.py          errors of the output and every gradient against the reference
       python mamba_triton.py --bench  timings on a GPU
 Test: pytest tests/test_mamba_triton.py   (CPU, kernels in the Triton interpreter)
@@ -36,8 +44,10 @@ import os
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-import triton
-import triton.language as tl
+if __name__ == "__main__" and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # CPU check: must precede triton's import
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from torch import nn
 
 # ------------------------------------------------------------------------------------------------
@@ -45,7 +55,7 @@ from torch import nn
 
 
 def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
-    """Raise a ValueError naming the argument whose shape disagrees with u (b, d, l) and A (d, n)."""
+    """Raise a ValueError naming the argument whose shape disagrees with u (b, d, l), A (d, n)."""
     if u.dim() != 3 or A.dim() != 2:
         raise ValueError(f"selective_scan: u must be (batch, channels, L) and A (channels, N); "
                          f"got u {tuple(u.shape)}, A {tuple(A.shape)}")
@@ -72,7 +82,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     """Sequential PyTorch selective scan (the equations of the module docstring).
 
     Args: u, delta, z (b, d, l); A (d, n); B, C (b, n, l); D, delta_bias (d,).
-    Returns: out (b, d, l) in u's dtype, and, if return_last_state, the final state h (b, d, n) fp32.
+    Returns: out (b, d, l) in u's dtype and, if return_last_state, the last state (b, d, n) fp32.
     Mirrors `selective_scan_ref` of mamba_ssm (real A, input-dependent B and C only).
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
@@ -112,7 +122,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 # as the Mamba block passes them, are read in place with one 128-byte load per step.
 # A sequential loop (not tl.associative_scan) keeps the kernel short and fast in the interpreter.
 
-BLOCK_D = 32      # channels per program = threads of one warp; batch 64 x 512 channels: 1,024 programs
+BLOCK_D = 32      # channels per program = threads of one warp (64 x 512 channels: 1,024 programs)
 NUM_WARPS = 1     # one config everywhere: the interpreter cannot autotune
 CHUNK = 32        # steps between checkpoints: in fp32 they cost N / CHUNK = half of u's size
 
@@ -122,7 +132,7 @@ def _softplus(x):
     """log(1 + exp(x)) in fp32 without libdevice: Kahan's log1p trick, and x itself above 20."""
     e = tl.exp(tl.minimum(x, 20.0))
     w = 1.0 + e                                      # rounds to 1 when e < 6e-8 ...
-    log1p = tl.where(w == 1.0, e, tl.log(w) * (e / tl.where(w == 1.0, 1.0, w - 1.0)))  # ... so fix it
+    log1p = tl.where(w == 1.0, e, tl.log(w) * (e / tl.where(w == 1.0, 1.0, w - 1.0)))  # so fix it
     return tl.where(x > 20.0, x, log1p)             # torch.nn.functional.softplus's threshold
 
 
@@ -130,15 +140,15 @@ def _softplus(x):
 def _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, bias, row, col, t, s_l, sB_l, mask_d, mask_n,
                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """Load step t of u, delta (biased, before softplus), delta (after), B and C, in fp32."""
-    u = tl.load(u_ptr + row + t * s_l, mask=mask_d, other=0.0).to(tl.float32)            # (BLOCK_D,)
-    dt_raw = tl.load(delta_ptr + row + t * s_l, mask=mask_d, other=0.0).to(tl.float32)   # (BLOCK_D,)
+    u = tl.load(u_ptr + row + t * s_l, mask=mask_d, other=0.0).to(tl.float32)          # (BLOCK_D,)
+    dt_raw = tl.load(delta_ptr + row + t * s_l, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_BIAS:
         dt_raw += bias
     dt = dt_raw
     if SOFTPLUS:
         dt = _softplus(dt_raw)
-    B = tl.load(B_ptr + col + t * sB_l, mask=mask_n, other=0.0).to(tl.float32)           # (BLOCK_N,)
-    C = tl.load(C_ptr + col + t * sB_l, mask=mask_n, other=0.0).to(tl.float32)           # (BLOCK_N,)
+    B = tl.load(B_ptr + col + t * sB_l, mask=mask_n, other=0.0).to(tl.float32)         # (BLOCK_N,)
+    C = tl.load(C_ptr + col + t * sB_l, mask=mask_n, other=0.0).to(tl.float32)         # (BLOCK_N,)
     return u, dt_raw, dt, B, C
 
 
@@ -212,7 +222,7 @@ def _scan_fwd_kernel(
 def _recompute_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, bias, A, h, scratch, row, col, t0, t1, s_l,
                      sB_l, mask_d, mask_n, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Run the recurrence from state h over steps t0..t1-1, storing h_{t-1} of each step to scratch."""
+    """Run the recurrence from h over steps t0..t1-1, storing each step's h_{t-1} to scratch."""
     for t in range(t0, t1):
         tl.store(scratch + (t - t0) * BLOCK_N * BLOCK_D, h)          # h_{t-1}, (BLOCK_N, BLOCK_D)
         u, dt_raw, dt, B, C = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, bias, row, col, t, s_l,
@@ -274,13 +284,14 @@ def _scan_bwd_kernel(
                 z = tl.load(z_ptr + row + t * s_l, mask=mask_d, other=0.0).to(tl.float32)
                 sig = 1.0 / (1.0 + tl.exp(-z))
                 y = tl.sum(h * C[:, None], axis=0) + D * u            # D is 0 without HAS_D
-                dz = dy * y * sig * (1.0 + z * (1.0 - sig))           # silu'(z) = sig (1 + z (1 - sig))
+                dz = dy * y * sig * (1.0 + z * (1.0 - sig))       # silu' = sig (1 + z (1 - sig))
                 tl.store(dz_ptr + row + t * s_l, dz.to(dz_ptr.dtype.element_ty), mask=mask_d)
                 dy = dy * z * sig                                     # dL/dy_t
             tl.store(dC_ptr + dcol + t * d_state, tl.sum(h * dy[None, :], axis=1), mask=mask_n)
             dh += C[:, None] * dy[None, :]                            # dL/dh_t complete
             dh_B = tl.sum(dh * B[:, None], axis=0)                    # (BLOCK_D,) <dh_t, B_t>
-            tl.store(dB_ptr + dcol + t * d_state, tl.sum(dh * (dt * u)[None, :], axis=1), mask=mask_n)
+            dB = tl.sum(dh * (dt * u)[None, :], axis=1)               # (BLOCK_N,) this block's part
+            tl.store(dB_ptr + dcol + t * d_state, dB, mask=mask_n)
             dD += dy * u
             dh_decay = dh * h_prev * decay                            # dL/d(delta_t A), elementwise
             ddt = u * dh_B + tl.sum(dh_decay * A, axis=0)             # (BLOCK_D,)
@@ -292,7 +303,7 @@ def _scan_bwd_kernel(
             tl.store(du_ptr + row + t * s_l, du.to(du_ptr.dtype.element_ty), mask=mask_d)
             tl.store(ddelta_ptr + row + t * s_l, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask_d)
             dh = dh * decay                                           # carried to step t-1
-        tl.debug_barrier()                   # all reads done before the next chunk overwrites scratch
+        tl.debug_barrier()                   # all reads done before the next chunk overwrites it
     tl.store(dA_ptr + pid_b * d_state * n_channels + nd, dA, mask=mask_nd)
     tl.store(dD_ptr + pid_b * n_channels + offs_d, dD, mask=mask_d)
     tl.store(dbias_ptr + pid_b * n_channels + offs_d, dbias, mask=mask_d)
@@ -335,7 +346,7 @@ class SelectiveScanFn(torch.autograd.Function):
                                                    block_d)
         batch, channels, _ = u.shape
         out = torch.empty_like(u)                                     # (b, d, l), u's strides
-        ckpt = u.new_empty(batch, sizes[3], A.shape[1], channels, dtype=torch.float32)  # (b, c, n, d)
+        ckpt = u.new_empty(batch, sizes[3], A.shape[1], channels, dtype=torch.float32)  # b c n d
         _scan_fwd_kernel[grid](*tensors[:3], out, *tensors[3:], ckpt, *sizes,
                                SOFTPLUS=delta_softplus, **flags, num_warps=NUM_WARPS)
         ctx.save_for_backward(u, delta, z, A, B, C, D, delta_bias, ckpt)
@@ -389,7 +400,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
 
 class Mamba(nn.Module):
-    """in_proj -> (x, z); x -> causal depthwise conv -> SiLU -> selective scan gated by SiLU(z) -> out_proj.
+    """in_proj -> (x, z); x -> causal depthwise conv -> SiLU -> scan gated by SiLU(z) -> out_proj.
 
     437,760 parameters at d_model 256, d_state 16, d_conv 4, expand 2. Dropout and the residual
     connection belong to the caller (model.py).
@@ -435,3 +446,137 @@ class Mamba(nn.Module):
                            D=self.D.float(), z=rearrange(z, "b l d -> b d l"),
                            delta_bias=self.dt_proj.bias.float(), delta_softplus=True)  # (b, d, l)
         return self.out_proj(rearrange(y, "b d l -> b l d"))         # (b, l, m)
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. Check against the reference, and benchmark: python mamba_triton.py [--bench]
+
+def random_inputs(b, d, l, n, dtype, device, seed=0):
+    """Scan inputs as the Mamba block makes them: every optional input, A < 0, small delta."""
+    g = torch.Generator(device).manual_seed(seed)
+    x = dict(u=torch.randn(b, d, l, generator=g, device=device),
+             delta=0.5 * torch.randn(b, d, l, generator=g, device=device),
+             A=-0.5 - torch.rand(d, n, generator=g, device=device),
+             B=torch.randn(b, n, l, generator=g, device=device),
+             C=torch.randn(b, n, l, generator=g, device=device),
+             D=torch.randn(d, generator=g, device=device),
+             z=torch.randn(b, d, l, generator=g, device=device),
+             delta_bias=0.3 * torch.randn(d, generator=g, device=device))
+    return {k: (v if k in ("A", "D", "delta_bias") else v.to(dtype)).requires_grad_()
+            for k, v in x.items()}
+
+
+def check(device):
+    """Print the largest errors of the kernel's output and gradients against the reference."""
+    b, d, l, n = (2, 40, 37, 16) if device == "cpu" else (4, 256, 500, 16)
+    print(f"kernel vs reference on {device}, batch {b}, channels {d}, L {l}, N {n}, "
+          f"every optional input, delta_softplus; relative error = max |error| / max |reference|")
+    for dtype, (rtol, atol) in ((torch.float32, (2e-3, 6e-3)), (torch.bfloat16, (3e-2, 5e-2))):
+        x = random_inputs(b, d, l, n, dtype, device)
+        results = []
+        reference = lambda *a: selective_scan_ref(*a, return_last_state=True)  # noqa: E731
+        for fn in (SelectiveScanFn.apply, reference):
+            out, last = fn(*x.values(), True)
+            w = torch.randn(out.shape, generator=torch.Generator(device).manual_seed(1),
+                            device=device)
+            grads = torch.autograd.grad((out.float() * w).sum() + last.sum(), list(x.values()))
+            results.append(dict(out=out, last_state=last, **{"d" + k: g for k, g in zip(x, grads)}))
+        print(f"\n{str(dtype):16s} {'max abs err':>12s} {'max rel err':>12s}   "
+              f"within rtol {rtol}, atol {atol}")
+        for name, got in results[0].items():
+            want = results[1][name].float()
+            err = (got.float() - want).abs()
+            ok = bool((err <= atol + rtol * want.abs()).all())
+            rel = (err.max() / want.abs().max()).item()
+            print(f"{name:16s} {err.max().item():12.2e} {rel:12.2e}   {'yes' if ok else 'NO'}")
+
+
+def _scan_bytes(b, d, l, n, elem, backward):
+    """Least DRAM traffic of one pass: each (b, d, l) and (b, n, l) tensor read or written once."""
+    checkpoints = 4 * b * d * n * triton.cdiv(l, CHUNK)
+    if not backward:                 # read u, delta, z, B, C; write out, checkpoints
+        return elem * (4 * b * d * l + 2 * b * n * l) + checkpoints
+    partials = 2 * 4 * b * triton.cdiv(d, BLOCK_D) * l * n   # dB, dC partial sums, fp32
+    # read u, delta, z, dout, B, C, checkpoints; write du, ddelta, dz and the partials
+    return elem * (7 * b * d * l + 2 * b * n * l) + checkpoints + partials
+
+
+def _bench_scan(do_bench, copy_gbs):
+    """Forward and forward+backward of the Triton scan against the reference (up to L = 1024)."""
+    b, d, n = 64, 512, 16
+    print(f"\nselective scan, batch {b}, channels {d}, N {n}, every optional input; median ms "
+          f"(triton.testing.do_bench); '% copy' = floor traffic / time / copy bandwidth; "
+          f"reference timed up to L = 1024 only (its Python loop over L)")
+    print(f"{'L':>6s} {'dtype':>6s} | {'fwd':>8s} {'% copy':>7s} {'ref fwd':>8s} {'speedup':>8s} | "
+          f"{'fwd+bwd':>8s} {'% copy':>7s} {'ref f+b':>8s} {'speedup':>8s}")
+    for l in (197, 1024, 4096, 16384):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = random_inputs(b, d, l, n, dtype, "cuda")
+            leaves = list(x.values())
+            dout = torch.randn_like(x["u"])
+            row = []
+            for fn in (selective_scan, selective_scan_ref):
+                if fn is selective_scan_ref and l > 1024:
+                    row += [float("nan")] * 2
+                    continue
+                with torch.no_grad():
+                    fwd = do_bench(lambda: fn(*leaves, True), return_mode="median")
+                both = do_bench(lambda: fn(*leaves, True).backward(dout), grad_to_none=leaves,
+                                return_mode="median")
+                row += [fwd, both]
+            elem = x["u"].element_size()
+            floor = [_scan_bytes(b, d, l, n, elem, False) / copy_gbs / 1e6,
+                     (_scan_bytes(b, d, l, n, elem, False) + _scan_bytes(b, d, l, n, elem, True))
+                     / copy_gbs / 1e6]
+            print(f"{l:6d} {str(dtype)[6:]:>6s} | {row[0]:8.3f} {100 * floor[0] / row[0]:6.0f}% "
+                  f"{row[2]:8.2f} {row[2] / row[0]:7.0f}x | {row[1]:8.3f} "
+                  f"{100 * floor[1] / row[1]:6.0f}% {row[3]:8.2f} {row[3] / row[1]:7.0f}x")
+            del x, leaves, dout
+
+
+def _bench_blocks(do_bench, batch=8):
+    """One Mamba block against one Transformer encoder layer (SDPA attention), bf16 autocast."""
+    mamba = Mamba(256).cuda()
+    attention = nn.TransformerEncoderLayer(256, nhead=8, dim_feedforward=1024, dropout=0.0,
+                                           batch_first=True).cuda()
+    print(f"\nMamba block ({sum(p.numel() for p in mamba.parameters()):,} params) vs "
+          f"TransformerEncoderLayer ({sum(p.numel() for p in attention.parameters()):,} params), "
+          f"d_model 256, batch {batch}, bf16 autocast; median ms, forward / forward+backward")
+    print(f"{'L':>6s} {'mamba fwd':>10s} {'attn fwd':>10s} {'mamba f+b':>10s} {'attn f+b':>10s}")
+    for l in (197, 1024, 4096, 16384):
+        x = torch.randn(batch, l, 256, device="cuda", requires_grad=True)
+        times = []
+        for backward in (False, True):
+            for module in (mamba, attention):
+                def step(module=module, backward=backward):
+                    with torch.autocast("cuda", torch.bfloat16), torch.set_grad_enabled(backward):
+                        y = module(x)
+                    if backward:
+                        y.float().sum().backward()
+                times.append(do_bench(step, grad_to_none=[x, *module.parameters()],
+                                      return_mode="median"))
+        print(f"{l:6d} " + " ".join(f"{t:10.3f}" for t in times))
+
+
+def bench():
+    """Copy bandwidth, then the scan and the blocks, all measured in this run."""
+    if not torch.cuda.is_available():
+        raise SystemExit("mamba_triton.py --bench needs a CUDA GPU and found none. "
+                         "Run `python mamba_triton.py` for the check against the reference.")
+    from triton.testing import do_bench
+    src = torch.empty(2 ** 28, device="cuda")                        # 1 GiB
+    dst = torch.empty_like(src)
+    copy_gbs = 2 * src.numel() * 4 / do_bench(lambda: dst.copy_(src), return_mode="median") / 1e6
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"triton {triton.__version__}; device-to-device copy: {copy_gbs:,.0f} GB/s")
+    del src, dst
+    _bench_scan(do_bench, copy_gbs)
+    _bench_blocks(do_bench)
+
+
+if __name__ == "__main__":
+    import sys
+    if "--bench" in sys.argv:
+        bench()
+    else:
+        check("cuda" if torch.cuda.is_available() else "cpu")
