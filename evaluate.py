@@ -18,7 +18,22 @@ Implements the evaluation of Sec. IV of the paper with the decisions of DESIGN s
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
+import random
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from data import DatasetError, eval_transform, load_dataset, load_image, load_tokenizer, tokenize
+from model import EncoderLoadError, ModelConfig, T2IReID
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,3 +92,410 @@ def retrieval_metrics(similarity, query_pids, gallery_pids, chunk_size: int = 10
     metrics["mAP"] = 100.0 * ap.mean().item()
     metrics["mINP"] = 100.0 * inp.mean().item()
     return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedding: the gallery from images alone, the queries from text alone (DESIGN 3.1)
+
+def _chunks(items: list, size: int, desc: str, progress: bool):
+    starts = range(0, len(items), size)
+    return (items[s:s + size] for s in tqdm(starts, desc=desc, disable=not progress, leave=False))
+
+
+def embed_gallery(model: T2IReID, paths: list, image_size, device, batch_size=64, progress=True) -> dict:
+    """Each gallery image goes through the ViT and BDAM once, for three things.
+
+    Returns dict(emb (G, E) on `device` = model.encode_images; tokens (G, P, d) = model.fusion_tokens,
+    or None without fusion; gate (G,) the mean of the BDAM gate g over its D channels, or None).
+    The token cache lives on the CPU in float16 -- G x P x d x 2 bytes: 0.3 GB for CUHK-PEDES at
+    224 x 224 (3,074 x 196 x 256), 2.0 GB for ICFG-PEDES -- and stage 2 moves only each query's K
+    candidates to the device. Recomputing tokens instead would cost K image passes per query.
+    """
+    transform = eval_transform(image_size)
+    emb, tokens, gate = [], [], []
+    for chunk in _chunks(list(paths), batch_size, "gallery", progress):
+        images = torch.stack([transform(load_image(p)) for p in chunk]).to(device)  # (b, 3, H, W)
+        feats = model.image_features(images)
+        emb.append(F.normalize(model.image_proj(feats["f_id"]), dim=-1))  # (b, E), as encode_images
+        if model.fusion is not None:  # as fusion_tokens, without a second ViT pass
+            tokens.append(model.fusion.align_image(feats["tokens"]).to("cpu", torch.float16))  # (b, P, d)
+        if feats["gate"] is not None:
+            gate.append(feats["gate"].float().mean(1).cpu())  # (b,) identity share of each image
+    return dict(emb=torch.cat(emb), tokens=torch.cat(tokens) if tokens else None,
+                gate=torch.cat(gate) if gate else None)
+
+
+def embed_texts(model: T2IReID, tokenizer, texts: list, max_len: int, device, batch_size=64, progress=True):
+    """Queries from the text alone -> (Q, E) L2-normalised embeddings, (Q, Dt) text features."""
+    emb, feats = [], []
+    for chunk in _chunks(list(texts), batch_size, "queries", progress):
+        tokens = {k: v.to(device) for k, v in tokenize(tokenizer, chunk, max_len).items()}  # (b, T)
+        f = model.text_features(**tokens)  # (b, Dt)
+        feats.append(f)
+        emb.append(F.normalize(model.text_proj(f), dim=-1))  # (b, E), as encode_texts
+    return torch.cat(emb), torch.cat(feats)
+
+
+# ----------------------------------------------------------------------------------------------
+# The two stages, as rows of score matrices for retrieval_metrics' callable form
+
+def rerank(stage1: torch.Tensor, candidates: torch.Tensor, fusion: torch.Tensor) -> torch.Tensor:
+    """Stage 2's ranking as scores: each row's candidates go above every other image, in the order
+    of their fusion scores; the other images keep their stage-1 scores, hence their order.
+
+    stage1 (n, G), candidates (n, K) gallery indices, fusion (n, K) -> (n, G).
+    """
+    lift = stage1.amax(1, keepdim=True) - fusion.amin(1, keepdim=True) + 1.0  # (n, 1)
+    return stage1.scatter(1, candidates, fusion + lift)  # lowest candidate > highest non-candidate
+
+
+@dataclass
+class TwoStage:
+    """Queries (embeddings and text features) against a gallery (embeddings and cached tokens)."""
+
+    model: T2IReID
+    query_emb: torch.Tensor  # (Q, E)
+    query_feats: torch.Tensor  # (Q, Dt)
+    gallery_emb: torch.Tensor  # (G, E)
+    tokens: torch.Tensor | None  # (G, P, d), float16 on the CPU
+    k: int  # K candidates re-ranked per query
+
+    def stage1(self, start: int, end: int) -> torch.Tensor:
+        """Rows start:end of the cosine similarity (both sides are L2-normalised): (n, G)."""
+        return self.query_emb[start:end] @ self.gallery_emb.T
+
+    def stage2(self, start: int, end: int) -> torch.Tensor:
+        """Rows start:end with each query's top K re-scored by the fusion module: (n, G)."""
+        scores = self.stage1(start, end)  # (n, G)
+        k = min(self.k, scores.shape[1])
+        candidates = scores.topk(k, dim=1).indices  # (n, K)
+        tokens = self.tokens[candidates.flatten().cpu()].to(scores.device, torch.float32)  # (n K, P, d)
+        texts = self.query_feats[start:end].repeat_interleave(k, dim=0)  # (n K, Dt)
+        fusion = self.model.fusion_score_features(tokens, texts).view(-1, k)  # (n, K)
+        return rerank(scores, candidates, fusion.float())
+
+
+def _record_fusion_gate(model: T2IReID, sink: list):
+    """A hook on the fusion module that keeps the mean W_img of every pair it scores (Fig. 5)."""
+    return model.fusion.register_forward_hook(lambda module, args, out: sink.append(out[1].float().mean(1).cpu()))
+
+
+def gate_summary(values: torch.Tensor | None, bins: int = 40) -> dict | None:
+    """mean, std, count and a histogram over [0, 1] of gate values (sigmoid / softmax outputs)."""
+    if values is None or len(values) == 0:
+        return None
+    hist = torch.histc(values.float(), bins=bins, min=0.0, max=1.0)
+    return dict(mean=values.mean().item(), std=values.std().item() if len(values) > 1 else 0.0,
+                count=len(values), hist=[int(c) for c in hist])
+
+
+# ----------------------------------------------------------------------------------------------
+# Robustness settings (Table V, DESIGN 3.6)
+
+ROBUSTNESS = ("Standard", "Identity-Only", "Clothes-Conflict")
+
+
+def derangement(pids: list, seed: int) -> list[int]:
+    """A seeded permutation with no fixed point: partner[i] != i, and partner[i] has another
+    identity than i whenever no identity holds more than half of the images.
+
+    The images are laid end to end in identity groups (groups in a random order, each shuffled)
+    and each one's partner is the image m places further on, cyclically, m = the largest group.
+    """
+    n = len(pids)
+    if n < 2:
+        raise ValueError(f"a derangement needs at least 2 images, got {n}")
+    rng = random.Random(seed)
+    groups = {}
+    for i, pid in enumerate(pids):
+        groups.setdefault(pid, []).append(i)
+    groups = list(groups.values())
+    rng.shuffle(groups)
+    for group in groups:
+        rng.shuffle(group)
+    order = [i for group in groups for i in group]
+    largest = max(len(group) for group in groups)
+    shift = largest if largest < n else 1  # one identity only: any other image
+    partner = [0] * n
+    for position, i in enumerate(order):
+        partner[i] = order[(position + shift) % n]
+    return partner
+
+
+def robustness_queries(gallery: list, seed: int = 0) -> dict | None:
+    """One query per gallery image for each setting (its pid is the image's pid), or None when
+    some image lacks its generated identity or clothing description."""
+    if any(not g.identity or not g.clothing for g in gallery):
+        return None
+    partner = derangement([g.pid for g in gallery], seed)
+    return {"Standard": [f"{g.identity} {g.clothing}" for g in gallery],
+            "Identity-Only": [g.identity for g in gallery],
+            "Clothes-Conflict": [f"{g.identity} {gallery[j].clothing}" for g, j in zip(gallery, partner)]}
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole evaluation
+
+def _examples(ranker: TwoStage, rows, texts, query_pids, gallery, count: int, seed: int) -> dict:
+    """`count` seeded queries with their top-10 paths and whether each is of the query's identity."""
+    pick = sorted(torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed))[:count].tolist())
+    out = dict(queries=[], paths=[], correct=[])
+    for q in pick:
+        top = rows(q, q + 1)[0].topk(min(10, len(gallery))).indices.tolist()
+        out["queries"].append(texts[q])
+        out["paths"].append([gallery[g].image_path for g in top])
+        out["correct"].append([gallery[g].pid == query_pids[q] for g in top])
+    return out
+
+
+@torch.no_grad()
+def evaluate_model(model: T2IReID, data, tokenizer, image_size, max_len: int, device, batch_size=64,
+                   rerank_k=None, robustness=True, progress=True, seed=0) -> dict:
+    """Stage 1 and stage 2 on the original captions of `data` (a data.ReIDData), the robustness
+    settings, the gate statistics, and example ranked lists; every value fits in JSON.
+
+    rerank_k: K for stage 2 (default model.cfg.rerank_k); 0, or a model without fusion: stage 1 only.
+    The model must be on `device`; its train/eval mode is restored on return.
+    """
+    was_training = model.training
+    model.eval()
+    k = model.cfg.rerank_k if rerank_k is None else rerank_k
+    k = k if model.fusion is not None else 0
+    gallery = embed_gallery(model, [g.image_path for g in data.gallery], image_size, device, batch_size, progress)
+    gallery_pids = torch.tensor([g.pid for g in data.gallery])
+
+    def both_stages(texts, pids, fusion_gate=None):
+        emb, feats = embed_texts(model, tokenizer, texts, max_len, device, batch_size, progress)
+        ranker = TwoStage(model, emb, feats, gallery["emb"], gallery["tokens"], k)
+        stage1 = retrieval_metrics(ranker.stage1, pids, gallery_pids)
+        if not k:
+            return ranker, stage1, None
+        hook = _record_fusion_gate(model, fusion_gate) if fusion_gate is not None else None
+        stage2 = retrieval_metrics(ranker.stage2, pids, gallery_pids, chunk_size=batch_size)
+        if hook is not None:
+            hook.remove()
+        return ranker, stage1, stage2
+
+    texts, pids = [q.caption for q in data.queries], [q.pid for q in data.queries]
+    fusion_gate = []
+    ranker, stage1, stage2 = both_stages(texts, pids, fusion_gate)
+    result = dict(dataset=data.name, num_queries=len(texts), num_gallery=len(data.gallery), rerank_k=k,
+                  stage1=stage1, stage2=stage2, robustness=None, notes=[],
+                  gates=dict(bdam=gate_summary(gallery["gate"]),
+                             fusion=gate_summary(torch.cat(fusion_gate) if fusion_gate else None)))
+    rows = ranker.stage2 if k else ranker.stage1
+    result["examples"] = _examples(ranker, rows, texts, pids, data.gallery, 6, seed)
+    settings = robustness_queries(data.gallery, seed) if robustness else None
+    if robustness and settings is None:
+        result["notes"].append("robustness settings skipped: the test images have no generated "
+                               "descriptions (run describe.py to write descriptions.jsonl)")
+    if settings is not None:
+        gallery_pid_list = gallery_pids.tolist()
+        result["robustness"] = {}
+        for name, setting_texts in settings.items():
+            _, s1, s2 = both_stages(setting_texts, gallery_pid_list)
+            result["robustness"][name] = dict(stage1=s1, stage2=s2)
+    model.train(was_training)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures: a ranked list and the gate histograms of Fig. 5
+
+THUMB = (128, 64)  # (H, W) of each image in the ranked list
+FRAME, GAP, TEXT_WIDTH = 4, 6, 260  # pixels: frame around each image, space between, text column
+FRAME_COLOURS = {True: (30, 160, 60), False: (210, 40, 40), None: (150, 150, 150)}
+
+
+def ranked_list_picture(queries: list, ranked: list, correct: list | None, path, top: int = 10) -> Path:
+    """One row per query: its wrapped text, then its top images framed green (the query's
+    identity), red (another identity) or grey (`correct` is None: unknown)."""
+    h, w = THUMB
+    cell_w, cell_h = w + 2 * FRAME + GAP, h + 2 * FRAME + GAP
+    canvas = Image.new("RGB", (TEXT_WIDTH + top * cell_w, len(queries) * cell_h), "white")
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default(size=12)
+    lines_fit = (h + 2 * FRAME) // 15
+    for row, (text, paths) in enumerate(zip(queries, ranked)):
+        y = row * cell_h + GAP // 2
+        lines = textwrap.wrap(text, width=38)
+        if len(lines) > lines_fit:
+            lines = lines[:lines_fit - 1] + [lines[lines_fit - 1] + " ..."]
+        draw.multiline_text((GAP, y), "\n".join(lines), fill="black", font=font, spacing=3)
+        for col, image_path in enumerate(paths[:top]):
+            x = TEXT_WIDTH + col * cell_w
+            flag = None if correct is None else bool(correct[row][col])
+            draw.rectangle([x, y, x + w + 2 * FRAME - 1, y + h + 2 * FRAME - 1], fill=FRAME_COLOURS[flag])
+            canvas.paste(load_image(image_path).resize((w, h), Image.Resampling.BILINEAR), (x + FRAME, y + FRAME))
+    canvas.save(path)
+    return Path(path)
+
+
+def gate_histograms(gates: dict, path, size=(9.0, 3.2), dpi: int = 100) -> Path:
+    """Fig. 5: the BDAM gate g (identity share of each gallery image) and the fusion gate W_img
+    (image share of each re-ranking pair), from evaluate_model's gate summaries."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=size, dpi=dpi)
+    panels = [("bdam", "BDAM gate g (identity share, per image)", "tab:blue"),
+              ("fusion", "fusion gate W_img (image share, per pair)", "tab:orange")]
+    for ax, (key, title, colour) in zip(axes, panels):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlim(0, 1)
+        summary = gates.get(key)
+        if summary is None:
+            ax.text(0.5, 0.5, "not in this model", ha="center", va="center", transform=ax.transAxes)
+            continue
+        edges = torch.linspace(0, 1, len(summary["hist"]) + 1)
+        ax.bar(edges[:-1].tolist(), summary["hist"], width=float(edges[1]), align="edge", color=colour)
+        ax.axvline(summary["mean"], color="black", linestyle="--", linewidth=1)
+        ax.set_xlabel(f"mean {summary['mean']:.3f} +- {summary['std']:.3f} (n = {summary['count']})")
+        ax.set_ylabel("count")
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs written by train.py
+
+class RunError(Exception):
+    """A run folder or checkpoint that cannot be used; the message says what to do."""
+
+
+@dataclass
+class Run:
+    folder: Path
+    train: dict  # config.json's "train" section
+    model_cfg: ModelConfig
+    model: T2IReID  # weights from best.pt, else last.pt, on the CPU
+    checkpoint: Path
+
+
+def load_run(run=None, runs_dir="runs") -> Run:
+    """The run folder `run` (default: runs/latest, else the newest folder under runs/)."""
+    hint = "Train a model first: python train.py"
+    if run is None:
+        folders = sorted((p for p in Path(runs_dir).glob("*") if (p / "config.json").is_file()),
+                         key=lambda p: p.stat().st_mtime)
+        latest = Path(runs_dir) / "latest"
+        if not folders:
+            raise RunError(f"no runs under {Path(runs_dir).resolve()}. {hint}")
+        run = latest.resolve() if (latest / "config.json").is_file() else folders[-1]
+    folder = Path(run)
+    if not (folder / "config.json").is_file():
+        raise RunError(f"{folder} is not a run folder (it has no config.json). {hint}, or pass --run runs/NAME")
+    config = json.loads((folder / "config.json").read_text())
+    try:
+        model_cfg = ModelConfig(**config["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise RunError(f"{folder / 'config.json'}: bad 'model' section ({e}); was it written by train.py?") from None
+    checkpoint = next((folder / n for n in ("best.pt", "last.pt") if (folder / n).is_file()), None)
+    if checkpoint is None:
+        raise RunError(f"{folder} has no best.pt or last.pt: training stopped before its first checkpoint. {hint}")
+    model = T2IReID(model_cfg)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    return Run(folder, config.get("train", {}), model_cfg, model.eval(), checkpoint)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+COLUMNS = ("R1", "R5", "R10", "mAP", "mINP")
+
+
+def table(title: str, rows: list) -> str:
+    """rows of (label, metrics dict or None) -> an aligned text table."""
+    width = max(len(label) for label, _ in rows) + 2
+    lines = [title, " " * width + "".join(f"{c:>8s}" for c in COLUMNS)]
+    for label, m in rows:
+        if m is not None:
+            lines.append(f"{label:{width}s}" + "".join(f"{m[c]:8.2f}" for c in COLUMNS))
+    return "\n".join(lines)
+
+
+def report(result: dict) -> str:
+    """The printed summary of evaluate_model's result."""
+    k = result["rerank_k"]
+    out = [table(f"{result['dataset']}: {result['num_queries']} queries, {result['num_gallery']} images",
+                 [("stage 1 (dual encoder)", result["stage1"]), (f"stage 2 (fusion, top {k})", result["stage2"])])]
+    if result["robustness"]:
+        rows = [(f"{name:17s} stage {s}", r[f"stage{s}"]) for name, r in result["robustness"].items() for s in (1, 2)]
+        out.append(table("robustness (Table V): queries from the generated descriptions", rows))
+    for key, name in (("bdam", "BDAM gate g"), ("fusion", "fusion gate W_img")):
+        g = result["gates"][key]
+        if g is not None:
+            out.append(f"{name:18s} mean {g['mean']:.3f} +- {g['std']:.3f} over {g['count']} values (Fig. 5)")
+    return "\n\n".join(out + [f"note: {n}" for n in result["notes"]])
+
+
+def search(run: Run, query: str, folder, device, rerank_k, progress=True) -> Path:
+    """Rank the .png/.jpg images under `folder` for `query`; writes search.png in the run folder."""
+    folder = Path(folder)
+    paths = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if not paths:
+        raise DatasetError(f"--gallery {folder}: {'no .png or .jpg images under it' if folder.is_dir() else 'no such folder'}")
+    model, cfg = run.model.to(device).eval(), run.model_cfg
+    tokenizer = load_tokenizer(cfg.text_model or None)
+    with torch.no_grad():
+        gallery = embed_gallery(model, paths, cfg.image_size, device, progress=progress)
+        emb, feats = embed_texts(model, tokenizer, [query], run.train.get("max_len", cfg.max_text_len), device)
+        k = cfg.rerank_k if rerank_k is None else rerank_k
+        ranker = TwoStage(model, emb, feats, gallery["emb"], gallery["tokens"], k)
+        scores = (ranker.stage2 if k and gallery["tokens"] is not None else ranker.stage1)(0, 1)[0]  # (G,)
+    top = scores.topk(min(10, len(paths))).indices.tolist()
+    for rank, g in enumerate(top, 1):
+        print(f"{rank:3d}  {paths[g]}")
+    return ranked_list_picture([query], [[paths[g] for g in top]], None, run.folder / "search.png")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", help="run folder (default: runs/latest)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--rerank-k", type=int, help="K for stage 2 (default: the model's rerank_k; 0: stage 1 only)")
+    parser.add_argument("--limit-queries", type=int, help="evaluate only the first N captions (quick check)")
+    parser.add_argument("--query", help="a description to search --gallery with")
+    parser.add_argument("--gallery", help="a folder of your own images (.png/.jpg, searched recursively)")
+    args = parser.parse_args(argv)
+    if bool(args.query) != bool(args.gallery):
+        parser.error("--query and --gallery go together")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    try:
+        run = load_run(args.run)
+        print(f"run {run.folder} ({run.checkpoint.name}), device {device}")
+        if args.query:
+            print(f"wrote {search(run, args.query, args.gallery, device, args.rerank_k)}")
+            return 0
+        evaluate_run(run, device, args.rerank_k, args.limit_queries)
+    except (DatasetError, RunError, EncoderLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def evaluate_run(run: Run, device, rerank_k=None, limit_queries=None) -> dict:
+    """evaluate_model on the run's test split; prints the tables, writes metrics.json and pictures."""
+    train, cfg = run.train, run.model_cfg
+    dataset = load_dataset(train.get("data", "synth"), train.get("root", "data"))
+    if limit_queries:
+        dataset = dataclasses.replace(dataset, queries=dataset.queries[:limit_queries])
+    result = evaluate_model(run.model.to(device), dataset, load_tokenizer(cfg.text_model or None), cfg.image_size,
+                            train.get("max_len", cfg.max_text_len), device, train.get("batch_size_eval", 64),
+                            rerank_k, seed=train.get("seed", 0))
+    print(report(result))
+    (run.folder / "metrics.json").write_text(json.dumps(result, indent=1))
+    ex = result["examples"]
+    pictures = [ranked_list_picture(ex["queries"], ex["paths"], ex["correct"], run.folder / "ranked_list.png"),
+                gate_histograms(result["gates"], run.folder / "gates.png")]
+    for path in [run.folder / "metrics.json", *pictures]:
+        print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

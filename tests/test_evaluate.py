@@ -61,3 +61,186 @@ def test_matches_naive_loop_in_any_chunking(chunk_size):
 def test_query_without_positive_is_an_error():
     with pytest.raises(ValueError, match="no positive"):
         retrieval_metrics(torch.randn(2, 3), [0, 9], [0, 1, 2])
+
+
+# ----------------------------------------------------------------------------------------------
+# Two-stage retrieval, robustness settings, pictures, runs
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+import data  # noqa: E402
+import mamba_triton  # noqa: E402
+from evaluate import (FRAME, FRAME_COLOURS, GAP, TEXT_WIDTH, THUMB, RunError, TwoStage,  # noqa: E402
+                      derangement, embed_gallery, embed_texts, evaluate_model, gate_histograms,
+                      load_run, main, ranked_list_picture, rerank, robustness_queries)
+from model import ModelConfig, T2IReID  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def scan_reference(monkeypatch):
+    """The PyTorch selective scan: the Triton kernels in the interpreter would take minutes."""
+    monkeypatch.setattr(mamba_triton, "_INTERPRET", False)
+
+
+def tiny_cfg(**overrides) -> ModelConfig:
+    """A one-layer everything on 64 x 32 images (P = 8), random BERT on the real vocabulary."""
+    shape = dict(image_size=(64, 32), vision_layers=1, vision_width=32, vision_heads=2, text_model="",
+                 text_layers=1, text_width=32, text_heads=2, bdam_width=32, bdam_heads=2, bdam_depth=1,
+                 fusion_width=16, fusion_layers=1, embed_dim=16, dropout=0.0, rerank_k=5)
+    return ModelConfig.small(**{**shape, **overrides})
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return T2IReID(tiny_cfg()).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return data.load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def test_split(tiny_synth):
+    """The tiny SynthPEDES test split, with the generator's identity and clothing descriptions."""
+    ann = data.read_annotations("synth", tiny_synth)
+    texts = {str((ann.image_dir / r["file_path"]).resolve()): r for r in ann.records}
+    dataset = data.load_dataset("synth", tiny_synth)
+    gallery = [dataclasses.replace(g, identity=texts[g.image_path]["identity_text"],
+                                   clothing=texts[g.image_path]["clothing_text"]) for g in dataset.gallery]
+    return dataclasses.replace(dataset, gallery=gallery)
+
+
+def test_rerank_matches_a_naive_merge():
+    g = torch.Generator().manual_seed(1)
+    stage1 = torch.rand(6, 15, generator=g) * 2 - 1
+    k = 4
+    candidates = stage1.topk(k, dim=1).indices
+    fusion = torch.rand(6, k, generator=g) * 2 - 1
+    merged = rerank(stage1, candidates, fusion).argsort(dim=1, descending=True)
+    for q in range(6):
+        by_fusion = [int(candidates[q, i]) for i in fusion[q].argsort(descending=True)]
+        rest = [int(i) for i in stage1[q].argsort(descending=True) if int(i) not in by_fusion]
+        assert merged[q].tolist() == by_fusion + rest
+
+
+@pytest.mark.parametrize("pids", [[0, 0, 1, 1, 2, 2, 2], [5, 5, 5, 5, 5, 6], [3, 4], list(range(9))])
+def test_derangement_has_no_fixed_point_is_seeded_and_avoids_the_same_identity(pids):
+    partner = derangement(pids, seed=3)
+    assert sorted(partner) == list(range(len(pids)))  # a permutation
+    assert all(partner[i] != i for i in range(len(pids)))
+    assert derangement(pids, seed=3) == partner
+    if max(pids.count(p) for p in pids) <= len(pids) / 2:
+        assert all(pids[partner[i]] != pids[i] for i in range(len(pids)))
+    if len(pids) > 3:
+        assert any(derangement(pids, seed=s) != partner for s in range(4, 10))
+    with pytest.raises(ValueError):
+        derangement([1], seed=0)
+
+
+def test_robustness_queries_are_built_from_the_descriptions():
+    gallery = [data.GalleryImage(f"{i}.png", pid, f"id{i}", f"clo{i}") for i, pid in enumerate([7, 7, 8, 9])]
+    settings = robustness_queries(gallery, seed=0)
+    partner = derangement([7, 7, 8, 9], seed=0)
+    assert settings["Standard"] == ["id0 clo0", "id1 clo1", "id2 clo2", "id3 clo3"]
+    assert settings["Identity-Only"] == ["id0", "id1", "id2", "id3"]
+    assert settings["Clothes-Conflict"] == [f"id{i} clo{partner[i]}" for i in range(4)]
+    gallery[2] = dataclasses.replace(gallery[2], clothing=None)
+    assert robustness_queries(gallery, seed=0) is None
+
+
+def test_gallery_cache_and_stage2_order_match_the_model_scoring_each_pair(tiny_model, tokenizer, test_split):
+    model, paths = tiny_model, [g.image_path for g in test_split.gallery]
+    images = torch.stack([data.eval_transform((64, 32))(data.load_image(p)) for p in paths])
+    gallery = embed_gallery(model, paths, (64, 32), "cpu", batch_size=7, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(gallery["emb"], model.encode_images(images), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gallery["tokens"].float(), model.fusion_tokens(images), atol=1e-2, rtol=1e-2)
+        captions = [q.caption for q in test_split.queries[:5]]
+        emb, feats = embed_texts(model, tokenizer, captions, 48, "cpu", batch_size=2, progress=False)
+        ranker = TwoStage(model, emb, feats, gallery["emb"], gallery["tokens"], k=6)
+        order1 = ranker.stage1(0, 5).argsort(dim=1, descending=True)
+        order2 = ranker.stage2(0, 5).argsort(dim=1, descending=True)
+        for q, caption in enumerate(captions):
+            assert order2[q, 6:].tolist() == order1[q, 6:].tolist()  # below K: stage-1 order
+            assert sorted(order2[q, :6].tolist()) == sorted(order1[q, :6].tolist())
+            tokens = data.tokenize(tokenizer, [caption] * 6, 48)
+            naive = model.fusion_score(images[order2[q, :6]], **tokens)  # re-scored from the images
+            assert (naive[1:] <= naive[:-1] + 1e-3).all(), naive  # stage 2 follows the fusion scores
+
+
+def test_evaluate_model_two_stages_robustness_and_gates(tiny_model, tokenizer, test_split):
+    args = (tiny_model, test_split, tokenizer, (64, 32), 48, "cpu")
+    out = evaluate_model(*args, batch_size=16, progress=False)
+    json.dumps(out)  # everything fits in metrics.json
+    assert out["rerank_k"] == 5 and out["num_gallery"] == len(test_split.gallery) == 32
+    tables = [out["stage1"], out["stage2"]] + [r[s] for r in out["robustness"].values() for s in ("stage1", "stage2")]
+    assert list(out["robustness"]) == ["Standard", "Identity-Only", "Clothes-Conflict"]
+    for m in tables:
+        assert all(0.0 <= m[c] <= 100.0 for c in ("R1", "R5", "R10", "mAP", "mINP"))
+        assert m["mINP"] <= m["mAP"] + 1e-6 and m["R1"] <= m["R5"] <= m["R10"]
+    # re-ranking the top 5 keeps the top-5 and top-10 sets, so R5 and R10 cannot change
+    for key in ("R5", "R10"):
+        assert out["stage2"][key] == pytest.approx(out["stage1"][key])
+    assert out["gates"]["bdam"]["count"] == 32 and 0 < out["gates"]["bdam"]["mean"] < 1
+    assert out["gates"]["fusion"]["count"] == 5 * len(test_split.queries)  # original captions only
+    assert sum(out["gates"]["fusion"]["hist"]) == out["gates"]["fusion"]["count"]
+    ex = out["examples"]
+    assert len(ex["queries"]) == 6 and all(len(p) == 10 for p in ex["paths"])
+    pid_of = {g.image_path: g.pid for g in test_split.gallery}
+    query_pid = {q.caption: q.pid for q in test_split.queries}
+    assert ex["correct"][0] == [pid_of[p] == query_pid[ex["queries"][0]] for p in ex["paths"][0]]
+    one = evaluate_model(*args, rerank_k=1, robustness=False, progress=False)
+    assert one["stage2"] == pytest.approx(one["stage1"]) and one["robustness"] is None  # K = 1: no change
+    assert one["stage1"] == pytest.approx(out["stage1"])
+    assert evaluate_model(*args, rerank_k=0, robustness=False, progress=False)["stage2"] is None
+    bare = dataclasses.replace(test_split, gallery=[dataclasses.replace(g, identity=None) for g in test_split.gallery])
+    skipped = evaluate_model(tiny_model, bare, *args[2:], rerank_k=0, progress=False)
+    assert skipped["robustness"] is None and "describe.py" in skipped["notes"][0]
+
+
+def test_ranked_list_picture_frames_and_size(tmp_path, tiny_synth, test_split):
+    paths = [g.image_path for g in test_split.gallery[:10]]
+    correct = [[i % 2 == 0 for i in range(10)], [False] * 10]
+    out = ranked_list_picture(["a tall man with short grey hair " * 8, "a woman"], [paths, paths], correct,
+                              tmp_path / "ranked.png")
+    image = Image.open(out).convert("RGB")
+    h, w = THUMB
+    cell_w, cell_h = w + 2 * FRAME + GAP, h + 2 * FRAME + GAP
+    assert image.size == (TEXT_WIDTH + 10 * cell_w, 2 * cell_h)
+    y = GAP // 2 + 1  # inside the top edge of the first row's frames
+    assert image.getpixel((TEXT_WIDTH + 1, y)) == FRAME_COLOURS[True]
+    assert image.getpixel((TEXT_WIDTH + cell_w + 1, y)) == FRAME_COLOURS[False]
+    unknown = Image.open(ranked_list_picture(["x"], [paths[:3]], None, tmp_path / "u.png")).convert("RGB")
+    assert unknown.getpixel((TEXT_WIDTH + 1, y)) == FRAME_COLOURS[None]
+
+
+def test_gate_histograms_size(tmp_path):
+    gates = {"bdam": {"mean": 0.6, "std": 0.1, "count": 3, "hist": [0] * 20 + [3] + [0] * 19}, "fusion": None}
+    image = Image.open(gate_histograms(gates, tmp_path / "gates.png", size=(6.0, 2.0), dpi=50))
+    assert image.size == (300, 100)
+
+
+def test_load_run_errors_and_round_trip(tmp_path, tiny_model, capsys):
+    with pytest.raises(RunError, match="python train.py"):
+        load_run(runs_dir=tmp_path / "runs")
+    folder = tmp_path / "runs" / "r1"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"train": {"data": "synth"},
+                                                    "model": dataclasses.asdict(tiny_model.cfg)}))
+    with pytest.raises(RunError, match="no best.pt or last.pt"):
+        load_run(folder)
+    torch.save({"model": tiny_model.state_dict(), "step": 3}, folder / "last.pt")
+    run = load_run(runs_dir=tmp_path / "runs")
+    assert run.checkpoint.name == "last.pt" and run.train == {"data": "synth"}
+    for (name, a), b in zip(tiny_model.state_dict().items(), run.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert main(["--run", str(tmp_path / "nowhere")]) == 2
+    assert "python train.py" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["--run", str(folder), "--query", "a man", "--gallery", str(tmp_path / "empty")]) == 2
+    assert "no .png or .jpg" in capsys.readouterr().err
