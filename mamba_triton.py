@@ -504,10 +504,10 @@ def _scan_bytes(b, d, l, n, elem, backward):
 def _bench_scan(do_bench, copy_gbs):
     """Forward and forward+backward of the Triton scan against the reference (up to L = 1024)."""
     b, d, n = 64, 512, 16
-    print(f"\nselective scan, batch {b}, channels {d}, N {n}, every optional input; median ms "
-          f"(triton.testing.do_bench); '% copy' = floor traffic / time / copy bandwidth; "
-          f"reference timed up to L = 1024 only (its Python loop over L)")
-    print(f"{'L':>6s} {'dtype':>6s} | {'fwd':>8s} {'% copy':>7s} {'ref fwd':>8s} {'speedup':>8s} | "
+    print(f"\nselective scan, batch {b}, channels {d}, N {n}, every optional input; median ms of "
+          f"triton.testing.do_bench.\n'% copy': least traffic / time, as a share of the copy "
+          f"bandwidth. The reference (a Python loop over L) is timed up to L = 1024 only.")
+    print(f"{'L':>6s} {'dtype':>8s} | {'fwd':>8s} {'% copy':>7s} {'ref fwd':>8s} {'speedup':>8s} | "
           f"{'fwd+bwd':>8s} {'% copy':>7s} {'ref f+b':>8s} {'speedup':>8s}")
     for l in (197, 1024, 4096, 16384):
         for dtype in (torch.float32, torch.bfloat16):
@@ -517,7 +517,7 @@ def _bench_scan(do_bench, copy_gbs):
             row = []
             for fn in (selective_scan, selective_scan_ref):
                 if fn is selective_scan_ref and l > 1024:
-                    row += [float("nan")] * 2
+                    row += [None, None]
                     continue
                 with torch.no_grad():
                     fwd = do_bench(lambda: fn(*leaves, True), return_mode="median")
@@ -528,9 +528,11 @@ def _bench_scan(do_bench, copy_gbs):
             floor = [_scan_bytes(b, d, l, n, elem, False) / copy_gbs / 1e6,
                      (_scan_bytes(b, d, l, n, elem, False) + _scan_bytes(b, d, l, n, elem, True))
                      / copy_gbs / 1e6]
-            print(f"{l:6d} {str(dtype)[6:]:>6s} | {row[0]:8.3f} {100 * floor[0] / row[0]:6.0f}% "
-                  f"{row[2]:8.2f} {row[2] / row[0]:7.0f}x | {row[1]:8.3f} "
-                  f"{100 * floor[1] / row[1]:6.0f}% {row[3]:8.2f} {row[3] / row[1]:7.0f}x")
+            cells = []
+            for mine, floor_ms, ref in ((row[0], floor[0], row[2]), (row[1], floor[1], row[3])):
+                cells.append(f"{mine:8.3f} {100 * floor_ms / mine:6.0f}% " + (
+                    f"{ref:8.2f} {ref / mine:7.0f}x" if ref is not None else f"{'-':>8s} {'-':>8s}"))
+            print(f"{l:6d} {str(dtype)[6:]:>8s} | " + " | ".join(cells))
             del x, leaves, dout
 
 
@@ -540,8 +542,8 @@ def _bench_blocks(do_bench, batch=8):
     attention = nn.TransformerEncoderLayer(256, nhead=8, dim_feedforward=1024, dropout=0.0,
                                            batch_first=True).cuda()
     print(f"\nMamba block ({sum(p.numel() for p in mamba.parameters()):,} params) vs "
-          f"TransformerEncoderLayer ({sum(p.numel() for p in attention.parameters()):,} params), "
-          f"d_model 256, batch {batch}, bf16 autocast; median ms, forward / forward+backward")
+          f"TransformerEncoderLayer ({sum(p.numel() for p in attention.parameters()):,} params),"
+          f"\nd_model 256, batch {batch}, bf16 autocast; median ms of forward, forward+backward")
     print(f"{'L':>6s} {'mamba fwd':>10s} {'attn fwd':>10s} {'mamba f+b':>10s} {'attn f+b':>10s}")
     for l in (197, 1024, 4096, 16384):
         x = torch.randn(batch, l, 256, device="cuda", requires_grad=True)
