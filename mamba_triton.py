@@ -125,6 +125,8 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 BLOCK_D = 32      # channels per program = threads of one warp (64 x 512 channels: 1,024 programs)
 NUM_WARPS = 1     # one config everywhere: the interpreter cannot autotune
 CHUNK = 32        # steps between checkpoints: in fp32 they cost N / CHUNK = half of u's size
+NUM_STAGES = tl.constexpr(3)  # tl.range pipelines the per-step loads: those of step t + 2 are
+#                               in flight while step t computes (1 turns this off)
 
 
 @triton.jit
@@ -186,7 +188,8 @@ def _scan_fwd_kernel(
     ckpt = ckpt_ptr + pid_b * n_chunks * d_state * n_channels + nd
     h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)               # h_{-1} = 0
     for c in range(n_chunks):
-        for t in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, seq_len)):
+        t1 = tl.minimum(c * CHUNK + CHUNK, seq_len)
+        for t in tl.range(c * CHUNK, t1, num_stages=NUM_STAGES):
             u, dt_raw, dt, B, C = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, bias, row, col, t,
                                              s_l, sB_l, mask_d, mask_n, HAS_BIAS, SOFTPLUS)
             h = tl.exp(dt[None, :] * A) * h + B[:, None] * (dt * u)[None, :]  # h_t
@@ -223,7 +226,7 @@ def _recompute_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, bias, A, h, scratch, row, c
                      sB_l, mask_d, mask_n, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Run the recurrence from h over steps t0..t1-1, storing each step's h_{t-1} to scratch."""
-    for t in range(t0, t1):
+    for t in tl.range(t0, t1, num_stages=NUM_STAGES):
         tl.store(scratch + (t - t0) * BLOCK_N * BLOCK_D, h)          # h_{t-1}, (BLOCK_N, BLOCK_D)
         u, dt_raw, dt, B, C = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, bias, row, col, t, s_l,
                                          sB_l, mask_d, mask_n, HAS_BIAS, SOFTPLUS)
@@ -272,7 +275,7 @@ def _scan_bwd_kernel(
         _recompute_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, bias, A, h, scratch, row, col, t0, t1,
                          s_l, sB_l, mask_d, mask_n, HAS_BIAS, SOFTPLUS, BLOCK_D, BLOCK_N)
         tl.debug_barrier()                   # scratch written by all threads before anyone reads
-        for i in range(t1 - t0):
+        for i in tl.range(0, t1 - t0, num_stages=NUM_STAGES):
             t = t1 - 1 - i
             h_prev = tl.load(scratch + (t - t0) * BLOCK_N * BLOCK_D)  # (BLOCK_N, BLOCK_D) h_{t-1}
             u, dt_raw, dt, B, C = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, bias, row, col, t,
