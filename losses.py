@@ -177,8 +177,8 @@ class GradNorm(nn.Module):
         G_k   = || grad_W (w_k L_k) ||_2 = w_k || grad_W L_k ||_2     W: one shared parameter
         r_k   = L~_k / mean_j L~_j,   L~_k = L_k(t) / L_k(0)           relative inverse rate
         L_grad = sum_k | G_k - [ mean_j G_j * r_k^alpha ] |            bracket detached
-    alpha = 1.5 is Chen et al.'s asymmetry exponent; the paper's Eq. 5 drops it (alpha = 1 would
-    be the same loss without it). Eq. 6 (the network's loss):
+    alpha = 1.5 is Chen et al.'s asymmetry exponent; the paper's Eq. 5 drops it (which reads as
+    alpha = 1). Eq. 6 (the network's loss):
         L_total = sum_k w_k L_k + lambda sum_k (log w_k)^2
     The w_k in the first term are detached: its gradient on s_k (= w_k L_k > 0) would only shrink
     every weight towards 0. So s_k learns from L_grad and from the regulariser lambda * s_k^2,
@@ -187,11 +187,14 @@ class GradNorm(nn.Module):
     keeps every weight in [w_min / K, K]: never 0, never infinite.
 
     Use (train.py):
+        gradnorm = GradNorm(cfg.loss_names(), cfg.gradnorm_alpha, cfg.weight_reg if cfg.use_weight_reg else 0)
+        weight_optimizer = torch.optim.Adam(gradnorm.parameters(), lr=...)
         stats = gradnorm.backward(losses, model.shared_parameter())  # fills .grad of both
         optimizer.step(); weight_optimizer.step(); gradnorm.renormalise_()
     """
 
-    def __init__(self, tasks: Sequence[str], alpha: float = 1.5, reg_lambda: float = 0.0, w_min: float = 1e-3):
+    def __init__(self, tasks: Sequence[str], alpha: float = 1.5, reg_lambda: float = 0.0,
+                 w_min: float = 1e-3):
         super().__init__()
         self.tasks = tuple(tasks)
         self.alpha, self.reg_lambda, self.w_min = alpha, reg_lambda, w_min
@@ -210,38 +213,52 @@ class GradNorm(nn.Module):
 
     def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         """Eq. 6: sum_k w_k L_k (w detached) + lambda * sum_k (log w_k)^2."""
-        stacked = self._stack(losses)  # (K,)
-        weighted = (self.weights().detach() * stacked).sum()
+        weighted = (self.weights().detach() * self._stack(losses)).sum()
         return weighted + self.reg_lambda * self.log_weights.pow(2).sum()
 
-    def gradnorm_loss(self, losses: dict[str, torch.Tensor], shared: torch.Tensor):
-        """Eq. 5. Returns (L_grad, stats); L_grad depends on the s_k only.
-
-        One `torch.autograd.grad(L_k, W, retain_graph=True)` per task: no double backward,
-        because G_k = w_k * ||grad_W L_k|| is linear in w_k for a fixed network.
-        """
-        stacked = self._stack(losses)  # (K,)
-        norms = []
-        for loss in stacked:
-            (grad,) = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
-            norms.append(torch.zeros((), device=shared.device) if grad is None else grad.detach().norm())
-        grad_norms = torch.stack(norms).to(stacked.dtype)  # (K,) ||grad_W L_k||
-        detached = stacked.detach()
+    def gradnorm_loss(self, losses: dict[str, torch.Tensor], grad_norms: torch.Tensor):
+        """Eq. 5 from the norms ||grad_W L_k|| (K,). Returns (L_grad, stats); L_grad depends on
+        the s_k only (G_k = w_k ||grad_W L_k|| is linear in w_k for a fixed network)."""
+        current = self._stack(losses).detach()  # (K,)
         if torch.isnan(self.initial_losses).any():
-            self.initial_losses.copy_(detached.clamp_min(1e-12))
-        g = self.weights() * grad_norms  # (K,) G_k, a function of s_k
-        ratio = detached / self.initial_losses  # L~_k
-        rate = ratio / ratio.mean()  # r_k
-        target = (g.mean() * rate.pow(self.alpha)).detach()
+            self.initial_losses.copy_(current.clamp_min(1e-12))
+        g = self.weights() * grad_norms.detach().to(current.dtype)  # (K,) G_k
+        ratio = current / self.initial_losses  # L~_k
+        target = (g.mean() * (ratio / ratio.mean()).pow(self.alpha)).detach()
         stats = {"grad_norms": g.detach(), "targets": target, "weights": self.weights().detach()}
         return (g - target).abs().sum(), stats
 
+    def task_grad_norms(self, losses: dict[str, torch.Tensor], shared: torch.Tensor) -> torch.Tensor:
+        """||grad_W L_k|| for each task, one `torch.autograd.grad(retain_graph=True)` each: (K,)."""
+        norms = []
+        for loss in self._stack(losses):
+            (grad,) = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
+            norms.append(torch.zeros((), device=shared.device) if grad is None else grad.norm())
+        return torch.stack(norms)
+
     def backward(self, losses: dict[str, torch.Tensor], shared: torch.Tensor) -> dict:
-        """Fill .grad: network from Eq. 6, s_k from Eq. 5 + the regulariser. Returns stats."""
-        l_grad, stats = self.gradnorm_loss(losses, shared)
-        (grad_s,) = torch.autograd.grad(l_grad, self.log_weights)  # only s_k sees L_grad
+        """Fill .grad: the network's from Eq. 6, s_k's from Eq. 5 + the regulariser.
+
+        The last task's gradient on W is not computed on its own: the full backward adds
+        sum_k w_k grad_W L_k to W.grad, so grad_W L_last = (added - sum_{k<last} w_k grad_W L_k) /
+        w_last. That saves one pass through the most expensive task, which compute_losses puts
+        last (the fusion loss). The loss must not be scaled (no fp16 GradScaler; bf16 needs none).
+        """
+        stacked, w = self._stack(losses), self.weights().detach()  # (K,), (K,)
+        before = torch.zeros_like(shared) if shared.grad is None else shared.grad.detach().clone()
+        others = torch.zeros_like(shared)
+        norms = []
+        for k, loss in enumerate(stacked[:-1]):
+            (grad,) = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
+            grad = torch.zeros_like(shared) if grad is None else grad
+            others += w[k] * grad
+            norms.append(grad.norm())
         total = self.total_loss(losses)
-        total.backward()  # network, and lambda * s_k^2 on s_k
+        total.backward()  # the network, and lambda * s_k^2 on s_k
+        added = torch.zeros_like(shared) if shared.grad is None else shared.grad.detach() - before
+        norms.append(((added - others) / w[-1]).norm())
+        l_grad, stats = self.gradnorm_loss(losses, torch.stack(norms))
+        (grad_s,) = torch.autograd.grad(l_grad, self.log_weights)  # only s_k sees L_grad
         self.log_weights.grad = self.log_weights.grad + grad_s
         stats.update(total=total.detach(), gradnorm_loss=l_grad.detach())
         return stats

