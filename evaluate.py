@@ -19,7 +19,6 @@ Implements the evaluation of Sec. IV of the paper with the decisions of DESIGN s
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import random
 import sys
@@ -175,25 +174,8 @@ class TwoStage:
         return rerank(scores, candidates, fusion.float())
 
 
-def _record_fusion_gate(model: T2IReID, sink: list):
-    """A hook on the fusion module that keeps the mean W_img of every pair it scores (Fig. 5)."""
-    return model.fusion.register_forward_hook(lambda module, args, out: sink.append(out[1].float().mean(1).cpu()))
-
-
-def gate_summary(values: torch.Tensor | None, bins: int = 40) -> dict | None:
-    """mean, std, count and a histogram over [0, 1] of gate values (sigmoid / softmax outputs)."""
-    if values is None or len(values) == 0:
-        return None
-    hist = torch.histc(values.float(), bins=bins, min=0.0, max=1.0)
-    return dict(mean=values.mean().item(), std=values.std().item() if len(values) > 1 else 0.0,
-                count=len(values), hist=[int(c) for c in hist])
-
-
 # ----------------------------------------------------------------------------------------------
 # Robustness settings (Table V, DESIGN 3.6)
-
-ROBUSTNESS = ("Standard", "Identity-Only", "Clothes-Conflict")
-
 
 def derangement(pids: list, seed: int) -> list[int]:
     """A seeded permutation with no fixed point: partner[i] != i, and partner[i] has another
@@ -236,7 +218,38 @@ def robustness_queries(gallery: list, seed: int = 0) -> dict | None:
 # ----------------------------------------------------------------------------------------------
 # The whole evaluation
 
-def _examples(ranker: TwoStage, rows, texts, query_pids, gallery, count: int, seed: int) -> dict:
+def metrics_of_both_stages(ranker: TwoStage, pids, gallery_pids, batch_size=64, progress=True, gate_sink=None):
+    """(stage-1 metrics, stage-2 metrics or None when ranker.k is 0). `gate_sink`, a list, gets
+    the mean W_img of every pair the fusion module scores (Fig. 5), through a forward hook."""
+    stage1 = retrieval_metrics(ranker.stage1, pids, gallery_pids)
+    if not ranker.k:
+        return stage1, None
+    record = lambda module, args, out: gate_sink.append(out[1].float().mean(1).cpu())  # noqa: E731
+    hook = ranker.model.fusion.register_forward_hook(record) if gate_sink is not None else None
+    bar = tqdm(total=len(pids), desc="stage 2", disable=not progress, leave=False)
+
+    def rows(start, end):  # the slow part on a CPU, hence the progress bar
+        bar.update(end - start)
+        return ranker.stage2(start, end)  # (n, G)
+    try:
+        return stage1, retrieval_metrics(rows, pids, gallery_pids, chunk_size=batch_size)
+    finally:
+        bar.close()
+        if hook is not None:
+            hook.remove()
+
+
+def gate_summary(values: list, bins: int = 40) -> dict | None:
+    """mean, std, count and a histogram over [0, 1] of gate values (sigmoid / softmax outputs)."""
+    if not values:
+        return None
+    values = torch.cat(values).float()
+    hist = torch.histc(values, bins=bins, min=0.0, max=1.0)
+    return dict(mean=values.mean().item(), std=values.std().item() if len(values) > 1 else 0.0,
+                count=len(values), hist=[int(c) for c in hist])
+
+
+def _examples(rows, texts: list, query_pids: list, gallery: list, count: int, seed: int) -> dict:
     """`count` seeded queries with their top-10 paths and whether each is of the query's identity."""
     pick = sorted(torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed))[:count].tolist())
     out = dict(queries=[], paths=[], correct=[])
@@ -250,51 +263,42 @@ def _examples(ranker: TwoStage, rows, texts, query_pids, gallery, count: int, se
 
 @torch.no_grad()
 def evaluate_model(model: T2IReID, data, tokenizer, image_size, max_len: int, device, batch_size=64,
-                   rerank_k=None, robustness=True, progress=True, seed=0) -> dict:
+                   rerank_k=None, robustness=True, progress=True, seed=0, limit_queries=None) -> dict:
     """Stage 1 and stage 2 on the original captions of `data` (a data.ReIDData), the robustness
     settings, the gate statistics, and example ranked lists; every value fits in JSON.
 
     rerank_k: K for stage 2 (default model.cfg.rerank_k); 0, or a model without fusion: stage 1 only.
+    limit_queries: rank only the first N queries of each set (a quick check).
     The model must be on `device`; its train/eval mode is restored on return.
     """
-    was_training = model.training
-    model.eval()
-    k = model.cfg.rerank_k if rerank_k is None else rerank_k
+    was_training, k = model.training, model.cfg.rerank_k if rerank_k is None else rerank_k
     k = k if model.fusion is not None else 0
+    model.eval()
     gallery = embed_gallery(model, [g.image_path for g in data.gallery], image_size, device, batch_size, progress)
-    gallery_pids = torch.tensor([g.pid for g in data.gallery])
+    gallery_pids = [g.pid for g in data.gallery]
 
-    def both_stages(texts, pids, fusion_gate=None):
+    def ranker(texts: list) -> TwoStage:
         emb, feats = embed_texts(model, tokenizer, texts, max_len, device, batch_size, progress)
-        ranker = TwoStage(model, emb, feats, gallery["emb"], gallery["tokens"], k)
-        stage1 = retrieval_metrics(ranker.stage1, pids, gallery_pids)
-        if not k:
-            return ranker, stage1, None
-        hook = _record_fusion_gate(model, fusion_gate) if fusion_gate is not None else None
-        stage2 = retrieval_metrics(ranker.stage2, pids, gallery_pids, chunk_size=batch_size)
-        if hook is not None:
-            hook.remove()
-        return ranker, stage1, stage2
+        return TwoStage(model, emb, feats, gallery["emb"], gallery["tokens"], k)
 
-    texts, pids = [q.caption for q in data.queries], [q.pid for q in data.queries]
-    fusion_gate = []
-    ranker, stage1, stage2 = both_stages(texts, pids, fusion_gate)
-    result = dict(dataset=data.name, num_queries=len(texts), num_gallery=len(data.gallery), rerank_k=k,
+    queries = data.queries[:limit_queries]
+    texts, pids, fusion_gate = [q.caption for q in queries], [q.pid for q in queries], []
+    captions = ranker(texts)
+    stage1, stage2 = metrics_of_both_stages(captions, pids, gallery_pids, batch_size, progress, fusion_gate)
+    bdam_gate = [gallery["gate"]] if gallery["gate"] is not None else []
+    result = dict(dataset=data.name, num_queries=len(texts), num_gallery=len(gallery_pids), rerank_k=k,
                   stage1=stage1, stage2=stage2, robustness=None, notes=[],
-                  gates=dict(bdam=gate_summary(gallery["gate"]),
-                             fusion=gate_summary(torch.cat(fusion_gate) if fusion_gate else None)))
-    rows = ranker.stage2 if k else ranker.stage1
-    result["examples"] = _examples(ranker, rows, texts, pids, data.gallery, 6, seed)
+                  gates=dict(bdam=gate_summary(bdam_gate), fusion=gate_summary(fusion_gate)),
+                  examples=_examples(captions.stage2 if k else captions.stage1, texts, pids, data.gallery, 6, seed))
     settings = robustness_queries(data.gallery, seed) if robustness else None
     if robustness and settings is None:
         result["notes"].append("robustness settings skipped: the test images have no generated "
                                "descriptions (run describe.py to write descriptions.jsonl)")
     if settings is not None:
-        gallery_pid_list = gallery_pids.tolist()
-        result["robustness"] = {}
-        for name, setting_texts in settings.items():
-            _, s1, s2 = both_stages(setting_texts, gallery_pid_list)
-            result["robustness"][name] = dict(stage1=s1, stage2=s2)
+        result["robustness"] = {
+            name: dict(zip(("stage1", "stage2"), metrics_of_both_stages(
+                ranker(queries[:limit_queries]), gallery_pids[:limit_queries], gallery_pids, batch_size, progress)))
+            for name, queries in settings.items()}
     model.train(was_training)
     return result
 
@@ -375,29 +379,30 @@ class Run:
 
 
 def load_run(run=None, runs_dir="runs") -> Run:
-    """The run folder `run` (default: runs/latest, else the newest folder under runs/)."""
-    hint = "Train a model first: python train.py"
+    """A run folder written by train.py (default: runs/latest, else the newest run under runs/)."""
+    hint = "train a model first with `python train.py`"
     if run is None:
-        folders = sorted((p for p in Path(runs_dir).glob("*") if (p / "config.json").is_file()),
-                         key=lambda p: p.stat().st_mtime)
+        configs = sorted(Path(runs_dir).glob("*/config.json"), key=lambda p: p.stat().st_mtime)
+        if not configs:
+            raise RunError(f"no runs under {Path(runs_dir).resolve()}: {hint}.")
         latest = Path(runs_dir) / "latest"
-        if not folders:
-            raise RunError(f"no runs under {Path(runs_dir).resolve()}. {hint}")
-        run = latest.resolve() if (latest / "config.json").is_file() else folders[-1]
+        run = latest.resolve() if (latest / "config.json").is_file() else configs[-1].parent
     folder = Path(run)
     if not (folder / "config.json").is_file():
-        raise RunError(f"{folder} is not a run folder (it has no config.json). {hint}, or pass --run runs/NAME")
+        raise RunError(f"{folder} is not a run folder (no config.json): {hint}, or pass --run runs/NAME.")
+    checkpoint = next((folder / n for n in ("best.pt", "last.pt") if (folder / n).is_file()), None)
+    if checkpoint is None:
+        raise RunError(f"{folder} has no best.pt or last.pt (stopped before its first checkpoint): {hint}.")
     config = json.loads((folder / "config.json").read_text())
     try:
         model_cfg = ModelConfig(**config["model"])
     except (KeyError, TypeError, ValueError) as e:
-        raise RunError(f"{folder / 'config.json'}: bad 'model' section ({e}); was it written by train.py?") from None
-    checkpoint = next((folder / n for n in ("best.pt", "last.pt") if (folder / n).is_file()), None)
-    if checkpoint is None:
-        raise RunError(f"{folder} has no best.pt or last.pt: training stopped before its first checkpoint. {hint}")
+        raise RunError(f"{folder / 'config.json'}: bad 'model' section ({e}); rerun train.py.") from None
     model = T2IReID(model_cfg)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["model"])
+    except (KeyError, RuntimeError) as e:
+        raise RunError(f"{checkpoint} does not fit {folder / 'config.json'} ({str(e)[:200]})") from None
     return Run(folder, config.get("train", {}), model_cfg, model.eval(), checkpoint)
 
 
@@ -425,10 +430,9 @@ def report(result: dict) -> str:
     if result["robustness"]:
         rows = [(f"{name:17s} stage {s}", r[f"stage{s}"]) for name, r in result["robustness"].items() for s in (1, 2)]
         out.append(table("robustness (Table V): queries from the generated descriptions", rows))
-    for key, name in (("bdam", "BDAM gate g"), ("fusion", "fusion gate W_img")):
-        g = result["gates"][key]
-        if g is not None:
-            out.append(f"{name:18s} mean {g['mean']:.3f} +- {g['std']:.3f} over {g['count']} values (Fig. 5)")
+    gates = [(name, result["gates"][key]) for key, name in (("bdam", "BDAM gate g"), ("fusion", "fusion gate W_img"))]
+    out.append("\n".join(f"{name:18s} mean {g['mean']:.3f} +- {g['std']:.3f} over {g['count']} values (Fig. 5)"
+                         for name, g in gates if g is not None))
     return "\n\n".join(out + [f"note: {n}" for n in result["notes"]])
 
 
@@ -443,13 +447,30 @@ def search(run: Run, query: str, folder, device, rerank_k, progress=True) -> Pat
     with torch.no_grad():
         gallery = embed_gallery(model, paths, cfg.image_size, device, progress=progress)
         emb, feats = embed_texts(model, tokenizer, [query], run.train.get("max_len", cfg.max_text_len), device)
-        k = cfg.rerank_k if rerank_k is None else rerank_k
+        k = (cfg.rerank_k if rerank_k is None else rerank_k) if gallery["tokens"] is not None else 0
         ranker = TwoStage(model, emb, feats, gallery["emb"], gallery["tokens"], k)
-        scores = (ranker.stage2 if k and gallery["tokens"] is not None else ranker.stage1)(0, 1)[0]  # (G,)
+        scores = (ranker.stage2 if k else ranker.stage1)(0, 1)[0]  # (G,)
     top = scores.topk(min(10, len(paths))).indices.tolist()
     for rank, g in enumerate(top, 1):
         print(f"{rank:3d}  {paths[g]}")
     return ranked_list_picture([query], [[paths[g] for g in top]], None, run.folder / "search.png")
+
+
+def evaluate_run(run: Run, device, rerank_k=None, limit_queries=None) -> dict:
+    """evaluate_model on the run's test split; prints the tables, writes metrics.json and pictures."""
+    train, cfg = run.train, run.model_cfg
+    dataset = load_dataset(train.get("data", "synth"), train.get("root", "data"))
+    result = evaluate_model(run.model.to(device), dataset, load_tokenizer(cfg.text_model or None), cfg.image_size,
+                            train.get("max_len", cfg.max_text_len), device, train.get("batch_size_eval", 64),
+                            rerank_k, seed=train.get("seed", 0), limit_queries=limit_queries)
+    print(report(result))
+    (run.folder / "metrics.json").write_text(json.dumps(result, indent=1))
+    ex = result["examples"]
+    pictures = [ranked_list_picture(ex["queries"], ex["paths"], ex["correct"], run.folder / "ranked_list.png"),
+                gate_histograms(result["gates"], run.folder / "gates.png")]
+    for path in [run.folder / "metrics.json", *pictures]:
+        print(f"wrote {path}")
+    return result
 
 
 def main(argv=None) -> int:
@@ -476,25 +497,6 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-def evaluate_run(run: Run, device, rerank_k=None, limit_queries=None) -> dict:
-    """evaluate_model on the run's test split; prints the tables, writes metrics.json and pictures."""
-    train, cfg = run.train, run.model_cfg
-    dataset = load_dataset(train.get("data", "synth"), train.get("root", "data"))
-    if limit_queries:
-        dataset = dataclasses.replace(dataset, queries=dataset.queries[:limit_queries])
-    result = evaluate_model(run.model.to(device), dataset, load_tokenizer(cfg.text_model or None), cfg.image_size,
-                            train.get("max_len", cfg.max_text_len), device, train.get("batch_size_eval", 64),
-                            rerank_k, seed=train.get("seed", 0))
-    print(report(result))
-    (run.folder / "metrics.json").write_text(json.dumps(result, indent=1))
-    ex = result["examples"]
-    pictures = [ranked_list_picture(ex["queries"], ex["paths"], ex["correct"], run.folder / "ranked_list.png"),
-                gate_histograms(result["gates"], run.folder / "gates.png")]
-    for path in [run.folder / "metrics.json", *pictures]:
-        print(f"wrote {path}")
-    return result
 
 
 if __name__ == "__main__":

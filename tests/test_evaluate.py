@@ -68,6 +68,7 @@ def test_query_without_positive_is_an_error():
 
 import dataclasses  # noqa: E402
 import json  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 from PIL import Image  # noqa: E402
 
@@ -197,7 +198,9 @@ def test_evaluate_model_two_stages_robustness_and_gates(tiny_model, tokenizer, t
     one = evaluate_model(*args, rerank_k=1, robustness=False, progress=False)
     assert one["stage2"] == pytest.approx(one["stage1"]) and one["robustness"] is None  # K = 1: no change
     assert one["stage1"] == pytest.approx(out["stage1"])
-    assert evaluate_model(*args, rerank_k=0, robustness=False, progress=False)["stage2"] is None
+    quick = evaluate_model(*args, rerank_k=0, progress=False, limit_queries=7)
+    assert quick["stage2"] is None and quick["num_queries"] == 7 and quick["gates"]["fusion"] is None
+    assert all(r["stage2"] is None for r in quick["robustness"].values())
     bare = dataclasses.replace(test_split, gallery=[dataclasses.replace(g, identity=None) for g in test_split.gallery])
     skipped = evaluate_model(tiny_model, bare, *args[2:], rerank_k=0, progress=False)
     assert skipped["robustness"] is None and "describe.py" in skipped["notes"][0]
@@ -244,3 +247,23 @@ def test_load_run_errors_and_round_trip(tmp_path, tiny_model, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["--run", str(folder), "--query", "a man", "--gallery", str(tmp_path / "empty")]) == 2
     assert "no .png or .jpg" in capsys.readouterr().err
+
+
+def test_cli_evaluates_a_run_and_searches_a_folder(tmp_path, tiny_model, tiny_synth, capsys):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    train = {"data": "synth", "root": str(tiny_synth), "max_len": 48, "batch_size_eval": 16, "seed": 0}
+    (folder / "config.json").write_text(json.dumps({"train": train, "model": dataclasses.asdict(tiny_model.cfg)}))
+    torch.save({"model": tiny_model.state_dict()}, folder / "best.pt")
+    assert main(["--run", str(folder), "--device", "cpu", "--rerank-k", "3", "--limit-queries", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "stage 2 (fusion, top 3)" in printed and "describe.py" in printed  # no descriptions.jsonl
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["num_queries"] == 8 and metrics["rerank_k"] == 3
+    assert Image.open(folder / "ranked_list.png").size[1] == 6 * (THUMB[0] + 2 * FRAME + GAP)
+    assert Image.open(folder / "gates.png").size == (900, 320)
+    images = data.read_annotations("synth", tiny_synth).image_dir
+    assert main(["--run", str(folder), "--query", "a tall man with short grey hair", "--gallery", str(images)]) == 0
+    ranked = [line.split()[-1] for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
+    assert len(ranked) == 10 and all(Path(p).is_file() for p in ranked)
+    assert Image.open(folder / "search.png").size[1] == THUMB[0] + 2 * FRAME + GAP
