@@ -67,10 +67,10 @@ GARMENTS = _words("""shirt t-shirt tshirt tee top blouse sweater jumper hoodie s
     pants trousers jeans shorts leggings tights capris slacks joggers sweatpants overalls jumpsuit
     romper stockings socks sleeve sleeves sleeved sleeveless collar hood hooded zipper buttons
     shoes shoe sneakers trainers boots sandals heels slippers flats loafers footwear bag backpack
-    t handbag purse satchel tote suitcase luggage briefcase umbrella hat cap beanie helmet headband
+    handbag purse satchel tote suitcase luggage briefcase umbrella hat cap beanie helmet headband
     scarf gloves belt glasses sunglasses spectacles mask watch necklace earrings bracelet
     headphones earphones clothes clothing outfit attire garment apparel bottoms phone bottle
-    wallet stroller bicycle bike""")
+    wallet stroller bicycle bike tie t""")   # t: "t shirt" once punctuation is stripped
 PATTERNS = _words("""striped stripes stripe plaid checked checkered chequered floral flowered
     flowery dotted polka spotted patterned printed print prints logo logos graphic camouflage
     lettering letters writing design designs""")
@@ -134,11 +134,6 @@ def mask_style(caption):
     return re.sub(r"\b([Aa])n(\s+\[)", r"\1\2", masked)
 
 
-def _is_trait(word, traits):
-    word = word.lower()
-    return any(w in traits for w in (word, word.removesuffix("'s"), word.removesuffix("s")))
-
-
 def garment_words(text):
     """Garment words named in `text` (what an identity description must not contain)."""
     return [w for w in WORD_RE.findall(text) if word_category(w) == "garment"]
@@ -146,8 +141,9 @@ def garment_words(text):
 
 def body_words(text):
     """Body-trait words named in `text` (what a clothing description must not contain)."""
-    return [w for w in WORD_RE.findall(text)
-            if _is_trait(w, BODY_TRAITS) or any(_is_trait(p, BODY_TRAITS) for p in w.split("-"))]
+    def trait(w):
+        return any(v in BODY_TRAITS for v in (w, w.removesuffix("'s"), w.removesuffix("s")))
+    return [w for w in WORD_RE.findall(text) if any(map(trait, [w.lower()] + w.lower().split("-")))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -488,7 +484,10 @@ class OpenAIBackend:
 
     def describe(self, image_path, captions, style):
         answer, reason = Answer(), None
-        url = image_data_url(image_path)
+        try:
+            url = image_data_url(image_path)
+        except OSError as err:
+            return Answer(error=f"cannot read the image: {err}")
         for _ in range(self.cfg.validation_retries + 1):
             try:
                 text = self._complete(build_messages(style, url, reason), answer)
@@ -662,43 +661,45 @@ def print_agreement(records, descriptions):
 # ----------------------------------------------------------------------------------------------
 # The run: configuration, style clusters, the describe loop, the summary.
 
+SPLIT_CHOICES = ("all",) + data.SPLITS
+
+
+def _option(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass
 class DescribeConfig:
-    data: str = field(default="synth", metadata={"help": "dataset", "choices": data.DATASETS})
-    root: str = field(default="data", metadata={"help": "data root (data.py's layout)"})
-    split: str = field(default="all", metadata={"help": "images to describe",
-                                                "choices": ("all", "train", "val", "test")})
-    limit: int = field(default=0, metadata={"help": "describe at most this many images (0: all)"})
-    out: str = field(default="", metadata={"help": "output file (default: descriptions.jsonl "
-                                                   "beside the annotation file)"})
-    backend: str = field(default="rules", metadata={"help": "rules: offline caption split; "
-                         "openai: a multimodal chat model", "choices": ("rules", "openai")})
-    model: str = field(default="gpt-4o-mini", metadata={"help": "chat model (openai backend)"})
-    base_url: str = field(default="", metadata={"help": "OpenAI-compatible endpoint, e.g. "
-                          "http://localhost:8000/v1 (default: the OpenAI API)"})
-    workers: int = field(default=8, metadata={"help": "concurrent requests"})
-    max_retries: int = field(default=5, metadata={"help": "retries on 429 / 5xx / timeouts"})
-    backoff_base: float = field(default=1.0, metadata={"help": "first retry delay, seconds "
-                                                              "(doubles each retry)"})
-    timeout: float = field(default=120.0, metadata={"help": "seconds per request"})
-    validation_retries: int = field(default=2, metadata={"help": "re-asks after an invalid answer"})
-    temperature: float = field(default=0.2, metadata={"help": "sampling temperature"})
-    min_words: int = field(default=2, metadata={"help": "shortest valid description, words"})
-    max_words: int = field(default=100, metadata={"help": "longest valid description, words"})
-    price_in: float = field(default=-1.0, metadata={"help": "USD per 1M input tokens "
-                                                           "(default: PRICES table)"})
-    price_out: float = field(default=-1.0, metadata={"help": "USD per 1M output tokens"})
-    # CLIP ViT-B/16's text tower, the paper's encoder; falls back to all-MiniLM-L6-v2 offline.
-    style_encoder: str = field(default="openai/clip-vit-base-patch16", metadata={
-        "help": "CLIP hub name or folder for style embeddings ('minilm': the offline encoder)"})
-    style_sample: int = field(default=4000, metadata={"help": "captions used to fit the clusters"})
-    # A style is a habit of a sizeable group of annotators: DBSCAN's min_samples (and the k of the
-    # k-distance curve) is this share of the sample; 5% recovers SynthPEDES's 5 planted styles.
-    min_style_share: float = field(default=0.05, metadata={"help": "DBSCAN min_samples as a "
-                                                                  "share of the sample"})
-    seed: int = field(default=0, metadata={"help": "seed of the caption sample"})
-    dry_run: bool = field(default=False, metadata={"help": "print the prompts of a few images, "
-                                                          "call nothing, write nothing"})
+    """Every option of the command line (`--field-name`); defaults as documented per line."""
+    data: str = _option("synth", "dataset", data.DATASETS)
+    root: str = _option("data", "data root, in data.py's layout")
+    split: str = _option("all", "images to describe", SPLIT_CHOICES)
+    limit: int = _option(0, "only the first N images of the split (0: all)")
+    out: str = _option("", "output file (default: descriptions.jsonl beside the annotations)")
+    backend: str = _option("rules", "rules: offline caption split; openai: a multimodal chat "
+                           "model", ("rules", "openai"))
+    model: str = _option("gpt-4o-mini", "chat model of the openai backend")
+    base_url: str = _option("", "OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 "
+                            "(default: the OpenAI API)")
+    workers: int = _option(8, "concurrent requests")
+    max_retries: int = _option(5, "retries after a 429, a 5xx or a timeout")
+    backoff_base: float = _option(1.0, "seconds before the first retry; doubles each retry")
+    timeout: float = _option(120.0, "seconds per request")
+    validation_retries: int = _option(2, "re-asks after an answer fails validation")
+    temperature: float = _option(0.2, "sampling temperature")
+    min_words: int = _option(2, "shortest valid description, in words")
+    max_words: int = _option(100, "longest valid description, in words")
+    price_in: float = _option(-1.0, "USD per 1M prompt tokens (default: the PRICES table)")
+    price_out: float = _option(-1.0, "USD per 1M completion tokens")
+    # The paper embeds captions with CLIP's text encoder (here ViT-B/16's); offline, MiniLM.
+    style_encoder: str = _option("openai/clip-vit-base-patch16", "CLIP hub name or folder for "
+                                 "style embeddings ('minilm': the offline encoder)")
+    style_sample: int = _option(4000, "captions used to fit the style clusters")
+    # A style is a habit shared by a sizeable group of annotators: DBSCAN's min_samples (the k of
+    # the k-distance curve) is this share of the sample; 5% recovers SynthPEDES's planted styles.
+    min_style_share: float = _option(0.05, "DBSCAN min_samples, as a share of the sample")
+    seed: int = _option(0, "seed of the caption sample")
+    dry_run: bool = _option(False, "print the prompts of a few images; call and write nothing")
 
 
 def load_annotations(cfg):
@@ -820,6 +821,8 @@ def run(cfg):
     todo = [r for r in records if r["file_path"] not in done]
     print(f"{annotations.name}: {len(records)} images selected ({cfg.split}), "
           f"{len(records) - len(todo)} already described in {out}, {len(todo)} to go")
+    if not todo:
+        return Summary(skipped=len(records))
     clusters, labels, report = fit_style_clusters(annotations.records, todo, cfg)
     print_clusters(clusters, report)
     if cfg.dry_run:
@@ -852,17 +855,24 @@ def print_summary(s, cfg, out):
 
 
 def parse_args(argv=None):
-    """Command line -> DescribeConfig: one option per field, typed, choices checked."""
+    """Command line -> DescribeConfig: one option per field, typed, choices and ranges checked."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(DescribeConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        if f.type is bool:
+            parser.add_argument(flag, action="store_true", help=meta["help"])
         else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"],
-                                choices=f.metadata.get("choices"))
-    return DescribeConfig(**vars(parser.parse_args(argv)))
+            parser.add_argument(flag, type=f.type, default=f.default, help=meta["help"],
+                                choices=meta["choices"])
+    cfg = DescribeConfig(**vars(parser.parse_args(argv)))
+    for name, ok in [("limit", cfg.limit >= 0), ("workers", cfg.workers >= 1),
+                     ("max_retries", cfg.max_retries >= 0), ("style_sample", cfg.style_sample >= 2),
+                     ("validation_retries", cfg.validation_retries >= 0),
+                     ("min_style_share", 0 < cfg.min_style_share < 1),
+                     ("min_words", 1 <= cfg.min_words <= cfg.max_words)]:
+        if not ok:
+            parser.error(f"--{name.replace('_', '-')} {getattr(cfg, name)} is out of range")
+    return cfg
 
 
 def main(argv=None):

@@ -213,6 +213,32 @@ def test_load_progress_repairs_a_killed_file(tmp_path):
     assert [r["file_path"] for r in lines(out)] == ["a/0.png", "a/1.png", "a/2.png", "a/5.png"]
 
 
+def tiny_clip_folder(folder):
+    """A 1-layer CLIP text tower with a character-level BPE vocabulary, saved like a hub model."""
+    import string
+    import transformers
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    vocab = {t: i for i, t in enumerate(list(chars) + [c + "</w>" for c in chars]
+                                         + ["<|startoftext|>", "<|endoftext|>"])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
+    config = transformers.CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, projection_dim=16, bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"])
+    transformers.CLIPTextModelWithProjection(config).save_pretrained(folder)
+    return folder
+
+
+def test_style_encoder_loads_clip_from_a_folder(tmp_path):
+    encoder = describe.load_style_encoder(str(tiny_clip_folder(tmp_path)))
+    assert encoder.kind == "clip"
+    x = encoder.embed(["a [body] in a [garment].", "wearing a [garment]", "a [body] in a [garment]."])
+    assert x.shape == (3, 16) and np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
+    assert np.allclose(x[0], x[2]) and not np.allclose(x[0], x[1])
+
+
 # ----------------------------------------------------------------------------------------------
 # The whole pipeline on SynthPEDES, offline
 
@@ -304,6 +330,15 @@ def test_server_errors_exhaust_retries_and_are_recorded(tiny_synth, tmp_path, ch
     assert len(server.requests) == 3
     record = lines(out)[0]
     assert record["status"] == "failed" and record["error"].startswith("InternalServerError")
+
+
+def test_rejected_key_stops_the_run_with_a_clear_error(tiny_synth, tmp_path, chat, monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    server = chat(lambda n, request: error(401))
+    assert run_openai(tiny_synth, tmp_path / "d.jsonl", server.url, "--limit", "4", "--workers", "1") == 2
+    err = capsys.readouterr().err
+    assert "AuthenticationError, HTTP 401" in err and "Traceback" not in err and KEY not in err
+    assert len(server.requests) == 1                        # not retried, the rest cancelled
 
 
 def test_missing_key_is_a_clear_error(tiny_synth, tmp_path, chat, monkeypatch, capsys):
