@@ -231,8 +231,10 @@ def metrics_of_both_stages(ranker: TwoStage, pids, gallery_pids, batch_size=64, 
     def rows(start, end):  # the slow part on a CPU, hence the progress bar
         bar.update(end - start)
         return ranker.stage2(start, end)  # (n, G)
+    # 4 x batch_size pairs per fusion pass: half of what a training step scores, with no gradients
+    queries_per_pass = max(1, 4 * batch_size // ranker.k)
     try:
-        return stage1, retrieval_metrics(rows, pids, gallery_pids, chunk_size=batch_size)
+        return stage1, retrieval_metrics(rows, pids, gallery_pids, chunk_size=queries_per_pass)
     finally:
         bar.close()
         if hook is not None:
@@ -297,8 +299,8 @@ def evaluate_model(model: T2IReID, data, tokenizer, image_size, max_len: int, de
     if settings is not None:
         result["robustness"] = {
             name: dict(zip(("stage1", "stage2"), metrics_of_both_stages(
-                ranker(queries[:limit_queries]), gallery_pids[:limit_queries], gallery_pids, batch_size, progress)))
-            for name, queries in settings.items()}
+                ranker(texts[:limit_queries]), gallery_pids[:limit_queries], gallery_pids, batch_size, progress)))
+            for name, texts in settings.items()}
     model.train(was_training)
     return result
 
@@ -464,7 +466,8 @@ def evaluate_run(run: Run, device, rerank_k=None, limit_queries=None) -> dict:
                             train.get("max_len", cfg.max_text_len), device, train.get("batch_size_eval", 64),
                             rerank_k, seed=train.get("seed", 0), limit_queries=limit_queries)
     print(report(result))
-    (run.folder / "metrics.json").write_text(json.dumps(result, indent=1))
+    record = dict(run=str(run.folder), checkpoint=run.checkpoint.name, **result)
+    (run.folder / "metrics.json").write_text(json.dumps(record, indent=1))
     ex = result["examples"]
     pictures = [ranked_list_picture(ex["queries"], ex["paths"], ex["correct"], run.folder / "ranked_list.png"),
                 gate_histograms(result["gates"], run.folder / "gates.png")]
@@ -478,12 +481,18 @@ def main(argv=None) -> int:
     parser.add_argument("--run", help="run folder (default: runs/latest)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--rerank-k", type=int, help="K for stage 2 (default: the model's rerank_k; 0: stage 1 only)")
-    parser.add_argument("--limit-queries", type=int, help="evaluate only the first N captions (quick check)")
+    parser.add_argument("--limit-queries", type=int, help="rank only the first N queries of each set (quick check)")
     parser.add_argument("--query", help="a description to search --gallery with")
     parser.add_argument("--gallery", help="a folder of your own images (.png/.jpg, searched recursively)")
     args = parser.parse_args(argv)
     if bool(args.query) != bool(args.gallery):
         parser.error("--query and --gallery go together")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this machine has no CUDA GPU (or torch is a CPU build); use --device cpu")
+    if args.rerank_k is not None and args.rerank_k < 0:
+        parser.error("--rerank-k must be >= 0 (0: stage 1 only)")
+    if args.limit_queries is not None and args.limit_queries < 1:
+        parser.error("--limit-queries must be >= 1")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     try:
