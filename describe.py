@@ -83,7 +83,7 @@ BODY_TRAITS = _words("""man men woman women male female boy boys girl girls lady
 # Body words that can also describe clothes ("skinny jeans", "heavy coat"): they count as
 # identity evidence when splitting captions, but are not forbidden in clothing text.
 BODY_WEAK = _words("""slim thin skinny slender heavy fat petite average medium old straight fair
-    tanned lean broad large small big little cut""")
+    tanned lean broad large small big little cut older""")
 LENGTHS = _words("long short shoulder-length knee-length ankle-length mid-length")
 # Gendered pronouns are content (gender presentation), not style: masked too.
 PRONOUNS = _words("he she him her his hers himself herself")
@@ -410,32 +410,47 @@ def clause_side(clause):
     return side
 
 
+_FINITE = _words("is are was has have wears wear carries holds")
+
+
+def _fragment(clauses):
+    """Adjacent clauses of one side -> a sentence: leading connectives dropped, a subject added
+    before a bare verb ("is carrying a bag" -> "The person is carrying a bag.")."""
+    words = " ".join(clauses).split()
+    while words and words[0].lower().strip(".,;:") in _LEADING:
+        words = words[1:]
+    if words and words[0].lower() in _FINITE:
+        words = ["the", "person"] + words
+    text = " ".join(words).rstrip(".,;:!? ")
+    return text[:1].upper() + text[1:] + "." if text else ""
+
+
 def rules_describe(captions):
-    """captions: list[str] -> (identity, clothing): the clauses of each side, one sentence per
-    caption, duplicates removed. A clause that names neither side ("a red" in "a red and blue
-    coat", "and") joins the clause after it."""
-    sides = {"identity": [], "clothing": []}
+    """captions: list[str] -> (identity, clothing). Each caption's clauses go to their side; a
+    clause that names neither ("a red" in "a red and blue coat", "and") joins the next one; runs
+    of adjacent clauses of one side become sentences; repeated sentences are dropped."""
+    sentences = {"identity": [], "clothing": []}
     for caption in captions:
-        parts, pending = {"identity": [], "clothing": []}, []
+        runs, pending, last = [], [], None              # runs: [(side, [clauses])]
         for clause in split_clauses(caption):
             side = clause_side(clause)
-            if side in parts:
-                parts[side].append(" ".join(pending + [clause]))
-                pending = []
-            else:
+            if side is None:
                 pending.append(clause)
-        for side, clauses in parts.items():
-            words = " ".join(clauses).split()
-            while words and words[0].lower().strip(".,;:") in _LEADING:
-                words = words[1:]
-            sentence = " ".join(words).rstrip(".,;:!? ")
-            if sentence and sentence.lower() + "." not in [s.lower() for s in sides[side]]:
-                sides[side].append(sentence[0].upper() + sentence[1:] + ".")
-    return " ".join(sides["identity"]), " ".join(sides["clothing"])
+                continue
+            if side != last:
+                runs.append((side, []))
+            runs[-1][1].extend(pending + [clause])
+            pending, last = [], side
+        for side, clauses in runs:
+            text = _fragment(clauses)
+            if text and text.lower() not in map(str.lower, sentences[side]):
+                sentences[side].append(text)
+    return " ".join(sentences["identity"]), " ".join(sentences["clothing"])
 
 
 # ----------------------------------------------------------------------------------------------
-# The `openai` backend: any OpenAI-compatible chat endpoint that accepts images.
+# Backends. `rules` keeps the captions' own wording, so the style prompt does not apply to it;
+# `openai` is any OpenAI-compatible chat endpoint that accepts images (DESIGN 3.8).
 
 @dataclass
 class Answer:
@@ -479,10 +494,13 @@ class OpenAIBackend:
             raise DescribeError("OPENAI_API_KEY is not set. Export the key of your endpoint "
                                 "(any non-empty string for a local server), or use --backend rules.")
         self.openai, self.cfg, self.model = openai, cfg, cfg.model
+        self.fatal = None   # set by the first refused request; every later image stops at once
         self.client = openai.OpenAI(api_key=key, base_url=cfg.base_url or None,
                                     max_retries=0, timeout=cfg.timeout)
 
     def describe(self, image_path, captions, style):
+        if self.fatal:
+            raise self.fatal
         answer, reason = Answer(), None
         try:
             url = image_data_url(image_path)
@@ -513,9 +531,10 @@ class OpenAIBackend:
                     response_format={"type": "json_object"})
             except (openai.AuthenticationError, openai.PermissionDeniedError,
                     openai.NotFoundError) as err:  # wrong key, model or URL: stop the whole run
-                raise DescribeError(f"the endpoint refused the request ({type(err).__name__}, "
-                                    f"HTTP {err.status_code}); check --base-url, --model and "
-                                    "OPENAI_API_KEY") from None
+                self.fatal = DescribeError(
+                    f"the endpoint refused the request ({type(err).__name__}, HTTP "
+                    f"{err.status_code}); check --base-url, --model and OPENAI_API_KEY")
+                raise self.fatal from None
             except (openai.RateLimitError, openai.InternalServerError,
                     openai.APIConnectionError) as err:  # APITimeoutError is a connection error
                 if attempt == self.cfg.max_retries:

@@ -184,12 +184,16 @@ def test_validate_answer(answer, reason):
 
 
 def test_rules_backend_splits_captions_into_identity_and_clothing():
-    identity, clothing = describe.rules_describe([
-        "A tall woman with long black hair wears a red and blue striped shirt, black pants.",
+    identity, clothing = describe.rules_describe([   # CUHK-PEDES-like wording
+        "The man is wearing a black jacket over a white shirt, dark blue jeans and brown shoes. "
+        "He has short black hair and is carrying a backpack."])
+    assert identity == "The man. He has short black hair."
+    assert clothing == ("The person is wearing a black jacket over a white shirt, dark blue jeans "
+                        "and brown shoes. The person is carrying a backpack.")
+    identity, clothing = describe.rules_describe([   # SynthPEDES's unpunctuated style
         "a short man slim build short grey hair glasses a beard wearing green shorts"])
-    assert identity == ("A tall woman with long black hair. "
-                        "A short man slim build short grey hair a beard.")
-    assert clothing == "Wears a red and blue striped shirt, black pants. Glasses wearing green shorts."
+    assert (identity, clothing) == ("A short man slim build short grey hair. A beard.",
+                                    "Glasses. Wearing green shorts.")
 
 
 def test_cost_estimate():
