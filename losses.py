@@ -293,21 +293,24 @@ def compute_losses(out: dict, batch: dict, cfg) -> dict[str, torch.Tensor]:
              (DESIGN.md 3.1), positives = candidates of the text's identity
     """
     pids, tau = batch["pids"], cfg.temperature
+    # fp32 even inside a bf16 autocast region: the logits s / tau need the mantissa bits
+    out = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in out.items()}
     losses = {}
-    if cfg.loss_aln:
-        positives = same_rows(batch["clothing"]["input_ids"])  # (B, B)
-        losses["aln"] = clothing_alignment_loss(out["clo_image"], out["clo_text"], tau, positives)
-    if cfg.loss_decouple:
-        f_id, f_clo = F.normalize(out["f_id"], dim=-1), F.normalize(out["f_clo"], dim=-1)
-        losses["decouple"] = hsic(f_id, f_clo, cfg.hsic_kernel)
-    if cfg.loss_info:
-        image = out["image_emb"]  # (B, E)
-        caption = info_nce(out["caption_emb"] @ image.T, pids, pids, tau)
-        identity = info_nce(out["identity_emb"] @ image.T, pids, pids, tau)
-        losses["info"] = (caption + identity) / 2
-    if cfg.loss_triplet:
-        losses["triplet"] = triplet_loss(F.normalize(out["f_id"], dim=-1), pids, cfg.triplet_margin)
-    if cfg.loss_fusion:
-        positives = out["fusion_pids"] == out["fusion_query_pids"][:, None]  # (S, 1+M)
-        losses["fusion"] = multi_positive_nce(out["fusion_scores"] / tau, positives)
+    with torch.autocast(pids.device.type, enabled=False):
+        if cfg.loss_aln:
+            positives = same_rows(batch["clothing"]["input_ids"])  # (B, B)
+            losses["aln"] = clothing_alignment_loss(out["clo_image"], out["clo_text"], tau, positives)
+        if cfg.loss_decouple:
+            f_id, f_clo = F.normalize(out["f_id"], dim=-1), F.normalize(out["f_clo"], dim=-1)
+            losses["decouple"] = hsic(f_id, f_clo, cfg.hsic_kernel)
+        if cfg.loss_info:
+            image = out["image_emb"]  # (B, E)
+            caption = info_nce(out["caption_emb"] @ image.T, pids, pids, tau)
+            identity = info_nce(out["identity_emb"] @ image.T, pids, pids, tau)
+            losses["info"] = (caption + identity) / 2
+        if cfg.loss_triplet:
+            losses["triplet"] = triplet_loss(F.normalize(out["f_id"], dim=-1), pids, cfg.triplet_margin)
+        if cfg.loss_fusion:
+            positives = out["fusion_pids"] == out["fusion_query_pids"][:, None]  # (S, 1+M)
+            losses["fusion"] = multi_positive_nce(out["fusion_scores"] / tau, positives)
     return losses

@@ -1,5 +1,6 @@
 """Each loss of losses.py against a naive loop or an explicit formula; GradNorm on a toy problem."""
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from losses import (
     GradNorm,
     clothing_alignment_loss,
+    compute_losses,
     hsic,
     info_nce,
     multi_positive_nce,
@@ -258,3 +260,44 @@ def test_gradnorm_names_missing_loss():
     gn = GradNorm(["info", "triplet"])
     with pytest.raises(KeyError, match="triplet"):
         gn.total_loss({"info": torch.tensor(1.0)})
+
+
+def fake_outputs(b=6, e=8, q=3, seed=6):
+    """Model outputs and a batch with the keys compute_losses reads (shapes of T2IReID.forward)."""
+    g = torch.Generator().manual_seed(seed)
+    unit = lambda n: F.normalize(torch.randn(n, e, generator=g), dim=-1)  # noqa: E731
+    pids = torch.tensor([0, 0, 1, 1, 2, 2])
+    out = dict(clo_image=unit(b), clo_text=unit(b), f_id=torch.randn(b, e, generator=g),
+               f_clo=torch.randn(b, e, generator=g), image_emb=unit(b), caption_emb=unit(b),
+               identity_emb=unit(b), fusion_scores=torch.rand(2 * b, q, generator=g) * 2 - 1,
+               fusion_pids=torch.tensor([[p, (p + 1) % 3, (p + 2) % 3] for p in pids.tolist() * 2]),
+               fusion_query_pids=pids.repeat(2))
+    clothing = torch.tensor([[101, 7, 102]] * 2 + [[101, 8, 102]] * 4)  # outfits: {0, 1}, {2..5}
+    batch = dict(pids=pids, clothing=dict(input_ids=clothing, attention_mask=torch.ones_like(clothing)))
+    return out, batch
+
+
+def test_compute_losses_applies_each_equation_to_its_outputs():
+    out, batch = fake_outputs()
+    cfg = SimpleNamespace(temperature=0.1, hsic_kernel="linear", triplet_margin=0.3, loss_aln=True,
+                          loss_decouple=True, loss_info=True, loss_triplet=True, loss_fusion=True)
+    got = compute_losses(out, batch, cfg)
+    pids, outfit = batch["pids"], torch.tensor([0, 0, 1, 1, 1, 1])
+    want = {
+        "aln": clothing_alignment_loss(out["clo_image"], out["clo_text"], 0.1, outfit[:, None] == outfit),
+        "decouple": hsic(F.normalize(out["f_id"], dim=-1), F.normalize(out["f_clo"], dim=-1)),
+        "info": (info_nce(out["caption_emb"] @ out["image_emb"].T, pids, pids, 0.1)
+                 + info_nce(out["identity_emb"] @ out["image_emb"].T, pids, pids, 0.1)) / 2,
+        "triplet": triplet_loss(F.normalize(out["f_id"], dim=-1), pids, 0.3),
+        "fusion": F.cross_entropy(out["fusion_scores"] / 0.1, torch.zeros(12, dtype=torch.long)),
+    }
+    assert list(got) == list(want)
+    for name in want:
+        assert got[name].item() == pytest.approx(want[name].item(), rel=1e-5), name
+    # inside a bf16 autocast region the losses are still computed in fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = compute_losses(out, batch, cfg)
+    for name in want:
+        assert amp[name].dtype == torch.float32 and amp[name].item() == pytest.approx(got[name].item(), rel=1e-5)
+    cfg.loss_aln = cfg.loss_fusion = False
+    assert list(compute_losses(out, batch, cfg)) == ["decouple", "info", "triplet"]
