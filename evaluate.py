@@ -12,9 +12,13 @@ Implements the evaluation of Sec. IV of the paper with the decisions of DESIGN s
   another test image, a fixed seeded derangement);
 * Fig. 5's gate statistics, a ranked-list picture and the gate histograms.
 
-    python evaluate.py                          # the newest run under runs/
-    python evaluate.py --run runs/NAME          # a given run
-    python evaluate.py --query "a tall man with short grey hair" --gallery DIR
+Read top to bottom: metrics, embedding, the two stages, robustness, the whole evaluation,
+pictures, runs, command line.
+
+    python evaluate.py                          # newest run: tables, metrics.json, ranked_list.png, gates.png
+    python evaluate.py --run runs/NAME --limit-queries 200 --rerank-k 10
+    python evaluate.py --query "a tall man with short grey hair" --gallery DIR   # writes search.png
+    pytest tests/test_evaluate.py
 """
 from __future__ import annotations
 
