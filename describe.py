@@ -302,16 +302,16 @@ class StyleCluster:
 
 
 def style_prompt(cluster_id, captions, example):
-    """A prompt that asks for the surface form shared by a cluster's captions."""
-    words = np.mean([len(c.split()) for c in captions])
-    sentences = np.mean([max(1, len(re.findall(r"[.!?](\s|$)", c))) for c in captions])
+    """A prompt that asks for the surface form shared by a cluster's captions: length, case and
+    punctuation, and the wording of its most typical caption with the attributes masked."""
+    words = np.mean([len(c.split()) for c in captions]) / 2          # two texts share a caption
     lower = np.mean([c[:1].islower() for c in captions]) > 0.5
     punct = np.mean([bool(re.search(r"[.,;!?]", c)) for c in captions]) > 0.5
     form = ("all lower-case, no punctuation" if lower and not punct else
             "lower-case" if lower else "sentence case with punctuation")
-    return (f"Write both texts in annotator style {cluster_id}: about {words / 2:.0f} words each, "
-            f"{sentences:.0f} sentence(s), {form}. Copy the structure of this example, in which "
-            f"bracketed words stand for attributes: \"{mask_style(example)}\"")
+    return (f"Write both texts in annotator style {cluster_id}: {form}, about {words:.0f} words "
+            f"each. A caption in this style, attributes masked: \"{mask_style(example)}\". Follow "
+            "its wording and sentence structure.")
 
 
 def build_messages(style, image_url, reason=None):
@@ -835,7 +835,8 @@ def run(cfg):
     annotations = load_annotations(cfg)
     records = select_records(annotations.records, cfg.split, cfg.limit)
     out = Path(cfg.out) if cfg.out else data.descriptions_file(cfg.data, cfg.root)
-    backend = (OpenAIBackend if cfg.backend == "openai" else RulesBackend)(cfg)  # key check first
+    if not cfg.dry_run:   # the key is checked before any slow work; a dry run needs none
+        backend = (OpenAIBackend if cfg.backend == "openai" else RulesBackend)(cfg)
     done = {} if cfg.dry_run else load_progress(out)
     todo = [r for r in records if r["file_path"] not in done]
     print(f"{annotations.name}: {len(records)} images selected ({cfg.split}), "

@@ -196,6 +196,15 @@ def test_rules_backend_splits_captions_into_identity_and_clothing():
                                     "Glasses. Wearing green shorts.")
 
 
+def test_style_prompt_describes_the_cluster_form():
+    prompt = describe.style_prompt(3, ["a man walks by", "a woman in a red coat runs"],
+                                   "a woman in a red coat runs")
+    assert prompt.startswith("Write both texts in annotator style 3: all lower-case, no "
+                             "punctuation, about 3 words each.")   # mean 5.5 words, two texts
+    assert '"a [body] in a [garment] runs"' in prompt
+    assert "sentence case with punctuation" in describe.style_prompt(0, ["A man. Tall."], "A man.")
+
+
 def test_cost_estimate():
     assert describe.estimate_cost("gpt-4o-mini-2024-07-18", 1_000_000, 100_000) == pytest.approx(0.21)
     assert describe.estimate_cost("my-local-llava", 10, 10) is None
@@ -355,7 +364,7 @@ def test_missing_key_is_a_clear_error(tiny_synth, tmp_path, chat, monkeypatch, c
 
 
 def test_dry_run_prints_prompts_and_calls_nothing(tiny_synth, tmp_path, chat, monkeypatch, capsys):
-    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)           # not needed for a dry run
     server = chat(good)
     assert run_openai(tiny_synth, tmp_path / "d.jsonl", server.url, "--dry-run") == 0
     printed = capsys.readouterr().out
