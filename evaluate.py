@@ -452,7 +452,7 @@ def search(run: Run, query: str, folder, device, rerank_k, progress=True) -> Pat
     tokenizer = load_tokenizer(cfg.text_model or None)
     with torch.no_grad():
         gallery = embed_gallery(model, paths, cfg.image_size, device, progress=progress)
-        emb, feats = embed_texts(model, tokenizer, [query], run.train.get("max_len", cfg.max_text_len), device)
+        emb, feats = embed_texts(model, tokenizer, [query], cfg.max_text_len, device)
         k = (cfg.rerank_k if rerank_k is None else rerank_k) if gallery["tokens"] is not None else 0
         ranker = TwoStage(model, emb, feats, gallery["emb"], gallery["tokens"], k)
         scores = (ranker.stage2 if k else ranker.stage1)(0, 1)[0]  # (G,)
@@ -467,7 +467,7 @@ def evaluate_run(run: Run, device, rerank_k=None, limit_queries=None) -> dict:
     train, cfg = run.train, run.model_cfg
     dataset = load_dataset(train.get("data", "synth"), train.get("root", "data"))
     result = evaluate_model(run.model.to(device), dataset, load_tokenizer(cfg.text_model or None), cfg.image_size,
-                            train.get("max_len", cfg.max_text_len), device, train.get("batch_size_eval", 64),
+                            cfg.max_text_len, device, train.get("eval_batch", 64),
                             rerank_k, seed=train.get("seed", 0), limit_queries=limit_queries)
     print(report(result))
     record = dict(run=str(run.folder), checkpoint=run.checkpoint.name, **result)

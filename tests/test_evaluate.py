@@ -252,7 +252,7 @@ def test_load_run_errors_and_round_trip(tmp_path, tiny_model, capsys):
 def test_cli_evaluates_a_run_and_searches_a_folder(tmp_path, tiny_model, tiny_synth, capsys):
     folder = tmp_path / "run"
     folder.mkdir()
-    train = {"data": "synth", "root": str(tiny_synth), "max_len": 48, "batch_size_eval": 16, "seed": 0}
+    train = {"data": "synth", "root": str(tiny_synth), "eval_batch": 16, "seed": 0}  # as train.TrainConfig
     (folder / "config.json").write_text(json.dumps({"train": train, "model": dataclasses.asdict(tiny_model.cfg)}))
     torch.save({"model": tiny_model.state_dict()}, folder / "best.pt")
     assert main(["--run", str(folder), "--device", "cpu", "--rerank-k", "3", "--limit-queries", "8"]) == 0
