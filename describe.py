@@ -63,9 +63,9 @@ COLOURS = _words("""black white grey gray red blue green yellow orange purple pi
     cyan crimson peach coral mint denim charcoal ivory rose dark light bright pale colorful
     colourful multicolored multicoloured""")
 GARMENTS = _words("""shirt t-shirt tshirt tee top blouse sweater jumper hoodie sweatshirt cardigan
-    jacket coat overcoat raincoat parka vest waistcoat blazer suit tank polo uniform dress gown skirt
-    pants trousers jeans shorts leggings tights capris slacks joggers sweatpants overalls jumpsuit
-    romper stockings socks sleeve sleeves sleeved sleeveless collar hood hooded zipper buttons
+    jacket coat overcoat raincoat parka vest waistcoat blazer suit tank polo uniform dress gown
+    skirt pants trousers jeans shorts leggings tights capris slacks joggers sweatpants overalls
+    jumpsuit romper stockings socks sleeve sleeves sleeved sleeveless collar hood hooded zipper buttons
     shoes shoe sneakers trainers boots sandals heels slippers flats loafers footwear bag backpack
     handbag purse satchel tote suitcase luggage briefcase umbrella hat cap beanie helmet headband
     scarf gloves belt glasses sunglasses spectacles mask watch necklace earrings bracelet
@@ -79,7 +79,8 @@ BODY_TRAITS = _words("""man men woman women male female boy boys girl girls lady
     guy hair haired hairstyle hairdo ponytail pigtails bun braid braids braided bangs fringe bald
     balding curly wavy beard bearded moustache mustache skin skinned complexion tall height build
     muscular chubby overweight stocky heavyset plump elderly young teenager teen adult child kid
-    age aged middle-aged blond blonde brunette redhead buzz buzz-cut buzzcut crew-cut afro dreadlocks""")
+    age aged middle-aged blond blonde brunette redhead buzz buzz-cut buzzcut crew-cut afro
+    dreadlocks""")
 # Body words that can also describe clothes ("skinny jeans", "heavy coat"): they count as
 # identity evidence when splitting captions, but are not forbidden in clothing text.
 BODY_WEAK = _words("""slim thin skinny slender heavy fat petite average medium old straight fair
@@ -257,8 +258,8 @@ def nearest_cluster(x_ref, labels_ref, x):
     ref, lab = x_ref[keep], labels_ref[keep]                          # (m, d), (m,)
     ref_sq = (ref ** 2).sum(1)                                        # (m,)
     out = np.empty(len(x), dtype=np.int64)
-    for i in range(0, len(x), 1024):   # |x - r|^2 = |x|^2 - 2 x.r + |r|^2; |x|^2 is constant per row
-        d2 = ref_sq[None] - 2 * x[i:i + 1024] @ ref.T                 # (c, m)
+    for i in range(0, len(x), 1024):   # chunks of c rows bound the memory
+        d2 = ref_sq[None] - 2 * x[i:i + 1024] @ ref.T   # (c, m): |x - r|^2 less the constant |x|^2
         out[i:i + 1024] = lab[d2.argmin(1)]
     return out
 
@@ -282,8 +283,8 @@ def cluster_styles(x, min_samples):
 # ----------------------------------------------------------------------------------------------
 # Prompts: one style prompt per cluster (Sec. III-B), two content prompts.
 
-SYSTEM_PROMPT = ("You annotate pedestrian images for text-based person re-identification. "
-                 "Look only at the person in the image. Answer with one JSON object and nothing else.")
+SYSTEM_PROMPT = ("You annotate pedestrian images for text-based person re-identification. Look "
+                 "only at the person in the image. Answer with one JSON object and nothing else.")
 IDENTITY_PROMPT = ("Describe the person's identity: gender presentation, approximate age, height "
                    "and build, skin tone, hair colour, length and style, and other stable body "
                    "traits. Do not mention clothing, shoes, bags or accessories.")
@@ -470,8 +471,8 @@ class RulesBackend:
     def describe(self, image_path, captions, style):
         identity, clothing = rules_describe(captions)
         try:
-            identity, clothing = validate_answer(json.dumps(
-                {"identity": identity, "clothing": clothing}), self.cfg.min_words, self.cfg.max_words)
+            answer = json.dumps({"identity": identity, "clothing": clothing})
+            identity, clothing = validate_answer(answer, self.cfg.min_words, self.cfg.max_words)
             return Answer(identity, clothing)
         except ValidationError as err:
             return Answer(error=str(err))
@@ -491,8 +492,8 @@ class OpenAIBackend:
         import openai
         key = os.environ.get("OPENAI_API_KEY", "").strip()
         if not key:
-            raise DescribeError("OPENAI_API_KEY is not set. Export the key of your endpoint "
-                                "(any non-empty string for a local server), or use --backend rules.")
+            raise DescribeError("OPENAI_API_KEY is not set. Export the key of your endpoint (any "
+                                "non-empty string for a local server), or use --backend rules.")
         self.openai, self.cfg, self.model = openai, cfg, cfg.model
         self.fatal = None   # set by the first refused request; every later image stops at once
         self.client = openai.OpenAI(api_key=key, base_url=cfg.base_url or None,
@@ -638,7 +639,8 @@ def _truth(attributes):
                                               "hair_style")] + ["beard"] * bool(ident.get("beard")),
               "clothing": [v for k, v in clothes.items() if isinstance(v, str)
                            and v not in ("none", "plain")]
-              + ["scarf"] * bool(clothes.get("scarf_colour")) + ["glasses"] * bool(ident.get("glasses"))}
+              + ["scarf"] * bool(clothes.get("scarf_colour"))
+              + ["glasses"] * bool(ident.get("glasses"))}
     return {side: [tuple(re.findall(r"[a-z0-9]+", v.lower())) for v in vs]
             for side, vs in values.items()}
 
