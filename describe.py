@@ -65,9 +65,9 @@ COLOURS = _words("""black white grey gray red blue green yellow orange purple pi
 GARMENTS = _words("""shirt t-shirt tshirt tee top blouse sweater jumper hoodie sweatshirt cardigan
     jacket coat overcoat raincoat parka vest waistcoat blazer suit tank polo uniform dress gown
     skirt pants trousers jeans shorts leggings tights capris slacks joggers sweatpants overalls
-    jumpsuit romper stockings socks sleeve sleeves sleeved sleeveless collar hood hooded zipper buttons
-    shoes shoe sneakers trainers boots sandals heels slippers flats loafers footwear bag backpack
-    handbag purse satchel tote suitcase luggage briefcase umbrella hat cap beanie helmet headband
+    jumpsuit romper stockings socks sleeve sleeves sleeved sleeveless collar hood hooded zipper
+    buttons shoes shoe sneakers trainers boots sandals heels slippers flats loafers footwear bag
+    backpack handbag purse satchel tote suitcase luggage briefcase umbrella hat cap beanie helmet headband
     scarf gloves belt glasses sunglasses spectacles mask watch necklace earrings bracelet
     headphones earphones clothes clothing outfit attire garment apparel bottoms phone bottle
     wallet stroller bicycle bike tie t""")   # t: "t shirt" once punctuation is stripped
