@@ -67,8 +67,8 @@ GARMENTS = _words("""shirt t-shirt tshirt tee top blouse sweater jumper hoodie s
     skirt pants trousers jeans shorts leggings tights capris slacks joggers sweatpants overalls
     jumpsuit romper stockings socks sleeve sleeves sleeved sleeveless collar hood hooded zipper
     buttons shoes shoe sneakers trainers boots sandals heels slippers flats loafers footwear bag
-    backpack handbag purse satchel tote suitcase luggage briefcase umbrella hat cap beanie helmet headband
-    scarf gloves belt glasses sunglasses spectacles mask watch necklace earrings bracelet
+    backpack handbag purse satchel tote suitcase luggage briefcase umbrella hat cap beanie helmet
+    headband scarf gloves belt glasses sunglasses spectacles mask watch necklace earrings bracelet
     headphones earphones clothes clothing outfit attire garment apparel bottoms phone bottle
     wallet stroller bicycle bike tie t""")   # t: "t shirt" once punctuation is stripped
 PATTERNS = _words("""striped stripes stripe plaid checked checkered chequered floral flowered
