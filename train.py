@@ -1,0 +1,510 @@
+"""Training: identity (P x K) batches, the objective of Eq. 1-6 balanced by GradNorm, checkpoints.
+
+Paper Sec. IV-A (Adam, lr 1e-4, weight decay 1e-3, cosine annealing, GradNorm alpha 1.5) with the
+decisions of DESIGN.md section 3: stage-1 InfoNCE plus the fusion InfoNCE over hard negatives,
+GradNorm weights learned from the GradNorm loss alone. Each run writes runs/<name>/:
+config.json (the resolved configuration), log.jsonl (one line per step), last.pt, best.pt
+(best stage-1 Rank-1 on the validation split) and results.json (test evaluation); runs/latest
+points at the newest run.
+
+    python train.py                                  # SynthPEDES on a CPU, all offline
+    python train.py --data cuhk                      # CUHK-PEDES, the paper's encoders, one GPU
+    python train.py --ablation "w/o Mamba"           # a row of Tables II-IV (model.ABLATIONS)
+    python train.py --use_bdam false --loss_aln false --loss_decouple false   # any field
+    python train.py --resume runs/NAME               # continue exactly where it stopped
+    python train.py --bench                          # step time of the model vs its encoders
+
+Every field of TrainConfig and model.ModelConfig is a flag (`--name value`).
+Tests: pytest tests/test_train.py
+"""
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+import evaluate
+from losses import GradNorm, compute_losses
+from model import ABLATIONS, EncoderLoadError, ModelConfig, T2IReID
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class TrainConfig:
+    data: str = "cuhk"  # synth | cuhk | icfg | rstp
+    root: str = "data"  # data root, data.py's layout
+    name: str = ""  # run folder under runs/; "" = <data>-<date>-<time>
+    epochs: int = 60  # not stated in the paper; IRRA's schedule
+    p: int = 16  # identities per batch (not stated; batch 64 as IRRA)
+    k: int = 4  # images per identity, for the batch-hard triplet (Eq. 4)
+    lr: float = 1e-4  # Sec. IV-A, Adam
+    weight_decay: float = 1e-3  # Sec. IV-A
+    warmup_steps: int = 0  # linear warm-up before the cosine annealing (Sec. IV-A: none)
+    gradnorm_lr: float = 0.025  # Adam on the task weights s_k (Chen et al. 2018)
+    max_steps: int = 0  # stop after this many optimiser steps (0: all epochs)
+    checkpoint_every: int = 200  # steps between last.pt saves inside an epoch
+    eval_batch: int = 128
+    workers: int = 4  # data loader processes
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # bf16 autocast on a GPU
+    seed: int = 0  # the paper reports the mean over seeds 0, 1, 2
+    synth_ids: int = 300  # SynthPEDES identities (data.SynthConfig)
+    synth_regime: str = "cloth-changing"  # or same-clothes
+    final_eval: bool = True  # evaluate on the test split at the end (results.json)
+
+
+def presets(dataset: str) -> tuple[TrainConfig, ModelConfig]:
+    """The real benchmarks use the paper's encoders at 224 x 224 on a GPU; SynthPEDES uses the
+    small encoders and a schedule that trains on two CPU cores in about ten minutes."""
+    if dataset == "synth":
+        train = TrainConfig(data="synth", epochs=4, p=8, k=4, lr=3e-4, warmup_steps=20, workers=0)
+        return train, ModelConfig.small(fusion_negatives=1, max_text_len=48)
+    return TrainConfig(data=dataset), ModelConfig()
+
+
+def _parse_value(text: str, kind):
+    """A command-line string as a field of type `kind` (bool, int, float, str, tuple of ints)."""
+    if kind is bool or kind == "bool":
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+        return text.lower() in ("true", "1", "yes")
+    if kind in (int, "int"):
+        return int(text)
+    if kind in (float, "float"):
+        return float(text)
+    if str(kind).startswith("tuple"):
+        return tuple(int(v) for v in text.replace("x", ",").split(","))
+    return text
+
+
+def parse_config(argv=None) -> tuple[TrainConfig, ModelConfig, argparse.Namespace]:
+    """Flags: every field of TrainConfig and ModelConfig, --ablation ROW, --resume DIR, --bench.
+    The dataset's preset comes first, then the ablation row, then the fields given."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--resume", default="", help="a run folder to continue")
+    parser.add_argument("--bench", action="store_true", help="time training steps and exit")
+    parser.add_argument("--ablation", default="full", choices=list(ABLATIONS),
+                        help="a row of Tables II-IV")
+    owners = {}
+    for cls in (TrainConfig, ModelConfig):
+        for f in dataclasses.fields(cls):
+            assert f.name not in owners, f"field {f.name} is in both configs"
+            owners[f.name] = cls
+            parser.add_argument(f"--{f.name}", type=lambda s, t=f.type: _parse_value(s, t), default=None,
+                                help=f"{cls.__name__}.{f.name} (default: the dataset's preset)")
+    args = parser.parse_args(argv)
+    given = {name: value for name, value in vars(args).items() if name in owners and value is not None}
+    if args.resume:
+        if given or args.ablation != "full":
+            parser.error("--resume continues a run with its saved configuration; give no other fields")
+        saved = json.loads((Path(args.resume) / "config.json").read_text())
+        return TrainConfig(**saved["train"]), ModelConfig(**saved["model"]), args
+    train, model = presets(given.get("data", "synth"))
+    model = dataclasses.replace(model, **ABLATIONS[args.ablation])
+    train = dataclasses.replace(train, **{k: v for k, v in given.items() if owners[k] is TrainConfig})
+    model = dataclasses.replace(model, **{k: v for k, v in given.items() if owners[k] is ModelConfig})
+    if train.data not in data.DATASETS:
+        parser.error(f"--data must be one of {data.DATASETS}")
+    return train, model, args
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (a non-finite loss, a missing checkpoint); printed, no traceback."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: the dataset, its descriptions, and batches that a resumed run replays exactly
+
+
+def prepare_data(cfg: TrainConfig) -> None:
+    """The dataset and its identity/clothing descriptions must exist before training. SynthPEDES
+    is made here when missing (data, then offline descriptions); a real benchmark is not."""
+    described = data.descriptions_file(cfg.data, cfg.root)
+    if cfg.data == "synth":
+        data.ensure_synthpedes(cfg.root, num_ids=cfg.synth_ids, regime=cfg.synth_regime)
+        images = len(data.read_annotations("synth", cfg.root).records)
+        if not described.exists() or len(data.read_descriptions(described)) < images:
+            print(f"writing the missing SynthPEDES descriptions to {described} "
+                  "(python describe.py: style clusters + the offline rules backend)", file=sys.stderr)
+            import describe  # offline here: the rules backend calls no network
+            describe.run(describe.DescribeConfig(data="synth", root=cfg.root))
+        return
+    data.read_annotations(cfg.data, cfg.root)  # a missing dataset says where the files go
+    if not described.exists():
+        raise data.DatasetError(
+            f"{described} is missing: training needs the identity and clothing descriptions of "
+            f"every image (paper Sec. III-B). Write them first with\n"
+            f"  OPENAI_API_KEY=... python describe.py --data {cfg.data} --root {cfg.root} "
+            f"--backend openai --model gpt-4o-mini\n"
+            f"or offline, from the captions alone: python describe.py --data {cfg.data} "
+            f"--root {cfg.root} --backend rules")
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """Item (epoch, i) of a TrainSet, its augmentation drawn from a generator seeded by
+    (seed, epoch, i): the batches of a resumed run are the batches it would have seen, with any
+    number of loader workers, and the main process's RNG (dropout) is left alone."""
+
+    def __init__(self, dataset: data.TrainSet, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + i)
+            return self.dataset[i]
+
+
+def make_loader(items: SeededItems, sampler: data.IdentitySampler, epoch: int, skip: int,
+                tokenizer, cfg: TrainConfig, max_len: int):
+    """The P x K batches of `epoch`, less the first `skip` (already trained on)."""
+    sampler.set_epoch(epoch)
+    batches = [[(epoch, i) for i in batch] for batch in list(sampler)[skip:]]
+    collate = functools.partial(data.collate, tokenizer=tokenizer, max_len=max_len)
+    # its own generator: creating the iterator must not draw from the main RNG (dropout)
+    return torch.utils.data.DataLoader(items, batch_sampler=batches, collate_fn=collate,
+                                       num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
+                                       generator=torch.Generator().manual_seed(cfg.seed))
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: to_device(v, device) if isinstance(v, dict) else v.to(device, non_blocking=True)
+            for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# The training state: everything a checkpoint holds
+
+
+@dataclass
+class State:
+    model: T2IReID
+    gradnorm: GradNorm
+    optimizer: torch.optim.Optimizer  # the network: Adam, Sec. IV-A
+    weight_optimizer: torch.optim.Optimizer  # the GradNorm task weights s_k
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    epoch: int = 0
+    step_in_epoch: int = 0  # batches of `epoch` already trained on
+    global_step: int = 0
+    best: float = -1.0  # best validation Rank-1 so far
+
+    @classmethod
+    def create(cls, cfg: TrainConfig, mcfg: ModelConfig, device, total_steps: int) -> "State":
+        model = T2IReID(mcfg).to(device)
+        reg = mcfg.weight_reg if mcfg.use_weight_reg else 0.0
+        gradnorm = GradNorm(mcfg.loss_names(), alpha=mcfg.gradnorm_alpha, reg_lambda=reg).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        weight_optimizer = torch.optim.Adam(gradnorm.parameters(), lr=cfg.gradnorm_lr)
+
+        def lr_factor(step):  # linear warm-up, then cosine annealing to 0 (Sec. IV-A)
+            if step < cfg.warmup_steps:
+                return (step + 1) / cfg.warmup_steps
+            progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        return cls(model, gradnorm, optimizer, weight_optimizer, schedule)
+
+    def state_dict(self) -> dict:
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        parts = ("model", "gradnorm", "optimizer", "weight_optimizer", "schedule")
+        counters = ("epoch", "step_in_epoch", "global_step", "best")
+        return {**{p: getattr(self, p).state_dict() for p in parts},
+                **{c: getattr(self, c) for c in counters}, "rng": rng}
+
+    def load_state_dict(self, saved: dict) -> None:
+        for part in ("model", "gradnorm", "optimizer", "weight_optimizer", "schedule"):
+            getattr(self, part).load_state_dict(saved[part])
+        for counter in ("epoch", "step_in_epoch", "global_step", "best"):
+            setattr(self, counter, saved[counter])
+        torch.set_rng_state(saved["rng"]["torch"])
+        np.random.set_state(saved["rng"]["numpy"])
+        random.setstate(saved["rng"]["python"])
+        if saved["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+
+
+def save(obj: dict, path: Path) -> None:
+    """Write to a temporary file, then rename: a kill mid-write never leaves a broken file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# One step, one epoch
+
+
+def train_step(state: State, batch: dict, mcfg: ModelConfig, device, amp: bool) -> dict:
+    """Forward, the named losses, GradNorm (Eq. 5) and the weighted total (Eq. 6), one update."""
+    batch = to_device(batch, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+        out = state.model(batch)
+        losses = {name: loss.float() for name, loss in compute_losses(out, batch, mcfg).items()}
+    values = {name: loss.detach().item() for name, loss in losses.items()}
+    bad = {name: value for name, value in values.items() if not math.isfinite(value)}
+    if bad:
+        raise TrainingError(f"loss {', '.join(f'{k} = {v}' for k, v in bad.items())} at step "
+                            f"{state.global_step + 1} (epoch {state.epoch + 1}); lower --lr or turn "
+                            f"--amp off; last.pt still holds the last good state")
+    if mcfg.use_gradnorm:
+        stats = state.gradnorm.backward(losses, state.model.shared_parameter())
+    else:  # every weight stays 1
+        stats = {"total": sum(losses.values())}
+        stats["total"].backward()
+    state.optimizer.step()
+    state.schedule.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    if mcfg.use_gradnorm:
+        state.weight_optimizer.step()
+        state.gradnorm.renormalise_()
+    state.weight_optimizer.zero_grad(set_to_none=True)
+    weights = state.gradnorm.weights().tolist()
+    return {**values, "total": stats["total"].detach().item(),
+            **{f"w_{task}": w for task, w in zip(state.gradnorm.tasks, weights)}}
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM: finish the current step, save last.pt, and stop. A second Ctrl-C
+    interrupts at once (last.pt then holds the previous checkpoint)."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signal handlers can only be set from the main thread
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step; saving last.pt (Ctrl-C again to quit at once)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def run_epoch(state: State, loader, cfg: TrainConfig, mcfg: ModelConfig, device, run: Path,
+              log, stop: StopRequest) -> bool:
+    """Train on the batches of one epoch; False if stopped early (max_steps or a stop request)."""
+    bar = tqdm(loader, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", dynamic_ncols=True,
+               initial=state.step_in_epoch, total=state.step_in_epoch + len(loader))
+    tick = time.perf_counter()
+    for batch in bar:
+        row = train_step(state, batch, mcfg, device, cfg.amp)
+        state.step_in_epoch += 1
+        state.global_step += 1
+        now = time.perf_counter()
+        row.update(step=state.global_step, epoch=state.epoch, lr=state.schedule.get_last_lr()[0],
+                   images_per_s=len(batch["pids"]) / (now - tick))
+        tick = now
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+        bar.set_postfix(loss=f"{row['total']:.3f}", img_s=f"{row['images_per_s']:.1f}")
+        if state.global_step % cfg.checkpoint_every == 0:
+            save(state.state_dict(), run / "last.pt")
+        if stop.requested or (cfg.max_steps and state.global_step >= cfg.max_steps):
+            return False
+    return True
+
+
+def validate(state: State, val, tokenizer, cfg: TrainConfig, mcfg: ModelConfig, device) -> float:
+    """Stage-1 Rank-1 on the validation split (model selection; no test data is looked at)."""
+    metrics = evaluate.evaluate_model(state.model, val, tokenizer, mcfg.image_size, mcfg.max_text_len,
+                                      device, batch_size=cfg.eval_batch, rerank_k=0,
+                                      robustness=False, progress=False)
+    state.model.train()
+    return metrics["stage1"]["R1"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda, but torch sees no GPU; use --device cpu")
+    return torch.device(name)
+
+
+def start_run(cfg: TrainConfig, mcfg: ModelConfig, run: Path | None) -> tuple[Path, bool]:
+    """A new run folder with config.json, or the folder of a run to resume; runs/latest -> it."""
+    resume = run is not None
+    if resume and not (run / "last.pt").exists():
+        raise TrainingError(f"{run / 'last.pt'} does not exist: nothing to resume")
+    if not resume:
+        run = Path("runs") / (cfg.name or f"{cfg.data}-{time.strftime('%Y%m%d-%H%M%S')}")
+        run.mkdir(parents=True, exist_ok=True)
+        config = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(mcfg)}
+        (run / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    latest = run.parent / "latest"
+    if latest.is_symlink() or not latest.exists():
+        latest.unlink(missing_ok=True)
+        latest.symlink_to(run.resolve(), target_is_directory=True)
+    return run, resume
+
+
+def trim_log(path: Path, last_step: int) -> None:
+    """On resume, drop the log lines of steps after the checkpoint: they are trained again."""
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= last_step]
+        path.write_text("".join(row + "\n" for row in rows))
+
+
+def train(cfg: TrainConfig, mcfg: ModelConfig, run: Path | None = None) -> Path:
+    """Train (or resume `run`), keep last.pt / best.pt, evaluate on the test split at the end."""
+    device = pick_device(cfg.device)
+    prepare_data(cfg)
+    dataset = data.load_dataset(cfg.data, cfg.root)
+    val = data.load_dataset(cfg.data, cfg.root, eval_split="val") if cfg.data != "icfg" else None
+    tokenizer = data.load_tokenizer(mcfg.text_model or None)  # "" = random BERT, same vocabulary
+    torch.manual_seed(cfg.seed), np.random.seed(cfg.seed), random.seed(cfg.seed)
+    sampler = data.IdentitySampler([s.pid for s in dataset.train], cfg.p, cfg.k, seed=cfg.seed)
+    state = State.create(cfg, mcfg, device, total_steps=cfg.epochs * len(sampler))
+    run, resume = start_run(cfg, mcfg, run)
+    if resume:
+        state.load_state_dict(torch.load(run / "last.pt", map_location=device, weights_only=False))
+        trim_log(run / "log.jsonl", state.global_step)
+        print(f"resuming {run} at epoch {state.epoch + 1}, step {state.global_step}", file=sys.stderr)
+    items = SeededItems(data.TrainSet(dataset.train, data.train_transform(mcfg.image_size)), cfg.seed)
+    state.model.train()
+    with open(run / "log.jsonl", "a") as log, StopRequest() as stop:
+        while state.epoch < cfg.epochs:
+            loader = make_loader(items, sampler, state.epoch, state.step_in_epoch, tokenizer, cfg,
+                                 mcfg.max_text_len)
+            if not run_epoch(state, loader, cfg, mcfg, device, run, log, stop):
+                break
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
+            score = validate(state, val, tokenizer, cfg, mcfg, device) if val else float("nan")
+            log.write(json.dumps({"step": state.global_step, "epoch": state.epoch, "val_R1": score}) + "\n")
+            if val is None or score > state.best:  # no validation split: the last epoch is the best
+                state.best = score if val else state.best
+                save({"model": state.model.state_dict(), "epoch": state.epoch, "val_R1": score}, run / "best.pt")
+            save(state.state_dict(), run / "last.pt")
+    save(state.state_dict(), run / "last.pt")
+    if stop.requested:
+        raise KeyboardInterrupt(f"stopped at step {state.global_step}; continue with: "
+                                f"python train.py --resume {run}")
+    if not (run / "best.pt").exists():  # stopped by max_steps before the first epoch ended
+        save({"model": state.model.state_dict(), "epoch": state.epoch, "val_R1": None}, run / "best.pt")
+    if cfg.final_eval:
+        final_evaluation(state.model, run, dataset, tokenizer, cfg, mcfg, device)
+    return run
+
+
+def final_evaluation(model: T2IReID, run: Path, dataset, tokenizer, cfg: TrainConfig,
+                     mcfg: ModelConfig, device) -> None:
+    """best.pt on the test split: both stages and the robustness settings -> results.json."""
+    model.load_state_dict(torch.load(run / "best.pt", map_location=device, weights_only=False)["model"])
+    results = evaluate.evaluate_model(model, dataset, tokenizer, mcfg.image_size, mcfg.max_text_len,
+                                      device, batch_size=cfg.eval_batch)
+    (run / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(evaluate.report(results))
+    print(f"wrote {run / 'results.json'}; pictures: python evaluate.py --run {run}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark: the whole training step against its two encoders alone (DESIGN.md section 8)
+
+
+def bench(cfg: TrainConfig, mcfg: ModelConfig, steps: int = 10) -> None:
+    """Median time of a training step (forward, backward, Adam) on random inputs of the configured
+    shapes, for the encoders alone (ViT + text encoder, mean of their outputs as the loss) and for
+    the whole model with every loss and GradNorm. Hub encoders are built from their configs with
+    random weights (no download), as in the DESIGN baseline."""
+    device = pick_device(cfg.device)
+    local = lambda name: name if name and Path(name).is_dir() else ""  # noqa: E731
+    mcfg = dataclasses.replace(mcfg, vision_model=local(mcfg.vision_model), text_model=local(mcfg.text_model))
+    b, t = cfg.p * cfg.k, mcfg.max_text_len
+    g = torch.Generator().manual_seed(cfg.seed)
+    text = lambda: {"input_ids": torch.randint(1000, 30000, (b, t), generator=g),  # noqa: E731
+                    "attention_mask": torch.ones(b, t, dtype=torch.long)}
+    batch = to_device({"images": torch.randn(b, 3, *mcfg.image_size, generator=g),
+                       "pids": torch.arange(b) // cfg.k, "caption": text(), "identity": text(),
+                       "clothing": text()}, device)
+    state = State.create(cfg, mcfg, device, total_steps=10 ** 6)
+    encoders = [state.model.vision, state.model.text]
+    enc_optimizer = torch.optim.Adam([p for m in encoders for p in m.parameters()], lr=cfg.lr)
+    amp = cfg.amp and device.type == "cuda"
+
+    def encoders_step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = state.model.vision(pixel_values=batch["images"]).last_hidden_state.float().mean()
+            for key in ("caption", "identity", "clothing"):
+                loss = loss + state.model.text(**batch[key]).last_hidden_state.float().mean()
+        loss.backward()
+        enc_optimizer.step()
+        enc_optimizer.zero_grad(set_to_none=True)
+
+    rows = [("ViT + text encoder (3 texts)", encoders_step),
+            ("whole model, all losses + GradNorm", lambda: train_step(state, batch, mcfg, device, cfg.amp))]
+    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
+          f"batch {b}, images {mcfg.image_size}, text length {t}, bf16 autocast {amp}")
+    print(f"{'step':38s}{'ms / step':>12s}{'images / s':>12s}")
+    times = {}
+    for name, step in rows:
+        times[name] = _median_ms(step, steps, device)
+        print(f"{name:38s}{times[name]:12.1f}{1000 * b / times[name]:12.1f}")
+    print(f"the whole model costs {times[rows[1][0]] / times[rows[0][0]]:.2f}x its encoders")
+
+
+def _median_ms(step, steps: int, device) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):  # warm-up: allocator, kernels compiled on first use
+        step()
+    times = []
+    for _ in range(steps):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(1000 * (time.perf_counter() - start))
+    return float(np.median(times))
+
+
+def main(argv=None) -> int:
+    cfg, mcfg, args = parse_config(argv)
+    try:
+        if args.bench:
+            bench(cfg, mcfg)
+        else:
+            train(cfg, mcfg, Path(args.resume) if args.resume else None)
+    except (data.DatasetError, EncoderLoadError, TrainingError, evaluate.RunError) as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as stop:
+        print(f"train.py: {stop or 'interrupted'}", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
