@@ -92,13 +92,15 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
         delta = delta + delta_bias.float()[:, None]                  # (b, d, l)
     if delta_softplus:
         delta = F.softplus(delta)                                    # (b, d, l), threshold 20
+    # Every step's factors at once, then split along time with unbind: indexing [:, :, t] inside
+    # the loop would make autograd zero-fill a whole (b, d, l) gradient per step, O(L^2) work.
+    decay = torch.exp(torch.einsum("bdl,dn->lbdn", delta, A))        # (l, b, d, n)  exp(delta_t A)
+    drive = torch.einsum("bdl,bnl,bdl->lbdn", delta, B, u)           # (l, b, d, n)  delta_t B_t u_t
     h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])              # (b, d, n) state h_{-1} = 0
     ys = []
-    for t in range(u.shape[2]):
-        decay = torch.exp(delta[:, :, t, None] * A)                  # (b, d, n)  exp(delta_t A)
-        drive = delta[:, :, t, None] * B[:, None, :, t] * u[:, :, t, None]  # (b, d, n)  delta B u
-        h = decay * h + drive                                        # (b, d, n)
-        ys.append(torch.einsum("bdn,bn->bd", h, C[:, :, t]))        # (b, d)  <h_t, C_t>
+    for decay_t, drive_t, c_t in zip(decay.unbind(0), drive.unbind(0), C.unbind(2)):
+        h = decay_t * h + drive_t                                    # (b, d, n)
+        ys.append(torch.einsum("bdn,bn->bd", h, c_t))               # (b, d)  <h_t, C_t>
     y = torch.stack(ys, dim=2)                                       # (b, d, l)
     if D is not None:
         y = y + D.float()[:, None] * u
