@@ -1,7 +1,7 @@
 """The paper's objective: Eq. 1-6, one function per equation, then the assembly.
 
 Paper: "Disentangling Identity from Transient Attributes: A Semantically-Supervised Decoupling
-Framework for Robust Person Re-Identification", Sec. III-E (losses) and III-F (GradNorm).
+Framework for Robust Person Re-Identification", Sec. III (the objective, Eq. 1-6).
 
     L_aln       Eq. 1  clothing alignment InfoNCE     clothing_alignment_loss
     L_decouple  Eq. 2  HSIC between f_id and f_clo    hsic
@@ -39,9 +39,8 @@ def multi_positive_nce(logits: torch.Tensor, positives: torch.Tensor) -> torch.T
         l_i = -1/|P(i)| * sum_{j in P(i)} log( exp(s_ij) / sum_k exp(s_ik) )
 
     i.e. the cross-entropy between softmax(s_i) and the uniform distribution over the positive
-    set P(i) (Khosla et al. 2020, "L_out"; equal, up to a constant, to IRRA's SDM loss). With one
-    positive per row it is the ordinary InfoNCE / cross-entropy. Rows without a positive are
-    skipped.
+    set P(i) (Khosla et al. 2020, SupCon's "L_out"). With one positive per row it is the ordinary
+    InfoNCE / cross-entropy. Rows without a positive are skipped.
 
     Args: logits (Q, G) already divided by the temperature; positives (Q, G) bool.
     Returns: scalar mean over the anchors that have a positive.
