@@ -10,11 +10,11 @@ points at the newest run.
     python train.py                                  # SynthPEDES on a CPU, all offline
     python train.py --data cuhk                      # CUHK-PEDES, the paper's encoders, one GPU
     python train.py --ablation "w/o Mamba"           # a row of Tables II-IV (model.ABLATIONS)
-    python train.py --use_bdam false --loss_aln false --loss_decouple false   # any field
+    python train.py --use-bdam false --loss-aln false --loss-decouple false   # any field
     python train.py --resume runs/NAME               # continue exactly where it stopped
     python train.py --bench                          # step time of the model vs its encoders
 
-Every field of TrainConfig and model.ModelConfig is a flag (`--name value`).
+Every field of TrainConfig and model.ModelConfig is a flag (`--field-name value`).
 Tests: pytest tests/test_train.py
 """
 import argparse
@@ -105,7 +105,7 @@ def parse_config(argv=None) -> tuple[TrainConfig, ModelConfig, argparse.Namespac
         for f in dataclasses.fields(cls):
             assert f.name not in owners, f"field {f.name} is in both configs"
             owners[f.name] = cls
-            parser.add_argument(f"--{f.name}", type=lambda s, t=f.type: _parse_value(s, t), default=None,
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=lambda s, t=f.type: _parse_value(s, t), default=None,
                                 help=f"{cls.__name__}.{f.name} (default: the dataset's preset)")
     args = parser.parse_args(argv)
     given = {name: value for name, value in vars(args).items() if name in owners and value is not None}

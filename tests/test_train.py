@@ -17,9 +17,9 @@ import train
 
 # A model small enough to train in seconds on a CPU: 2-layer ViT on 64 x 32 images (P = 8), the
 # pretrained all-MiniLM-L6-v2 text encoder (real words carry meaning from the first step).
-TINY = ["--image_size", "64,32", "--vision_layers", "2", "--vision_width", "64", "--vision_heads", "2",
-        "--bdam_width", "64", "--bdam_heads", "2", "--fusion_width", "32", "--embed_dim", "32",
-        "--rerank_k", "8", "--eval_batch", "64", "--workers", "0"]
+TINY = ["--image-size", "64,32", "--vision-layers", "2", "--vision-width", "64", "--vision-heads", "2",
+        "--bdam-width", "64", "--bdam-heads", "2", "--fusion-width", "32", "--embed-dim", "32",
+        "--rerank-k", "8", "--eval-batch", "64", "--workers", "0"]
 
 
 @pytest.fixture(autouse=True)
@@ -32,13 +32,13 @@ def scan_reference(monkeypatch):
 def synth_root(tmp_path_factory):
     """30 identities (18 train / 3 val / 9 test), their descriptions written by train.py itself."""
     root = tmp_path_factory.mktemp("synth")
-    cfg, _, _ = train.parse_config(["--root", str(root), "--synth_ids", "30"])
+    cfg, _, _ = train.parse_config(["--root", str(root), "--synth-ids", "30"])
     train.prepare_data(cfg)
     return root
 
 
 def config(root, *extra):
-    cfg, mcfg, _ = train.parse_config(["--root", str(root), "--synth_ids", "30", *TINY, *extra])
+    cfg, mcfg, _ = train.parse_config(["--root", str(root), "--synth-ids", "30", *TINY, *extra])
     return cfg, mcfg
 
 
@@ -65,10 +65,10 @@ def test_training_beats_chance_by_a_margin(synth_root, tmp_path, monkeypatch):
 def test_resume_continues_exactly(synth_root, tmp_path, monkeypatch):
     """4 steps straight == 2 steps, stop, resume, 2 more: same weights, same log."""
     monkeypatch.chdir(tmp_path)
-    base = ["--epochs", "2", "--p", "4", "--k", "2", "--final_eval", "false", "--checkpoint_every", "1"]
-    straight = train.train(*config(synth_root, *base, "--max_steps", "5", "--name", "straight"))
-    halves = train.train(*config(synth_root, *base, "--max_steps", "2", "--name", "halves"))
-    cfg, mcfg = config(synth_root, *base, "--max_steps", "5", "--name", "halves")
+    base = ["--epochs", "2", "--p", "4", "--k", "2", "--final-eval", "false", "--checkpoint-every", "1"]
+    straight = train.train(*config(synth_root, *base, "--max-steps", "5", "--name", "straight"))
+    halves = train.train(*config(synth_root, *base, "--max-steps", "2", "--name", "halves"))
+    cfg, mcfg = config(synth_root, *base, "--max-steps", "5", "--name", "halves")
     train.train(cfg, mcfg, run=halves)
     a = torch.load(straight / "last.pt", weights_only=False)
     b = torch.load(halves / "last.pt", weights_only=False)
@@ -84,8 +84,8 @@ def test_resume_continues_exactly(synth_root, tmp_path, monkeypatch):
 def test_ctrl_c_saves_last_and_resume_finishes(synth_root, tmp_path):
     """A real process, a real SIGINT: exit 130, last.pt written, then --resume runs to the end."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = [sys.executable, str(Path(train.__file__)), "--root", str(synth_root), "--synth_ids", "30",
-            *TINY, "--epochs", "1", "--p", "4", "--k", "2", "--final_eval", "false", "--name", "stopped"]
+    args = [sys.executable, str(Path(train.__file__)), "--root", str(synth_root), "--synth-ids", "30",
+            *TINY, "--epochs", "1", "--p", "4", "--k", "2", "--final-eval", "false", "--name", "stopped"]
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "runs" / "stopped" / "log.jsonl"
     deadline = time.time() + 240
@@ -113,7 +113,7 @@ def test_non_finite_loss_stops_with_the_loss_named(synth_root, tmp_path, monkeyp
 
     monkeypatch.setattr(train, "compute_losses", broken)
     with pytest.raises(train.TrainingError, match="loss triplet = nan at step 1"):
-        train.train(*config(synth_root, "--p", "4", "--k", "2", "--max_steps", "1"))
+        train.train(*config(synth_root, "--p", "4", "--k", "2", "--max-steps", "1"))
 
 
 def test_real_benchmark_without_descriptions_names_the_describe_command(tmp_path):
@@ -128,13 +128,13 @@ def test_real_benchmark_without_descriptions_names_the_describe_command(tmp_path
 
 
 def test_command_line_types_presets_and_ablations():
-    cfg, mcfg, _ = train.parse_config(["--ablation", "w/o Mamba", "--lr", "2e-4", "--use_gradnorm", "false"])
+    cfg, mcfg, _ = train.parse_config(["--ablation", "w/o Mamba", "--lr", "2e-4", "--use-gradnorm", "false"])
     assert cfg.data == "synth" and cfg.lr == 2e-4 and mcfg.fusion_mamba is False and mcfg.use_gradnorm is False
     assert mcfg.vision_model == ""  # the SynthPEDES preset: a small ViT from its config
     cfg, mcfg, _ = train.parse_config(["--data", "cuhk"])
     assert mcfg.vision_model == "google/vit-base-patch16-224" and mcfg.image_size == (224, 224)
     assert cfg.lr == 1e-4 and cfg.weight_decay == 1e-3 and mcfg.gradnorm_alpha == 1.5  # Sec. IV-A
-    for bad in (["--no_such_field", "1"], ["--epochs", "ten"], ["--use_bdam", "maybe"], ["--data", "mnist"]):
+    for bad in (["--no-such-field", "1"], ["--epochs", "ten"], ["--use-bdam", "maybe"], ["--data", "mnist"]):
         with pytest.raises(SystemExit):
             train.parse_config(bad)
     with pytest.raises(SystemExit):  # a resumed run keeps its saved configuration
