@@ -119,7 +119,7 @@ def embed_gallery(model: T2IReID, paths: list, image_size, device, batch_size=64
     for chunk in _chunks(list(paths), batch_size, "gallery", progress):
         images = torch.stack([transform(load_image(p)) for p in chunk]).to(device)  # (b, 3, H, W)
         feats = model.image_features(images)
-        emb.append(F.normalize(model.image_proj(feats["f_id"]), dim=-1))  # (b, E), as encode_images
+        emb.append(model.image_embedding(feats["f_id"]))  # (b, E), as encode_images
         if model.fusion is not None:  # as fusion_tokens, without a second ViT pass
             tokens.append(model.fusion.align_image(feats["tokens"]).to("cpu", torch.float16))  # (b, P, d)
         if feats["gate"] is not None:

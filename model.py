@@ -93,6 +93,10 @@ class ModelConfig:
     loss_fusion: bool = True  # Eq. 3 on the fusion scores (DESIGN 3.1)
     use_gradnorm: bool = True  # Eq. 5; False: all weights 1
     use_weight_reg: bool = True  # the lambda term of Eq. 6
+    # not in the paper: BatchNorm on f_id before the image projection ("BNNeck", Luo et al. 2019).
+    # A randomly initialised ViT gives mean-pooled features that differ little between images;
+    # without it the small SynthPEDES model stays at chance for hundreds of steps.
+    image_bn: bool = True
 
     def __post_init__(self):
         self.image_size = tuple(self.image_size)  # a JSON round trip gives a list
@@ -402,6 +406,7 @@ class T2IReID(nn.Module):
         self.bdam = BDAM(cfg, dv) if cfg.use_bdam else None
         self.global_proj = None if cfg.use_bdam else nn.Linear(dv, d)  # "w/o BDAM": one global feature
         self.image_proj, self.text_proj = nn.Linear(d, cfg.embed_dim), nn.Linear(dt, cfg.embed_dim)
+        self.image_bn = nn.BatchNorm1d(d) if cfg.image_bn else nn.Identity()
         self.clothing_image_proj = nn.Linear(d, cfg.embed_dim) if cfg.loss_aln else None
         self.clothing_text_proj = nn.Linear(dt, cfg.embed_dim) if cfg.loss_aln else None
         self.fusion = MambaFusion(cfg, d, dt) if cfg.use_fusion else None
@@ -429,7 +434,11 @@ class T2IReID(nn.Module):
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Gallery embedding from the image alone: (B, 3, H, W) -> (B, E), L2-normalised."""
-        return F.normalize(self.image_proj(self.image_features(images)["f_id"]), dim=-1)
+        return self.image_embedding(self.image_features(images)["f_id"])
+
+    def image_embedding(self, f_id: torch.Tensor) -> torch.Tensor:
+        """(B, D) identity feature -> (B, E) stage-1 embedding, L2-normalised."""
+        return F.normalize(self.image_proj(self.image_bn(f_id)), dim=-1)
 
     # --- texts ------------------------------------------------------------------
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -472,7 +481,7 @@ class T2IReID(nn.Module):
         caption = self.text_features(**batch["caption"])  # (B, Dt)
         identity = self.text_features(**batch["identity"])  # (B, Dt)
         out = dict(f_id=vis["f_id"], f_clo=vis["f_clo"], bdam_gate=vis["gate"],
-                   image_emb=F.normalize(self.image_proj(vis["f_id"]), dim=-1),  # (B, E)
+                   image_emb=self.image_embedding(vis["f_id"]),  # (B, E)
                    caption_emb=F.normalize(self.text_proj(caption), dim=-1),  # (B, E)
                    identity_emb=F.normalize(self.text_proj(identity), dim=-1))  # (B, E)
         if self.clothing_image_proj is not None:
