@@ -52,8 +52,7 @@ def test_training_beats_chance_on_what_it_was_shown(tmp_path_factory, tmp_path, 
     with training all fail it. Held-out identities need far more steps than a test can afford."""
     monkeypatch.chdir(tmp_path)
     root = tmp_path_factory.mktemp("synth10")  # 10 ids: 6 train / 1 val / 3 test
-    cfg, mcfg = config(root, "--synth-ids", "10", "--epochs", "15", "--p", "6", "--k", "4", "--lr", "1e-3",
-                       "--final-eval", "false")
+    cfg, mcfg = config(root, "--synth-ids", "10", "--epochs", "15", "--p", "6", "--k", "4", "--final-eval", "false")
     run = train.train(cfg, mcfg)
     model = T2IReID(mcfg)
     model.load_state_dict(torch.load(run / "last.pt", weights_only=False)["model"])
@@ -67,8 +66,9 @@ def test_training_beats_chance_on_what_it_was_shown(tmp_path_factory, tmp_path, 
     gallery = [g.pid for g in shown.gallery]
     # a random ranking puts a positive first with probability (#positives / #gallery)
     chance_r1 = 100 * sum(gallery.count(q.pid) / len(gallery) for q in shown.queries) / len(shown.queries)
-    assert result["stage1"]["R1"] > chance_r1 + 30, (result["stage1"], chance_r1)
-    assert result["stage2"]["R1"] > chance_r1 + 30, (result["stage2"], chance_r1)
+    assert result["stage1"]["R1"] > chance_r1 + 20, (result["stage1"], chance_r1)
+    assert result["stage1"]["mAP"] > 2 * chance_r1, (result["stage1"], chance_r1)
+    assert result["stage2"]["R5"] > chance_r1 + 40, (result["stage2"], chance_r1)
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     steps = [row for row in log if "total" in row]
     assert len(steps) == 45 and steps[-1]["total"] < steps[0]["total"]
