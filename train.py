@@ -414,15 +414,15 @@ def train(cfg: TrainConfig, mcfg: ModelConfig, run: Path | None = None) -> Path:
             loader = make_loader(items, sampler, state.epoch, state.step_in_epoch, tokenizer, cfg,
                                  mcfg.max_text_len)
             if not run_epoch(state, loader, cfg, mcfg, device, run, log, stop):
+                save(state.state_dict(), run / "last.pt")  # stopped inside the epoch
                 break
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
-            score = validate(state, val, tokenizer, cfg, mcfg, device) if val else float("nan")
+            score = validate(state, val, tokenizer, cfg, mcfg, device) if val else None
             log.write(json.dumps({"step": state.global_step, "epoch": state.epoch, "val_R1": score}) + "\n")
-            if val is None or score > state.best:  # no validation split: the last epoch is the best
-                state.best = score if val else state.best
+            if score is None or score > state.best:  # no validation split: the last epoch is the best
+                state.best = state.best if score is None else score
                 save({"model": state.model.state_dict(), "epoch": state.epoch, "val_R1": score}, run / "best.pt")
             save(state.state_dict(), run / "last.pt")
-    save(state.state_dict(), run / "last.pt")
     if stop.requested:
         raise KeyboardInterrupt(f"stopped at step {state.global_step}; continue with: "
                                 f"python train.py --resume {run}")
