@@ -90,14 +90,27 @@ class ModelConfig:
     loss_fusion: bool = True  # Eq. 3 on the fusion scores (DESIGN 3.1)
     use_gradnorm: bool = True  # Eq. 5; False: all weights 1
     use_weight_reg: bool = True  # the lambda term of Eq. 6
-    # not in the paper: BatchNorm on f_id before the image projection ("BNNeck", Luo et al. 2019).
-    # A randomly initialised ViT gives mean-pooled features that differ little between images;
-    # without it the small SynthPEDES model stays at chance for hundreds of steps.
+    # not in the paper: BatchNorm on f_id and f_clo before their projections ("BNNeck", Luo et
+    # al. 2019); the triplet and HSIC losses then see the normalised features too. A randomly
+    # initialised ViT gives pooled features that differ little between images (cosine ~0.96):
+    # without it the small SynthPEDES model stays at chance for hundreds of steps, the triplet
+    # loss sits at its margin and HSIC is won by a constant clothing feature.
     image_bn: bool = True
+    # not in the paper: a stack of stride-2 3x3 convolutions in place of the ViT's 16x16 patch
+    # projection (Xiao et al. 2021, "Early convolutions help transformers see better"); only for a
+    # ViT built from its config (small(): a random ViT learns colour-at-a-place features faster)
+    conv_stem: bool = False
+    # how BDAM pools each stream's tokens to one vector: "mean" (the paper) or "position", a linear
+    # map of the flattened tokens (one D x D matrix per patch position) that starts as the mean.
+    # Not in the paper. On small, cluttered SynthPEDES crops a randomly initialised ViT learns
+    # "the colour at the torso" far sooner when the pooling may weight positions differently.
+    bdam_pooling: str = "mean"
 
     def __post_init__(self):
         self.image_size = tuple(self.image_size)  # a JSON round trip gives a list
         problems = []
+        if self.bdam_pooling not in ("mean", "position"):
+            problems.append(f"bdam_pooling must be 'mean' or 'position', got {self.bdam_pooling!r}")
         if self.hsic_kernel not in ("linear", "rbf"):
             problems.append(f"hsic_kernel must be 'linear' or 'rbf', got {self.hsic_kernel!r}")
         if not self.use_bdam and (self.loss_aln or self.loss_decouple):
@@ -126,11 +139,12 @@ class ModelConfig:
 
     @classmethod
     def small(cls, **overrides) -> "ModelConfig":
-        """CPU / SynthPEDES size: a 4-layer ViT (random init) on 128 x 64 images (P = 32) and the
-        offline pretrained all-MiniLM-L6-v2 text encoder; BDAM and fusion narrowed to match."""
+        """CPU / SynthPEDES size: a 4-layer ViT (random init, convolutional stem) on 128 x 64
+        images (P = 32) and the offline pretrained all-MiniLM-L6-v2 text encoder; BDAM (pooling by
+        position) and fusion narrowed to match."""
         small = dict(vision_model="", image_size=(128, 64), vision_layers=4, vision_width=192,
-                     vision_heads=3, text_model=OFFLINE_TEXT_MODEL, bdam_width=192, bdam_heads=3,
-                     fusion_width=128, embed_dim=128)
+                     vision_heads=3, conv_stem=True, text_model=OFFLINE_TEXT_MODEL, bdam_width=192,
+                     bdam_heads=3, bdam_pooling="position", fusion_width=64, embed_dim=128)
         return cls(**{**small, **overrides})
 
 
@@ -207,7 +221,31 @@ def load_vision_encoder(cfg: ModelConfig) -> ViTModel:
     config = ViTConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.vision_width,
                        num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
                        intermediate_size=4 * cfg.vision_width)
-    return ViTModel(config, add_pooling_layer=False)
+    vit = ViTModel(config, add_pooling_layer=False)
+    if cfg.conv_stem:
+        vit.embeddings.patch_embeddings.projection = ConvStem(cfg.patch_size, cfg.vision_width)
+    return vit
+
+
+class ConvStem(nn.Sequential):
+    """(B, 3, H, W) -> (B, width, H / patch, W / patch), as the patch projection it replaces:
+    log2(patch) stride-2 3x3 conv + BatchNorm + ReLU stages (channels doubling up to width / 2),
+    then a 1x1 convolution to the ViT's width."""
+
+    def __init__(self, patch_size: int, width: int):
+        stages = patch_size.bit_length() - 1
+        if 2 ** stages != patch_size:
+            raise ValueError(f"conv_stem needs a power-of-two patch_size, got {patch_size}")
+        layers, channels = [], 3
+        for i in range(stages):
+            out = max(32, width // 2 ** (stages - i))
+            layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
+            channels = out
+        super().__init__(*layers, nn.Conv2d(channels, width, 1))
+
+    @property
+    def weight(self) -> torch.Tensor:  # ViTModel reads projection.weight.dtype
+        return self[-1].weight
 
 
 def load_text_encoder(cfg: ModelConfig) -> BertModel:
@@ -280,7 +318,8 @@ class BDAM(nn.Module):
         g = sigmoid(W_g [f_id_hat; f_clo_hat] + b_g)             (B, D), element-wise gate
         f_id = g * f_id_hat,     f_clo = (1 - g) * f_clo_hat
     The gate also scales every identity token (tokens = g * Z_id), whose mean is exactly f_id:
-    the fusion module reads that token sequence (DESIGN.md 3.2).
+    the fusion module reads that token sequence (DESIGN.md 3.2). With bdam_pooling="position",
+    f_hat = sum_p W_p Z_p + b (W_p = I / P, b = 0 at the start, i.e. the mean) for each stream.
     """
 
     def __init__(self, cfg: ModelConfig, vision_width: int):
@@ -291,6 +330,10 @@ class BDAM(nn.Module):
                                     for _ in range(cfg.bdam_depth))
         self.norm_id, self.norm_clo = nn.LayerNorm(width), nn.LayerNorm(width)
         self.gate = nn.Linear(2 * width, width) if cfg.bdam_gate else None
+        self.pool_id = self.pool_clo = None
+        if cfg.bdam_pooling == "position":
+            positions = (cfg.image_size[0] // cfg.patch_size) * (cfg.image_size[1] // cfg.patch_size)
+            self.pool_id, self.pool_clo = position_pooling(positions, width), position_pooling(positions, width)
 
     def forward(self, patches: torch.Tensor) -> dict:
         """patches (B, P, Dv) -> dict(tokens (B, P, D), f_id (B, D), f_clo (B, D), gate (B, D) or None)."""
@@ -298,11 +341,23 @@ class BDAM(nn.Module):
         for layer in self.layers:
             z_id, z_clo = layer(z_id, z_clo)
         z_id, z_clo = self.norm_id(z_id), self.norm_clo(z_clo)
-        f_id_hat, f_clo_hat = z_id.mean(1), z_clo.mean(1)  # (B, D) each
+        if self.pool_id is None:
+            f_id_hat, f_clo_hat = z_id.mean(1), z_clo.mean(1)  # (B, D) each
+        else:
+            f_id_hat, f_clo_hat = self.pool_id(z_id.flatten(1)), self.pool_clo(z_clo.flatten(1))
         if self.gate is None:
             return dict(tokens=z_id, f_id=f_id_hat, f_clo=f_clo_hat, gate=None)
         g = torch.sigmoid(self.gate(torch.cat([f_id_hat, f_clo_hat], dim=-1)))  # (B, D)
         return dict(tokens=g[:, None, :] * z_id, f_id=g * f_id_hat, f_clo=(1 - g) * f_clo_hat, gate=g)
+
+
+def position_pooling(positions: int, width: int) -> nn.Linear:
+    """(B, P * D) flattened tokens -> (B, D), initialised to the mean over the P positions."""
+    pool = nn.Linear(positions * width, width)
+    with torch.no_grad():
+        pool.weight.copy_(torch.eye(width).repeat(1, positions) / positions)
+        pool.bias.zero_()
+    return pool
 
 
 # -----------------------------------------------------------------------------
@@ -392,6 +447,7 @@ class T2IReID(nn.Module):
         self.global_proj = None if cfg.use_bdam else nn.Linear(dv, d)  # "w/o BDAM": one global feature
         self.image_proj, self.text_proj = nn.Linear(d, cfg.embed_dim), nn.Linear(dt, cfg.embed_dim)
         self.image_bn = nn.BatchNorm1d(d) if cfg.image_bn else nn.Identity()
+        self.clothing_bn = nn.BatchNorm1d(d) if cfg.image_bn and cfg.use_bdam else nn.Identity()
         self.clothing_image_proj = nn.Linear(d, cfg.embed_dim) if cfg.loss_aln else None
         self.clothing_text_proj = nn.Linear(dt, cfg.embed_dim) if cfg.loss_aln else None
         self.fusion = MambaFusion(cfg, d, dt) if cfg.use_fusion else None
@@ -465,13 +521,16 @@ class T2IReID(nn.Module):
         vis = self.image_features(images)
         caption = self.text_features(**batch["caption"])  # (B, Dt)
         identity = self.text_features(**batch["identity"])  # (B, Dt)
-        out = dict(f_id=vis["f_id"], f_clo=vis["f_clo"], bdam_gate=vis["gate"],
-                   image_emb=self.image_embedding(vis["f_id"]),  # (B, E)
+        # f_id, f_clo after the BNNeck (image_bn; identity maps without it), as the losses see them
+        f_id = self.image_bn(vis["f_id"])  # (B, D)
+        f_clo = self.clothing_bn(vis["f_clo"]) if vis["f_clo"] is not None else None  # (B, D)
+        out = dict(f_id=f_id, f_clo=f_clo, bdam_gate=vis["gate"],
+                   image_emb=F.normalize(self.image_proj(f_id), dim=-1),  # (B, E) = image_embedding
                    caption_emb=F.normalize(self.text_proj(caption), dim=-1),  # (B, E)
                    identity_emb=F.normalize(self.text_proj(identity), dim=-1))  # (B, E)
         if self.clothing_image_proj is not None:
             clothing = self.text_features(**batch["clothing"])  # (B, Dt)
-            out["clo_image"] = F.normalize(self.clothing_image_proj(vis["f_clo"]), dim=-1)  # (B, E)
+            out["clo_image"] = F.normalize(self.clothing_image_proj(f_clo), dim=-1)  # (B, E)
             out["clo_text"] = F.normalize(self.clothing_text_proj(clothing), dim=-1)  # (B, E)
         if self.fusion is not None:
             texts = torch.cat([caption, identity])  # (S = 2B, Dt)

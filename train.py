@@ -76,7 +76,7 @@ def presets(dataset: str) -> tuple[TrainConfig, ModelConfig]:
         # lr 1e-3 for the parts trained from scratch, 1e-4 (the paper's) for the pretrained MiniLM;
         # tau 0.07: at 0.02 the first (random) logits are so confident that collapsing the text
         # embeddings to one point is the quickest way down, and training stalls at log(batch)
-        train = TrainConfig(data="synth", epochs=2, p=8, k=4, lr=1e-3, pretrained_lr_scale=0.1,
+        train = TrainConfig(data="synth", epochs=3, p=8, k=4, lr=1e-3, pretrained_lr_scale=0.1,
                             warmup_steps=20, workers=0)
         return train, ModelConfig.small(fusion_negatives=1, max_text_len=48, rerank_k=10, temperature=0.07)
     return TrainConfig(data=dataset), ModelConfig()

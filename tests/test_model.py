@@ -8,7 +8,7 @@ import torch
 import data
 import mamba_triton
 from losses import GradNorm, compute_losses
-from model import ABLATIONS, BDAM, EncoderLoadError, ModelConfig, T2IReID
+from model import ABLATIONS, BDAM, ConvStem, EncoderLoadError, ModelConfig, T2IReID, load_vision_encoder
 
 
 @pytest.fixture(autouse=True)
@@ -90,6 +90,49 @@ def test_bdam_gate_scales_tokens_and_pools_to_f_id():
     # tokens (weight 1, bias 0 at init), so each has zero mean over its D features
     assert torch.allclose((out["f_id"] / g).mean(-1), torch.zeros(3), atol=1e-4)
     assert torch.allclose((out["f_clo"] / (1 - g)).mean(-1), torch.zeros(3), atol=1e-4)
+
+
+def test_position_pooling_starts_as_the_mean_and_then_weighs_positions():
+    torch.manual_seed(0)
+    patches = torch.randn(3, 8, 48)
+    by_position, by_mean = BDAM(tiny(bdam_pooling="position"), 48), BDAM(tiny(bdam_pooling="mean"), 48)
+    by_mean.load_state_dict(by_position.state_dict(), strict=False)  # the same layers and gate
+    before = by_position(patches)
+    for key in ("f_id", "f_clo"):
+        assert torch.allclose(before[key], by_mean(patches)[key], atol=1e-6)
+    # one position weighted twice: f_id_hat moves by exactly that position's token / P
+    with torch.no_grad():
+        by_position.pool_id.weight[:, 64 * 5:64 * 6] *= 2
+    after = by_position(patches)
+    z_id = before["tokens"] / before["gate"][:, None, :]  # the LayerNorm-ed identity tokens
+    assert torch.allclose(after["f_id"] / after["gate"], z_id.mean(1) + z_id[:, 5] / 8, atol=1e-5)
+    f_clo_hat = before["f_clo"] / (1 - before["gate"])  # the clothing stream's pooling is untouched
+    assert torch.allclose(after["f_clo"] / (1 - after["gate"]), f_clo_hat, atol=1e-5)
+
+
+def test_conv_stem_replaces_the_patch_projection_with_the_same_token_grid():
+    torch.manual_seed(0)
+    vit = load_vision_encoder(tiny(conv_stem=True, patch_size=8))
+    stem = vit.embeddings.patch_embeddings.projection
+    assert isinstance(stem, ConvStem)
+    assert sum(isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2) for m in stem) == 3  # log2(8)
+    assert vit(pixel_values=torch.randn(2, 3, 64, 32)).last_hidden_state.shape == (2, 1 + 8 * 4, 64)
+    plain = load_vision_encoder(tiny(conv_stem=False))
+    assert isinstance(plain.embeddings.patch_embeddings.projection, torch.nn.Conv2d)
+    with pytest.raises(ValueError, match="power-of-two"):
+        ConvStem(12, 64)
+
+
+def test_bnneck_standardises_both_streams_as_the_losses_see_them(batch):
+    torch.manual_seed(0)
+    model = T2IReID(tiny()).train()
+    out = model(batch)
+    for key in ("f_id", "f_clo"):  # batch statistics in training: each feature mean 0, variance 1
+        assert torch.allclose(out[key].mean(0), torch.zeros(64), atol=1e-5)
+        assert torch.allclose(out[key].var(0, unbiased=False), torch.ones(64), atol=1e-2)
+    # the stage-1 embedding of training is the one encode_images gives, on the same statistics
+    feats = model.image_features(batch["images"])
+    assert torch.allclose(out["image_emb"], model.image_embedding(feats["f_id"]), atol=1e-5)
 
 
 def test_fusion_score_depends_on_the_image_and_matches_training_pairs(batch):
@@ -186,6 +229,8 @@ def test_config_rejects_inconsistent_switches():
         tiny(use_fusion=False)
     with pytest.raises(ValueError, match="hsic_kernel"):
         tiny(hsic_kernel="gaussian")
+    with pytest.raises(ValueError, match="bdam_pooling"):
+        tiny(bdam_pooling="max")
     assert tiny(image_size=[64, 32]).image_size == (64, 32)  # from a JSON config
 
 
