@@ -71,7 +71,7 @@ class TrainConfig:
 
 def presets(dataset: str) -> tuple[TrainConfig, ModelConfig]:
     """The real benchmarks use the paper's encoders at 224 x 224 on a GPU; SynthPEDES uses the
-    small encoders and a schedule that trains on two CPU cores in about ten minutes."""
+    small encoders and a schedule that trains on two CPU cores in about twelve minutes."""
     if dataset == "synth":
         # lr 1e-3 for the parts trained from scratch, 1e-4 (the paper's) for the pretrained MiniLM;
         # tau 0.07: at 0.02 the first (random) logits are so confident that collapsing the text
