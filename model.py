@@ -111,6 +111,9 @@ class ModelConfig:
         problems = []
         if self.bdam_pooling not in ("mean", "position"):
             problems.append(f"bdam_pooling must be 'mean' or 'position', got {self.bdam_pooling!r}")
+        if self.conv_stem and self.vision_model:
+            problems.append("conv_stem replaces the patch projection of a ViT built from its config: "
+                            "set vision_model='' or conv_stem=False (a pretrained ViT keeps its own)")
         if self.hsic_kernel not in ("linear", "rbf"):
             problems.append(f"hsic_kernel must be 'linear' or 'rbf', got {self.hsic_kernel!r}")
         if not self.use_bdam and (self.loss_aln or self.loss_decouple):

@@ -217,7 +217,7 @@ def test_small_configuration_with_minilm_runs(batch):
 
 def test_hub_name_offline_fails_with_a_clear_message():
     with pytest.raises(EncoderLoadError, match="vision_model.*google/vit-base-patch16-224.*local folder"):
-        T2IReID(tiny(vision_model="google/vit-base-patch16-224"))
+        T2IReID(tiny(vision_model="google/vit-base-patch16-224", conv_stem=False))
     with pytest.raises(EncoderLoadError, match="text_model: the folder ./no/such/bert does not exist"):
         T2IReID(tiny(text_model="./no/such/bert"))
 
@@ -231,6 +231,8 @@ def test_config_rejects_inconsistent_switches():
         tiny(hsic_kernel="gaussian")
     with pytest.raises(ValueError, match="bdam_pooling"):
         tiny(bdam_pooling="max")
+    with pytest.raises(ValueError, match="conv_stem"):
+        ModelConfig(conv_stem=True)  # the paper's pretrained ViT-B/16 keeps its patch projection
     assert tiny(image_size=[64, 32]).image_size == (64, 32)  # from a JSON config
 
 
