@@ -204,11 +204,17 @@ class GradNorm(nn.Module):
         """w_k = exp(s_k), shape (K,)."""
         return self.log_weights.exp()
 
-    def _stack(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _tasks(self, losses: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The K losses in task order. Take gradients of these tensors, never of rows of their
+        torch.stack: the backward of a stack sends (zero) gradients into every stacked loss, so
+        each autograd.grad would run the whole graph, the fusion included."""
         missing = [t for t in self.tasks if t not in losses]
         if missing:
             raise KeyError(f"GradNorm: losses {missing} missing; got {sorted(losses)}, expected {self.tasks}")
-        return torch.stack([losses[t] for t in self.tasks])  # (K,)
+        return [losses[t] for t in self.tasks]
+
+    def _stack(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack(self._tasks(losses))  # (K,)
 
     def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         """Eq. 6: sum_k w_k L_k (w detached) + lambda * sum_k (log w_k)^2."""
@@ -230,7 +236,7 @@ class GradNorm(nn.Module):
     def task_grad_norms(self, losses: dict[str, torch.Tensor], shared: torch.Tensor) -> torch.Tensor:
         """||grad_W L_k|| for each task, one `torch.autograd.grad(retain_graph=True)` each: (K,)."""
         norms = []
-        for loss in self._stack(losses):
+        for loss in self._tasks(losses):
             (grad,) = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
             norms.append(torch.zeros((), device=shared.device) if grad is None else grad.norm())
         return torch.stack(norms)
@@ -243,11 +249,11 @@ class GradNorm(nn.Module):
         w_last. That saves one pass through the most expensive task, which compute_losses puts
         last (the fusion loss). The loss must not be scaled (no fp16 GradScaler; bf16 needs none).
         """
-        stacked, w = self._stack(losses), self.weights().detach()  # (K,), (K,)
+        w = self.weights().detach()  # (K,)
         before = torch.zeros_like(shared) if shared.grad is None else shared.grad.detach().clone()
         others = torch.zeros_like(shared)
         norms = []
-        for k, loss in enumerate(stacked[:-1]):
+        for k, loss in enumerate(self._tasks(losses)[:-1]):
             (grad,) = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
             grad = torch.zeros_like(shared) if grad is None else grad
             others += w[k] * grad
