@@ -53,6 +53,10 @@ class ModelConfig:
     text_heads: int = 12
     vocab_size: int = 30522  # the bert-base-uncased WordPiece vocabulary
     max_text_len: int = 64  # tokens per text, for data.collate (not stated)
+    # not in the paper (which fine-tunes all of BERT): freeze the embeddings and the bottom N
+    # layers of the text encoder. Their outputs never change, so T2IReID caches them per text
+    # while training: a text seen before costs only the top layers.
+    text_frozen_layers: int = 0
     # BDAM (Sec. III-C)
     bdam_width: int = 768  # paper
     bdam_depth: int = 2  # not stated; Table II's "shallow BDAM" is depth 1
@@ -82,6 +86,10 @@ class ModelConfig:
     fusion_mamba: bool = True  # False: residual MLP layers in place of the Mamba layers
     fusion_gate: bool = True  # False: fixed weights 0.5 / 0.5
     fusion_align: bool = True  # False: one linear map in place of the alignment FFN
+    # not in the paper: f_final = the image's stage-1 embedding + the fusion's output, with the
+    # output projection initialised to zero, so that stage 2 starts as stage 1 and learns a
+    # text-conditioned correction of the image embedding (a residual re-ranker)
+    fusion_residual: bool = False
     # Table IV (losses)
     loss_aln: bool = True  # Eq. 1
     loss_decouple: bool = True  # Eq. 2
@@ -130,6 +138,8 @@ class ModelConfig:
                 problems.append(f"{name}_width {width} is not a multiple of {name}_heads {heads}")
         if any(s % self.patch_size for s in self.image_size):
             problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.text_frozen_layers < 0 or (not self.text_model and self.text_frozen_layers > self.text_layers):
+            problems.append(f"text_frozen_layers must be in 0..text_layers, got {self.text_frozen_layers}")
         if min(self.bdam_depth, self.fusion_layers, self.fusion_negatives, self.rerank_k) < 1:
             problems.append("bdam_depth, fusion_layers, fusion_negatives and rerank_k must be >= 1")
         if problems:
@@ -405,7 +415,9 @@ class MambaFusion(nn.Module):
         v_p = FFN_img(tokens_p),  t = FFN_txt(f_id^t)                    (d,)
         [W_img, W_txt] = softmax(W_g [v_p; t]),  x_p = W_img v_p + W_txt t   per token p
         x = x + Mamba(x)  (fusion_layers times);  f_final = W_o mean_p LN(x)_p   (E,)
-    The visual clothing feature is not used here, on purpose (Sec. III-D).
+    The visual clothing feature is not used here, on purpose (Sec. III-D). With
+    cfg.fusion_residual, f_final = e_img + W_o mean_p LN(x)_p, e_img the image's stage-1
+    embedding and W_o initialised to zero (ours, not the paper's).
     """
 
     def __init__(self, cfg: ModelConfig, image_width: int, text_width: int):
@@ -417,9 +429,14 @@ class MambaFusion(nn.Module):
         self.layers = nn.ModuleList(block(cfg) for _ in range(cfg.fusion_layers))
         self.norm = nn.LayerNorm(cfg.fusion_width)
         self.proj = nn.Linear(cfg.fusion_width, cfg.embed_dim)
+        self.residual = cfg.fusion_residual
+        if self.residual:
+            nn.init.zeros_(self.proj.weight), nn.init.zeros_(self.proj.bias)
 
-    def forward(self, image_tokens: torch.Tensor, text_features: torch.Tensor):
-        """image_tokens (S, P, d) from align_image (cacheable per image), text_features (S, Dt)
+    def forward(self, image_tokens: torch.Tensor, text_features: torch.Tensor,
+                image_emb: torch.Tensor | None = None):
+        """image_tokens (S, P, d) from align_image (cacheable per image), text_features (S, Dt),
+        image_emb (S, E) the images' stage-1 embeddings (read with fusion_residual only)
         -> f_final (S, E), W_img per token (S, P)."""
         v = image_tokens
         t = self.align_text(text_features)[:, None, :].expand_as(v)  # (S, P, d)
@@ -430,7 +447,73 @@ class MambaFusion(nn.Module):
         x = w[..., :1] * v + w[..., 1:] * t  # (S, P, d)
         for layer in self.layers:
             x = layer(x)
-        return self.proj(self.norm(x).mean(1)), w[..., 0]  # (S, E), (S, P)
+        f_final = self.proj(self.norm(x).mean(1))  # (S, E)
+        if self.residual:
+            if image_emb is None:
+                raise ValueError("fusion_residual: pass the images' stage-1 embeddings (image_emb)")
+            f_final = f_final + image_emb
+        return f_final, w[..., 0]  # (S, E), (S, P)
+
+
+# -----------------------------------------------------------------------------
+# a text encoder whose bottom layers are frozen, their outputs cached per text
+
+
+class FrozenTextPrefix:
+    """The embeddings and the bottom `layers` layers of a BERT, frozen (no gradients, no dropout).
+
+    Training texts do not change between epochs, so with `cache=True` each text's states are
+    computed once and kept (on the CPU, up to CACHE_BYTES); T2IReID runs the remaining
+    layers on top. The cache holds rows trimmed to their length: padding never changes a
+    token's state under the attention mask, so a text padded differently in another batch
+    reuses them. A plain object, not a module: the layers stay where the BERT has them (and
+    its checkpoint keys).
+    """
+
+    CACHE_BYTES = 2 ** 30
+
+    def __init__(self, bert: BertModel, layers: int):
+        if layers > len(bert.encoder.layer):
+            raise ValueError(f"text_frozen_layers={layers}, but the text encoder has {len(bert.encoder.layer)} layers")
+        self.embeddings, self.layers = bert.embeddings, bert.encoder.layer[:layers]
+        for module in (self.embeddings, *self.layers):
+            module.requires_grad_(False)
+        self.cache, self.cached_bytes = {}, 0
+
+    def eval(self) -> None:
+        for module in (self.embeddings, *self.layers):
+            module.eval()
+
+    @torch.no_grad()
+    def compute(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) tokens -> (B, T) hidden states after the frozen layers: (B, T, Dt)."""
+        hidden = self.embeddings(input_ids=input_ids)  # (B, T, Dt)
+        additive = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+        for layer in self.layers:
+            hidden = layer(hidden, additive)  # (B, T, Dt)
+        return hidden
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: bool) -> torch.Tensor:
+        """(B, T) right-padded tokens -> (B, T, Dt); zeros at the padding of cached rows."""
+        if not cache:
+            return self.compute(input_ids, attention_mask)
+        lengths = attention_mask.sum(1).tolist()
+        keys = [tuple(row[:n].tolist()) for row, n in zip(input_ids, lengths)]
+        found = {key: self.cache[key] for key in keys if key in self.cache}
+        missing = [i for i, key in enumerate(keys) if key not in found]
+        if missing:
+            rows = torch.tensor(missing, device=input_ids.device)
+            fresh = self.compute(input_ids[rows], attention_mask[rows]).cpu()  # (b, T, Dt)
+            for i, states in zip(missing, fresh):
+                found[keys[i]] = states[:lengths[i]].clone()  # (n_i, Dt)
+                if self.cached_bytes < self.CACHE_BYTES:
+                    self.cache[keys[i]] = found[keys[i]]
+                    self.cached_bytes += found[keys[i]].numel() * found[keys[i]].element_size()
+        width = self.embeddings.word_embeddings.embedding_dim
+        hidden = torch.zeros(*input_ids.shape, width)  # (B, T, Dt)
+        for i, key in enumerate(keys):
+            hidden[i, :lengths[i]] = found[key]
+        return hidden.to(input_ids.device)  # (B, T, Dt)
 
 
 # -----------------------------------------------------------------------------
@@ -454,6 +537,13 @@ class T2IReID(nn.Module):
         self.clothing_image_proj = nn.Linear(d, cfg.embed_dim) if cfg.loss_aln else None
         self.clothing_text_proj = nn.Linear(dt, cfg.embed_dim) if cfg.loss_aln else None
         self.fusion = MambaFusion(cfg, d, dt) if cfg.use_fusion else None
+        self.frozen_text = FrozenTextPrefix(self.text, cfg.text_frozen_layers) if cfg.text_frozen_layers else None
+
+    def train(self, mode: bool = True) -> "T2IReID":
+        super().train(mode)
+        if self.frozen_text is not None:  # frozen layers never drop out: cached == recomputed
+            self.frozen_text.eval()
+        return self
 
     # --- images -----------------------------------------------------------------
     def image_features(self, images: torch.Tensor) -> dict:
@@ -487,7 +577,13 @@ class T2IReID(nn.Module):
     # --- texts ------------------------------------------------------------------
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) tokens -> (B, Dt): the mean of the token states over the mask (MiniLM's pooling)."""
-        hidden = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, Dt)
+        if self.frozen_text is None:
+            hidden = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, Dt)
+        else:
+            hidden = self.frozen_text(input_ids, attention_mask, cache=self.training)  # (B, T, Dt)
+            additive = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+            for layer in self.text.encoder.layer[self.cfg.text_frozen_layers:]:
+                hidden = layer(hidden, additive)  # (B, T, Dt)
         mask = attention_mask[..., None].to(hidden.dtype)  # (B, T, 1)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
@@ -502,19 +598,25 @@ class T2IReID(nn.Module):
             raise RuntimeError("this model has no fusion module (use_fusion=False): rank with stage 1 only")
         return self.fusion.align_image(self.image_features(images)["tokens"])
 
-    def fusion_score_features(self, tokens: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        """tokens (S, P, d) from fusion_tokens, text_features (S, Dt) -> (S,) cos(f_final, t(query))."""
-        f_final, _ = self.fusion(tokens, text_features)  # (S, E)
+    def fusion_score_features(self, tokens: torch.Tensor, text_features: torch.Tensor,
+                              image_emb: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (S, P, d) from fusion_tokens, text_features (S, Dt), image_emb (S, E) from
+        encode_images (needed with fusion_residual) -> (S,) cos(f_final, t(query))."""
+        f_final, _ = self.fusion(tokens, text_features, image_emb)  # (S, E)
         query = F.normalize(self.text_proj(text_features), dim=-1)  # (S, E) = encode_texts
         return (F.normalize(f_final, dim=-1) * query).sum(-1)
 
     def fusion_score(self, images_or_tokens: torch.Tensor, input_ids: torch.Tensor,
-                     attention_mask: torch.Tensor) -> torch.Tensor:
-        """Pair scores of (image i, text i): images (S, 3, H, W) or cached tokens (S, P, d) -> (S,)."""
+                     attention_mask: torch.Tensor, image_emb: torch.Tensor | None = None) -> torch.Tensor:
+        """Pair scores of (image i, text i): images (S, 3, H, W), or cached tokens (S, P, d) with
+        image_emb (S, E) from encode_images when the fusion is residual -> (S,)."""
         if self.fusion is None:
             raise RuntimeError("this model has no fusion module (use_fusion=False): rank with stage 1 only")
-        tokens = self.fusion_tokens(images_or_tokens) if images_or_tokens.dim() == 4 else images_or_tokens
-        return self.fusion_score_features(tokens, self.text_features(input_ids, attention_mask))
+        tokens = images_or_tokens
+        if images_or_tokens.dim() == 4:
+            feats = self.image_features(images_or_tokens)
+            tokens, image_emb = self.fusion.align_image(feats["tokens"]), self.image_embedding(feats["f_id"])
+        return self.fusion_score_features(tokens, self.text_features(input_ids, attention_mask), image_emb)
 
     # --- training -----------------------------------------------------------------
     def forward(self, batch: dict) -> dict:
@@ -561,7 +663,8 @@ class T2IReID(nn.Module):
         candidates = torch.cat([own[:, None], hard], dim=1)  # (S, Q)
         aligned = self.fusion.align_image(tokens)  # (B, P, d)
         f_final, w_image = self.fusion(aligned[candidates.flatten()],  # (S * Q, P, d)
-                                       texts.repeat_interleave(m + 1, dim=0))  # (S * Q, E), (S * Q, P)
+                                       texts.repeat_interleave(m + 1, dim=0),  # (S * Q, Dt)
+                                       image_emb[candidates.flatten()])  # -> (S * Q, E), (S * Q, P)
         query = text_emb.repeat_interleave(m + 1, dim=0)  # (S * Q, E) = t(query)
         scores = (F.normalize(f_final, dim=-1) * query).sum(-1).view(s, m + 1)  # (S, Q)
         return dict(fusion_scores=scores, fusion_pids=pids[candidates], fusion_query_pids=query_pids,
