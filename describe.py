@@ -9,18 +9,20 @@ the second to the clothing alignment loss (Eq. 1). The pipeline, top to bottom:
 2. Style clustering (DESIGN 3.7, after HAM, Jiang et al. 2025): mask attribute words (colours,
    garments, patterns, body words) so that only the *style skeleton* of a caption is left, embed
    the skeletons with a text encoder (CLIP's when one loads, else the offline all-MiniLM-L6-v2),
-   DBSCAN with eps at the knee of the k-distance curve (Ester et al. 1996, Sec. 4.2), noise
-   points to the nearest cluster.
+   DBSCAN (Ester et al. 1996) with the eps of the k-distance curve whose clustering has the best
+   silhouette, noise points to the nearest cluster. The clusters are cached beside the output.
 3. A style prompt per cluster, plus two content prompts (identity, clothing).
 4. A backend answers: `openai` sends the image (base64 data URL) and the prompts to any
    OpenAI-compatible chat endpoint and asks for JSON; `rules` (offline, no key) splits the
-   image's own captions into identity and clothing clauses with the lexicon of step 2.
+   image's own captions into identity and clothing clauses with the lexicon of step 2, and
+   never leaves an image without descriptions (no body words: "A man." / "A person.", marked).
 5. Validation: the answer parses, both texts are non-empty and within length bounds, the
    identity text names no garment and the clothing text no body trait; else retry with the
    reason appended to the prompt, then record a failure.
-6. Output (DESIGN 9): `descriptions.jsonl` beside the annotation file, one JSON object per image,
-   appended + fsynced as results arrive. A rerun skips finished images, retries failed ones, and
-   repairs a line cut short by a kill, so nothing is lost or duplicated.
+6. Output (DESIGN 9): `descriptions.jsonl` beside the annotation file (where train.py reads it),
+   one JSON object per image, appended + fsynced as results arrive. A rerun skips finished
+   images, retries failed ones, and repairs a line cut short by a kill, so nothing is lost or
+   duplicated. Images left failed: exit status 1.
 
 Run:   python describe.py                          # offline: SynthPEDES + rules backend
        OPENAI_API_KEY=... python describe.py --data cuhk --backend openai --model gpt-4o-mini
@@ -938,8 +940,10 @@ def fit_style_clusters(records, pool, cfg):
 # A rerun on the same sample with the same settings reads them instead of refitting.
 
 def fingerprint(records, pool, cfg):
-    """What the clusters depend on: the sampled captions and the clustering settings."""
-    key = [cfg.style_encoder, cfg.min_style_share] + [records[i]["captions"][j] for i, j in pool]
+    """What the clusters depend on: the style skeletons of the sampled captions (so a change of
+    the captions or of the lexicon refits) and the clustering settings."""
+    key = [cfg.style_encoder, cfg.min_style_share] + [mask_style(records[i]["captions"][j])
+                                                      for i, j in pool]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
 
