@@ -7,7 +7,9 @@ Read top to bottom:
    per identity; outfits (top, pattern, bottom, shoes, bag, hat, scarf) from their own random
    stream; nuisance (viewpoint, stride, scale, position, clutter, light, occluders) per image.
    Each image gets two captions in two of five annotator styles that differ in form, not
-   content. Written in the CUHK-PEDES `reid_raw.json` format and read back by its reader.
+   content, or (`--captions realistic`) in two of four styles written like real annotators:
+   lower-case token streams, typos, run-ons, no body mentioned, captions that disagree.
+   Written in the CUHK-PEDES `reid_raw.json` format and read back by its reader.
 2. Readers for CUHK-PEDES (Li et al., CVPR 2017), ICFG-PEDES (Ding et al., 2021, SSAN) and
    RSTPReid (Zhu et al., ACM MM 2021, DSSL) in their exact on-disk formats (DESIGN section 5),
    joined with the identity/clothing descriptions that `describe.py` writes (paper Sec. III-A).
@@ -16,7 +18,8 @@ Read top to bottom:
    that the triplet loss (paper Eq. 4) needs.
 
 Run:  python data.py --data synth     generate (if missing), print a summary, write a contact sheet
-      python data.py --data cuhk      check and summarise a real benchmark under data/
+      python data.py --data synth --root data-real --captions realistic   real annotators' captions
+      python data.py --data cuhk      check (decode every image) and summarise a benchmark in data/
       python data.py --bench          SynthPEDES generation rate (images/s)
 Test: pytest tests/test_data.py
 """
@@ -36,6 +39,7 @@ import tempfile
 import textwrap
 import time
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -410,7 +414,9 @@ def render_person(identity: dict, outfit: dict, nuisance: dict, size=(128, 64)) 
 # style mentions the same phrases (content); they differ in order, syntax, case and punctuation.
 
 STYLE_NAMES = ("terse list", "verbose sentences", "clothing first", "lower case, no punctuation",
-               "labelled fields")
+               "labelled fields",  # 0-4: planted, told apart by form; 5-8: realistic, see below
+               "realistic: body first, 'is wearing'", "realistic: pronoun and clothes, run-on",
+               "realistic: long narrative", "realistic: terse, clothing first")
 _PLURAL = ("trousers", "shorts", "sneakers", "boots", "glasses")
 
 
@@ -497,6 +503,114 @@ def words(text: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Realistic annotators (DESIGN section 4, "realism where it matters"). Real CUHK-PEDES / ICFG-PEDES
+# / RSTPReid captions were written by hundreds of crowd workers: lower-case token streams (the
+# `processed_tokens` joined with spaces), typos, run-on sentences, captions that never mention the
+# body, scene words, clothing named in many ways, and two captions of one image that disagree.
+# Four planted styles (ids 5-8, after the five above) differ only as real annotators do: in word
+# choice, order, length and what comes first. `--captions realistic` writes a SynthPEDES with them.
+
+REALISTIC_STYLES = (5, 6, 7, 8)
+SAY = {  # ways annotators name a SynthPEDES value
+    "t-shirt": ("t-shirt", "tee shirt", "short sleeve shirt"), "shirt": ("shirt", "button up shirt"),
+    "jacket": ("jacket", "coat", "zip up jacket"), "hoodie": ("hoodie", "hooded sweatshirt"),
+    "tank top": ("tank top", "sleeveless top"), "trousers": ("pants", "trousers", "slacks"),
+    "shorts": ("shorts", "knee length shorts"), "skirt": ("skirt", "knee length skirt"),
+    "sneakers": ("sneakers", "tennis shoes", "trainers"), "boots": ("boots", "ankle boots"),
+    "backpack": ("backpack", "book bag", "rucksack"), "handbag": ("handbag", "purse"),
+    "shoulder bag": ("shoulder bag", "messenger bag"), "cap": ("cap", "baseball cap"),
+    "beanie": ("beanie", "knit hat"), "grey": ("grey", "gray"), "beige": ("beige", "khaki"),
+    "average-height": ("average height", "medium height"), "heavy": ("heavy", "heavyset", "chubby"),
+    "slim": ("slim", "thin", "skinny"), "average": ("average", "medium"),
+    "buzz-cut": ("buzz cut",), "woman": ("woman", "lady", "female"), "man": ("man", "guy", "male")}
+MISSEEN = {"black": "dark grey", "white": "cream", "grey": "silver", "blue": "navy", "red": "maroon",
+           "beige": "tan", "brown": "dark brown", "green": "olive", "purple": "violet"}
+UNUSUAL_ITEMS = ("a lanyard", "a wristwatch", "a visor", "a fanny pack", "a shawl", "medical scrubs",
+                 "a windbreaker", "flip flops", "a wristband", "a tote bag")
+SCENES = ("walking down the street", "walking on a cobbled street", "standing on the sidewalk",
+          "crossing the road", "walking past a parked car", "standing in front of a building")
+
+
+def say(value: str, rng: random.Random) -> str:
+    """One annotator's word for a value: a synonym, now and then a colour seen wrongly."""
+    if value in MISSEEN and rng.random() < 0.15:
+        return MISSEEN[value]
+    return rng.choice(SAY.get(value, (value,)))
+
+
+def typo(word: str, rng: random.Random) -> str:
+    """Two inner letters swapped or one dropped ("jeans" -> "jenas", "pants" -> "pats")."""
+    i = rng.randrange(1, len(word) - 2)
+    if rng.random() < 0.5:
+        return word[:i] + word[i + 1] + word[i] + word[i + 2:]
+    return word[:i] + word[i + 1:]
+
+
+def realistic_parts(identity: dict, outfit: dict, rng: random.Random) -> dict:
+    """Phrases of one caption, each value named by `say` (so two captions of an image disagree)."""
+    colour, style = say(identity["hair_colour"], rng), identity["hair_style"]
+    hair = {"ponytail": f"{colour} hair in a ponytail", "bun": f"{colour} hair in a bun",
+            "buzz-cut": f"a {colour} buzz cut"}.get(style, f"{style} {colour} hair")
+    top_pattern = {"striped": "striped ", "checked": "plaid "}.get(outfit["pattern"], "")
+    wear = [f"{say(outfit['top_colour'], rng)} {top_pattern}{say(outfit['top'], rng)}",
+            f"{say(outfit['bottom_colour'], rng)} {say(outfit['bottom'], rng)}",
+            f"{say(outfit['shoes_colour'], rng)} {say(outfit['shoes'], rng)}"]
+    if outfit["hat"] != "none":
+        wear.append(f"{say(outfit['hat_colour'], rng)} {say(outfit['hat'], rng)}")
+    bag = f"{say(outfit['bag_colour'], rng)} {say(outfit['bag'], rng)}" if outfit["bag"] != "none" else ""
+    he = "she" if identity["gender"] == "woman" else "he"
+    return {"gender": say(identity["gender"], rng), "he": he, "his": "her" if he == "she" else "his",
+            "height": say(identity["height"], rng), "build": say(identity["build"], rng),
+            "skin": f"{identity['skin']} skin", "hair": hair, "wear": wear, "bag": bag,
+            "extra": rng.choice(UNUSUAL_ITEMS) if rng.random() < 0.2 else "",
+            "scene": rng.choice(SCENES), "glasses": identity["glasses"], "beard": identity["beard"]}
+
+
+def _body_first(p: dict, rng: random.Random) -> str:
+    """Style 5: gender and hair, then "is wearing" and the clothes; medium length."""
+    build = f"{p['build']} " if rng.random() < 0.4 else ""
+    text = f"a {build}{p['gender']} with {p['hair']} is wearing a {_join(p['wear'])}"
+    text += f" {p['he']} is carrying a {p['bag']}" if p["bag"] else ""
+    return text + (f" and {p['extra']}" if p["extra"] else "")
+
+
+def _pronoun_run_on(p: dict, rng: random.Random) -> str:
+    """Style 6: pronoun first, clothes in a run-on with "and", the scene; the body rarely."""
+    text = f"{p['he']} is wearing a {p['wear'][0]} with " + " and ".join(p["wear"][1:])
+    text += f" and {p['he']} is also carrying a {p['bag']}" if p["bag"] else ""
+    text += f" and {p['extra']}" if p["extra"] else ""
+    text += f" and {p['he']} is {p['scene']}"
+    return text + (f" {p['he']} has {p['hair']}" if rng.random() < 0.3 else "")
+
+
+def _narrative(p: dict, rng: random.Random) -> str:
+    """Style 7: long: "this lady appears to be ...", every clothing item in its own clause."""
+    text = (f"this {p['gender']} appears to be {p['height']} and {p['build']} with {p['skin']} and "
+            f"{p['hair']} {p['he']} is dressed in a {p['wear'][0]} that fits {p['his']} upper body "
+            f"loosely and {p['he']} has on a pair of {p['wear'][1]} along with a pair of {p['wear'][2]}")
+    text += "".join(f" and {p['he']} also has a {w} on {p['his']} head" for w in p["wear"][3:])
+    text += f" {p['he']} is holding a {p['bag']} in one hand" if p["bag"] else ""
+    text += f" {p['he']} is wearing glasses" if p["glasses"] else ""
+    text += f" {p['he']} has a beard" if p["beard"] else ""
+    return text + f" and {p['he']} seems to be {p['scene']} while looking ahead"
+
+
+def _terse(p: dict, rng: random.Random) -> str:
+    """Style 8: short, clothing first: "man in red jacket black pants ... short black hair"."""
+    text = f"{p['gender']} in " + " ".join(p["wear"])
+    text += f" with {p['bag']}" if p["bag"] else ""
+    return text + f" {p['hair']}"
+
+
+def realistic_caption(style: int, identity: dict, outfit: dict, rng: random.Random) -> str:
+    """One caption in realistic style `style` (REALISTIC_STYLES), as a lower-case token stream
+    with a typo in about one word in thirty."""
+    writer = dict(zip(REALISTIC_STYLES, (_body_first, _pronoun_run_on, _narrative, _terse)))[style]
+    tokens = words(writer(realistic_parts(identity, outfit, rng), rng))
+    return " ".join(typo(w, rng) if len(w) >= 4 and rng.random() < 0.03 else w for w in tokens)
+
+
+# ----------------------------------------------------------------------------------------------
 # SynthPEDES generation: identities -> outfits -> images -> reid_raw.json records.
 
 @dataclass
@@ -508,10 +622,13 @@ class SynthConfig:
     image_size: tuple[int, int] = (128, 64)  # (H, W): the 2:1 pedestrian box (IRRA uses 384x128)
     regime: str = "cloth-changing"  # or "same-clothes" (one outfit per id, like CUHK-PEDES)
     seed: int = 0
+    captions: str = "planted"  # or "realistic": the annotators of real benchmarks (styles 5-8)
 
     def __post_init__(self):
         if self.regime not in ("same-clothes", "cloth-changing"):
             raise ValueError(f"regime must be same-clothes or cloth-changing, not {self.regime!r}")
+        if self.captions not in ("planted", "realistic"):
+            raise ValueError(f"captions must be planted or realistic, not {self.captions!r}")
         changing = self.regime == "cloth-changing"
         if self.outfits_per_id is None:
             self.outfits_per_id = 3 if changing else 1
@@ -560,6 +677,10 @@ def synth_records(cfg: SynthConfig):
                 rng = random.Random(f"{cfg.seed}/image/{pid}/{o}/{k}")
                 nuisance, styles = sample_nuisance(rng), rng.sample(range(NUM_STYLES), 2)
                 caps = [caption(s, ident, outfit) for s in styles]
+                if cfg.captions == "realistic":  # two annotators, each with a style of their own
+                    rng = random.Random(f"{cfg.seed}/realistic/{pid}/{o}/{k}")
+                    styles = rng.choices(REALISTIC_STYLES, k=2)
+                    caps = [realistic_caption(s, ident, outfit, rng) for s in styles]
                 record = {"split": splits[pid], "captions": caps,
                           "file_path": f"{pid + 1:04d}/{pid + 1:04d}_o{o}_{k}.png",
                           "processed_tokens": [words(c) for c in caps], "id": pid + 1,
@@ -570,11 +691,17 @@ def synth_records(cfg: SynthConfig):
 
 
 def generate_synthpedes(root="data", num_ids=300, outfits_per_id=None, images_per_outfit=None,
-                        image_size=(128, 64), regime="cloth-changing", seed=0, progress=True) -> Path:
+                        image_size=(128, 64), regime="cloth-changing", seed=0, captions="planted",
+                        overwrite=False, progress=True) -> Path:
     """Write <root>/SynthPEDES/{reid_raw.json, imgs/, config.json}; return the folder.
-    Same arguments, same bytes. Replaces an existing SynthPEDES (and its stale descriptions)."""
-    cfg = SynthConfig(num_ids, outfits_per_id, images_per_outfit, image_size, regime, seed)
+    Same arguments, same bytes. A SynthPEDES already there (with its descriptions) is replaced
+    only when `overwrite` is set; otherwise that is a DatasetError. Leftovers of an interrupted
+    generation (no reid_raw.json, no descriptions) are cleared."""
+    cfg = SynthConfig(num_ids, outfits_per_id, images_per_outfit, image_size, regime, seed, captions)
     folder = Path(root) / "SynthPEDES"
+    if holds_dataset(folder) and not overwrite:
+        raise DatasetError(f"{folder} already holds a SynthPEDES; it is kept. Pass --overwrite "
+                           "(overwrite=True) to replace it and its descriptions, or use another --root.")
     if folder.exists():
         shutil.rmtree(folder)
     (folder / "imgs").mkdir(parents=True)
@@ -591,19 +718,39 @@ def generate_synthpedes(root="data", num_ids=300, outfits_per_id=None, images_pe
     return folder
 
 
-def ensure_synthpedes(root="data", progress=True, **kwargs) -> Path:
-    """Generate SynthPEDES unless <root>/SynthPEDES already holds one made with these settings."""
-    folder, cfg = Path(root) / "SynthPEDES", SynthConfig(**kwargs)
+def holds_dataset(folder: Path) -> bool:
+    """True when a SynthPEDES folder holds something worth keeping: annotations or descriptions."""
+    return (folder / "reid_raw.json").exists() or (folder / "descriptions.jsonl").exists()
+
+
+def saved_synth_config(folder: Path) -> SynthConfig | None:
+    """The settings a SynthPEDES folder was made with (None if unreadable). Fields added since it
+    was made take their defaults, so an older dataset still matches."""
     try:
-        same = json.loads((folder / "config.json").read_text()) == json.loads(json.dumps(asdict(cfg)))
-    except (OSError, ValueError):
-        same = False
-    if same and (folder / "reid_raw.json").exists():
+        return SynthConfig(**json.loads((folder / "config.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def ensure_synthpedes(root="data", progress=True, overwrite=False, **kwargs) -> Path:
+    """Generate SynthPEDES unless <root>/SynthPEDES already holds one made with these settings.
+    One made with other settings is a DatasetError that names the difference, unless `overwrite`."""
+    folder, cfg = Path(root) / "SynthPEDES", SynthConfig(**kwargs)
+    saved = saved_synth_config(folder)
+    if saved == cfg and (folder / "reid_raw.json").exists():
         return folder
+    if holds_dataset(folder) and not overwrite:
+        diff = ", ".join(f"{k} {v!r} (asked: {asdict(cfg)[k]!r})" for k, v in asdict(saved).items()
+                         if v != asdict(cfg)[k]) if saved else "unknown settings, no config.json"
+        flags = " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, tuple) else v}"
+                         for k, v in asdict(cfg).items() if v is not None)
+        raise DatasetError(f"{folder} holds a SynthPEDES made with other settings: {diff}. It is "
+                           f"kept, with its descriptions. Use another --root, or replace both with "
+                           f"`python data.py --data synth --root {root} {flags} --overwrite`.")
     if progress:
         print(f"generating SynthPEDES in {folder}" + (" (replacing one made with other settings, "
-              "and its descriptions)" if folder.exists() else ""), file=sys.stderr)
-    return generate_synthpedes(root, **asdict(cfg), progress=progress)
+              "and its descriptions)" if holds_dataset(folder) else ""), file=sys.stderr)
+    return generate_synthpedes(root, **asdict(cfg), overwrite=True, progress=progress)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -796,6 +943,21 @@ def load_image(path) -> Image.Image:
         raise DatasetError(f"image not found: {path}; copy the dataset's imgs/ folder back.") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DatasetError(f"image {path} is corrupt or not an image ({e}); replace the file.") from None
+
+
+def check_images(ann: Annotations, workers: int = 8) -> int:
+    """Decode every image of a dataset, as training will (`load_image`); the first one that is
+    missing, truncated or not an image is a DatasetError naming the file. Threads overlap the
+    file reads and decodes (PIL decodes outside the GIL). Returns the number of images."""
+    def decode(path):
+        load_image(path)   # the pixels are dropped at once: 40,000 images never sit in memory
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        for _ in pool.map(decode, [ann.image_dir / r["file_path"] for r in ann.records]):
+            pass
+    finally:   # after an error: the queued images are not decoded
+        pool.shutdown(wait=True, cancel_futures=True)
+    return len(ann.records)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1068,35 +1230,67 @@ def bench(num_ids=100, size=(128, 64)) -> float:
     return n / seconds
 
 
+def synth_settings(args) -> SynthConfig | None:
+    """The SynthPEDES settings given on the command line (unset ones take the defaults), or None
+    when none was given: then an existing dataset is summarised as it is."""
+    given = {k: getattr(args, k) for k in ("num_ids", "outfits_per_id", "images_per_outfit",
+                                           "image_size", "regime", "seed", "captions")}
+    if all(v is None for v in given.values()):
+        return None
+    try:
+        return SynthConfig(**{k: tuple(v) if k == "image_size" else v
+                              for k, v in given.items() if v is not None})
+    except ValueError as e:
+        raise DatasetError(f"bad SynthPEDES settings: {e}") from None
+
+
+def prepare_synth(args) -> None:
+    """Generate SynthPEDES when missing; an existing one is kept unless --overwrite (a command
+    that summarises never destroys data), and settings that differ from it are an error."""
+    folder, cfg = Path(args.root) / "SynthPEDES", synth_settings(args)
+    if cfg is None and (folder / "reid_raw.json").exists():
+        print(f"SynthPEDES in {folder} ({saved_synth_config(folder) or 'settings unknown'})")
+        return
+    cfg = cfg or SynthConfig()
+    start = time.perf_counter()
+    folder = ensure_synthpedes(args.root, overwrite=args.overwrite, **asdict(cfg))
+    print(f"SynthPEDES ready in {folder} ({time.perf_counter() - start:.1f} s; {cfg})")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", choices=DATASETS, default="synth")
-    parser.add_argument("--root", default="data", help="folder that holds the dataset folders")
     defaults = SynthConfig()
-    parser.add_argument("--num-ids", type=int, default=defaults.num_ids)
-    parser.add_argument("--outfits-per-id", type=int, default=None)
-    parser.add_argument("--images-per-outfit", type=int, default=None)
-    parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=defaults.image_size)
-    parser.add_argument("--regime", choices=("same-clothes", "cloth-changing"), default=defaults.regime)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", choices=DATASETS, default="synth", help="dataset (default: synth)")
+    parser.add_argument("--root", default="data", help="folder that holds the dataset folders (default: data)")
+    synth = parser.add_argument_group("SynthPEDES settings (unset: an existing dataset is kept as "
+                                      "it is; a new one takes the default shown)")
+    synth.add_argument("--num-ids", type=int, help=f"identities (default {defaults.num_ids})")
+    synth.add_argument("--outfits-per-id", type=int, help="default: 3 cloth-changing, 1 same-clothes")
+    synth.add_argument("--images-per-outfit", type=int, help="default: 2 cloth-changing, 4 same-clothes")
+    synth.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
+                       help=f"default {defaults.image_size[0]} {defaults.image_size[1]}")
+    synth.add_argument("--regime", choices=("same-clothes", "cloth-changing"),
+                       help=f"default {defaults.regime}")
+    synth.add_argument("--seed", type=int, help=f"default {defaults.seed}")
+    synth.add_argument("--captions", choices=("planted", "realistic"),
+                       help=f"annotator styles (default {defaults.captions})")
+    synth.add_argument("--overwrite", action="store_true",
+                       help="replace an existing SynthPEDES made with other settings, and its descriptions")
+    parser.add_argument("--workers", type=int, default=8, help="threads that decode the images (default: 8)")
     parser.add_argument("--bench", action="store_true", help="print the SynthPEDES generation rate")
     args = parser.parse_args(argv)
     if args.bench:
-        rate = bench(size=tuple(args.image_size))
-        print(f"SynthPEDES generation: {rate:.0f} images/s at {args.image_size[0]}x{args.image_size[1]} "
+        size = tuple(args.image_size or defaults.image_size)
+        print(f"SynthPEDES generation: {bench(size=size):.0f} images/s at {size[0]}x{size[1]} "
               f"(render + PNG write, one process)")
         return
     if args.data == "synth":
-        try:
-            cfg = SynthConfig(args.num_ids, args.outfits_per_id, args.images_per_outfit,
-                              tuple(args.image_size), args.regime, args.seed)
-        except ValueError as e:
-            raise DatasetError(f"bad SynthPEDES settings: {e}") from None
-        start = time.perf_counter()
-        folder = ensure_synthpedes(args.root, **asdict(cfg))
-        print(f"SynthPEDES ready in {folder} ({time.perf_counter() - start:.1f} s; {cfg})")
+        prepare_synth(args)
     ann = read_annotations(args.data, args.root)
     data = load_dataset(args.data, args.root)
+    start = time.perf_counter()
+    count = check_images(ann, args.workers)
+    print(f"decoded all {count} images in {time.perf_counter() - start:.1f} s ({args.workers} threads)")
     print(summary(ann))
     print(f"training samples: {len(data.train)} over {data.num_classes} identities; "
           f"test gallery {len(data.gallery)} images, {len(data.queries)} queries")

@@ -9,18 +9,20 @@ the second to the clothing alignment loss (Eq. 1). The pipeline, top to bottom:
 2. Style clustering (DESIGN 3.7, after HAM, Jiang et al. 2025): mask attribute words (colours,
    garments, patterns, body words) so that only the *style skeleton* of a caption is left, embed
    the skeletons with a text encoder (CLIP's when one loads, else the offline all-MiniLM-L6-v2),
-   DBSCAN with eps at the knee of the k-distance curve (Ester et al. 1996, Sec. 4.2), noise
-   points to the nearest cluster.
+   DBSCAN (Ester et al. 1996) with the eps of the k-distance curve whose clustering has the best
+   silhouette, noise points to the nearest cluster. The clusters are cached beside the output.
 3. A style prompt per cluster, plus two content prompts (identity, clothing).
 4. A backend answers: `openai` sends the image (base64 data URL) and the prompts to any
    OpenAI-compatible chat endpoint and asks for JSON; `rules` (offline, no key) splits the
-   image's own captions into identity and clothing clauses with the lexicon of step 2.
+   image's own captions into identity and clothing clauses with the lexicon of step 2, and
+   never leaves an image without descriptions (no body words: "A man." / "A person.", marked).
 5. Validation: the answer parses, both texts are non-empty and within length bounds, the
    identity text names no garment and the clothing text no body trait; else retry with the
    reason appended to the prompt, then record a failure.
-6. Output (DESIGN 9): `descriptions.jsonl` beside the annotation file, one JSON object per image,
-   appended + fsynced as results arrive. A rerun skips finished images, retries failed ones, and
-   repairs a line cut short by a kill, so nothing is lost or duplicated.
+6. Output (DESIGN 9): `descriptions.jsonl` beside the annotation file (where train.py reads it),
+   one JSON object per image, appended + fsynced as results arrive. A rerun skips finished
+   images, retries failed ones, and repairs a line cut short by a kill, so nothing is lost or
+   duplicated. Images left failed: exit status 1.
 
 Run:   python describe.py                          # offline: SynthPEDES + rules backend
        OPENAI_API_KEY=... python describe.py --data cuhk --backend openai --model gpt-4o-mini
@@ -30,6 +32,7 @@ Test:  pytest tests/test_describe.py
 import argparse
 import base64
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -69,7 +72,11 @@ GARMENTS = _words("""shirt t-shirt tshirt tee top blouse sweater jumper hoodie s
     backpack handbag purse satchel tote suitcase luggage briefcase umbrella hat cap beanie helmet
     headband scarf gloves belt glasses sunglasses spectacles mask watch necklace earrings bracelet
     headphones earphones clothes clothing outfit attire garment apparel bottoms phone bottle
-    wallet stroller bicycle bike tie t""")   # t: "t shirt" once punctuation is stripped
+    wallet stroller bicycle bike tie t scrubs lanyard wristwatch wristband visor shawl poncho
+    windbreaker flip-flops flops rucksack fanny pack sole soles tights pullover trench sundress
+    knit zip button ankle knee baseball tennis messenger book""")
+# t: "t shirt" once punctuation is stripped; knit, zip, button, ankle, knee, baseball, tennis,
+# messenger, book: the first word of a garment name ("knit hat", "book bag")
 PATTERNS = _words("""striped stripes stripe plaid checked checkered chequered floral flowered
     flowery dotted polka spotted patterned printed print prints logo logos graphic camouflage
     lettering letters writing design designs""")
@@ -84,24 +91,54 @@ BODY_TRAITS = _words("""man men woman women male female boy boys girl girls lady
 # identity evidence when splitting captions, but are not forbidden in clothing text.
 BODY_WEAK = _words("""slim thin skinny slender heavy fat petite average medium old straight fair
     tanned lean broad large small big little cut older""")
-LENGTHS = _words("long short shoulder-length knee-length ankle-length mid-length")
+LENGTHS = _words("long short length shoulder-length knee-length ankle-length mid-length")
 # Gendered pronouns are content (gender presentation), not style: masked too.
 PRONOUNS = _words("he she him her his hers himself herself")
+# Where the photo was taken: content, and no part of either description.
+SCENE = _words("""street road sidewalk pavement crosswalk crossing intersection building car bus
+    traffic camera ground floor wall door store shop grass tree park stairs steps corridor
+    hallway background parking lot area outside outdoors indoors""")
 # Placeholder per category in a style skeleton; order = priority for hyphenated words.
 PLACEHOLDER = {"garment": "[garment]", "pattern": "[pattern]", "body": "[body]",
-               "colour": "[colour]", "length": "[length]", "pronoun": "[pronoun]"}
+               "colour": "[colour]", "length": "[length]", "pronoun": "[pronoun]",
+               "scene": "[scene]"}
 _LEXICON = [("garment", GARMENTS), ("pattern", PATTERNS), ("body", BODY_TRAITS | BODY_WEAK),
-            ("colour", COLOURS), ("length", LENGTHS), ("pronoun", PRONOUNS)]
+            ("colour", COLOURS), ("length", LENGTHS), ("pronoun", PRONOUNS), ("scene", SCENE)]
 WORD_RE = re.compile(r"[A-Za-z]+(?:[-'][A-Za-z]+)*")
+# Words one typo away from an attribute word that are words in their own right ("while" /
+# "white", "back" / "black", "hold" / "gold", "look" / "book"): never read as typos.
+COMMON = _words("""while back hold holds look looks them then have with were where also those
+    same part parts show side down here hand hands there these what when will bold cold told
+    fold sold wore more core pair hair fair tail tall ball wall call shoo shot spot sport short
+    than that this thin thing think wait walk walks talk loose lose close dose nose rose mean
+    means coats boats goat boat oats bat cat hats along body""")
+
+
+def _deletions(word):
+    """The word and every string one deletion away: two words share one when they are at most
+    one deletion, insertion, substitution or swap of adjacent letters apart (SymSpell's idea,
+    Garbe 2012)."""
+    return {word} | {word[:i] + word[i + 1:] for i in range(len(word))}
+
+
+_TYPO_KEYS = {}
+for _category, _vocabulary in reversed(_LEXICON):   # earlier categories win a shared key
+    for _word in _vocabulary:
+        if len(_word) >= 4 and _category != "pronoun":
+            _TYPO_KEYS.update(dict.fromkeys(_deletions(_word), _category))
 
 
 def _lookup(word):
-    """Category of one lower-case word (plural and possessive forms folded), or None."""
+    """Category of one lower-case word (plural and possessive forms folded; a typo of a word of
+    four or more letters, "jenas", "pats", "balck", read as that word), or None."""
     for w in (word, word.removesuffix("'s"), word.removesuffix("s"), word.removesuffix("es")):
         for category, words in _LEXICON:
-            if w in words:
+            if w in words and (category != "pronoun" or w == word):   # "shes" is not "she"
                 return category
-    return None
+    if len(word) < 4 or word in COMMON:
+        return None
+    keys = [word] + sorted(_deletions(word) - {word})    # a dropped letter first: "benie"
+    return next((_TYPO_KEYS[key] for key in keys if key in _TYPO_KEYS), None)
 
 
 def word_category(word):
@@ -220,18 +257,24 @@ def load_style_encoder(name_or_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Clustering: DBSCAN (Ester et al. 1996) with eps read off the k-distance curve.
+# Clustering: DBSCAN (Ester et al. 1996), eps chosen among points of the k-distance curve.
+
+def k_distances(x, k):
+    """The sorted k-distance curve: each point's distance to its k-th nearest neighbour (the point
+    itself counts, as in scikit-learn's min_samples). x: (n, d) -> (n,) ascending."""
+    from sklearn.neighbors import NearestNeighbors
+    k = min(k, len(x))
+    dist, _ = NearestNeighbors(n_neighbors=k).fit(x).kneighbors(x)   # (n, k), column 0 = self
+    return np.sort(dist[:, -1])
+
 
 def k_distance_eps(x, k):
     """eps at the knee of the sorted k-distance curve (Ester et al. Sec. 4.2; knee as in Kneedle,
     Satopaa et al. 2011: the point farthest below the chord from the first to the last point).
 
-    x: (n, d) points; k: DBSCAN's min_samples (the point itself counts, as in scikit-learn).
+    x: (n, d) points; k: DBSCAN's min_samples.
     """
-    from sklearn.neighbors import NearestNeighbors
-    k = min(k, len(x))
-    dist, _ = NearestNeighbors(n_neighbors=k).fit(x).kneighbors(x)   # (n, k), column 0 = self
-    curve = np.sort(dist[:, -1])                                     # (n,) ascending
+    curve = k_distances(x, k)
     span = curve[-1] - curve[0]
     if span <= 1e-9:  # all points equally dense: one cluster
         return float(curve[-1]) + 1e-6
@@ -253,20 +296,45 @@ def nearest_cluster(x_ref, labels_ref, x):
     return out
 
 
-def cluster_styles(x, min_samples):
+def dbscan_styles(x, eps, min_samples):
     """DBSCAN labels for x (n, d), noise reassigned to the nearest cluster, ids by size (0 = the
-    largest). Returns (labels (n,), eps)."""
+    largest); None when DBSCAN finds no dense region."""
     from sklearn.cluster import DBSCAN
-    eps = k_distance_eps(x, min_samples)
     labels = DBSCAN(eps=eps, min_samples=min(min_samples, len(x))).fit_predict(x)
-    if (labels < 0).all():  # no dense region at all: a single style
-        return np.zeros(len(x), dtype=np.int64), eps
+    if (labels < 0).all():
+        return None
     noise = labels < 0
     if noise.any():
         labels[noise] = nearest_cluster(x[~noise], labels[~noise], x[noise])
     ids, counts = np.unique(labels, return_counts=True)
     rank = {old: new for new, old in enumerate(ids[np.argsort(-counts, kind="stable")])}
-    return np.array([rank[v] for v in labels], dtype=np.int64), eps
+    return np.array([rank[v] for v in labels], dtype=np.int64)
+
+
+def cluster_styles(x, min_samples):
+    """DBSCAN with the eps that separates the styles best. Returns (labels (n,), eps, silhouette).
+
+    Candidates: the knee of the k-distance curve and the curve's 5th, 10th, ..., 95th
+    percentiles. On real captions the curve has no sharp knee -- styles shade into each other --
+    and the knee's eps chains every style into one cluster; a smaller eps keeps the dense core of
+    each style apart. Each candidate's clustering (noise to the nearest cluster) is scored by its
+    silhouette (Rousseeuw 1987: how much nearer each point is to its own cluster than to the
+    next); the best clustering of two or more styles wins. None has two: one style, silhouette 0.
+    """
+    from sklearn.metrics import silhouette_score
+    curve = k_distances(x, min_samples)
+    candidates = {k_distance_eps(x, min_samples)}
+    candidates |= {max(float(np.percentile(curve, q)), 1e-6) for q in range(5, 100, 5)}
+    best = (0.0, np.zeros(len(x), dtype=np.int64), k_distance_eps(x, min_samples))
+    for eps in sorted(candidates):
+        labels = dbscan_styles(x, eps, min_samples)
+        if labels is None or labels.max() < 1:
+            continue
+        score = float(silhouette_score(x, labels))
+        if score > best[0]:
+            best = (score, labels, eps)
+    score, labels, eps = best
+    return labels, eps, score
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,22 +427,43 @@ def validate_answer(text, min_words=2, max_words=100):
 # The offline `rules` backend: split the image's own captions into identity and clothing clauses.
 
 CONNECTIVES = _words("""and with wearing wears wear wore dressed in carrying carries carry
-    holding holds has have having who while also plus but is are was looks appears""")
+    holding holds has have having who while also plus but is are was looks appears he she""")
 _LEADING = _words("and with in while also plus but who")
+# A sentence of one or two words is a fragment ("A large.", "Glasses.") unless it names a person.
+PERSON_NOUNS = _words("""man men woman women lady ladies gentleman guy boy girl person pedestrian
+    male female child kid adult teen teenager""")
+_PREPOSITIONS = _words("on in along down across near by past through at into onto towards toward "
+                       "beside from to")
 
 
-def _side(word):
-    category = word_category(word.strip(".,;:!?\"'()"))
-    return {"garment": "clothing", "pattern": "clothing", "body": "identity"}.get(category)
+def _sides(words):
+    """Side of each word: 'identity', 'clothing', 'scene' or None. A weak body word ("large",
+    "thin", "heavy") whose phrase goes on to a colour or garment ("a large white bag") modifies
+    the garment and takes no side."""
+    cats = [word_category(w.strip(".,;:!?\"'()")) for w in words]
+    sides = []
+    for i, (word, cat) in enumerate(zip(words, cats)):
+        side = {"garment": "clothing", "pattern": "clothing", "body": "identity",
+                "scene": "scene"}.get(cat)
+        if side == "identity" and word.lower().strip(".,;:!?") in BODY_WEAK:
+            phrase = []
+            for w, c in zip(words[i + 1:i + 4], cats[i + 1:i + 4]):
+                if w.lower() in CONNECTIVES:
+                    break
+                phrase.append(c)
+            head = next((c for c in phrase if c is not None), None)
+            side = None if head in ("colour", "garment", "pattern") else side
+        sides.append(side)
+    return sides
 
 
 def split_clauses(caption):
     """Clauses of a caption, punctuation kept: cut after a punctuation mark, before each
-    connective word, and after a head word whose phrase is followed by one of the other side
-    (unpunctuated captions: "short grey hair glasses a beard" -> "short grey hair", "glasses",
-    "a beard")."""
+    connective word (and "he" / "she"), and after a head word whose phrase is followed by one of
+    another side (unpunctuated captions: "short grey hair glasses a beard" -> "short grey hair",
+    "glasses", "a beard")."""
     words, cuts = caption.split(), set()
-    sides = [_side(w) for w in words]
+    sides = _sides(words)
     for i, word in enumerate(words):
         if i and word.lower().strip("\"'(") in CONNECTIVES:
             cuts.add(i)
@@ -388,42 +477,112 @@ def split_clauses(caption):
 
 
 def clause_side(clause):
-    """'identity' | 'clothing' | None. Colours and lengths name neither side; a clause that names
-    both goes to the side of its last such word (the English head noun: "the woman's coat")."""
-    side = None
-    for word in WORD_RE.findall(clause):
-        category = word_category(word)
-        if category in ("garment", "pattern"):
-            side = "clothing"
-        elif category == "body":
-            side = "identity"
-    return side
+    """'identity' | 'clothing' | 'scene' | None. Colours and lengths name neither side; a clause
+    that names both goes to the side of its last such word (the English head noun: "the woman's
+    coat"); a clause that names only the place ("walking on a cobbled street") is 'scene'."""
+    named = [s for s in _sides(clause.split()) if s is not None]
+    people = [s for s in named if s != "scene"]
+    return people[-1] if people else named[-1] if named else None
+
+
+def _without_scene(clause):
+    """A clothing clause without its trailing place: "carrying a bag across the street" ->
+    "carrying a bag"."""
+    words = clause.split()
+    sides = _sides(words)
+    if "scene" not in sides:
+        return clause
+    at = sides.index("scene")
+    start = next((j for j in range(at, max(-1, at - 5), -1) if words[j].lower() in _PREPOSITIONS), at)
+    return " ".join(words[:start])
 
 
 _FINITE = _words("is are was has have wears wear carries holds")
+_NEUTRAL = {"he": "the person", "she": "the person", "him": "them", "his": "their", "her": "their",
+            "hers": "theirs", "himself": "themselves", "herself": "themselves"}
 
 
-def _fragment(clauses):
+def _sentence(clauses, side):
     """Adjacent clauses of one side -> a sentence: leading connectives dropped, a subject added
-    before a bare verb ("is carrying a bag" -> "The person is carrying a bag.")."""
+    before a bare verb ("is carrying a bag" -> "The person is carrying a bag."). Clothing text
+    speaks of "the person": pronouns neutral, body-trait words dropped."""
     words = " ".join(clauses).split()
     while words and words[0].lower().strip(".,;:") in _LEADING:
         words = words[1:]
+    if side == "clothing":
+        words = [_NEUTRAL.get(w.lower(), w) for w in words if not body_words(w)]
     if words and words[0].lower() in _FINITE:
         words = ["the", "person"] + words
     text = " ".join(words).rstrip(".,;:!? ")
     return text[:1].upper() + text[1:] + "." if text else ""
 
 
-def rules_describe(captions):
-    """captions: list[str] -> (identity, clothing). Each caption's clauses go to their side; a
-    clause that names neither ("a red" in "a red and blue coat", "and") joins the next one; runs
-    of adjacent clauses of one side become sentences; repeated sentences are dropped."""
+def is_fragment(sentence):
+    """A sentence of one or two words that names no person ("A large.", "Glasses.")."""
+    words = [w.lower() for w in WORD_RE.findall(sentence)]
+    return len(words) <= 2 and not PERSON_NOUNS & set(words)
+
+
+def _merge_fragments(sentences):
+    """Each fragment joins the sentence before it (or after it, when first): "A short man. A
+    beard." -> "A short man, a beard."."""
+    out = []
+    for sentence in sentences:
+        if out and is_fragment(sentence):
+            out[-1] = out[-1][:-1] + ", " + sentence[:1].lower() + sentence[1:]
+        elif out and is_fragment(out[-1]):
+            out[-1] = out[-1][:-1] + ", " + sentence[:1].lower() + sentence[1:]
+        else:
+            out.append(sentence)
+    return out
+
+
+def _cut_to_length(sentences, max_words):
+    """Whole sentences while they fit in max_words; a first sentence that alone is longer is cut
+    at its last clause boundary that fits."""
+    out, n = [], 0
+    for sentence in sentences:
+        size = len(sentence.split())
+        if n + size <= max_words:
+            out.append(sentence)
+            n += size
+            continue
+        if not out:
+            kept = []
+            for clause in split_clauses(sentence.rstrip(".")):
+                if len(" ".join(kept + [clause]).split()) > max_words:
+                    break
+                kept.append(clause)
+            out.append(_sentence(kept, None))
+        break
+    return [s for s in out if s]
+
+
+def gender_word(captions):
+    """What the captions say of a person who is otherwise undescribed: the first person noun, or
+    the gender of the first pronoun ("he" -> "man"), else "person"."""
+    for word in WORD_RE.findall(" ".join(captions).lower()):
+        if word in PERSON_NOUNS:
+            return word
+        if word in ("he", "his", "him", "she", "her"):
+            return "man" if word in ("he", "his", "him") else "woman"
+    return "person"
+
+
+def rules_describe(captions, max_words=100):
+    """captions: list[str] -> (identity, clothing, fallback). Each caption's clauses go to their
+    side; a clause that names neither ("a red" in "a red and blue coat", "and") joins the next
+    one; scene clauses are dropped; runs of adjacent clauses of one side become sentences;
+    repeated sentences are dropped, fragments merged, each text cut to max_words. With no body
+    clause at all the identity is what can be said ("A man.", from a pronoun too, or "A
+    person.") and `fallback` is True."""
     sentences = {"identity": [], "clothing": []}
     for caption in captions:
         runs, pending, last = [], [], None              # runs: [(side, [clauses])]
         for clause in split_clauses(caption):
             side = clause_side(clause)
+            if side == "clothing":
+                clause = _without_scene(clause)
             if side is None:
                 pending.append(clause)
                 continue
@@ -432,10 +591,15 @@ def rules_describe(captions):
             runs[-1][1].extend(pending + [clause])
             pending, last = [], side
         for side, clauses in runs:
-            text = _fragment(clauses)
+            text = _sentence(clauses, side) if side != "scene" else ""
             if text and text.lower() not in map(str.lower, sentences[side]):
                 sentences[side].append(text)
-    return " ".join(sentences["identity"]), " ".join(sentences["clothing"])
+    identity, clothing = (_cut_to_length(_merge_fragments(sentences[side]), max_words)
+                          for side in ("identity", "clothing"))
+    fallback = not identity or all(is_fragment(s) for s in identity)
+    if fallback:
+        identity = [f"A {gender_word(captions)}."]
+    return " ".join(identity), " ".join(clothing) or "The person's clothing is not described.", fallback
 
 
 # ----------------------------------------------------------------------------------------------
@@ -449,22 +613,34 @@ class Answer:
     error: str = ""          # empty when the answer passed validation
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    identity_fallback: bool = False   # the captions name no body trait: "A man.", "A person."
 
 
 class RulesBackend:
+    """The captions split by `rules_describe`, then validated like any answer. An identity text
+    that still fails (it names a garment) is replaced by the fallback, so no image is left
+    without descriptions."""
     name, model = "rules", "lexicon"
 
     def __init__(self, cfg):
         self.cfg = cfg
 
     def describe(self, image_path, captions, style):
-        identity, clothing = rules_describe(captions)
+        identity, clothing, fallback = rules_describe(captions, self.cfg.max_words)
         try:
-            answer = json.dumps({"identity": identity, "clothing": clothing})
-            identity, clothing = validate_answer(answer, self.cfg.min_words, self.cfg.max_words)
-            return Answer(identity, clothing)
+            return self._validated(identity, clothing, fallback)
+        except ValidationError as err:
+            if "identity" not in str(err) or fallback:
+                return Answer(error=str(err))
+        try:
+            return self._validated(f"A {gender_word(captions)}.", clothing, True)
         except ValidationError as err:
             return Answer(error=str(err))
+
+    def _validated(self, identity, clothing, fallback):
+        answer = json.dumps({"identity": identity, "clothing": clothing})
+        return Answer(*validate_answer(answer, self.cfg.min_words, self.cfg.max_words),
+                      identity_fallback=fallback)
 
 
 class OpenAIBackend:
@@ -685,7 +861,6 @@ class DescribeConfig:
     root: str = _option("data", "data root, in data.py's layout")
     split: str = _option("all", "images to describe", SPLIT_CHOICES)
     limit: int = _option(0, "only the first N images of the split (0: all)")
-    out: str = _option("", "output file (default: descriptions.jsonl beside the annotations)")
     backend: str = _option("rules", "rules: offline caption split; openai: a multimodal chat "
                            "model", ("rules", "openai"))
     model: str = _option("gpt-4o-mini", "chat model of the openai backend")
@@ -724,18 +899,24 @@ def load_annotations(cfg):
     return data.read_annotations(cfg.data, cfg.root)
 
 
-def fit_style_clusters(records, todo, cfg):
-    """Cluster a seeded sample of all captions; label each image to describe by its first
-    caption. Returns (clusters, labels of todo, report for style_clusters.json)."""
-    from sklearn.metrics import adjusted_rand_score
+def caption_sample(records, cfg):
+    """A seeded sample of at most cfg.style_sample (record index, caption index) pairs."""
     pool = [(i, j) for i, r in enumerate(records) for j in range(len(r["captions"]))]
     if len(pool) > cfg.style_sample:
         pool = sorted(random.Random(cfg.seed).sample(pool, cfg.style_sample))
+    return pool
+
+
+def fit_style_clusters(records, pool, cfg):
+    """Cluster the sampled captions' style skeletons. Returns (report, x (n, d), labels (n,)):
+    the report holds the clusters (StyleCluster fields), eps, min_samples, the silhouette, each
+    sampled caption's cluster, and the ARI against planted styles when the records have them."""
+    from sklearn.metrics import adjusted_rand_score
     captions = [records[i]["captions"][j] for i, j in pool]
     encoder = load_style_encoder(cfg.style_encoder)
     x = encoder.embed([mask_style(c) for c in captions])                 # (n, d)
     min_samples = max(5, round(cfg.min_style_share * len(captions)))
-    labels, eps = cluster_styles(x, min_samples)                         # (n,)
+    labels, eps, silhouette = cluster_styles(x, min_samples)             # (n,)
     clusters = []
     for c in range(labels.max() + 1):
         members = np.flatnonzero(labels == c)
@@ -743,24 +924,85 @@ def fit_style_clusters(records, todo, cfg):
         example = captions[members[np.argmin(((x[members] - centre) ** 2).sum(1))]]
         clusters.append(StyleCluster(c, len(members), example, mask_style(example),
                                      style_prompt(c, [captions[m] for m in members], example)))
-    todo_x = encoder.embed([mask_style(r["captions"][0]) for r in todo]) if todo else x[:0]
-    todo_labels = nearest_cluster(x, labels, todo_x) if todo else []
     report = {"encoder": encoder.name, "eps": eps, "min_samples": min_samples,
-              "clusters": [dataclasses.asdict(c) for c in clusters],
+              "silhouette": silhouette, "clusters": [dataclasses.asdict(c) for c in clusters],
               "assignments": [{"file_path": records[i]["file_path"], "caption": j,
-                               "cluster": int(l)} for (i, j), l in zip(pool, labels)]}
+                               "cluster": int(l)} for (i, j), l in zip(pool, labels)],
+              "labels": {}}   # file_path -> cluster of every image labelled so far
     if all("caption_styles" in r for r in records):
         truth = [records[i]["caption_styles"][j] for i, j in pool]
         report["ari"] = float(adjusted_rand_score(truth, labels))
-    return clusters, list(map(int, todo_labels)), report
+    return report, x, labels
+
+
+# The fitted clusters are cached beside descriptions.jsonl: style_clusters.json (the report,
+# readable) and style_clusters.npz (the sample's embeddings, to place images not yet labelled).
+# A rerun on the same sample with the same settings reads them instead of refitting.
+
+def fingerprint(records, pool, cfg):
+    """What the clusters depend on: the style skeletons of the sampled captions (so a change of
+    the captions or of the lexicon refits) and the clustering settings."""
+    key = [cfg.style_encoder, cfg.min_style_share] + [mask_style(records[i]["captions"][j])
+                                                      for i, j in pool]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()
+
+
+def load_cached_clusters(folder, key):
+    """(report, x, labels) saved by an earlier run with this fingerprint, else None."""
+    try:
+        report = json.loads((folder / "style_clusters.json").read_text())
+        arrays = np.load(folder / "style_clusters.npz")
+        cached = (report, arrays["x"], arrays["labels"])
+    except (OSError, ValueError, KeyError):
+        return None
+    return cached if report.get("fingerprint") == key else None
+
+
+def save_clusters(folder, report, x, labels):
+    """Write both cache files, each atomically (temp file + rename); the report goes last."""
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / "style_clusters.tmp.npz", x=x, labels=labels)
+    os.replace(folder / "style_clusters.tmp.npz", folder / "style_clusters.npz")
+    (folder / "style_clusters.json.tmp").write_text(json.dumps(report, indent=1))
+    os.replace(folder / "style_clusters.json.tmp", folder / "style_clusters.json")
+
+
+def style_clusters(records, todo, cfg, folder, save=True):
+    """(clusters, cluster of each image of todo, report): read from the cache in `folder` when
+    it fits, else fitted (and saved unless save=False). Images not labelled yet get the cluster of
+    the nearest sampled caption to their first caption (this loads the encoder; nothing else does
+    on a rerun)."""
+    pool = caption_sample(records, cfg)
+    key = fingerprint(records, pool, cfg)
+    cached = load_cached_clusters(folder, key)
+    if cached is None:
+        report, x, labels = fit_style_clusters(records, pool, cfg)
+        report["fingerprint"] = key
+    else:
+        (report, x, labels), report["reused"] = cached, True
+    known = report["labels"]
+    new = [r for r in todo if r["file_path"] not in known]
+    if new:
+        encoder = load_style_encoder(cfg.style_encoder)
+        y = encoder.embed([mask_style(r["captions"][0]) for r in new])       # (m, d)
+        known.update(zip((r["file_path"] for r in new), map(int, nearest_cluster(x, labels, y))))
+    if save and (cached is None or new):
+        save_clusters(folder, {k: v for k, v in report.items() if k != "reused"}, x, labels)
+    clusters = [StyleCluster(**c) for c in report["clusters"]]
+    return clusters, [known[r["file_path"]] for r in todo], report
 
 
 def print_clusters(clusters, report):
     n = sum(c.size for c in clusters)
-    print(f"style clusters: {len(clusters)} from {n} captions (encoder {report['encoder']}, "
-          f"eps {report['eps']:.3f} at the k-distance knee, min_samples {report['min_samples']})")
+    how = ("read from style_clusters.json, fitted by an earlier run on the same sample" if
+           report.get("reused") else "fitted now")
+    print(f"style clusters: {len(clusters)} from {n} captions ({how}; encoder {report['encoder']}, "
+          f"DBSCAN eps {report['eps']:.3f}, min_samples {report['min_samples']}, silhouette "
+          f"{report['silhouette']:.3f})")
     for c in clusters:
         print(f"  {c.id:3d} {c.size:6d} ({100 * c.size / n:4.1f}%)  {c.example[:90]}")
+    if len(clusters) == 1:
+        print("  one cluster: no style was told apart, so every image gets the same style prompt")
     if "ari" in report:
         print(f"style recovery vs the planted annotator styles: ARI {report['ari']:.3f}")
 
@@ -809,6 +1051,8 @@ def describe_images(todo, labels, clusters, backend, image_dir, writer, workers)
             line = {"file_path": record["file_path"], "identity": answer.identity,
                     "clothing": answer.clothing, "style_cluster": label,
                     "backend": backend.name, "model": backend.model}
+            if answer.identity_fallback:   # no body trait in the captions: "A man.", "A person."
+                line["identity_fallback"] = True
             if answer.error:
                 line.update(status="failed", error=answer.error)
             writer.write(line)
@@ -825,38 +1069,43 @@ def run(cfg):
     """The whole pipeline; returns the Summary. Raises DescribeError / data.DatasetError."""
     annotations = load_annotations(cfg)
     records = select_records(annotations.records, cfg.split, cfg.limit)
-    out = Path(cfg.out) if cfg.out else data.descriptions_file(cfg.data, cfg.root)
+    out = data.descriptions_file(cfg.data, cfg.root)   # where train.py and evaluate.py read them
     if not cfg.dry_run:   # the key is checked before any slow work; a dry run needs none
         backend = (OpenAIBackend if cfg.backend == "openai" else RulesBackend)(cfg)
     done = {} if cfg.dry_run else load_progress(out)
     todo = [r for r in records if r["file_path"] not in done]
     print(f"{annotations.name}: {len(records)} images selected ({cfg.split}), "
           f"{len(records) - len(todo)} already described in {out}, {len(todo)} to go")
-    if not todo:
-        return Summary(skipped=len(records))
-    clusters, labels, report = fit_style_clusters(annotations.records, todo, cfg)
-    print_clusters(clusters, report)
-    if cfg.dry_run:
-        print_dry_run(todo, labels, clusters, annotations.image_dir)
-        return Summary(skipped=len(records) - len(todo))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_name("style_clusters.json").write_text(json.dumps(report, indent=1))
-    writer = JsonlWriter(out)
-    try:
-        summary = describe_images(todo, labels, clusters, backend, annotations.image_dir, writer,
-                                  cfg.workers if cfg.backend == "openai" else 1)
-    finally:
-        writer.close()
-    summary.skipped = len(records) - len(todo)
+    summary = Summary(skipped=len(records) - len(todo))
+    if todo:
+        clusters, labels, report = style_clusters(annotations.records, todo, cfg, out.parent,
+                                                  save=not cfg.dry_run)
+        print_clusters(clusters, report)
+        if cfg.dry_run:
+            print_dry_run(todo, labels, clusters, annotations.image_dir)
+            return summary
+        writer = JsonlWriter(out)
+        try:
+            summary = describe_images(todo, labels, clusters, backend, annotations.image_dir,
+                                      writer, cfg.workers if cfg.backend == "openai" else 1)
+        finally:
+            writer.close()
+        summary.skipped = len(records) - len(todo)
     print_summary(summary, cfg, out)
+    described = {k: v for k, v in data.read_descriptions(out).items() if k in
+                 {r["file_path"] for r in records}} if out.exists() else {}
+    print_quality(description_quality(described))
     if any("attributes" in r for r in records):
-        print_agreement(records, data.read_descriptions(out))
+        print_agreement(records, described)
     return summary
 
 
 def print_summary(s, cfg, out):
-    print(f"described {s.described}, failed {s.failed} (rerun to retry them), skipped {s.skipped}"
-          f" -> {out}")
+    print(f"described {s.described}, failed {s.failed}, skipped {s.skipped} (described "
+          f"earlier) -> {out}")
+    if s.failed:
+        print(f"{s.failed} images failed (their lines in {out} say why); rerun the same command "
+              "to retry them: finished images are kept")
     if cfg.backend == "openai":
         cost = estimate_cost(cfg.model, s.prompt_tokens, s.completion_tokens,
                              cfg.price_in, cfg.price_out)
@@ -865,9 +1114,42 @@ def print_summary(s, cfg, out):
               f"estimated cost {price}")
 
 
+def _sentences(text):
+    return [t for t in re.split(r"(?<=[.!?])\s+", text.strip()) if t]
+
+
+def description_quality(descriptions):
+    """Shares of the described images (file_path -> record) whose identity text names clothing,
+    holds a fragment (`is_fragment`), names no body trait besides a gender word, or came from
+    the fallback; and whose clothing text holds a gendered pronoun or a scene word."""
+    def share(test, side):
+        return sum(map(test, (d[side] for d in descriptions.values()))) / max(1, len(descriptions))
+
+    def categories(text):
+        return {word_category(w) for w in WORD_RE.findall(text) if w.lower() not in PERSON_NOUNS}
+    return {"images": len(descriptions),
+            "identity_clothing": share(lambda t: bool(categories(t) & {"garment", "pattern"}),
+                                       "identity"),
+            "identity_fragment": share(lambda t: any(map(is_fragment, _sentences(t))), "identity"),
+            "identity_no_trait": share(lambda t: "body" not in categories(t), "identity"),
+            "identity_fallback": sum(bool(d.get("identity_fallback"))
+                                     for d in descriptions.values()) / max(1, len(descriptions)),
+            "clothing_pronoun_or_scene": share(lambda t: bool(categories(t) & {"pronoun", "scene"}),
+                                               "clothing")}
+
+
+def print_quality(q):
+    print(f"description checks over {q['images']} images: identity texts naming clothing "
+          f"{q['identity_clothing']:.1%}, with a fragment {q['identity_fragment']:.1%}, with no "
+          f"body trait but a gender {q['identity_no_trait']:.1%} (fallback, no body words in the "
+          f"captions: {q['identity_fallback']:.1%}); clothing texts with a pronoun or a scene "
+          f"word {q['clothing_pronoun_or_scene']:.1%}")
+
+
 def parse_args(argv=None):
     """Command line -> DescribeConfig: one option per field, typed, choices and ranges checked."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(DescribeConfig):
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
         if f.type is bool:
@@ -889,7 +1171,7 @@ def parse_args(argv=None):
 def main(argv=None):
     cfg = parse_args(argv)
     try:
-        run(cfg)
+        summary = run(cfg)
     except (DescribeError, data.DatasetError) as err:
         print(f"describe.py: error: {err}", file=sys.stderr)
         return 2
@@ -897,7 +1179,7 @@ def main(argv=None):
         print("interrupted; finished images are saved, rerun the same command to resume",
               file=sys.stderr)
         return 130
-    return 0
+    return 1 if summary.failed else 0   # a script can tell that images are left to retry
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ pictures, runs, command line.
 
     python evaluate.py                          # newest run: tables, metrics.json, ranked_list.png, gates.png
     python evaluate.py --run runs/NAME --limit-queries 200 --rerank-k 10
+    python evaluate.py --data synth --root data-real   # the run's model on other data (default: the run's)
     python evaluate.py --query "a tall man with short grey hair" --gallery DIR   # writes search.png
     pytest tests/test_evaluate.py
 """
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from data import DatasetError, eval_transform, load_dataset, load_image, load_tokenizer, tokenize
+from data import DATASETS, DatasetError, eval_transform, load_dataset, load_image, load_tokenizer, tokenize
 from model import EncoderLoadError, ModelConfig, T2IReID
 
 
@@ -209,15 +210,21 @@ def derangement(pids: list, seed: int) -> list[int]:
     return partner
 
 
-def robustness_queries(gallery: list, seed: int = 0) -> dict | None:
-    """One query per gallery image for each setting (its pid is the image's pid), or None when
-    some image lacks its generated identity or clothing description."""
-    if any(not g.identity or not g.clothing for g in gallery):
+def robustness_queries(gallery: list, seed: int = 0) -> tuple[dict, list] | None:
+    """One query per described gallery image for each setting, and the pid of each query.
+
+    Images without a generated identity or clothing description are left out of the queries
+    (they stay in the gallery); the caller reports how many. None when fewer than two images are
+    described (a derangement needs two)."""
+    described = [g for g in gallery if g.identity and g.clothing]
+    if len(described) < 2:
         return None
-    partner = derangement([g.pid for g in gallery], seed)
-    return {"Standard": [f"{g.identity} {g.clothing}" for g in gallery],
-            "Identity-Only": [g.identity for g in gallery],
-            "Clothes-Conflict": [f"{g.identity} {gallery[j].clothing}" for g, j in zip(gallery, partner)]}
+    partner = derangement([g.pid for g in described], seed)
+    settings = {"Standard": [f"{g.identity} {g.clothing}" for g in described],
+                "Identity-Only": [g.identity for g in described],
+                "Clothes-Conflict": [f"{g.identity} {described[j].clothing}"
+                                     for g, j in zip(described, partner)]}
+    return settings, [g.pid for g in described]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,6 +283,25 @@ def _examples(rows, texts: list, query_pids: list, gallery: list, count: int, se
     return out
 
 
+def robustness_metrics(ranker, gallery: list, gallery_pids: list, limit_queries, seed: int, notes: list,
+                       batch_size=64, progress=True) -> dict | None:
+    """Table V on the test images that have generated descriptions; the images left out (and
+    why) are appended to `notes`. None, with a note, when fewer than two are described."""
+    built = robustness_queries(gallery, seed)
+    missing = sum(1 for g in gallery if not (g.identity and g.clothing))
+    if built is None:
+        notes.append(f"robustness settings skipped: {missing} of {len(gallery)} test images have no generated "
+                     "descriptions (run describe.py to write descriptions.jsonl)")
+        return None
+    settings, pids = built
+    if missing:
+        notes.append(f"robustness settings computed on the {len(pids)} of {len(gallery)} test images that have "
+                     f"generated descriptions; {missing} left out (rerun describe.py to describe them)")
+    return {name: dict(zip(("stage1", "stage2"), metrics_of_both_stages(
+                ranker(texts[:limit_queries]), pids[:limit_queries], gallery_pids, batch_size, progress)))
+            for name, texts in settings.items()}
+
+
 @torch.no_grad()
 def evaluate_model(model: T2IReID, data, tokenizer, image_size, max_len: int, device, batch_size=64,
                    rerank_k=None, robustness=True, progress=True, seed=0, limit_queries=None) -> dict:
@@ -305,15 +331,9 @@ def evaluate_model(model: T2IReID, data, tokenizer, image_size, max_len: int, de
                   stage1=stage1, stage2=stage2, robustness=None, notes=[],
                   gates=dict(bdam=gate_summary(bdam_gate, gallery["gate"]), fusion=gate_summary(fusion_gate)),
                   examples=_examples(captions.stage2 if k else captions.stage1, texts, pids, data.gallery, 6, seed))
-    settings = robustness_queries(data.gallery, seed) if robustness else None
-    if robustness and settings is None:
-        result["notes"].append("robustness settings skipped: the test images have no generated "
-                               "descriptions (run describe.py to write descriptions.jsonl)")
-    if settings is not None:
-        result["robustness"] = {
-            name: dict(zip(("stage1", "stage2"), metrics_of_both_stages(
-                ranker(texts[:limit_queries]), gallery_pids[:limit_queries], gallery_pids, batch_size, progress)))
-            for name, texts in settings.items()}
+    if robustness:
+        result["robustness"] = robustness_metrics(ranker, data.gallery, gallery_pids, limit_queries, seed,
+                                                  result["notes"], batch_size, progress)
     model.train(was_training)
     return result
 
@@ -472,15 +492,19 @@ def search(run: Run, query: str, folder, device, rerank_k, progress=True) -> Pat
     return ranked_list_picture([query], [[paths[g] for g in top]], None, run.folder / "search.png")
 
 
-def evaluate_run(run: Run, device, rerank_k=None, limit_queries=None) -> dict:
-    """evaluate_model on the run's test split; prints the tables, writes metrics.json and pictures."""
+def evaluate_run(run: Run, device, rerank_k=None, limit_queries=None, data=None, root=None) -> dict:
+    """evaluate_model on the test split of the run's dataset (or of `data` under `root`, when
+    given); prints where the data came from and the tables, writes metrics.json and pictures."""
     train, cfg = run.train, run.model_cfg
-    dataset = load_dataset(train.get("data", "synth"), train.get("root", "data"))
+    name, folder = data or train.get("data", "synth"), root or train.get("root", "data")
+    origin = "given on the command line" if data or root else f"from {run.folder / 'config.json'}"
+    print(f"data: {name} under {Path(folder).resolve()} ({origin})")
+    dataset = load_dataset(name, folder)
     result = evaluate_model(run.model.to(device), dataset, load_tokenizer(cfg.text_model or None), cfg.image_size,
                             cfg.max_text_len, device, train.get("eval_batch", 64),
                             rerank_k, seed=train.get("seed", 0), limit_queries=limit_queries)
     print(report(result))
-    record = dict(run=str(run.folder), checkpoint=run.checkpoint.name, **result)
+    record = dict(run=str(run.folder), checkpoint=run.checkpoint.name, data_root=str(Path(folder).resolve()), **result)
     (run.folder / "metrics.json").write_text(json.dumps(record, indent=1))
     ex = result["examples"]
     pictures = [ranked_list_picture(ex["queries"], ex["paths"], ex["correct"], run.folder / "ranked_list.png"),
@@ -492,10 +516,13 @@ def evaluate_run(run: Run, device, rerank_k=None, limit_queries=None) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run", help="run folder (default: runs/latest)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--run", help="run folder (default: runs/latest, else the newest under runs/)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="where to run (default: auto, a CUDA GPU if there is one)")
+    parser.add_argument("--data", choices=DATASETS, help="dataset (default: the run's, from its config.json)")
+    parser.add_argument("--root", help="data root (default: the run's, from its config.json)")
     parser.add_argument("--rerank-k", type=int, help="K for stage 2 (default: the model's rerank_k; 0: stage 1 only)")
-    parser.add_argument("--limit-queries", type=int, help="rank only the first N queries of each set (quick check)")
+    parser.add_argument("--limit-queries", type=int, help="rank only the first N queries of each set (default: all)")
     parser.add_argument("--query", help="a description to search --gallery with")
     parser.add_argument("--gallery", help="a folder of your own images (.png/.jpg, searched recursively)")
     args = parser.parse_args(argv)
@@ -515,7 +542,7 @@ def main(argv=None) -> int:
         if args.query:
             print(f"wrote {search(run, args.query, args.gallery, device, args.rerank_k)}")
             return 0
-        evaluate_run(run, device, args.rerank_k, args.limit_queries)
+        evaluate_run(run, device, args.rerank_k, args.limit_queries, args.data, args.root)
     except (DatasetError, RunError, EncoderLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -105,13 +105,16 @@ def parse_config(argv=None) -> tuple[TrainConfig, ModelConfig, argparse.Namespac
     parser.add_argument("--bench", action="store_true", help="time training steps and exit")
     parser.add_argument("--ablation", default="full", choices=list(ABLATIONS),
                         help="a row of Tables II-IV")
-    owners = {}
-    for cls in (TrainConfig, ModelConfig):
+    owners, synth, paper = {}, presets("synth"), presets("cuhk")
+    for cls, small, full in zip((TrainConfig, ModelConfig), synth, paper):
         for f in dataclasses.fields(cls):
             assert f.name not in owners, f"field {f.name} is in both configs"
             owners[f.name] = cls
+            a, b = getattr(small, f.name), getattr(full, f.name)
+            shown = "synth; choices synth|cuhk|icfg|rstp" if f.name == "data" else (
+                a if a == b else f"{a} with --data synth, {b} with cuhk|icfg|rstp")
             parser.add_argument(f"--{f.name.replace('_', '-')}", type=lambda s, t=f.type: _parse_value(s, t), default=None,
-                                help=f"{cls.__name__}.{f.name} (default: the dataset's preset)")
+                                help=f"{cls.__name__}.{f.name} (default: {shown})")
     args = parser.parse_args(argv)
     given = {name: value for name, value in vars(args).items() if name in owners and value is not None}
     if args.resume:

@@ -482,5 +482,56 @@ def test_main_generates_once_summarises_and_draws_a_contact_sheet(tmp_path, caps
     stamp = (tmp_path / "SynthPEDES" / "reid_raw.json").stat().st_mtime_ns
     data.main(args)  # same settings: reused, not regenerated
     assert (tmp_path / "SynthPEDES" / "reid_raw.json").stat().st_mtime_ns == stamp
-    data.main(args[:-2] + ["24", "12"])  # other settings: regenerated
+    descriptions = data.descriptions_file("synth", tmp_path)
+    descriptions.write_text('{"file_path": "a.png", "identity": "x y", "clothing": "z w"}\n')
+    data.main(["--data", "synth", "--root", str(tmp_path)])  # no settings: summarise what is there
+    assert "num_ids=10" in capsys.readouterr().out
+    with pytest.raises(data.DatasetError, match=r"num_ids 10 \(asked: 300\).*--overwrite"):
+        data.main(["--data", "synth", "--root", str(tmp_path), "--num-ids", "300"])
+    with pytest.raises(data.DatasetError, match=r"image_size \(32, 16\) \(asked: \(24, 12\)\)"):
+        data.main(args[:-2] + ["24", "12"])  # other settings: an error, nothing deleted
+    assert descriptions.exists() and (tmp_path / "SynthPEDES" / "reid_raw.json").stat().st_mtime_ns == stamp
+    data.main(args[:-2] + ["24", "12", "--overwrite"])  # replaced only when asked
     assert data.load_image(next((tmp_path / "SynthPEDES" / "imgs").rglob("*.png"))).size == (12, 24)
+    assert not descriptions.exists()
+
+
+def test_train_first_run_generates_and_a_mismatch_is_an_error(tmp_path):
+    kw = dict(num_ids=4, image_size=(32, 16), progress=False)
+    folder = data.ensure_synthpedes(tmp_path, **kw)           # missing: generated
+    assert data.ensure_synthpedes(tmp_path, **kw) == folder   # same settings: kept
+    with pytest.raises(data.DatasetError, match="regime 'cloth-changing' \\(asked: 'same-clothes'\\)"):
+        data.ensure_synthpedes(tmp_path, **kw, regime="same-clothes")
+    with pytest.raises(data.DatasetError, match="already holds a SynthPEDES"):
+        data.generate_synthpedes(tmp_path, **kw)
+    (folder / "reid_raw.json").unlink()                       # an interrupted generation ...
+    data.ensure_synthpedes(tmp_path, **kw)                     # ... is not a dataset to keep
+    assert (folder / "reid_raw.json").exists()
+
+
+def test_realistic_captions_change_only_the_captions(tmp_path):
+    kw = dict(num_ids=4, image_size=(32, 16), progress=False)
+    planted = data.generate_synthpedes(tmp_path / "p", **kw)
+    real = data.generate_synthpedes(tmp_path / "r", captions="realistic", **kw)
+    assert digest(planted / "imgs") == digest(real / "imgs")
+    a, b = (json.loads((f / "reid_raw.json").read_text()) for f in (planted, real))
+    for x, y in zip(a, b):
+        assert x["attributes"] == y["attributes"] and x["captions"] != y["captions"]
+        assert set(y["caption_styles"]) <= set(data.REALISTIC_STYLES)
+        assert y["processed_tokens"] == [data.words(c) for c in y["captions"]]
+    assert json.loads((real / "config.json").read_text())["captions"] == "realistic"
+
+
+@pytest.mark.parametrize("corrupt", [b"this is a text file, not a png\n", "truncated"])
+def test_check_decodes_every_image_and_names_a_corrupt_one(tmp_path, corrupt):
+    folder = write_benchmark(tmp_path, "cuhk", CUHK)
+    bad = folder / "imgs" / "test_query" / "p2.png"
+    Image.new("RGB", (64, 128), (10, 200, 30)).save(bad)
+    bad.write_bytes(bad.read_bytes()[:60] if corrupt == "truncated" else corrupt)
+    data.load_dataset("cuhk", tmp_path)                       # the files exist: no error yet
+    with pytest.raises(data.DatasetError, match="p2.png is corrupt"):
+        data.check_images(data.read_annotations("cuhk", tmp_path))
+    run = subprocess.run([sys.executable, "data.py", "--data", "cuhk", "--root", str(tmp_path)],
+                         capture_output=True, text=True, cwd=Path(data.__file__).parent)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and str(bad) in run.stderr

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -103,8 +104,20 @@ def error(status):
     return status, {"error": {"message": "try later", "type": "server_error", "code": None}}
 
 
-def run_openai(root, out, url, *extra):
-    return describe.main(["--root", str(root), "--out", str(out), "--backend", "openai",
+@pytest.fixture
+def synth_root(tiny_synth, tmp_path):
+    """A private copy of the tiny SynthPEDES: describe.py writes beside the dataset."""
+    shutil.copytree(Path(tiny_synth) / "SynthPEDES", tmp_path / "SynthPEDES")
+    return tmp_path
+
+
+def descriptions(root):
+    """Where describe.py writes and train.py / evaluate.py read."""
+    return data.descriptions_file("synth", root)
+
+
+def run_openai(root, url, *extra):
+    return describe.main(["--root", str(root), "--backend", "openai",
                           "--base-url", url, "--style-encoder", "minilm", "--backoff-base", "0.001",
                           "--timeout", "10", *extra])
 
@@ -164,7 +177,8 @@ def test_cluster_styles_sends_noise_to_the_nearest_cluster():
     rng = np.random.default_rng(1)
     big, small = rng.normal((0, 0), 0.1, (40, 2)), rng.normal((3, 0), 0.1, (20, 2))
     noise = np.array([[1.2, 0.3], [2.0, -0.4], [5.0, 0.0]])
-    labels, eps = describe.cluster_styles(np.concatenate([big, small, noise]), 5)
+    labels, eps, silhouette = describe.cluster_styles(np.concatenate([big, small, noise]), 5)
+    assert silhouette > 0.5
     assert (labels[:40] == 0).all() and (labels[40:60] == 1).all()    # ids by size
     assert labels[60:].tolist() == [0, 1, 1]    # nearest blob point: left, right, right
 
@@ -188,16 +202,46 @@ def test_validate_answer(answer, reason):
 
 
 def test_rules_backend_splits_captions_into_identity_and_clothing():
-    identity, clothing = describe.rules_describe([   # CUHK-PEDES-like wording
+    identity, clothing, fallback = describe.rules_describe([   # CUHK-PEDES-like wording
         "The man is wearing a black jacket over a white shirt, dark blue jeans and brown shoes. "
         "He has short black hair and is carrying a backpack."])
-    assert identity == "The man. He has short black hair."
+    assert identity == "The man. He has short black hair." and not fallback
     assert clothing == ("The person is wearing a black jacket over a white shirt, dark blue jeans "
                         "and brown shoes. The person is carrying a backpack.")
-    identity, clothing = describe.rules_describe([   # SynthPEDES's unpunctuated style
+    identity, clothing, _ = describe.rules_describe([   # SynthPEDES's unpunctuated style
         "a short man slim build short grey hair glasses a beard wearing green shorts"])
-    assert (identity, clothing) == ("A short man slim build short grey hair. A beard.",
-                                    "Glasses. Wearing green shorts.")
+    assert (identity, clothing) == ("A short man slim build short grey hair, a beard.",
+                                    "Glasses, wearing green shorts.")   # fragments merged
+
+
+def test_rules_backend_on_what_real_captions_do():
+    # no body mentioned: the gender of the pronoun, marked as a fallback; no pronoun, no scene
+    identity, clothing, fallback = describe.rules_describe([
+        "he is wearing sunglasses tennis shoes and a grey coat while walking on a cobbled street"])
+    assert (identity, fallback) == ("A man.", True)
+    assert clothing == "The person is wearing sunglasses tennis shoes and a grey coat."
+    identity, _, fallback = describe.rules_describe(["wearing a red coat"])
+    assert (identity, fallback) == ("A person.", True)
+    # a weak body word that modifies a garment is no fragment; typos are still garments
+    identity, clothing, _ = describe.rules_describe([
+        "a tall woman with a large white bag and blue jenas she is carrying a big umbrella"])
+    assert identity == "A tall woman."
+    assert clothing == ("A large white bag and blue jenas the person is carrying a big "
+                        "umbrella.")
+    # two long captions: cut to the limit at a clause boundary
+    long = ("she is wearing a red coat with a white scarf and black boots and she is carrying a "
+            "brown bag and a blue umbrella and a green backpack ") * 3
+    identity, clothing, _ = describe.rules_describe([long, long.replace("red", "pink")], max_words=40)
+    assert len(clothing.split()) <= 40 and clothing.endswith(".") and len(clothing.split()) > 10
+    assert not describe.body_words(clothing)
+
+
+def test_rules_backend_never_fails_on_captions_without_body_words():
+    cfg = describe.DescribeConfig()
+    answer = describe.RulesBackend(cfg).describe("x.png", ["a red coat, blue jeans"], "")
+    assert (answer.error, answer.identity, answer.identity_fallback) == ("", "A person.", True)
+    answer = describe.RulesBackend(cfg).describe("x.png", ["a man"], "")
+    assert not answer.error and answer.clothing == "The person's clothing is not described."
 
 
 def test_style_prompt_describes_the_cluster_form():
@@ -259,15 +303,15 @@ def test_style_encoder_loads_clip_from_a_folder(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # The whole pipeline on SynthPEDES, offline
 
-def test_synthpedes_style_recovery_and_rules_agreement(tiny_synth, tmp_path, capsys):
-    out = tmp_path / "descriptions.jsonl"
-    assert describe.main(["--root", str(tiny_synth), "--out", str(out)]) == 0
+def test_synthpedes_style_recovery_and_rules_agreement(synth_root, capsys):
+    out = descriptions(synth_root)
+    assert describe.main(["--root", str(synth_root)]) == 0
     printed = capsys.readouterr().out
     print(printed)
     assert "using the offline all-MiniLM-L6-v2" in printed      # CLIP unreachable offline
-    report = json.loads((tmp_path / "style_clusters.json").read_text())
+    report = json.loads(out.with_name("style_clusters.json").read_text())
     assert report["ari"] > 0.8 and f"ARI {report['ari']:.3f}" in printed
-    records = data.read_annotations("synth", tiny_synth).records
+    records = data.read_annotations("synth", synth_root).records
     written = lines(out)
     assert sorted(r["file_path"] for r in written) == sorted(r["file_path"] for r in records)
     assert all(r["backend"] == "rules" and 0 <= r["style_cluster"] < len(report["clusters"])
@@ -276,7 +320,7 @@ def test_synthpedes_style_recovery_and_rules_agreement(tiny_synth, tmp_path, cap
     assert score["identity"] > 0.9 and score["clothing"] > 0.9, score
     # a rerun finds everything done and changes nothing
     before = out.read_bytes()
-    assert describe.main(["--root", str(tiny_synth), "--out", str(out)]) == 0
+    assert describe.main(["--root", str(synth_root)]) == 0
     assert out.read_bytes() == before and "96 already described" in capsys.readouterr().out
 
 
@@ -293,15 +337,15 @@ def test_no_arguments_generates_synthpedes_and_writes_beside_it(tmp_path, monkey
 # ----------------------------------------------------------------------------------------------
 # The openai backend against a real HTTP server
 
-def test_openai_good_answers(tiny_synth, tmp_path, chat, monkeypatch, capsys):
+def test_openai_good_answers(synth_root, tmp_path, chat, monkeypatch, capsys):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     server = chat(good)
-    out = tmp_path / "d.jsonl"
-    assert run_openai(tiny_synth, out, server.url, "--limit", "6", "--workers", "3") == 0
+    out = descriptions(synth_root)
+    assert run_openai(synth_root, server.url, "--limit", "6", "--workers", "3") == 0
     written = lines(out)
     assert len(written) == 6 and len(server.requests) == 6
     for record in written:   # each answer landed on the line of its own image
-        assert file_tag(tiny_synth, record["file_path"]) in record["identity"]
+        assert file_tag(synth_root, record["file_path"]) in record["identity"]
         assert (record["backend"], record["model"], record.get("status")) == ("openai", "gpt-4o-mini", None)
     request = server.requests[0]
     assert request["response_format"] == {"type": "json_object"}
@@ -310,78 +354,82 @@ def test_openai_good_answers(tiny_synth, tmp_path, chat, monkeypatch, capsys):
     assert server.auth == [f"Bearer {KEY}"] * 6
     printed = capsys.readouterr()
     assert "600 prompt + 120 completion" in printed.out and "$0.0002" in printed.out
-    everything = printed.out + printed.err + "".join(p.read_text() for p in tmp_path.iterdir())
+    written = [p for p in (synth_root / "SynthPEDES").iterdir() if p.suffix in (".json", ".jsonl")]
+    everything = printed.out + printed.err + "".join(p.read_text() for p in written)
     assert KEY not in everything
 
 
-def test_openai_malformed_answers_are_retried_then_recorded(tiny_synth, tmp_path, chat, monkeypatch):
+def test_openai_malformed_answers_are_retried_then_recorded(synth_root, tmp_path, chat, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     server = chat(lambda n, request: (200, completion("I think the person is tall.")))
-    out = tmp_path / "d.jsonl"
-    assert run_openai(tiny_synth, out, server.url, "--limit", "2", "--workers", "1",
-                      "--validation-retries", "2") == 0
+    out = descriptions(synth_root)
+    assert run_openai(synth_root, server.url, "--limit", "2", "--workers", "1",
+                      "--validation-retries", "2") == 1          # images left failed: not 0
     assert len(server.requests) == 6                                   # 3 tries per image
     texts = [r["messages"][1]["content"][0]["text"] for r in server.requests]
     assert ["rejected: the answer is not valid JSON" in t for t in texts] == [False, True, True] * 2
     assert [(r["status"], "not valid JSON" in r["error"]) for r in lines(out)] == [("failed", True)] * 2
     fixed = chat(good)                         # a rerun retries the failures, without duplicates
-    assert run_openai(tiny_synth, out, fixed.url, "--limit", "2") == 0
+    assert run_openai(synth_root, fixed.url, "--limit", "2") == 0
     assert len(fixed.requests) == 2
     assert [r.get("status") for r in lines(out)] == [None, None]
 
 
 @pytest.mark.parametrize("status", [429, 500, 503])
-def test_transient_errors_are_retried(tiny_synth, tmp_path, chat, monkeypatch, status):
+def test_transient_errors_are_retried(synth_root, tmp_path, chat, monkeypatch, status):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     server = chat(lambda n, request: error(status) if n < 2 else good(n, request))
-    out = tmp_path / "d.jsonl"
-    assert run_openai(tiny_synth, out, server.url, "--limit", "1", "--max-retries", "3") == 0
+    out = descriptions(synth_root)
+    assert run_openai(synth_root, server.url, "--limit", "1", "--max-retries", "3") == 0
     assert len(server.requests) == 3 and lines(out)[0].get("status") is None
 
 
-def test_server_errors_exhaust_retries_and_are_recorded(tiny_synth, tmp_path, chat, monkeypatch):
+def test_server_errors_exhaust_retries_and_are_recorded(synth_root, tmp_path, chat, monkeypatch, capsys):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     server = chat(lambda n, request: error(500))
-    out = tmp_path / "d.jsonl"
-    assert run_openai(tiny_synth, out, server.url, "--limit", "1", "--max-retries", "2") == 0
+    out = descriptions(synth_root)
+    assert run_openai(synth_root, server.url, "--limit", "1", "--max-retries", "2") == 1
     assert len(server.requests) == 3
     record = lines(out)[0]
     assert record["status"] == "failed" and record["error"].startswith("InternalServerError")
+    printed = capsys.readouterr().out
+    assert "1 images failed" in printed and "rerun the same command to retry them" in printed
 
 
-def test_rejected_key_stops_the_run_with_a_clear_error(tiny_synth, tmp_path, chat, monkeypatch, capsys):
+def test_rejected_key_stops_the_run_with_a_clear_error(synth_root, tmp_path, chat, monkeypatch, capsys):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     server = chat(lambda n, request: error(401))
-    assert run_openai(tiny_synth, tmp_path / "d.jsonl", server.url, "--limit", "4", "--workers", "1") == 2
+    assert run_openai(synth_root, server.url, "--limit", "4", "--workers", "1") == 2
     err = capsys.readouterr().err
     assert "AuthenticationError, HTTP 401" in err and "Traceback" not in err and KEY not in err
     assert len(server.requests) == 1                        # not retried, the rest cancelled
 
 
-def test_missing_key_is_a_clear_error(tiny_synth, tmp_path, chat, monkeypatch, capsys):
+def test_missing_key_is_a_clear_error(synth_root, tmp_path, chat, monkeypatch, capsys):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     server = chat(good)
-    assert run_openai(tiny_synth, tmp_path / "d.jsonl", server.url) == 2
+    assert run_openai(synth_root, server.url) == 2
     err = capsys.readouterr().err
     assert "OPENAI_API_KEY is not set" in err and "Traceback" not in err
-    assert not server.requests and not (tmp_path / "d.jsonl").exists()
+    assert not server.requests and not descriptions(synth_root).exists()
 
 
-def test_dry_run_prints_prompts_and_calls_nothing(tiny_synth, tmp_path, chat, monkeypatch, capsys):
+def test_dry_run_prints_prompts_and_calls_nothing(synth_root, tmp_path, chat, monkeypatch, capsys):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)           # not needed for a dry run
     server = chat(good)
-    assert run_openai(tiny_synth, tmp_path / "d.jsonl", server.url, "--dry-run") == 0
+    assert run_openai(synth_root, server.url, "--dry-run") == 0
     printed = capsys.readouterr().out
     assert printed.count("[system]") == 3 and describe.IDENTITY_PROMPT in printed
-    assert not server.requests and not list(tmp_path.iterdir())
+    assert not server.requests and not descriptions(synth_root).exists()
+    assert not list((synth_root / "SynthPEDES").glob("style_clusters*"))   # nothing written
 
 
-def test_killed_run_resumes_without_loss_or_duplicates(tiny_synth, tmp_path, chat, monkeypatch):
+def test_killed_run_resumes_without_loss_or_duplicates(synth_root, tmp_path, chat, monkeypatch):
     """SIGKILL a describe process mid-run (slow server), cut its last line, resume."""
     server = chat(good, delay=0.3)
-    out = tmp_path / "d.jsonl"
+    out = descriptions(synth_root)
     env = dict(os.environ, OPENAI_API_KEY=KEY, HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, str(REPO / "describe.py"), "--root", str(tiny_synth), "--out", str(out),
+    cmd = [sys.executable, str(REPO / "describe.py"), "--root", str(synth_root),
            "--backend", "openai", "--base-url", server.url, "--style-encoder", "minilm",
            "--limit", "16", "--workers", "2"]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -398,9 +446,9 @@ def test_killed_run_resumes_without_loss_or_duplicates(tiny_synth, tmp_path, cha
         fh.write('{"file_path": "0024/0024_o1_1.png", "identity": "A tall')
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     server.delay = 0.0
-    assert run_openai(tiny_synth, out, server.url, "--limit", "16") == 0
+    assert run_openai(synth_root, server.url, "--limit", "16") == 0
     final = lines(out)
-    expected = [r["file_path"] for r in data.read_annotations("synth", tiny_synth).records[:16]]
+    expected = [r["file_path"] for r in data.read_annotations("synth", synth_root).records[:16]]
     assert sorted(r["file_path"] for r in final) == sorted(expected)          # no loss, no dups
     assert final[:len(first)] == first                                        # kept as written
-    assert all(file_tag(tiny_synth, r["file_path"]) in r["identity"] for r in final)
+    assert all(file_tag(synth_root, r["file_path"]) in r["identity"] for r in final)

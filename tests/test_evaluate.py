@@ -76,7 +76,7 @@ import data  # noqa: E402
 import mamba_triton  # noqa: E402
 from evaluate import (FRAME, FRAME_COLOURS, GAP, TEXT_WIDTH, THUMB, RunError, TwoStage,  # noqa: E402
                       derangement, embed_gallery, embed_texts, evaluate_model, gate_histograms,
-                      load_run, main, ranked_list_picture, rerank, robustness_queries)
+                      load_run, main, ranked_list_picture, report, rerank, robustness_queries)
 from model import ModelConfig, T2IReID  # noqa: E402
 
 
@@ -145,13 +145,17 @@ def test_derangement_has_no_fixed_point_is_seeded_and_avoids_the_same_identity(p
 
 def test_robustness_queries_are_built_from_the_descriptions():
     gallery = [data.GalleryImage(f"{i}.png", pid, f"id{i}", f"clo{i}") for i, pid in enumerate([7, 7, 8, 9])]
-    settings = robustness_queries(gallery, seed=0)
+    settings, pids = robustness_queries(gallery, seed=0)
     partner = derangement([7, 7, 8, 9], seed=0)
     assert settings["Standard"] == ["id0 clo0", "id1 clo1", "id2 clo2", "id3 clo3"]
     assert settings["Identity-Only"] == ["id0", "id1", "id2", "id3"]
     assert settings["Clothes-Conflict"] == [f"id{i} clo{partner[i]}" for i in range(4)]
-    gallery[2] = dataclasses.replace(gallery[2], clothing=None)
-    assert robustness_queries(gallery, seed=0) is None
+    assert pids == [7, 7, 8, 9]
+    gallery[2] = dataclasses.replace(gallery[2], clothing=None)   # left out, not the whole table
+    settings, pids = robustness_queries(gallery, seed=0)
+    assert settings["Identity-Only"] == ["id0", "id1", "id3"] and pids == [7, 7, 9]
+    gallery = [dataclasses.replace(g, identity=None) for g in gallery[1:]] + gallery[:1]
+    assert robustness_queries(gallery, seed=0) is None            # one described image: no table
 
 
 def test_gallery_cache_and_stage2_order_match_the_model_scoring_each_pair(tiny_model, tokenizer, test_split):
@@ -204,6 +208,14 @@ def test_evaluate_model_two_stages_robustness_and_gates(tiny_model, tokenizer, t
     bare = dataclasses.replace(test_split, gallery=[dataclasses.replace(g, identity=None) for g in test_split.gallery])
     skipped = evaluate_model(tiny_model, bare, *args[2:], rerank_k=0, progress=False)
     assert skipped["robustness"] is None and "describe.py" in skipped["notes"][0]
+    assert "32 of 32 test images have no generated descriptions" in skipped["notes"][0]
+    some = dataclasses.replace(test_split, gallery=[g if i % 4 else dataclasses.replace(g, clothing=None)
+                                                    for i, g in enumerate(test_split.gallery)])
+    partial = evaluate_model(tiny_model, some, *args[2:], rerank_k=0, progress=False)
+    assert list(partial["robustness"]) == ["Standard", "Identity-Only", "Clothes-Conflict"]
+    assert partial["notes"] == ["robustness settings computed on the 24 of 32 test images that have "
+                                "generated descriptions; 8 left out (rerun describe.py to describe them)"]
+    assert "8 left out" in report(partial)
 
 
 def test_ranked_list_picture_frames_and_size(tmp_path, tiny_synth, test_split):
@@ -258,6 +270,7 @@ def test_cli_evaluates_a_run_and_searches_a_folder(tmp_path, tiny_model, tiny_sy
     assert main(["--run", str(folder), "--device", "cpu", "--rerank-k", "3", "--limit-queries", "8"]) == 0
     printed = capsys.readouterr().out
     assert "stage 2 (fusion, top 3)" in printed and "describe.py" in printed  # no descriptions.jsonl
+    assert f"data: synth under {Path(tiny_synth).resolve()} (from {folder / 'config.json'})" in printed
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["num_queries"] == 8 and metrics["rerank_k"] == 3
     assert Image.open(folder / "ranked_list.png").size[1] == 6 * (THUMB[0] + 2 * FRAME + GAP)
