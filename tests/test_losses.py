@@ -246,6 +246,20 @@ def test_gradnorm_loss_reaches_only_the_task_weights():
     assert torch.allclose(got_s, want, atol=1e-5)
 
 
+def test_gradnorm_backward_runs_the_last_task_graph_once():
+    """The K - 1 extra gradients must not pass through the last (most expensive) task's graph:
+    a hook on that graph counts how often the backward runs it -- once, in the full backward.
+    Taking the gradients of rows of torch.stack(losses) would run it K times."""
+    shared, heads, toy_losses = toy_problem(seed=2)
+    calls = []
+    h = torch.relu(shared(torch.randn(16, 8)))
+    expensive = h.clone()
+    expensive.register_hook(lambda grad: calls.append(1))
+    losses = {**toy_losses(), "fusion": expensive.pow(2).mean()}
+    GradNorm(["a", "b", "fusion"]).backward(losses, shared.weight)
+    assert len(calls) == 1
+
+
 def test_renormalise_keeps_weights_bounded():
     gn = GradNorm(["a", "b", "c"], w_min=1e-3)
     with torch.no_grad():
