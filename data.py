@@ -623,6 +623,9 @@ class SynthConfig:
     regime: str = "cloth-changing"  # or "same-clothes" (one outfit per id, like CUHK-PEDES)
     seed: int = 0
     captions: str = "planted"  # or "realistic": the annotators of real benchmarks (styles 5-8)
+    # more photographs of each outfit for the training identities only (None: images_per_outfit);
+    # the validation and test images stay exactly those of the default dataset
+    train_images_per_outfit: int | None = None
 
     def __post_init__(self):
         if self.regime not in ("same-clothes", "cloth-changing"):
@@ -639,7 +642,14 @@ class SynthConfig:
                              "same-clothes needs 1 outfit per id, cloth-changing at least 2")
         if self.num_ids < 3:
             raise ValueError("num_ids must be at least 3 (one identity per split)")
+        if self.train_images_per_outfit is not None and self.train_images_per_outfit < 1:
+            raise ValueError(f"train_images_per_outfit must be at least 1, got {self.train_images_per_outfit}")
         self.image_size = tuple(self.image_size)
+
+    def images_per_outfit_of(self, split: str) -> int:
+        if split == "train" and self.train_images_per_outfit is not None:
+            return self.train_images_per_outfit
+        return self.images_per_outfit
 
 
 SPLIT_FRACTIONS = (0.6, 0.1, 0.3)  # train / val / test identities; CUHK-PEDES is ~85/7.5/7.5
@@ -673,7 +683,7 @@ def synth_records(cfg: SynthConfig):
     for pid, ident in enumerate(identities):
         for o, outfit in enumerate(identity_outfits(cfg, pid)):
             id_text, clo_text = descriptions_of(ident, outfit)
-            for k in range(cfg.images_per_outfit):
+            for k in range(cfg.images_per_outfit_of(splits[pid])):
                 rng = random.Random(f"{cfg.seed}/image/{pid}/{o}/{k}")
                 nuisance, styles = sample_nuisance(rng), rng.sample(range(NUM_STYLES), 2)
                 caps = [caption(s, ident, outfit) for s in styles]
@@ -692,12 +702,13 @@ def synth_records(cfg: SynthConfig):
 
 def generate_synthpedes(root="data", num_ids=300, outfits_per_id=None, images_per_outfit=None,
                         image_size=(128, 64), regime="cloth-changing", seed=0, captions="planted",
-                        overwrite=False, progress=True) -> Path:
+                        train_images_per_outfit=None, overwrite=False, progress=True) -> Path:
     """Write <root>/SynthPEDES/{reid_raw.json, imgs/, config.json}; return the folder.
     Same arguments, same bytes. A SynthPEDES already there (with its descriptions) is replaced
     only when `overwrite` is set; otherwise that is a DatasetError. Leftovers of an interrupted
     generation (no reid_raw.json, no descriptions) are cleared."""
-    cfg = SynthConfig(num_ids, outfits_per_id, images_per_outfit, image_size, regime, seed, captions)
+    cfg = SynthConfig(num_ids, outfits_per_id, images_per_outfit, image_size, regime, seed, captions,
+                      train_images_per_outfit)
     folder = Path(root) / "SynthPEDES"
     if holds_dataset(folder) and not overwrite:
         raise DatasetError(f"{folder} already holds a SynthPEDES; it is kept. Pass --overwrite "
@@ -705,7 +716,8 @@ def generate_synthpedes(root="data", num_ids=300, outfits_per_id=None, images_pe
     if folder.exists():
         shutil.rmtree(folder)
     (folder / "imgs").mkdir(parents=True)
-    records, total = [], cfg.num_ids * cfg.outfits_per_id * cfg.images_per_outfit
+    splits = split_identities(cfg.num_ids, cfg.seed)
+    records, total = [], cfg.outfits_per_id * sum(cfg.images_per_outfit_of(s) for s in splits)
     for i, (record, image) in enumerate(synth_records(cfg)):
         path = folder / "imgs" / record["file_path"]
         path.parent.mkdir(exist_ok=True)
@@ -1106,8 +1118,15 @@ class TrainSet(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         s = self.samples[i]
-        return {"image": self.transform(load_image(s.image_path)), "pid": s.pid, "caption": s.caption,
-                "identity": s.identity or s.caption, "clothing": s.clothing or s.caption}
+        return {"image": self.transform(load_image(s.image_path)), "pid": s.pid, **self.texts_of(s)}
+
+    @staticmethod
+    def texts_of(s: Sample) -> dict[str, str]:
+        return {"caption": s.caption, "identity": s.identity or s.caption, "clothing": s.clothing or s.caption}
+
+    def texts(self) -> list[str]:
+        """Every distinct text the items carry, sorted."""
+        return sorted({text for s in self.samples for text in self.texts_of(s).values()})
 
 
 def collate(batch: list[dict], tokenizer, max_len: int) -> dict:
@@ -1234,7 +1253,8 @@ def synth_settings(args) -> SynthConfig | None:
     """The SynthPEDES settings given on the command line (unset ones take the defaults), or None
     when none was given: then an existing dataset is summarised as it is."""
     given = {k: getattr(args, k) for k in ("num_ids", "outfits_per_id", "images_per_outfit",
-                                           "image_size", "regime", "seed", "captions")}
+                                           "image_size", "regime", "seed", "captions",
+                                           "train_images_per_outfit")}
     if all(v is None for v in given.values()):
         return None
     try:
@@ -1267,6 +1287,8 @@ def main(argv=None):
     synth.add_argument("--num-ids", type=int, help=f"identities (default {defaults.num_ids})")
     synth.add_argument("--outfits-per-id", type=int, help="default: 3 cloth-changing, 1 same-clothes")
     synth.add_argument("--images-per-outfit", type=int, help="default: 2 cloth-changing, 4 same-clothes")
+    synth.add_argument("--train-images-per-outfit", type=int,
+                       help="photographs of each outfit of a training identity (default: --images-per-outfit)")
     synth.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
                        help=f"default {defaults.image_size[0]} {defaults.image_size[1]}")
     synth.add_argument("--regime", choices=("same-clothes", "cloth-changing"),

@@ -522,6 +522,21 @@ def test_realistic_captions_change_only_the_captions(tmp_path):
     assert json.loads((real / "config.json").read_text())["captions"] == "realistic"
 
 
+def test_more_training_photographs_leave_val_and_test_as_they_were(tmp_path):
+    kw = dict(num_ids=10, image_size=(32, 16), progress=False)
+    default = data.generate_synthpedes(tmp_path / "d", **kw)
+    more = data.generate_synthpedes(tmp_path / "m", train_images_per_outfit=5, **kw)
+    a, b = (json.loads((f / "reid_raw.json").read_text()) for f in (default, more))
+    held_out = lambda records: [r for r in records if r["split"] != "train"]  # noqa: E731
+    assert held_out(a) == held_out(b) and held_out(a)
+    train = Counter((r["id"], r["outfit"]) for r in b if r["split"] == "train")
+    assert set(train.values()) == {5} and len(train) == 3 * len({r["id"] for r in b if r["split"] == "train"})
+    for r in a:  # every photograph of the default dataset is there, byte for byte
+        assert (default / "imgs" / r["file_path"]).read_bytes() == (more / "imgs" / r["file_path"]).read_bytes()
+    with pytest.raises(ValueError, match="train_images_per_outfit"):
+        data.SynthConfig(train_images_per_outfit=0)
+
+
 @pytest.mark.parametrize("corrupt", [b"this is a text file, not a png\n", "truncated"])
 def test_check_decodes_every_image_and_names_a_corrupt_one(tmp_path, corrupt):
     folder = write_benchmark(tmp_path, "cuhk", CUHK)
