@@ -74,6 +74,9 @@ class ModelConfig:
     triplet_margin: float = 0.3  # m of Eq. 4: not stated; Hermans et al. 2017
     hsic_kernel: str = "linear"  # Eq. 2 as written; "rbf" as an option
     fusion_negatives: int = 3  # M hard negative images per text (DESIGN 3.1)
+    # the texts the fusion scores in training: each caption, and (True) each identity
+    # description too (the paper fuses the textual identity; test queries are captions)
+    fusion_identity_queries: bool = True
     rerank_k: int = 32  # K candidates re-ranked by fusion at test time (DESIGN 3.1)
     gradnorm_alpha: float = 1.5  # paper; Chen et al. 2018
     weight_reg: float = 0.01  # lambda of Eq. 6: not stated
@@ -113,6 +116,11 @@ class ModelConfig:
     # Not in the paper. On small, cluttered SynthPEDES crops a randomly initialised ViT learns
     # "the colour at the torso" far sooner when the pooling may weight positions differently.
     bdam_pooling: str = "mean"
+    # not in the paper: BatchNorm on the gate's input [f_id_hat; f_clo_hat]. Pooled features of
+    # a randomly initialised ViT differ little between images (cosine ~0.96), so a linear gate
+    # on them gives every image the same g; standardised per channel over the batch, the
+    # image-to-image differences reach the gate from the first step
+    bdam_gate_norm: bool = False
 
     def __post_init__(self):
         self.image_size = tuple(self.image_size)  # a JSON round trip gives a list
@@ -343,6 +351,7 @@ class BDAM(nn.Module):
                                     for _ in range(cfg.bdam_depth))
         self.norm_id, self.norm_clo = nn.LayerNorm(width), nn.LayerNorm(width)
         self.gate = nn.Linear(2 * width, width) if cfg.bdam_gate else None
+        self.gate_norm = nn.BatchNorm1d(2 * width) if cfg.bdam_gate and cfg.bdam_gate_norm else nn.Identity()
         self.pool_id = self.pool_clo = None
         if cfg.bdam_pooling == "position":
             positions = (cfg.image_size[0] // cfg.patch_size) * (cfg.image_size[1] // cfg.patch_size)
@@ -360,7 +369,7 @@ class BDAM(nn.Module):
             f_id_hat, f_clo_hat = self.pool_id(z_id.flatten(1)), self.pool_clo(z_clo.flatten(1))
         if self.gate is None:
             return dict(tokens=z_id, f_id=f_id_hat, f_clo=f_clo_hat, gate=None)
-        g = torch.sigmoid(self.gate(torch.cat([f_id_hat, f_clo_hat], dim=-1)))  # (B, D)
+        g = torch.sigmoid(self.gate(self.gate_norm(torch.cat([f_id_hat, f_clo_hat], dim=-1))))  # (B, D)
         return dict(tokens=g[:, None, :] * z_id, f_id=g * f_id_hat, f_clo=(1 - g) * f_clo_hat, gate=g)
 
 
@@ -466,8 +475,10 @@ class FrozenTextPrefix:
     computed once and kept (on the CPU, up to CACHE_BYTES); T2IReID runs the remaining
     layers on top. The cache holds rows trimmed to their length: padding never changes a
     token's state under the attention mask, so a text padded differently in another batch
-    reuses them. A plain object, not a module: the layers stay where the BERT has them (and
-    its checkpoint keys).
+    reuses them. train.py fills it before the first step (`fill`, every training text in a
+    fixed order), so that the cached values do not depend on the order of the batches and a
+    resumed run sees exactly the same ones; a text met later is computed on its own. A plain
+    object, not a module: the layers stay where the BERT has them (and its checkpoint keys).
     """
 
     CACHE_BYTES = 2 ** 30
@@ -493,6 +504,17 @@ class FrozenTextPrefix:
             hidden = layer(hidden, additive)  # (B, T, Dt)
         return hidden
 
+    def _keep(self, key: tuple, states: torch.Tensor) -> None:
+        if self.cached_bytes < self.CACHE_BYTES:
+            self.cache[key] = states
+            self.cached_bytes += states.numel() * states.element_size()
+
+    def fill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Cache the states of a batch of (B, T) right-padded texts."""
+        lengths = attention_mask.sum(1).tolist()
+        for row, n, states in zip(input_ids, lengths, self.compute(input_ids, attention_mask).cpu()):
+            self._keep(tuple(row[:n].tolist()), states[:n].clone())  # (n, Dt)
+
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: bool) -> torch.Tensor:
         """(B, T) right-padded tokens -> (B, T, Dt); zeros at the padding of cached rows."""
         if not cache:
@@ -501,14 +523,10 @@ class FrozenTextPrefix:
         keys = [tuple(row[:n].tolist()) for row, n in zip(input_ids, lengths)]
         found = {key: self.cache[key] for key in keys if key in self.cache}
         missing = [i for i, key in enumerate(keys) if key not in found]
-        if missing:
-            rows = torch.tensor(missing, device=input_ids.device)
-            fresh = self.compute(input_ids[rows], attention_mask[rows]).cpu()  # (b, T, Dt)
-            for i, states in zip(missing, fresh):
-                found[keys[i]] = states[:lengths[i]].clone()  # (n_i, Dt)
-                if self.cached_bytes < self.CACHE_BYTES:
-                    self.cache[keys[i]] = found[keys[i]]
-                    self.cached_bytes += found[keys[i]].numel() * found[keys[i]].element_size()
+        for i in missing:  # one at a time: the states depend on the text alone, not on its batch
+            states = self.compute(input_ids[i:i + 1, :lengths[i]], attention_mask[i:i + 1, :lengths[i]])
+            found[keys[i]] = states[0].cpu()  # (n_i, Dt)
+            self._keep(keys[i], found[keys[i]])
         width = self.embeddings.word_embeddings.embedding_dim
         hidden = torch.zeros(*input_ids.shape, width)  # (B, T, Dt)
         for i, key in enumerate(keys):
@@ -638,10 +656,17 @@ class T2IReID(nn.Module):
             out["clo_image"] = F.normalize(self.clothing_image_proj(f_clo), dim=-1)  # (B, E)
             out["clo_text"] = F.normalize(self.clothing_text_proj(clothing), dim=-1)  # (B, E)
         if self.fusion is not None:
-            texts = torch.cat([caption, identity])  # (S = 2B, Dt)
-            text_emb = torch.cat([out["caption_emb"], out["identity_emb"]])  # (S, E)
+            texts, text_emb = self.fusion_queries(caption, identity, out)
             out.update(self.fusion_pairs(vis["tokens"], out["image_emb"], pids, texts, text_emb))
         return out
+
+    def fusion_queries(self, caption: torch.Tensor, identity: torch.Tensor, out: dict):
+        """The texts the fusion scores in training: caption (B, Dt), identity (B, Dt) and forward's
+        out -> features (S, Dt) and stage-1 embeddings (S, E) of the S = B captions, or of the
+        S = 2B captions and identity descriptions (fusion_identity_queries)."""
+        if not self.cfg.fusion_identity_queries:
+            return caption, out["caption_emb"]
+        return torch.cat([caption, identity]), torch.cat([out["caption_emb"], out["identity_emb"]])
 
     def fusion_pairs(self, tokens, image_emb, pids, texts, text_emb) -> dict:
         """Score each text against its own image and its M hardest in-batch images of other
