@@ -92,6 +92,18 @@ def test_bdam_gate_scales_tokens_and_pools_to_f_id():
     assert torch.allclose((out["f_clo"] / (1 - g)).mean(-1), torch.zeros(3), atol=1e-4)
 
 
+def test_gate_norm_lets_small_differences_between_images_reach_the_gate():
+    """Patches that differ little between images (a shared component plus 1% noise): the paper's
+    gate gives them nearly the same g; with BatchNorm on its input the gate spreads them."""
+    torch.manual_seed(0)
+    patches = torch.randn(1, 8, 48) + 0.01 * torch.randn(16, 8, 48)  # (B, P, Dv)
+    plain, normed = BDAM(tiny(), 48), BDAM(tiny(bdam_gate_norm=True), 48)
+    normed.load_state_dict(plain.state_dict(), strict=False)  # the same layers and gate weights
+    spread = lambda bdam: bdam(patches)["gate"].std(0).mean().item()  # noqa: E731  per channel, over images
+    assert spread(normed) > 20 * spread(plain)
+    assert isinstance(plain.gate_norm, torch.nn.Identity) and isinstance(normed.gate_norm, torch.nn.BatchNorm1d)
+
+
 def test_position_pooling_starts_as_the_mean_and_then_weighs_positions():
     torch.manual_seed(0)
     patches = torch.randn(3, 8, 48)
@@ -151,6 +163,65 @@ def test_fusion_score_depends_on_the_image_and_matches_training_pairs(batch):
         out = model(batch)
         own = model.fusion_score(images, caption["input_ids"], caption["attention_mask"])
         assert torch.allclose(out["fusion_scores"][:8, 0], own, atol=1e-5)
+
+
+def test_frozen_text_layers_are_cached_and_equal_the_whole_encoder(batch):
+    """The bottom text layer frozen: its states come from the cache in training and equal a full
+    pass of the same BERT; only the layers above it learn."""
+    torch.manual_seed(0)
+    model = T2IReID(tiny(text_frozen_layers=1, text_layers=2))
+    caption = batch["caption"]
+    model.eval()
+    with torch.no_grad():
+        hidden = model.text(**caption).last_hidden_state  # (B, T, Dt): the whole encoder, one pass
+        mask = caption["attention_mask"][..., None].float()
+        whole = (hidden * mask).sum(1) / mask.sum(1)
+        assert torch.allclose(model.text_features(**caption), whole, atol=1e-5)
+    model.train()
+    model.text.eval()  # no dropout in the top layer either, to compare values
+    first = model.text_features(**caption)
+    distinct = len({tuple(row[m.bool()].tolist()) for row, m in zip(caption["input_ids"], caption["attention_mask"])})
+    assert len(model.frozen_text.cache) == distinct
+    # the longest caption alone (padded differently) is served from the cache, unchanged
+    longest = caption["attention_mask"].sum(1).argmax()
+    n = int(caption["attention_mask"][longest].sum())
+    alone = model.text_features(caption["input_ids"][longest:longest + 1, :n], caption["attention_mask"][longest:longest + 1, :n])
+    assert len(model.frozen_text.cache) == distinct
+    assert torch.allclose(alone[0], first[longest], atol=1e-5) and torch.allclose(first, whole, atol=1e-5)
+    first.sum().backward()
+    for name, p in model.text.named_parameters():
+        frozen = name.startswith(("embeddings.", "encoder.layer.0."))
+        assert p.requires_grad != frozen and (p.grad is None) == frozen, name
+    assert not model.frozen_text.embeddings.training  # model.train() keeps the frozen part in eval mode
+    with pytest.raises(ValueError, match="text_frozen_layers"):
+        tiny(text_frozen_layers=3, text_layers=2)
+
+
+def test_residual_fusion_starts_as_stage_one_and_then_looks_at_the_image(batch):
+    torch.manual_seed(0)
+    model = T2IReID(tiny(fusion_residual=True)).eval()
+    images, caption = batch["images"], batch["caption"]
+    with torch.no_grad():
+        stage1 = (model.encode_images(images) * model.encode_texts(**caption)).sum(-1)  # (B,) cosines
+        assert torch.allclose(model.fusion_score(images, **caption), stage1, atol=1e-6)
+        torch.nn.init.normal_(model.fusion.proj.weight, std=0.5)  # a learned correction
+        ids, mask = caption["input_ids"][:1].repeat(2, 1), caption["attention_mask"][:1].repeat(2, 1)
+        emb = model.encode_images(images[[0, 2]])
+        two = model.fusion_score(images[[0, 2]], ids, mask)
+        assert not torch.allclose(two, (emb * model.encode_texts(ids, mask)).sum(-1), atol=1e-3)
+        cached = model.fusion_tokens(images[[0, 2]])
+        assert torch.allclose(model.fusion_score(cached, ids, mask, image_emb=emb), two, atol=1e-5)
+        with pytest.raises(ValueError, match="image_emb"):
+            model.fusion_score(cached, ids, mask)
+
+
+def test_fusion_queries_are_captions_only_when_asked(batch):
+    torch.manual_seed(0)
+    for both, s in ((True, 16), (False, 8)):
+        model = T2IReID(tiny(fusion_identity_queries=both)).eval()
+        with torch.no_grad():
+            out = model(batch)
+        assert out["fusion_scores"].shape[0] == s and out["fusion_query_pids"].tolist() == batch["pids"].tolist() * (s // 8)
 
 
 def test_hard_negatives_are_the_most_similar_images_of_other_identities(batch):
