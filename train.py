@@ -66,19 +66,26 @@ class TrainConfig:
     seed: int = 0  # the paper reports the mean over seeds 0, 1, 2
     synth_ids: int = 300  # SynthPEDES identities (data.SynthConfig)
     synth_regime: str = "cloth-changing"  # or same-clothes
+    synth_train_images: int = 0  # photographs per outfit of a training identity (0: as val/test)
     final_eval: bool = True  # evaluate on the test split at the end (results.json)
 
 
 def presets(dataset: str) -> tuple[TrainConfig, ModelConfig]:
     """The real benchmarks use the paper's encoders at 224 x 224 on a GPU; SynthPEDES uses the
-    small encoders and a schedule that trains on two CPU cores in about twelve minutes."""
+    small encoders and a schedule that trains on two CPU cores in under ten minutes (README,
+    design decision 10, says why each choice was made and what it was measured against)."""
     if dataset == "synth":
-        # lr 1e-3 for the parts trained from scratch, 1e-4 (the paper's) for the pretrained MiniLM;
-        # tau 0.07: at 0.02 the first (random) logits are so confident that collapsing the text
-        # embeddings to one point is the quickest way down, and training stalls at log(batch)
-        train = TrainConfig(data="synth", epochs=3, p=8, k=4, lr=1e-3, pretrained_lr_scale=0.1,
-                            warmup_steps=20, workers=0)
-        return train, ModelConfig.small(fusion_negatives=1, max_text_len=48, rerank_k=10, temperature=0.07)
+        # 16 identities x 2 images: twice the distinct identities of 8 x 4 per batch, more
+        # negatives for every InfoNCE; six photographs of each training outfit (the validation
+        # and test images are those of the default dataset); tau 0.07: at 0.02 the first
+        # (random) logits are so confident that collapsing the text embeddings to one point is
+        # the quickest way down, and training stalls at log(batch)
+        train = TrainConfig(data="synth", epochs=2, p=16, k=2, lr=1e-3, pretrained_lr_scale=0.1,
+                            warmup_steps=20, workers=0, synth_train_images=6)
+        # MiniLM's bottom 5 layers frozen and cached; the fusion re-ranks as a residual on stage 1
+        model = ModelConfig.small(fusion_negatives=1, max_text_len=48, rerank_k=10, temperature=0.07,
+                                  text_frozen_layers=5, fusion_residual=True)
+        return train, model
     return TrainConfig(data=dataset), ModelConfig()
 
 
@@ -147,7 +154,8 @@ def prepare_data(cfg: TrainConfig) -> None:
     is made here when missing (data, then offline descriptions); a real benchmark is not."""
     described = data.descriptions_file(cfg.data, cfg.root)
     if cfg.data == "synth":
-        data.ensure_synthpedes(cfg.root, num_ids=cfg.synth_ids, regime=cfg.synth_regime)
+        data.ensure_synthpedes(cfg.root, num_ids=cfg.synth_ids, regime=cfg.synth_regime,
+                               train_images_per_outfit=cfg.synth_train_images or None)
         images = len(data.read_annotations("synth", cfg.root).records)
         if not described.exists() or len(data.read_descriptions(described)) < images:
             print(f"writing the missing SynthPEDES descriptions to {described} "
@@ -225,8 +233,9 @@ class State:
         pretrained = [encoder for encoder, name in ((model.vision, mcfg.vision_model), (model.text, mcfg.text_model))
                       if name]  # "" = built from its config with random weights
         slow = {id(p) for encoder in pretrained for p in encoder.parameters()}
-        groups = [{"params": [p for p in model.parameters() if id(p) not in slow], "lr": cfg.lr},
-                  {"params": [p for p in model.parameters() if id(p) in slow], "lr": cfg.lr * cfg.pretrained_lr_scale}]
+        trained = [p for p in model.parameters() if p.requires_grad]  # not the frozen text layers
+        groups = [{"params": [p for p in trained if id(p) not in slow], "lr": cfg.lr},
+                  {"params": [p for p in trained if id(p) in slow], "lr": cfg.lr * cfg.pretrained_lr_scale}]
         optimizer = torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
         weight_optimizer = torch.optim.Adam(gradnorm.parameters(), lr=cfg.gradnorm_lr)
 
@@ -349,6 +358,18 @@ def run_epoch(state: State, loader, cfg: TrainConfig, mcfg: ModelConfig, device,
     return True
 
 
+@torch.no_grad()
+def fill_text_cache(model: T2IReID, texts: list[str], tokenizer, max_len: int, device, chunk: int = 64) -> None:
+    """The frozen text layers' states of every training text, computed once before the first
+    step, in sorted order (model.FrozenTextPrefix): an epoch then costs only the layers above."""
+    if model.frozen_text is None:
+        return
+    texts = sorted(texts, key=lambda text: (len(text), text))  # similar lengths pad little
+    for start in tqdm(range(0, len(texts), chunk), desc=f"frozen text layers: {len(texts)} texts", leave=False):
+        tokens = to_device(data.tokenize(tokenizer, texts[start:start + chunk], max_len), device)
+        model.frozen_text.fill(**tokens)
+
+
 def validate(state: State, val, tokenizer, cfg: TrainConfig, mcfg: ModelConfig, device) -> float:
     """Stage-1 Rank-1 on the validation split (model selection; no test data is looked at)."""
     metrics = evaluate.evaluate_model(state.model, val, tokenizer, mcfg.image_size, mcfg.max_text_len,
@@ -411,6 +432,7 @@ def train(cfg: TrainConfig, mcfg: ModelConfig, run: Path | None = None) -> Path:
         trim_log(run / "log.jsonl", state.global_step)
         print(f"resuming {run} at epoch {state.epoch + 1}, step {state.global_step}", file=sys.stderr)
     items = SeededItems(data.TrainSet(dataset.train, data.train_transform(mcfg.image_size)), cfg.seed)
+    fill_text_cache(state.model, items.dataset.texts(), tokenizer, mcfg.max_text_len, device)
     state.model.train()
     with open(run / "log.jsonl", "a") as log, StopRequest() as stop:
         while state.epoch < cfg.epochs:
@@ -452,10 +474,12 @@ def final_evaluation(model: T2IReID, run: Path, dataset, tokenizer, cfg: TrainCo
 
 
 def bench(cfg: TrainConfig, mcfg: ModelConfig, steps: int = 10) -> None:
-    """Median time of a training step (forward, backward, Adam) on random inputs of the configured
-    shapes, for the encoders alone (ViT + text encoder, mean of their outputs as the loss) and for
-    the whole model with every loss and GradNorm. Hub encoders are built from their configs with
-    random weights (no download), as in the DESIGN baseline."""
+    """Where a training step's time goes: the median time of each part's forward and backward on
+    random inputs of the configured shapes, then the whole step (forward, every loss, GradNorm,
+    Adam), and the encoders alone as the baseline (ViT + text encoder, the mean of their outputs
+    as the loss; DESIGN.md section 8). Hub encoders are built from their configs with random
+    weights (no download). Frozen text layers are timed as training sees them after the first
+    epoch: from the cache."""
     device = pick_device(cfg.device)
     local = lambda name: name if name and Path(name).is_dir() else ""  # noqa: E731
     mcfg = dataclasses.replace(mcfg, vision_model=local(mcfg.vision_model), text_model=local(mcfg.text_model))
@@ -467,43 +491,108 @@ def bench(cfg: TrainConfig, mcfg: ModelConfig, steps: int = 10) -> None:
                        "pids": torch.arange(b) // cfg.k, "caption": text(), "identity": text(),
                        "clothing": text()}, device)
     state = State.create(cfg, mcfg, device, total_steps=10 ** 6)
-    encoders = [state.model.vision, state.model.text]
-    enc_optimizer = torch.optim.Adam([p for m in encoders for p in m.parameters()], lr=cfg.lr)
-    amp = cfg.amp and device.type == "cuda"
+    model, amp = state.model, cfg.amp and device.type == "cuda"
+    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
+          f"batch {b}, images {mcfg.image_size}, text length {t}, bf16 autocast {amp}, "
+          f"frozen text layers {mcfg.text_frozen_layers}")
+    print(f"{'part (forward + backward)':40s}{'ms / step':>12s}{'share':>8s}")
+    rows = bench_parts(state, batch, mcfg, amp)
+    whole = _median_ms(lambda _: train_step(state, batch, mcfg, device, cfg.amp), steps, device)
+    for name, (setup, timed) in rows.items():
+        ms = _median_ms(timed, steps, device, setup)
+        print(f"{name:40s}{ms:12.1f}{ms / whole:8.0%}")
+    print(f"{'whole training step':40s}{whole:12.1f}{1:8.0%}   ({1000 * b / whole:.1f} images / s)")
+    encoders = [model.vision, model.text]
+    enc_optimizer = torch.optim.Adam([p for m in encoders for p in m.parameters() if p.requires_grad], lr=cfg.lr)
 
-    def encoders_step():
+    def encoders_step(_):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = state.model.vision(pixel_values=batch["images"]).last_hidden_state.float().mean()
+            loss = model.vision(pixel_values=batch["images"]).last_hidden_state.float().mean()
             for key in ("caption", "identity", "clothing"):
-                loss = loss + state.model.text(**batch[key]).last_hidden_state.float().mean()
+                loss = loss + model.text_features(**batch[key]).float().mean()
         loss.backward()
         enc_optimizer.step()
         enc_optimizer.zero_grad(set_to_none=True)
-
-    rows = [("ViT + text encoder (3 texts)", encoders_step),
-            ("whole model, all losses + GradNorm", lambda: train_step(state, batch, mcfg, device, cfg.amp))]
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
-          f"batch {b}, images {mcfg.image_size}, text length {t}, bf16 autocast {amp}")
-    print(f"{'step':38s}{'ms / step':>12s}{'images / s':>12s}")
-    times = {}
-    for name, step in rows:
-        times[name] = _median_ms(step, steps, device)
-        print(f"{name:38s}{times[name]:12.1f}{1000 * b / times[name]:12.1f}")
-    print(f"the whole model costs {times[rows[1][0]] / times[rows[0][0]]:.2f}x its encoders")
+    base = _median_ms(encoders_step, steps, device)
+    print(f"baseline: ViT + text encoder (3 texts) alone {base:.1f} ms; the whole step costs "
+          f"{whole / base:.2f}x its encoders")
 
 
-def _median_ms(step, steps: int, device) -> float:
+def bench_parts(state: State, batch: dict, mcfg: ModelConfig, amp: bool) -> dict:
+    """{part: (setup, timed)}: setup() makes the part's inputs (untimed), timed(inputs) runs the
+    part's forward and backward -- or, for the optimiser, its step."""
+    model = state.model
+    autocast = functools.partial(torch.autocast, batch["images"].device.type, dtype=torch.bfloat16, enabled=amp)
+
+    def leaf(x):  # an input at which the part's backward stops
+        return x.detach().requires_grad_() if torch.is_tensor(x) and x.is_floating_point() else x
+
+    def forward_backward(part):  # part(inputs) -> output tensors; the sum of their means is the loss
+        def timed(inputs):
+            with autocast():
+                outputs = [x for x in part(inputs) if torch.is_tensor(x) and x.requires_grad]
+            if outputs:  # frozen text layers alone have nothing to differentiate
+                sum(x.float().mean() for x in outputs).backward()
+        return timed
+
+    def model_outputs():
+        with autocast():
+            out = model(batch)
+        return out, compute_losses(out, batch, mcfg)
+
+    def bdam_inputs():
+        with torch.no_grad(), autocast():
+            return leaf(model.vision(pixel_values=batch["images"]).last_hidden_state[:, 1:])  # (B, P, Dv)
+
+    def fusion_inputs():
+        with torch.no_grad(), autocast():
+            out = model(batch)
+            tokens = model.image_features(batch["images"])["tokens"]  # (B, P, D)
+            texts, text_emb = model.fusion_queries(model.text_features(**batch["caption"]),
+                                                   model.text_features(**batch["identity"]), out)
+        return leaf(tokens), leaf(out["image_emb"]), texts, leaf(text_emb)
+
+    def gradnorm_extra(outputs):  # as losses.GradNorm.backward: K - 1 gradients on the shared layer
+        for loss in list(outputs[1].values())[:-1]:
+            torch.autograd.grad(loss, model.shared_parameter(), retain_graph=True, allow_unused=True)
+
+    def gradients():
+        sum(model_outputs()[1].values()).backward()
+
+    def adam(_):
+        state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+
+    texts = [key for key in ("caption", "identity", "clothing") if key != "clothing" or mcfg.loss_aln]
+    rows = {"vision encoder (ViT)": (lambda: None, forward_backward(
+                lambda _: [model.vision(pixel_values=batch["images"]).last_hidden_state])),
+            f"text encoder ({len(texts)} texts)": (lambda: None, forward_backward(
+                lambda _: [model.text_features(**batch[key]) for key in texts]))}
+    if model.bdam is not None:
+        rows["BDAM"] = (bdam_inputs, forward_backward(lambda patches: model.bdam(patches).values()))
+    if model.fusion is not None:
+        rows["fusion (S x Q image-text pairs)"] = (fusion_inputs, forward_backward(
+            lambda x: [model.fusion_pairs(x[0], x[1], batch["pids"], x[2], x[3])["fusion_scores"]]))
+    rows["losses (compute_losses)"] = (lambda: {k: leaf(v) for k, v in model_outputs()[0].items()},
+                                       forward_backward(lambda out: compute_losses(out, batch, mcfg).values()))
+    if mcfg.use_gradnorm:
+        rows["GradNorm's K - 1 extra gradients"] = (model_outputs, gradnorm_extra)
+    rows["optimiser (Adam)"] = (gradients, adam)
+    return rows
+
+
+def _median_ms(timed, steps: int, device, setup=lambda: None) -> float:
+    """Median wall time of timed(setup()) over `steps` runs (setup untimed), after 2 warm-ups."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(2):  # warm-up: allocator, kernels compiled on first use
-        step()
     times = []
-    for _ in range(steps):
+    for _ in range(steps + 2):  # warm-up: allocator, kernels compiled on first use, text cache
+        inputs = setup()
         sync()
         start = time.perf_counter()
-        step()
+        timed(inputs)
         sync()
         times.append(1000 * (time.perf_counter() - start))
-    return float(np.median(times))
+    return float(np.median(times[2:]))
 
 
 def main(argv=None) -> int:

@@ -25,6 +25,11 @@ TINY = ["--image-size", "64,32", "--vision-layers", "2", "--vision-width", "64",
         "--rerank-k", "8", "--eval-batch", "64", "--workers", "0"]
 
 
+# The held-out run: 40 identities, five photographs of each training outfit, 14 x 2 batches.
+HELD_OUT = ["--synth-ids", "40", "--synth-train-images", "5", "--p", "14", "--k", "2", "--epochs", "6",
+            "--eval-batch", "128"]
+
+
 @pytest.fixture(autouse=True)
 def scan_reference(monkeypatch):
     """The PyTorch selective scan in this process: the kernels are tested in test_mamba_triton.py."""
@@ -45,36 +50,30 @@ def config(root, *extra):
     return cfg, mcfg
 
 
-def test_training_beats_chance_on_what_it_was_shown(tmp_path_factory, tmp_path, monkeypatch):
-    """The pipeline learns: after 45 steps on 6 identities, retrieval among those same images
-    (every training caption a query, every training image in the gallery) beats chance by a
-    margin. Misaligned image-text pairs, a detached branch, or an evaluation path that disagrees
-    with training all fail it. Held-out identities need far more steps than a test can afford."""
+def test_training_retrieves_held_out_people_far_above_chance(tmp_path_factory, tmp_path, monkeypatch):
+    """The pipeline learns what generalises: after a short run on the training identities, the
+    test split's captions (identities never seen in training) find their people far above
+    chance. Misaligned image-text pairs, a detached branch, an evaluation path that disagrees
+    with training, or a model that only memorises its training images all fail it."""
     monkeypatch.chdir(tmp_path)
-    root = tmp_path_factory.mktemp("synth10")  # 10 ids: 6 train / 1 val / 3 test
-    cfg, mcfg = config(root, "--synth-ids", "10", "--epochs", "15", "--p", "6", "--k", "4", "--final-eval", "false")
+    root = tmp_path_factory.mktemp("synth40")  # 40 ids: 24 train / 4 val / 12 test
+    cfg, mcfg = config(root, *HELD_OUT)
     run = train.train(cfg, mcfg)
-    model = T2IReID(mcfg)
-    model.load_state_dict(torch.load(run / "last.pt", weights_only=False)["model"])
-    shown = data.load_dataset("synth", root)
-    images = {s.image_path: s for s in shown.train}
-    shown = dataclasses.replace(shown, gallery=[data.GalleryImage(p, s.pid, s.identity, s.clothing)
-                                                for p, s in images.items()],
-                                queries=[data.Query(s.caption, s.pid) for s in shown.train])
-    result = evaluate.evaluate_model(model, shown, data.load_tokenizer(), mcfg.image_size, mcfg.max_text_len,
-                                     torch.device("cpu"), robustness=False, progress=False)
-    gallery = [g.pid for g in shown.gallery]
+    results = json.loads((run / "results.json").read_text())
+    test = data.load_dataset("synth", root)
+    gallery = [g.pid for g in test.gallery]
+    assert len(set(gallery)) == 12 and not set(gallery) & {s.pid for s in data.load_dataset("synth", root).train}
     # a random ranking puts a positive first with probability (#positives / #gallery)
-    chance_r1 = 100 * sum(gallery.count(q.pid) / len(gallery) for q in shown.queries) / len(shown.queries)
-    assert result["stage1"]["R1"] > chance_r1 + 20, (result["stage1"], chance_r1)
-    assert result["stage1"]["mAP"] > 2 * chance_r1, (result["stage1"], chance_r1)
-    assert result["stage2"]["R5"] > chance_r1 + 40, (result["stage2"], chance_r1)
+    chance_r1 = 100 * sum(gallery.count(q.pid) / len(gallery) for q in test.queries) / len(test.queries)
+    assert results["stage1"]["R1"] > 3 * chance_r1, (results["stage1"], chance_r1)
+    assert results["stage1"]["mAP"] > 2 * chance_r1, (results["stage1"], chance_r1)
+    assert results["stage2"]["R1"] > 3 * chance_r1, (results["stage2"], chance_r1)
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     steps = [row for row in log if "total" in row]
-    assert len(steps) == 45 and steps[-1]["total"] < steps[0]["total"]
+    assert {row["epoch"] for row in steps} == set(range(cfg.epochs)) and steps[-1]["total"] < steps[0]["total"]
     assert all(0 < row["w_info"] < len(mcfg.loss_names()) for row in steps)  # GradNorm weights bounded
     assert (Path("runs") / "latest").resolve() == run.resolve()
-    assert {"last.pt", "best.pt", "config.json"} <= {p.name for p in run.iterdir()}
+    assert {"last.pt", "best.pt", "config.json", "results.json"} <= {p.name for p in run.iterdir()}
 
 
 def test_final_evaluation_writes_both_stages_and_robustness(synth_root, tmp_path, monkeypatch):
