@@ -468,6 +468,15 @@ class MambaFusion(nn.Module):
 # a text encoder whose bottom layers are frozen, their outputs cached per text
 
 
+def run_bert_layers(layers, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """BERT layers on hidden states (B, T, Dt) under a (B, T) padding mask, as BertModel runs
+    them (an additive mask: 0 on tokens, the dtype's minimum on padding) -> (B, T, Dt)."""
+    additive = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+    for layer in layers:
+        hidden = layer(hidden, additive)  # (B, T, Dt)
+    return hidden
+
+
 class FrozenTextPrefix:
     """The embeddings and the bottom `layers` layers of a BERT, frozen (no gradients, no dropout).
 
@@ -497,12 +506,8 @@ class FrozenTextPrefix:
 
     @torch.no_grad()
     def compute(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) tokens -> (B, T) hidden states after the frozen layers: (B, T, Dt)."""
-        hidden = self.embeddings(input_ids=input_ids)  # (B, T, Dt)
-        additive = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
-        for layer in self.layers:
-            hidden = layer(hidden, additive)  # (B, T, Dt)
-        return hidden
+        """(B, T) tokens -> the hidden states after the frozen layers, (B, T, Dt)."""
+        return run_bert_layers(self.layers, self.embeddings(input_ids=input_ids), attention_mask)
 
     def _keep(self, key: tuple, states: torch.Tensor) -> None:
         if self.cached_bytes < self.CACHE_BYTES:
@@ -599,9 +604,7 @@ class T2IReID(nn.Module):
             hidden = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, Dt)
         else:
             hidden = self.frozen_text(input_ids, attention_mask, cache=self.training)  # (B, T, Dt)
-            additive = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
-            for layer in self.text.encoder.layer[self.cfg.text_frozen_layers:]:
-                hidden = layer(hidden, additive)  # (B, T, Dt)
+            hidden = run_bert_layers(self.text.encoder.layer[self.cfg.text_frozen_layers:], hidden, attention_mask)
         mask = attention_mask[..., None].to(hidden.dtype)  # (B, T, 1)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
