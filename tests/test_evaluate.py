@@ -76,7 +76,7 @@ import data  # noqa: E402
 import mamba_triton  # noqa: E402
 from evaluate import (FRAME, FRAME_COLOURS, GAP, TEXT_WIDTH, THUMB, RunError, TwoStage,  # noqa: E402
                       derangement, embed_gallery, embed_texts, evaluate_model, gate_histograms,
-                      load_run, main, ranked_list_picture, report, rerank, robustness_queries)
+                      gate_summary, load_run, main, ranked_list_picture, report, rerank, robustness_queries)
 from model import ModelConfig, T2IReID  # noqa: E402
 
 
@@ -232,6 +232,16 @@ def test_ranked_list_picture_frames_and_size(tmp_path, tiny_synth, test_split):
     assert image.getpixel((TEXT_WIDTH + cell_w + 1, y)) == FRAME_COLOURS[False]
     unknown = Image.open(ranked_list_picture(["x"], [paths[:3]], None, tmp_path / "u.png")).convert("RGB")
     assert unknown.getpixel((TEXT_WIDTH + 1, y)) == FRAME_COLOURS[None]
+
+
+def test_gate_summary_channel_spread_by_hand():
+    """Two channels that move in opposite directions from image to image: the per-image mean over
+    channels never moves (std 0), each channel does (std over the 3 images: 0.1)."""
+    g = torch.tensor([[0.4, 0.6], [0.5, 0.5], [0.6, 0.4]])  # (images, channels)
+    out = gate_summary([g.mean(1)], g)
+    assert out["mean"] == pytest.approx(0.5) and out["std"] == pytest.approx(0.0, abs=1e-7)
+    assert out["channel_std"] == pytest.approx(0.1, abs=1e-6) and out["count"] == 3
+    assert "channel_std" not in gate_summary([g.mean(1)])
 
 
 def test_gate_histograms_size(tmp_path):
