@@ -25,11 +25,6 @@ TINY = ["--image-size", "64,32", "--vision-layers", "2", "--vision-width", "64",
         "--rerank-k", "8", "--eval-batch", "64", "--workers", "0"]
 
 
-# The held-out run: 40 identities, five photographs of each training outfit, 14 x 2 batches.
-HELD_OUT = ["--synth-ids", "40", "--synth-train-images", "5", "--p", "14", "--k", "2", "--epochs", "6",
-            "--eval-batch", "128"]
-
-
 @pytest.fixture(autouse=True)
 def scan_reference(monkeypatch):
     """The PyTorch selective scan in this process: the kernels are tested in test_mamba_triton.py."""
@@ -51,29 +46,37 @@ def config(root, *extra):
 
 
 def test_training_retrieves_held_out_people_far_above_chance(tmp_path_factory, tmp_path, monkeypatch):
-    """The pipeline learns what generalises: after a short run on the training identities, the
-    test split's captions (identities never seen in training) find their people far above
-    chance. Misaligned image-text pairs, a detached branch, an evaluation path that disagrees
-    with training, or a model that only memorises its training images all fail it."""
+    """The pipeline learns what generalises: the SynthPEDES preset's model, trained for 136 steps
+    (2 epochs of the default dataset, two photographs per outfit), ranks the test split's 90
+    identities -- never seen in training -- far above chance with their captions, in both
+    stages. Misaligned image-text pairs, a detached branch, an evaluation path that disagrees
+    with training, or a model that only memorises its training images all fail it. About three
+    minutes on two CPU cores; on this machine it reached R1 5.7 and mAP 5.0 (stage 2 mAP 4.7)
+    where chance is 1.1."""
     monkeypatch.chdir(tmp_path)
-    root = tmp_path_factory.mktemp("synth40")  # 40 ids: 24 train / 4 val / 12 test
-    cfg, mcfg = config(root, *HELD_OUT)
+    root = tmp_path_factory.mktemp("synth300")
+    cfg, mcfg, _ = train.parse_config(["--root", str(root), "--synth-train-images", "0", "--epochs", "2",
+                                       "--fusion-identity-queries", "false", "--final-eval", "false"])
     run = train.train(cfg, mcfg)
-    results = json.loads((run / "results.json").read_text())
+    model = T2IReID(mcfg)
+    model.load_state_dict(torch.load(run / "best.pt", weights_only=False)["model"])
     test = data.load_dataset("synth", root)
+    result = evaluate.evaluate_model(model, test, data.load_tokenizer(mcfg.text_model), mcfg.image_size,
+                                     mcfg.max_text_len, torch.device("cpu"), robustness=False, progress=False)
     gallery = [g.pid for g in test.gallery]
-    assert len(set(gallery)) == 12 and not set(gallery) & {s.pid for s in data.load_dataset("synth", root).train}
-    # a random ranking puts a positive first with probability (#positives / #gallery)
+    train_ids = {r["id"] for r in data.read_annotations("synth", root).records if r["split"] == "train"}
+    assert len(set(gallery)) == 90 and not set(gallery) & train_ids
+    # a random ranking puts a positive first with probability (#positives / #gallery): about 1.1%
     chance_r1 = 100 * sum(gallery.count(q.pid) / len(gallery) for q in test.queries) / len(test.queries)
-    assert results["stage1"]["R1"] > 3 * chance_r1, (results["stage1"], chance_r1)
-    assert results["stage1"]["mAP"] > 2 * chance_r1, (results["stage1"], chance_r1)
-    assert results["stage2"]["R1"] > 3 * chance_r1, (results["stage2"], chance_r1)
+    assert result["stage1"]["R1"] > 3 * chance_r1, (result["stage1"], chance_r1)
+    assert result["stage1"]["mAP"] > 2.5 * chance_r1, (result["stage1"], chance_r1)
+    assert result["stage2"]["mAP"] > 2.5 * chance_r1, (result["stage2"], chance_r1)
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     steps = [row for row in log if "total" in row]
-    assert {row["epoch"] for row in steps} == set(range(cfg.epochs)) and steps[-1]["total"] < steps[0]["total"]
+    assert len(steps) == 136 and steps[-1]["total"] < steps[0]["total"]
     assert all(0 < row["w_info"] < len(mcfg.loss_names()) for row in steps)  # GradNorm weights bounded
     assert (Path("runs") / "latest").resolve() == run.resolve()
-    assert {"last.pt", "best.pt", "config.json", "results.json"} <= {p.name for p in run.iterdir()}
+    assert {"last.pt", "best.pt", "config.json"} <= {p.name for p in run.iterdir()}
 
 
 def test_final_evaluation_writes_both_stages_and_robustness(synth_root, tmp_path, monkeypatch):
