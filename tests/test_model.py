@@ -265,15 +265,20 @@ def structure_holds(row: str, model: T2IReID, out: dict) -> bool:
 
 
 @pytest.mark.parametrize("row", list(ABLATIONS))
-def test_every_ablation_row_builds_and_runs(row, batch):
+@pytest.mark.parametrize("synth_preset", [False, True], ids=["paper switches", "synth preset switches"])
+def test_every_ablation_row_builds_and_runs(row, synth_preset, batch):
+    """Each row on the paper's switches, and on the SynthPEDES preset's (frozen, cached text
+    layers; residual fusion): finite losses, the change it makes, and one GradNorm step."""
     torch.manual_seed(0)
-    cfg = dataclasses.replace(tiny(), **ABLATIONS[row])
+    preset = dict(text_frozen_layers=1, fusion_residual=True) if synth_preset else {}
+    cfg = dataclasses.replace(tiny(**preset), **ABLATIONS[row])
     model = T2IReID(cfg)
     out = model(batch)
     losses = compute_losses(out, batch, cfg)
     assert list(losses) == cfg.loss_names() and all(torch.isfinite(v) for v in losses.values())
     assert structure_holds(row, model, out)
-    model.shared_parameter()  # exists in every row
+    GradNorm(cfg.loss_names()).backward(losses, model.shared_parameter())  # exists in every row
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.vision.parameters())
 
 
 def test_small_configuration_with_minilm_runs(batch):
