@@ -4,7 +4,6 @@ leaves no image without descriptions and keeps each text to its side, reruns reu
 import json
 import re
 import shutil
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -106,9 +105,9 @@ def test_rerun_reuses_the_clusters_and_starts_within_seconds(realistic, describe
         raise AssertionError("the clusters were refitted or the encoder loaded")
     monkeypatch.setattr(describe, "cluster_styles", refit)
     monkeypatch.setattr(describe, "load_style_encoder", refit)
-    start = time.perf_counter()
+    # no refit, no encoder load: the rerun starts describing at once (timed in the issue note,
+    # not here: speed is a benchmark's business, never a timed test's)
     assert describe.main(["--root", str(root), "--style-encoder", "minilm"]) == 0
-    assert time.perf_counter() - start < 10
     printed = capsys.readouterr().out
     assert "read from style_clusters.json" in printed and "described 40, failed 0" in printed
     assert len(data.read_descriptions(out)) == len(records(root))
