@@ -478,8 +478,8 @@ def bench(cfg: TrainConfig, mcfg: ModelConfig, steps: int = 10) -> None:
     random inputs of the configured shapes, then the whole step (forward, every loss, GradNorm,
     Adam), and the encoders alone as the baseline (ViT + text encoder, the mean of their outputs
     as the loss; DESIGN.md section 8). Hub encoders are built from their configs with random
-    weights (no download). Frozen text layers are timed as training sees them after the first
-    epoch: from the cache."""
+    weights (no download). Frozen text layers are timed as training sees them: from the cache
+    (filled by the warm-up steps, as train() fills it before the first step)."""
     device = pick_device(cfg.device)
     local = lambda name: name if name and Path(name).is_dir() else ""  # noqa: E731
     mcfg = dataclasses.replace(mcfg, vision_model=local(mcfg.vision_model), text_model=local(mcfg.text_model))
