@@ -9,6 +9,7 @@ run resumes from its last.pt). The table is written to results/study/table.{md,j
 
     python study.py                         # everything; prints the time it expects first
     python study.py --table                 # only rebuild the table from the finished runs
+    python study.py --hours 2               # the rows that fit in two hours, in the claims' order
     python study.py --rows full "w/o BDAM" --seeds 0 --regimes same-clothes
     python study.py --rows full -- --max-steps 20    # flags after -- go to every train.py run
 
@@ -117,22 +118,30 @@ def run_one(regime: str, row: str, seed: int, out: Path, extra: list) -> dict:
     return summary
 
 
-def run_study(rows, seeds, regimes, out: Path, extra: list) -> None:
-    """Every (regime, row, seed) without a summary, one after another, a line per run."""
-    plan = [(regime, row, seed) for regime in regimes for row in rows for seed in seeds]
+def run_study(rows, seeds, regimes, out: Path, extra: list, hours: float | None = None) -> None:
+    """Every (row, regime, seed) without a summary, one after another, a line per run; rows come
+    first so that a study cut short by `hours` leaves whole rows out, the last ones."""
+    plan = [(regime, row, seed) for row in rows for regime in regimes for seed in seeds]
     todo = [p for p in plan if not summary_path(out, *p).exists()]
     done = [json.loads(summary_path(out, *p).read_text()) for p in plan if p not in todo]
     per_run = statistics.median(s["minutes"] for s in done) if done else MINUTES_PER_RUN
     print(f"study: {len(plan)} runs, {len(done)} finished (kept in {out / 'runs'}), {len(todo)} to do; "
           f"expected {len(todo) * per_run / 60:.1f} h of CPU time at {per_run:.1f} min per run "
-          f"({'median of the finished runs' if done else 'measured on the README machine'})")
+          f"({'median of the finished runs' if done else 'measured on the README machine'})", flush=True)
     begin = time.time()
     for i, (regime, row, seed) in enumerate(todo, 1):
+        spent = (time.time() - begin) / 60
+        if hours is not None and spent + per_run > 60 * hours:
+            left = sorted({r for _, r, _ in todo[i - 1:]}, key=rows.index)
+            print(f"study: stopped after {spent:.0f} min (--hours {hours}); not run: {len(todo) - i + 1} runs "
+                  f"of {', '.join(left)}", flush=True)
+            return
         s = run_one(regime, row, seed, out, extra)
+        per_run = (time.time() - begin) / 60 / i
         final = s["stage2"] or s["stage1"]
-        left = (time.time() - begin) / i * (len(todo) - i) / 60
         print(f"[{i}/{len(todo)}] {regime} | {row} | seed {seed}: {s['minutes']:.1f} min, final Rank-1 "
-              f"{final['R1']:.1f} mAP {final['mAP']:.1f}; about {left:.0f} min left", flush=True)
+              f"{final['R1']:.1f} mAP {final['mAP']:.1f}; about {per_run * (len(todo) - i):.0f} min left",
+              flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,10 +268,11 @@ def main(argv=None) -> int:
     parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=REGIMES)
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"where summaries and the table go ({RESULTS})")
     parser.add_argument("--table", action="store_true", help="only aggregate the finished runs")
+    parser.add_argument("--hours", type=float, help="start no run that would end after this many hours")
     args = parser.parse_args(argv)
     if not args.table:
         try:
-            run_study(args.rows, args.seeds, args.regimes, args.out, extra)
+            run_study(args.rows, args.seeds, args.regimes, args.out, extra, args.hours)
         except RuntimeError as err:
             print(f"study.py: error: {err}", file=sys.stderr)
             return 2

@@ -111,3 +111,26 @@ def test_study_command_on_a_tiny_configuration(tmp_path, monkeypatch, capsys):
     assert (out / "table.md").read_text() == study.markdown(table)
     assert study.main(argv) == 0  # everything is finished: nothing trains again
     assert "2 runs, 2 finished" in capsys.readouterr().out
+
+
+def test_runs_go_row_by_row_and_hours_leaves_the_last_rows_out(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake_run(regime, row, seed, out, extra):
+        calls.append((row, regime, seed))
+        path = study.summary_path(out, regime, row, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary(row, seed, 40.0, regime=regime)))
+        return summary(row, seed, 40.0, regime=regime)
+
+    monkeypatch.setattr(study, "run_one", fake_run)
+    rows = ["full", "w/o BDAM"]
+    study.run_study(rows, [0, 1], list(study.REGIMES), tmp_path, [], hours=None)
+    assert calls == [(row, regime, seed) for row in rows for regime in study.REGIMES for seed in (0, 1)]
+    calls.clear()
+    study.run_study(rows + ["w/o Mamba"], [0, 1], list(study.REGIMES), tmp_path, [], hours=None)
+    assert [c[0] for c in calls] == ["w/o Mamba"] * 4  # the 8 finished runs are kept
+    assert "12 runs, 8 finished" in capsys.readouterr().out
+    calls.clear()
+    study.run_study(rows + ["w/o fusion", "w/o L_aln"], [0], ["same-clothes"], tmp_path / "b", [], hours=0.0)
+    assert calls == [] and "not run: 4 runs of full, w/o BDAM, w/o fusion, w/o L_aln" in capsys.readouterr().out
