@@ -66,7 +66,7 @@ class TrainConfig:
     seed: int = 0  # the paper reports the mean over seeds 0, 1, 2
     synth_ids: int = 300  # SynthPEDES identities (data.SynthConfig)
     synth_regime: str = "cloth-changing"  # or same-clothes
-    synth_train_images: int = 0  # photographs per outfit of a training identity (0: as val/test)
+    synth_train_images: int = 0  # photographs of each training identity, over its outfits (0: as val/test)
     final_eval: bool = True  # evaluate on the test split at the end (results.json)
 
 
@@ -76,12 +76,13 @@ def presets(dataset: str) -> tuple[TrainConfig, ModelConfig]:
     design decision 10, says why each choice was made and what it was measured against)."""
     if dataset == "synth":
         # 16 identities x 2 images: twice the distinct identities of 8 x 4 per batch, more
-        # negatives for every InfoNCE; six photographs of each training outfit (the validation
-        # and test images are those of the default dataset); tau 0.07: at 0.02 the first
+        # negatives for every InfoNCE; 18 photographs of each training identity, 6 of each of
+        # its 3 outfits, or 18 of its one outfit in same-clothes, so that both regimes train on
+        # as many images (the validation and test images are those of the default dataset); tau 0.07: at 0.02 the first
         # (random) logits are so confident that collapsing the text embeddings to one point is
         # the quickest way down, and training stalls at log(batch)
         train = TrainConfig(data="synth", epochs=2, p=16, k=2, lr=1e-3, pretrained_lr_scale=0.1,
-                            warmup_steps=20, workers=0, synth_train_images=6)
+                            warmup_steps=20, workers=0, synth_train_images=18)
         # MiniLM's bottom 5 layers frozen and cached; the fusion re-ranks as a residual on stage 1
         model = ModelConfig.small(fusion_negatives=1, max_text_len=48, rerank_k=10, temperature=0.07,
                                   text_frozen_layers=5, fusion_residual=True)
@@ -154,8 +155,10 @@ def prepare_data(cfg: TrainConfig) -> None:
     is made here when missing (data, then offline descriptions); a real benchmark is not."""
     described = data.descriptions_file(cfg.data, cfg.root)
     if cfg.data == "synth":
+        outfits = data.SynthConfig(regime=cfg.synth_regime).outfits_per_id
+        per_outfit = -(-cfg.synth_train_images // outfits) or None  # rounded up; 0: the default
         data.ensure_synthpedes(cfg.root, num_ids=cfg.synth_ids, regime=cfg.synth_regime,
-                               train_images_per_outfit=cfg.synth_train_images or None)
+                               train_images_per_outfit=per_outfit)
         images = len(data.read_annotations("synth", cfg.root).records)
         if not described.exists() or len(data.read_descriptions(described)) < images:
             print(f"writing the missing SynthPEDES descriptions to {described} "

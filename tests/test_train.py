@@ -166,3 +166,26 @@ def test_command_line_types_presets_and_ablations():
             train.parse_config(bad)
     with pytest.raises(SystemExit):  # a resumed run keeps its saved configuration
         train.parse_config(["--resume", "runs/x", "--lr", "1"])
+
+
+def test_both_regimes_train_on_as_many_photographs_per_identity(monkeypatch, tmp_path):
+    """--synth-train-images counts photographs of each training identity, over its outfits: the
+    preset's 18 are 6 of each of 3 outfits (cloth-changing) or 18 of the one outfit (same-clothes)."""
+    asked = {}
+
+    class Generated(Exception):
+        pass
+
+    def ensure(root, **settings):
+        asked.update(settings)
+        raise Generated  # what was asked for is all this test needs
+    monkeypatch.setattr(data, "ensure_synthpedes", ensure)
+    for regime, per_outfit in (("cloth-changing", 6), ("same-clothes", 18)):
+        cfg, _, _ = train.parse_config(["--root", str(tmp_path), "--synth-regime", regime])
+        with pytest.raises(Generated):
+            train.prepare_data(cfg)
+        assert asked["regime"] == regime and asked["train_images_per_outfit"] == per_outfit
+    cfg, _, _ = train.parse_config(["--root", str(tmp_path), "--synth-train-images", "0"])
+    with pytest.raises(Generated):
+        train.prepare_data(cfg)
+    assert asked["train_images_per_outfit"] is None  # as many as the validation and test outfits
