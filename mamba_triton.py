@@ -323,6 +323,16 @@ def _like(t, ref):
     return t if t.stride() == ref.stride() else torch.empty_like(ref, dtype=t.dtype).copy_(t)
 
 
+def _layout(u, delta, z, B, C):
+    """u in (b, d, l) or (b, l, d) memory, as given; delta and z copied to u's strides where they
+    differ; B and C in any strides, as long as they share them."""
+    if not (u.is_contiguous() or u.transpose(1, 2).is_contiguous()):
+        u = u.contiguous()
+    if B.stride() != C.stride():
+        B, C = B.contiguous(), C.contiguous()
+    return u, _like(delta, u), (_like(z, u) if z is not None else None), B, C
+
+
 def _launch_args(u, delta, z, A, B, C, D, delta_bias, chunk, block_d):
     """Pointers (absent optional inputs replaced by u, never read), sizes, strides, grid, flags."""
     batch, channels, length = u.shape
@@ -336,24 +346,49 @@ def _launch_args(u, delta, z, A, B, C, D, delta_bias, chunk, block_d):
     return tensors, sizes, grid, flags
 
 
+# Each launch is built in one place, as (grid, arguments, keywords, outputs): SelectiveScanFn
+# launches it, and compile_kernels (section 9) compiles exactly the same arguments for a GPU target.
+
+def _fwd_launch(u, delta, z, A, B, C, D, delta_bias, softplus, chunk, block_d):
+    """The forward kernel's launch; outputs (out, ckpt), allocated here."""
+    tensors, sizes, grid, flags = _launch_args(u, delta, z, A, B, C, D, delta_bias, chunk, block_d)
+    batch, channels, _ = u.shape
+    out = torch.empty_like(u)                                         # (b, d, l), u's strides
+    ckpt = u.new_empty(batch, sizes[3], A.shape[1], channels, dtype=torch.float32)  # b c n d
+    args = [*tensors[:3], out, *tensors[3:], ckpt, *sizes]
+    return grid, args, dict(SOFTPLUS=softplus, **flags, num_warps=NUM_WARPS), (out, ckpt)
+
+
+def _bwd_launch(u, delta, z, A, B, C, D, delta_bias, ckpt, dout, dlast, softplus, chunk, block_d):
+    """The backward kernel's launch; outputs du, ddelta, dz and the partial sums dA, dB, dC, dD,
+    d delta_bias, allocated here."""
+    tensors, sizes, grid, flags = _launch_args(u, delta, z, A, B, C, D, delta_bias, chunk, block_d)
+    batch, channels, length = u.shape
+    d_state, d_blocks = A.shape[1], grid[1]
+    f32 = dict(dtype=torch.float32, device=u.device)
+    scratch = torch.empty(batch, d_blocks, chunk, flags["BLOCK_N"], block_d, **f32)
+    du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+    dz = torch.empty_like(z) if z is not None else None
+    dA = torch.empty(batch, d_state, channels, **f32)                 # partials over b
+    dB, dC = (torch.empty(batch, d_blocks, length, d_state, **f32) for _ in range(2))
+    dD, dbias = (torch.empty(batch, channels, **f32) for _ in range(2))
+    dlast = dlast.float().transpose(1, 2).contiguous()                # (b, n, d)
+    args = [*tensors, ckpt, _like(dout, u), dlast, scratch, du, ddelta,
+            dz if z is not None else du, dA, dB, dC, dD, dbias, *sizes]
+    return (grid, args, dict(SOFTPLUS=softplus, **flags, num_warps=NUM_WARPS),
+            (du, ddelta, dz, dA, dB, dC, dD, dbias))
+
+
 class SelectiveScanFn(torch.autograd.Function):
     """Triton forward and backward of the selective scan. Returns (out, last_state)."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                 chunk=CHUNK, block_d=BLOCK_D):
-        if not (u.is_contiguous() or u.transpose(1, 2).is_contiguous()):
-            u = u.contiguous()                          # (b, d, l) or (b, l, d) memory, as given
-        if B.stride() != C.stride():
-            B, C = B.contiguous(), C.contiguous()       # any strides, as long as they are shared
-        delta, z = _like(delta, u), (_like(z, u) if z is not None else None)
-        tensors, sizes, grid, flags = _launch_args(u, delta, z, A, B, C, D, delta_bias, chunk,
-                                                   block_d)
-        batch, channels, _ = u.shape
-        out = torch.empty_like(u)                                     # (b, d, l), u's strides
-        ckpt = u.new_empty(batch, sizes[3], A.shape[1], channels, dtype=torch.float32)  # b c n d
-        _scan_fwd_kernel[grid](*tensors[:3], out, *tensors[3:], ckpt, *sizes,
-                               SOFTPLUS=delta_softplus, **flags, num_warps=NUM_WARPS)
+        u, delta, z, B, C = _layout(u, delta, z, B, C)
+        grid, args, kwargs, (out, ckpt) = _fwd_launch(u, delta, z, A, B, C, D, delta_bias,
+                                                      delta_softplus, chunk, block_d)
+        _scan_fwd_kernel[grid](*args, **kwargs)
         ctx.save_for_backward(u, delta, z, A, B, C, D, delta_bias, ckpt)
         ctx.delta_softplus, ctx.chunk, ctx.block_d = delta_softplus, chunk, block_d
         return out, ckpt[:, -1].transpose(1, 2).contiguous()          # (b, d, l), (b, d, n)
@@ -361,21 +396,10 @@ class SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlast):
         u, delta, z, A, B, C, D, delta_bias, ckpt = ctx.saved_tensors
-        tensors, sizes, grid, flags = _launch_args(u, delta, z, A, B, C, D, delta_bias, ctx.chunk,
-                                                   ctx.block_d)
-        batch, channels, length = u.shape
-        d_state, d_blocks = A.shape[1], grid[1]
-        f32 = dict(dtype=torch.float32, device=u.device)
-        scratch = torch.empty(batch, d_blocks, ctx.chunk, flags["BLOCK_N"], ctx.block_d, **f32)
-        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-        dz = torch.empty_like(z) if z is not None else None
-        dA = torch.empty(batch, d_state, channels, **f32)             # partials over b
-        dB, dC = (torch.empty(batch, d_blocks, length, d_state, **f32) for _ in range(2))
-        dD, dbias = (torch.empty(batch, channels, **f32) for _ in range(2))
-        dlast = dlast.float().transpose(1, 2).contiguous()            # (b, n, d)
-        _scan_bwd_kernel[grid](*tensors, ckpt, _like(dout, u), dlast, scratch, du, ddelta,
-                               dz if z is not None else du, dA, dB, dC, dD, dbias, *sizes,
-                               SOFTPLUS=ctx.delta_softplus, **flags, num_warps=NUM_WARPS)
+        grid, args, kwargs, grads = _bwd_launch(u, delta, z, A, B, C, D, delta_bias, ckpt, dout,
+                                                dlast, ctx.delta_softplus, ctx.chunk, ctx.block_d)
+        _scan_bwd_kernel[grid](*args, **kwargs)
+        du, ddelta, dz, dA, dB, dC, dD, dbias = grads
         return (du, ddelta, dA.sum(0).t().to(A.dtype),
                 dB.sum(1).transpose(1, 2).to(B.dtype), dC.sum(1).transpose(1, 2).to(C.dtype),
                 dD.sum(0).to(D.dtype) if D is not None else None, dz,
