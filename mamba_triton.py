@@ -737,10 +737,10 @@ def print_compile_table(rows):
     cell = {(r["kernel"], r["arch"], r["dtype"], r["inputs"]): r for r in rows}
     ptxas = ", ".join(f"{version} for sm_{arch}"
                       for arch, version in {r["arch"]: r["ptxas"] for r in rows}.items())
-    print(f"Triton {triton.__version__}, ptxas {ptxas}: the kernels as the Mamba block launches "
-          f"them (batch {COMPILE_SHAPE['b']}, channels {COMPILE_SHAPE['d']}, L "
-          f"{COMPILE_SHAPE['l']}, N {COMPILE_SHAPE['n']}).\nRegisters per thread (of 255) with "
-          f"no optional input, each alone, and all; * spills to local memory.")
+    print(f"Triton {triton.__version__}, ptxas {ptxas}.\nThe kernels as the Mamba block launches "
+          f"them: batch {COMPILE_SHAPE['b']}, channels {COMPILE_SHAPE['d']}, L "
+          f"{COMPILE_SHAPE['l']}, N {COMPILE_SHAPE['n']}.\nRegisters per thread (of 255) with no "
+          f"optional input, each one alone, and all; * spills to local memory.")
     print(f"{'kernel':9s} {'target':6s} {'dtype':5s}"
           + "".join(f"{inputs:>11s}" for inputs in COMPILE_INPUTS))
     for kernel in ("forward", "backward"):
