@@ -652,7 +652,7 @@ def _block_launches(dtype, optional, b, d, l, n):
     bias = empty(d, dtype=torch.float32) if "delta_bias" in optional else None     # (d,)
     softplus = "softplus" in optional
     u, delta, z, B, C = _layout(u, delta, z, B, C)
-    _, f_args, f_kwargs, (out, ckpt) = _fwd_launch(u, delta, z, A, B, C, D, bias, softplus,
+    _, f_args, f_kwargs, (_, ckpt) = _fwd_launch(u, delta, z, A, B, C, D, bias, softplus,
                                                    CHUNK, BLOCK_D)
     _, b_args, b_kwargs, _ = _bwd_launch(u, delta, z, A, B, C, D, bias, ckpt, empty(b, d, l),
                                          empty(b, d, n, dtype=torch.float32), softplus, CHUNK,
