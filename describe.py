@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 import data
+import synthpedes
 
 
 class DescribeError(Exception):
@@ -793,58 +794,6 @@ class JsonlWriter:
 
 
 # ----------------------------------------------------------------------------------------------
-# Agreement with SynthPEDES's ground truth, for any backend.
-
-def _truth(attributes):
-    """SynthPEDES attributes -> {"identity": [value words], "clothing": [...]}. Glasses are an
-    accessory, i.e. clothing (DESIGN 1), although data.py draws them once per identity; "plain"
-    and "none" are never written in captions."""
-    ident, clothes = attributes["identity"], attributes["clothing"]
-    values = {"identity": [ident[k] for k in ("gender", "height", "build", "skin", "hair_colour",
-                                              "hair_style")] + ["beard"] * bool(ident.get("beard")),
-              "clothing": [v for k, v in clothes.items() if isinstance(v, str)
-                           and v not in ("none", "plain")]
-              + ["scarf"] * bool(clothes.get("scarf_colour"))
-              + ["glasses"] * bool(ident.get("glasses"))}
-    return {side: [tuple(re.findall(r"[a-z0-9]+", v.lower())) for v in vs]
-            for side, vs in values.items()}
-
-
-def attribute_agreement(records, descriptions):
-    """Share of true attribute values that the right text names and the other text does not
-    (unless it is also a true value there: black hair and black boots), per side, over the
-    SynthPEDES records; an image without a description scores 0. Returns {"identity": float,
-    "clothing": float, "images": int, "described": int}."""
-    hits, counts = {"identity": 0, "clothing": 0}, {"identity": 0, "clothing": 0}
-    images = described = 0
-    for record in records:
-        if "attributes" not in record:
-            continue
-        text = descriptions.get(record["file_path"], {"identity": "", "clothing": ""})
-        images += 1
-        described += record["file_path"] in descriptions
-        truth = _truth(record["attributes"])
-        words = {side: set(re.findall(r"[a-z0-9]+", text[side].lower())) for side in truth}
-        for side, other in (("identity", "clothing"), ("clothing", "identity")):
-            other_truth = {w for value in truth[other] for w in value}
-            for value in truth[side]:
-                named = all(w in words[side] for w in value)
-                leaked = all(w in words[other] and w not in other_truth for w in value)
-                hits[side] += named and not leaked
-                counts[side] += 1
-    scores = {side: hits[side] / max(1, counts[side]) for side in hits}
-    return scores | {"images": images, "described": described}
-
-
-def print_agreement(records, descriptions):
-    score = attribute_agreement(records, descriptions)
-    print(f"agreement with the SynthPEDES attributes over {score['images']} images "
-          f"({score['described']} described): identity "
-          f"{score['identity']:.3f}, clothing {score['clothing']:.3f} (share of true values named "
-          "in the right text and not leaked into the other)")
-
-
-# ----------------------------------------------------------------------------------------------
 # The run: configuration, style clusters, the describe loop, the summary.
 
 SPLIT_CHOICES = ("all",) + data.SPLITS
@@ -888,14 +837,14 @@ class DescribeConfig:
 
 
 def load_annotations(cfg):
-    """data.read_annotations; SynthPEDES is generated with data.py's defaults when missing."""
+    """data.read_annotations; SynthPEDES is generated with its defaults when missing."""
     try:
         return data.read_annotations(cfg.data, cfg.root)
     except data.DatasetError:
         if cfg.data != "synth":
             raise
-    print(f"SynthPEDES not found under {cfg.root}/; generating it (data.generate_synthpedes)")
-    data.generate_synthpedes(root=cfg.root)
+    print(f"SynthPEDES not found under {cfg.root}/; generating it (synthpedes.ensure_synthpedes)")
+    synthpedes.ensure_synthpedes(cfg.root)
     return data.read_annotations(cfg.data, cfg.root)
 
 
@@ -1096,7 +1045,7 @@ def run(cfg):
                  {r["file_path"] for r in records}} if out.exists() else {}
     print_quality(description_quality(described))
     if any("attributes" in r for r in records):
-        print_agreement(records, described)
+        synthpedes.print_agreement(records, described)
     return summary
 
 

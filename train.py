@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 import data
 import evaluate
+import synthpedes
 from losses import GradNorm, compute_losses
 from model import ABLATIONS, EncoderLoadError, ModelConfig, T2IReID
 
@@ -64,7 +65,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast on a GPU
     seed: int = 0  # the paper reports the mean over seeds 0, 1, 2
-    synth_ids: int = 300  # SynthPEDES identities (data.SynthConfig)
+    synth_ids: int = 300  # SynthPEDES identities (synthpedes.SynthConfig)
     synth_regime: str = "cloth-changing"  # or same-clothes
     synth_train_images: int = 0  # photographs per outfit of a training identity (0: as val/test)
     final_eval: bool = True  # evaluate on the test split at the end (results.json)
@@ -154,7 +155,7 @@ def prepare_data(cfg: TrainConfig) -> None:
     is made here when missing (data, then offline descriptions); a real benchmark is not."""
     described = data.descriptions_file(cfg.data, cfg.root)
     if cfg.data == "synth":
-        data.ensure_synthpedes(cfg.root, num_ids=cfg.synth_ids, regime=cfg.synth_regime,
+        synthpedes.ensure_synthpedes(cfg.root, num_ids=cfg.synth_ids, regime=cfg.synth_regime,
                                train_images_per_outfit=cfg.synth_train_images or None)
         images = len(data.read_annotations("synth", cfg.root).records)
         if not described.exists() or len(data.read_descriptions(described)) < images:

@@ -20,6 +20,8 @@ import pytest
 
 import data
 import describe
+import render
+import synthpedes
 
 KEY = "sk-test-NEVER-PRINT-4242"
 REPO = Path(__file__).resolve().parent.parent
@@ -144,11 +146,11 @@ def test_mask_style_keeps_form_and_drops_content():
 
 
 def test_lexicon_covers_the_synthpedes_vocabulary():
-    for word in data.TOPS + data.BOTTOMS + data.SHOES + ("backpack", "handbag", "bag", "cap", "beanie"):
+    for word in render.TOPS + render.BOTTOMS + render.SHOES + ("backpack", "handbag", "bag", "cap", "beanie"):
         assert describe.word_category(word.split()[-1]) == "garment", word
-    for word in list(data.COLOURS) + list(data.HAIR_COLOURS):   # "blonde" names hair only
+    for word in list(render.COLOURS) + list(render.HAIR_COLOURS):   # "blonde" names hair only
         assert describe.word_category(word) == ("body" if word == "blonde" else "colour"), word
-    for word in data.GENDERS + ("average-height", "tall", "slim", "heavy", "ponytail", "bun",
+    for word in render.GENDERS + ("average-height", "tall", "slim", "heavy", "ponytail", "bun",
                                 "buzz-cut", "beard", "skin", "build"):
         assert describe.word_category(word) == "body", word
     assert [describe.word_category(w) for w in ("striped", "checked", "logo")] == ["pattern"] * 3
@@ -316,7 +318,7 @@ def test_synthpedes_style_recovery_and_rules_agreement(synth_root, capsys):
     assert sorted(r["file_path"] for r in written) == sorted(r["file_path"] for r in records)
     assert all(r["backend"] == "rules" and 0 <= r["style_cluster"] < len(report["clusters"])
                for r in written)
-    score = describe.attribute_agreement(records, data.read_descriptions(out))
+    score = synthpedes.attribute_agreement(records, data.read_descriptions(out))
     assert score["identity"] > 0.9 and score["clothing"] > 0.9, score
     # a rerun finds everything done and changes nothing
     before = out.read_bytes()
@@ -325,8 +327,8 @@ def test_synthpedes_style_recovery_and_rules_agreement(synth_root, capsys):
 
 
 def test_no_arguments_generates_synthpedes_and_writes_beside_it(tmp_path, monkeypatch, capsys):
-    generate = data.generate_synthpedes
-    monkeypatch.setattr(data, "generate_synthpedes", lambda root: generate(
+    ensure = synthpedes.ensure_synthpedes
+    monkeypatch.setattr(synthpedes, "ensure_synthpedes", lambda root: ensure(
         root, num_ids=6, outfits_per_id=2, images_per_outfit=1, image_size=(32, 16), progress=False))
     monkeypatch.chdir(tmp_path)
     assert describe.main([]) == 0

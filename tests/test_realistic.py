@@ -11,6 +11,7 @@ import pytest
 
 import data
 import describe
+import synthpedes
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,7 @@ def realistic(tmp_path_factory):
     """A realistic SynthPEDES (60 ids, 360 images, 720 captions), described once by the rules
     backend. Returns (root, the printed output, exit status)."""
     root = tmp_path_factory.mktemp("realistic")
-    data.generate_synthpedes(root, num_ids=60, image_size=(32, 16), captions="realistic", progress=False)
+    synthpedes.generate_synthpedes(root, num_ids=60, image_size=(32, 16), captions="realistic", progress=False)
     return root
 
 
@@ -40,7 +41,7 @@ def records(root):
 def test_realistic_captions_do_what_real_captions_do(realistic):
     recs = records(realistic)
     caps = [c for r in recs for c in r["captions"]]
-    assert all(c == " ".join(data.words(c)) for c in caps)             # lower-case token streams
+    assert all(c == " ".join(synthpedes.words(c)) for c in caps)             # lower-case token streams
     vocabulary = Counter(w for c in caps for w in c.split())
     misspelt = [w for w in vocabulary if describe.word_category(w) in ("garment", "colour")
                 and not any(w in words for _, words in describe._LEXICON)
@@ -51,7 +52,7 @@ def test_realistic_captions_do_what_real_captions_do(realistic):
     joined = [len(" ".join(r["captions"]).split()) for r in recs]
     assert sum(n > 100 for n in joined) / len(joined) > 0.1               # run-ons past the limit
     styles = Counter(s for r in recs for s in r["caption_styles"])
-    assert set(styles) == set(data.REALISTIC_STYLES) and min(styles.values()) > 100
+    assert set(styles) == set(synthpedes.REALISTIC_STYLES) and min(styles.values()) > 100
     # two captions of an image disagree: another word for the same garment or colour
     differences = [set(r["captions"][0].split()) ^ set(r["captions"][1].split()) for r in recs
                    if r["caption_styles"][0] == r["caption_styles"][1]]
