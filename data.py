@@ -134,30 +134,52 @@ def read_annotations(name: str, root="data") -> Annotations:
     return Annotations(name, path, folder / "imgs", records)
 
 
-def read_descriptions(path) -> dict[str, dict]:
-    """describe.py's descriptions.jsonl: file_path -> {"identity", "clothing", ...}. Lines that
-    record a failure ("error", or a status other than "ok") are skipped; a later line for the same
-    image replaces an earlier one (a resumed run)."""
+def is_failure(entry: dict) -> bool:
+    """A descriptions.jsonl line that records a failed image (describe.py writes status "failed"
+    and an "error"): no descriptions to read, and describe.py retries the image."""
+    return "error" in entry or entry.get("status", "ok") != "ok"
+
+
+def read_descriptions(path, on_bad_line=None, text=None) -> dict[str, dict]:
+    """describe.py's descriptions.jsonl: file_path -> {"identity", "clothing", ...}. Failures
+    (`is_failure`) are skipped; a later line for the same image replaces an earlier one (a
+    resumed run). A line that cannot be read is a DatasetError, or, with `on_bad_line(n, why)`,
+    reported and skipped (describe.py's resume, which redoes that image). `text`: the file's
+    text, when the caller has read it already."""
     path, out = Path(path), {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    text = path.read_text(encoding="utf-8") if text is None else text
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            entry = json.loads(line)
-        except ValueError as e:
-            raise DatasetError(f"{path}: line {n}: not valid JSON ({e}); delete that line and "
-                               "rerun describe.py to redo it.") from None
-        if not isinstance(entry, dict) or not isinstance(entry.get("file_path"), str):
-            raise DatasetError(f"{path}: line {n}: field 'file_path' is missing; every line must "
-                               "be a JSON object with file_path, identity and clothing.")
-        if "error" in entry or entry.get("status", "ok") != "ok":
+            entry = _description_entry(line, n, path)
+        except DatasetError as error:
+            if on_bad_line is None:
+                raise
+            on_bad_line(n, str(error))
             continue
-        for key in ("identity", "clothing"):
-            if not isinstance(entry.get(key), str):
-                raise DatasetError(f"{path}: line {n}: field {key!r} must be a string; delete "
-                                   "that line and rerun describe.py to redo it.")
-        out[entry["file_path"]] = entry
+        if entry is not None:
+            out[entry["file_path"]] = entry
     return out
+
+
+def _description_entry(line: str, n: int, path: Path) -> dict | None:
+    """One line of descriptions.jsonl; None for a failure; a DatasetError when unreadable."""
+    try:
+        entry = json.loads(line)
+    except ValueError as e:
+        raise DatasetError(f"{path}: line {n}: not valid JSON ({e}); delete that line and "
+                           "rerun describe.py to redo it.") from None
+    if not isinstance(entry, dict) or not isinstance(entry.get("file_path"), str):
+        raise DatasetError(f"{path}: line {n}: field 'file_path' is missing; every line must "
+                           "be a JSON object with file_path, identity and clothing.")
+    if is_failure(entry):
+        return None
+    for key in ("identity", "clothing"):
+        if not isinstance(entry.get(key), str):
+            raise DatasetError(f"{path}: line {n}: field {key!r} must be a string; delete "
+                               "that line and rerun describe.py to redo it.")
+    return entry
 
 
 @dataclass

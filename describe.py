@@ -744,30 +744,23 @@ def estimate_cost(model, prompt_tokens, completion_tokens, price_in=-1.0, price_
 # Output: one JSON line per image, appended and fsynced; a rerun resumes (DESIGN 9).
 
 def load_progress(path):
-    """{file_path: record} of the images already described in `path` (missing file: {}).
+    """{file_path: record} of the images already described in `path` (missing file: {}), read by
+    data.read_descriptions, so that training and this resume agree on what a failure is.
 
-    The file is repaired in place, atomically (temp file + rename), when it holds a last line cut
-    short by a kill, unreadable lines, failed records (they are retried) or duplicates; so the
-    file always ends up with at most one line per image.
+    The file is repaired in place, atomically (temp file + rename), when it holds anything but
+    one good line per image: a last line cut short by a kill (no final newline), unreadable
+    lines, failed records (they are retried) or duplicates.
     """
     path = Path(path)
     if not path.exists():
         return {}
-    raw = path.read_bytes()
-    lines = raw.split(b"\n")
-    done, dirty = {}, lines[-1] != b""      # no final newline: the last line is incomplete
-    for number, line in enumerate(lines[:-1], 1):
-        try:
-            record = json.loads(line)
-            key = record["file_path"]
-        except (ValueError, KeyError, TypeError):
-            print(f"{path}:{number}: unreadable line dropped; that image will be described again")
-            dirty = True
-            continue
-        dirty |= key in done or record.get("status") == "failed"
-        if record.get("status") != "failed":
-            done[key] = record
-    if dirty:
+    text = path.read_text(encoding="utf-8")
+    complete = text[:text.rfind("\n") + 1]          # no final newline: the last line is cut short
+
+    def dropped(number, why):
+        print(f"{path}:{number}: unreadable line dropped; that image will be described again")
+    done = data.read_descriptions(path, on_bad_line=dropped, text=complete)
+    if complete != text or len(complete.splitlines()) != len(done):
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values())
