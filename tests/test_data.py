@@ -17,6 +17,7 @@ from PIL import Image
 import data
 import render
 import synthpedes
+from model import OFFLINE_TEXT_MODEL, EncoderLoadError, load_tokenizer
 
 PLAIN = {"top": "tank top", "top_colour": "red", "pattern": "plain", "bottom": "trousers",
          "bottom_colour": "blue", "shoes": "sneakers", "shoes_colour": "white", "bag": "none",
@@ -427,25 +428,25 @@ def test_train_transform_flip_pad_crop_and_erase():
 
 
 def test_offline_tokenizer_knows_real_words():
-    tok = data.load_tokenizer()
+    tok = load_tokenizer()
     enc = data.tokenize(tok, ["A woman with long blonde hair wears a striped jacket.", "man"], max_len=8)
     assert enc["input_ids"].shape == (2, 8) and enc["input_ids"].dtype == torch.long
     tokens = tok.convert_ids_to_tokens(enc["input_ids"][0])
     assert tokens[:4] == ["[CLS]", "a", "woman", "with"] and tokens[-1] == "[SEP]"
     assert tok.unk_token_id not in enc["input_ids"][0].tolist()
     assert enc["attention_mask"][1].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
-    assert data.load_tokenizer(data.OFFLINE_TEXT_MODEL).vocab_size == 30522  # bert-base-uncased
+    assert load_tokenizer(OFFLINE_TEXT_MODEL).vocab_size == 30522  # bert-base-uncased
 
 
 def test_unreachable_hub_name_fails_fast_and_says_what_to_pass():
-    with pytest.raises(data.DatasetError, match="Pass a local folder"):
-        data.load_tokenizer("bert-base-uncased-that-is-not-cached")
+    with pytest.raises(EncoderLoadError, match="Pass a local folder"):
+        load_tokenizer("bert-base-uncased-that-is-not-cached")
 
 
 def test_trainset_and_collate(tiny_synth):
     d = data.load_dataset("synth", tiny_synth)
     ds = data.TrainSet(d.train, data.eval_transform((64, 32)))
-    tok = data.load_tokenizer()
+    tok = load_tokenizer()
     batch = data.collate([ds[0], ds[5], ds[9]], tok, max_len=32)
     assert batch["images"].shape == (3, 3, 64, 32)
     assert batch["pids"].tolist() == [d.train[i].pid for i in (0, 5, 9)]

@@ -8,7 +8,8 @@ import torch
 import data
 import mamba_triton
 from losses import GradNorm, compute_losses
-from model import ABLATIONS, BDAM, ConvStem, EncoderLoadError, ModelConfig, T2IReID, load_vision_encoder
+from model import (ABLATIONS, BDAM, ConvStem, EncoderLoadError, ModelConfig, T2IReID, load_tokenizer,
+                   load_vision_encoder)
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +41,7 @@ def batch(tiny_synth):
             identity, clothing = texts[str(data.Path(s.image_path).relative_to(dataset.image_dir))]
             chosen.append(dataclasses.replace(s, identity=identity, clothing=clothing))
     items = data.TrainSet(chosen, data.eval_transform((64, 32)))
-    out = data.collate([items[i] for i in range(len(items))], data.load_tokenizer(), max_len=48)
+    out = data.collate([items[i] for i in range(len(items))], load_tokenizer(), max_len=48)
     assert sorted(out["pids"].tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
     return out
 

@@ -16,7 +16,7 @@ import data
 import evaluate
 import mamba_triton
 import train
-from model import T2IReID
+from model import T2IReID, load_tokenizer
 
 # A model small enough to train in seconds on a CPU: 2-layer ViT on 64 x 32 images (P = 8), the
 # pretrained all-MiniLM-L6-v2 text encoder (real words carry meaning from the first step).
@@ -61,7 +61,7 @@ def test_training_retrieves_held_out_people_far_above_chance(tmp_path_factory, t
     model = T2IReID(mcfg)
     model.load_state_dict(torch.load(run / "best.pt", weights_only=False)["model"])
     test = data.load_dataset("synth", root)
-    result = evaluate.evaluate_model(model, test, data.load_tokenizer(mcfg.text_model), mcfg.image_size,
+    result = evaluate.evaluate_model(model, test, load_tokenizer(mcfg.text_model), mcfg.image_size,
                                      mcfg.max_text_len, torch.device("cpu"), robustness=False, progress=False)
     gallery = [g.pid for g in test.gallery]
     train_ids = {r["id"] for r in data.read_annotations("synth", root).records if r["split"] == "train"}
