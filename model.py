@@ -583,8 +583,9 @@ class FrozenTextPrefix:
 
 
 class T2IReID(nn.Module):
-    """Stage 1: encode_images / encode_texts. Stage 2: fusion_tokens + fusion_score.
-    Training: forward(batch) -> everything losses.compute_losses needs."""
+    """Stage 1: encode_images (one vision pass: the gallery embedding, the fusion tokens and the
+    gate) / encode_texts. Stage 2: pair_score on encode_images' tokens. Training: forward(batch)
+    -> everything losses.compute_losses needs, through the same two methods."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -628,13 +629,21 @@ class T2IReID(nn.Module):
         tokens = self.global_proj(patches)  # (B, P, D)
         return dict(tokens=tokens, f_id=tokens.mean(1), f_clo=None, gate=None)
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Gallery embedding from the image alone: (B, 3, H, W) -> (B, E), L2-normalised."""
-        return self.image_embedding(self.image_features(images)["f_id"])
-
-    def image_embedding(self, f_id: torch.Tensor) -> torch.Tensor:
-        """(B, D) identity feature -> (B, E) stage-1 embedding, L2-normalised."""
-        return F.normalize(self.image_proj(self.image_bn(f_id)), dim=-1)
+    def encode_images(self, images: torch.Tensor, align: bool = True) -> dict:
+        """The vision pass of both stages: images (B, 3, H, W) -> dict(
+            emb (B, E): the stage-1 (gallery) embedding, L2-normalised;
+            tokens (B, P, d): the identity tokens aligned for the fusion (cache them for the
+                gallery; align=False: BDAM's (B, P, D) tokens), None without fusion;
+            gate (B, D) or None: BDAM's g;  f_id, f_clo (B, D): after the BNNeck, as the losses
+                see them (f_clo None without BDAM))."""
+        vis = self.image_features(images)
+        f_id = self.image_bn(vis["f_id"])  # (B, D)
+        f_clo = self.clothing_bn(vis["f_clo"]) if vis["f_clo"] is not None else None  # (B, D)
+        tokens = vis["tokens"] if self.fusion is not None else None  # (B, P, D)
+        if align and tokens is not None:
+            tokens = self.fusion.align_image(tokens)  # (B, P, d)
+        return dict(emb=F.normalize(self.image_proj(f_id), dim=-1), tokens=tokens, gate=vis["gate"],
+                    f_id=f_id, f_clo=f_clo)
 
     # --- texts ------------------------------------------------------------------
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -647,59 +656,49 @@ class T2IReID(nn.Module):
         mask = attention_mask[..., None].to(hidden.dtype)  # (B, T, 1)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
+    def text_embedding(self, text_features: torch.Tensor) -> torch.Tensor:
+        """(B, Dt) text features -> (B, E) stage-1 (query) embedding t(query), L2-normalised."""
+        return F.normalize(self.text_proj(text_features), dim=-1)
+
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Query embedding from the text alone: (B, T) -> (B, E), L2-normalised."""
-        return F.normalize(self.text_proj(self.text_features(input_ids, attention_mask)), dim=-1)
+        return self.text_embedding(self.text_features(input_ids, attention_mask))
 
     # --- fusion re-ranking (stage 2) --------------------------------------------
-    def fusion_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, P, d): the aligned identity tokens; cache them for the gallery."""
+    def pair_score(self, tokens: torch.Tensor, text_features: torch.Tensor, image_emb: torch.Tensor,
+                   query_emb: torch.Tensor | None = None):
+        """The fusion's score of each pair (image s, text s): cos(f_final(image, text), t(text)).
+
+        tokens (S, P, d) aligned (encode_images), text_features (S, Dt), image_emb (S, E) the
+        images' stage-1 embeddings (read with fusion_residual), query_emb (S, E) = t(text) when
+        already computed -> scores (S,), W_img per token (S, P).
+        """
         if self.fusion is None:
             raise RuntimeError("this model has no fusion module (use_fusion=False): rank with stage 1 only")
-        return self.fusion.align_image(self.image_features(images)["tokens"])
-
-    def fusion_score_features(self, tokens: torch.Tensor, text_features: torch.Tensor,
-                              image_emb: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (S, P, d) from fusion_tokens, text_features (S, Dt), image_emb (S, E) from
-        encode_images (needed with fusion_residual) -> (S,) cos(f_final, t(query))."""
-        f_final, _ = self.fusion(tokens, text_features, image_emb)  # (S, E)
-        query = F.normalize(self.text_proj(text_features), dim=-1)  # (S, E) = encode_texts
-        return (F.normalize(f_final, dim=-1) * query).sum(-1)
-
-    def fusion_score(self, images_or_tokens: torch.Tensor, input_ids: torch.Tensor,
-                     attention_mask: torch.Tensor, image_emb: torch.Tensor | None = None) -> torch.Tensor:
-        """Pair scores of (image i, text i): images (S, 3, H, W), or cached tokens (S, P, d) with
-        image_emb (S, E) from encode_images when the fusion is residual -> (S,)."""
-        if self.fusion is None:
-            raise RuntimeError("this model has no fusion module (use_fusion=False): rank with stage 1 only")
-        tokens = images_or_tokens
-        if images_or_tokens.dim() == 4:
-            feats = self.image_features(images_or_tokens)
-            tokens, image_emb = self.fusion.align_image(feats["tokens"]), self.image_embedding(feats["f_id"])
-        return self.fusion_score_features(tokens, self.text_features(input_ids, attention_mask), image_emb)
+        f_final, w_image = self.fusion(tokens, text_features, image_emb)  # (S, E), (S, P)
+        query = self.text_embedding(text_features) if query_emb is None else query_emb  # (S, E)
+        return (F.normalize(f_final, dim=-1) * query).sum(-1), w_image
 
     # --- training -----------------------------------------------------------------
     def forward(self, batch: dict) -> dict:
         """batch from data.collate -> the features and scores named in losses.compute_losses,
         plus the gate values (Fig. 5): bdam_gate (B, D) or None, fusion_gate (S, P)."""
         images, pids = batch["images"], batch["pids"]
-        vis = self.image_features(images)
+        # tokens aligned later, in fusion_pairs: dropout draws stay in the order of earlier runs
+        img = self.encode_images(images, align=False)
         caption = self.text_features(**batch["caption"])  # (B, Dt)
         identity = self.text_features(**batch["identity"])  # (B, Dt)
-        # f_id, f_clo after the BNNeck (image_bn; identity maps without it), as the losses see them
-        f_id = self.image_bn(vis["f_id"])  # (B, D)
-        f_clo = self.clothing_bn(vis["f_clo"]) if vis["f_clo"] is not None else None  # (B, D)
-        out = dict(f_id=f_id, f_clo=f_clo, bdam_gate=vis["gate"],
-                   image_emb=F.normalize(self.image_proj(f_id), dim=-1),  # (B, E) = image_embedding
-                   caption_emb=F.normalize(self.text_proj(caption), dim=-1),  # (B, E)
-                   identity_emb=F.normalize(self.text_proj(identity), dim=-1))  # (B, E)
+        f_id, f_clo = img["f_id"], img["f_clo"]  # (B, D), (B, D) or None, after the BNNeck
+        out = dict(f_id=f_id, f_clo=f_clo, bdam_gate=img["gate"], image_emb=img["emb"],  # (B, E)
+                   caption_emb=self.text_embedding(caption),  # (B, E)
+                   identity_emb=self.text_embedding(identity))  # (B, E)
         if self.clothing_image_proj is not None:
             clothing = self.text_features(**batch["clothing"])  # (B, Dt)
             out["clo_image"] = F.normalize(self.clothing_image_proj(f_clo), dim=-1)  # (B, E)
             out["clo_text"] = F.normalize(self.clothing_text_proj(clothing), dim=-1)  # (B, E)
         if self.fusion is not None:
             texts, text_emb = self.fusion_queries(caption, identity, out)
-            out.update(self.fusion_pairs(vis["tokens"], out["image_emb"], pids, texts, text_emb))
+            out.update(self.fusion_pairs(img["tokens"], out["image_emb"], pids, texts, text_emb))
         return out
 
     def fusion_queries(self, caption: torch.Tensor, identity: torch.Tensor, out: dict):
@@ -729,11 +728,11 @@ class T2IReID(nn.Module):
         own = torch.arange(s, device=pids.device) % b  # (S,)
         candidates = torch.cat([own[:, None], hard], dim=1)  # (S, Q)
         aligned = self.fusion.align_image(tokens)  # (B, P, d)
-        f_final, w_image = self.fusion(aligned[candidates.flatten()],  # (S * Q, P, d)
-                                       texts.repeat_interleave(m + 1, dim=0),  # (S * Q, Dt)
-                                       image_emb[candidates.flatten()])  # -> (S * Q, E), (S * Q, P)
-        query = text_emb.repeat_interleave(m + 1, dim=0)  # (S * Q, E) = t(query)
-        scores = (F.normalize(f_final, dim=-1) * query).sum(-1).view(s, m + 1)  # (S, Q)
+        scores, w_image = self.pair_score(aligned[candidates.flatten()],  # (S * Q, P, d)
+                                          texts.repeat_interleave(m + 1, dim=0),  # (S * Q, Dt)
+                                          image_emb[candidates.flatten()],  # (S * Q, E)
+                                          text_emb.repeat_interleave(m + 1, dim=0))  # (S * Q, E) t(query)
+        scores = scores.view(s, m + 1)  # (S, Q)
         return dict(fusion_scores=scores, fusion_pids=pids[candidates], fusion_query_pids=query_pids,
                     fusion_gate=w_image.view(s, m + 1, -1)[:, 0].detach())  # (S, P) on the own image
 
