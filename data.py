@@ -271,7 +271,7 @@ def check_images(ann: Annotations, workers: int = 8) -> int:
 
 # ----------------------------------------------------------------------------------------------
 # Training input: transforms (the IRRA recipe, written without torchvision), tokenisation, batches.
-# The tokenizer itself is loaded by model.load_tokenizer, with the encoders' weights.
+# The tokenizer itself is loaded by encoders.load_tokenizer, with the encoders' weights.
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the ViT checkpoints were trained with these
 IMAGENET_STD = (0.229, 0.224, 0.225)

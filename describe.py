@@ -220,10 +220,10 @@ _ENCODERS = {}
 
 
 def load_style_encoder(name_or_path):
-    """CLIP's text encoder by hub name or folder (model.load_pretrained: folder, cache, hub);
+    """CLIP's text encoder by hub name or folder (encoders.load_pretrained: folder, cache, hub);
     'minilm' (or a failed load, with a notice): the offline all-MiniLM-L6-v2. Cached per process."""
     import transformers
-    from model import OFFLINE_TEXT_MODEL, EncoderLoadError, load_pretrained
+    from encoders import OFFLINE_TEXT_MODEL, EncoderLoadError, load_pretrained
     if name_or_path in _ENCODERS:
         return _ENCODERS[name_or_path]
     if name_or_path == "minilm":

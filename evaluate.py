@@ -36,7 +36,8 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from data import DATASETS, DatasetError, eval_transform, load_dataset, load_image, tokenize
-from model import EncoderLoadError, ModelConfig, T2IReID, load_tokenizer
+from encoders import EncoderLoadError, load_tokenizer
+from model import ModelConfig, T2IReID
 
 
 # ----------------------------------------------------------------------------------------------

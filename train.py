@@ -39,7 +39,8 @@ import data
 import evaluate
 import synthpedes
 from losses import GradNorm, compute_losses
-from model import ABLATIONS, EncoderLoadError, ModelConfig, T2IReID, load_tokenizer
+from encoders import EncoderLoadError, load_tokenizer
+from model import ABLATIONS, ModelConfig, T2IReID
 
 # ----------------------------------------------------------------------------------------------
 # Configuration

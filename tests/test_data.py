@@ -17,7 +17,7 @@ from PIL import Image
 import data
 import render
 import synthpedes
-from model import OFFLINE_TEXT_MODEL, EncoderLoadError, load_tokenizer
+from encoders import OFFLINE_TEXT_MODEL, EncoderLoadError, load_tokenizer
 
 PLAIN = {"top": "tank top", "top_colour": "red", "pattern": "plain", "bottom": "trousers",
          "bottom_colour": "blue", "shoes": "sneakers", "shoes_colour": "white", "bag": "none",

@@ -77,7 +77,8 @@ import mamba_triton  # noqa: E402
 from evaluate import (FRAME, FRAME_COLOURS, GAP, TEXT_WIDTH, THUMB, RunError, TwoStage,  # noqa: E402
                       derangement, embed_gallery, embed_texts, evaluate_model, gate_histograms,
                       gate_summary, load_run, main, ranked_list_picture, report, rerank, robustness_queries)
-from model import ModelConfig, T2IReID, load_tokenizer  # noqa: E402
+from encoders import load_tokenizer  # noqa: E402
+from model import ModelConfig, T2IReID  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -7,9 +7,9 @@ import torch
 
 import data
 import mamba_triton
+from encoders import ConvStem, EncoderLoadError, load_tokenizer, load_vision_encoder
 from losses import GradNorm, compute_losses
-from model import (ABLATIONS, BDAM, ConvStem, EncoderLoadError, ModelConfig, T2IReID, load_tokenizer,
-                   load_vision_encoder)
+from model import ABLATIONS, BDAM, ModelConfig, T2IReID
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,8 @@ import data
 import evaluate
 import mamba_triton
 import train
-from model import T2IReID, load_tokenizer
+from encoders import load_tokenizer
+from model import T2IReID
 
 # A model small enough to train in seconds on a CPU: 2-layer ViT on 64 x 32 images (P = 8), the
 # pretrained all-MiniLM-L6-v2 text encoder (real words carry meaning from the first step).
