@@ -4,8 +4,9 @@ Paper: "Disentangling Identity from Transient Attributes: A Semantically-Supervi
 Framework for Robust Person Re-Identification", Sec. III-C (BDAM) and III-D (Mamba fusion).
 Read bottom-up: config, BDAM, fusion, the model (the ViT and BERT encoders and their weights
 are in encoders.py). The model serves the protocol of DESIGN.md section 3.1: stage 1 embeds
-images and texts separately (the gallery once, each query once, cosine similarity); stage 2 re-ranks a query's top-K images with the fusion module, which
-scores (image, text) *pairs*, so it cannot leak the text into its own target.
+images and texts separately (the gallery once, each query once, cosine similarity); stage 2
+re-ranks a query's top-K images with the fusion module, which scores (image, text) *pairs*, so it
+cannot leak the text into its own target.
 
 Glossary of dimension letters (paper symbols in brackets):
     B  batch (images; one caption, identity and clothing description each)
