@@ -487,9 +487,14 @@ def main(argv=None):
     report(args.data, args.root, args.workers)
 
 
-if __name__ == "__main__":
+def run_command(main) -> None:
+    """Run a command line's main(): a DatasetError is one line on stderr and exit status 2."""
     try:
         main()
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    run_command(main)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from data import Annotations, DatasetError, load_image, report
+from data import Annotations, DatasetError, load_image, report, run_command
 from render import (BAGS, BOTTOMS, BUILDS, COLOURS, GENDERS, HAIR_COLOURS, HAIR_STYLES, HATS, HEIGHTS,
                     PATTERNS, SHOE_COLOURS, SHOES, SKIN_TONES, TOPS, VIEWS, render_person)
 
@@ -604,8 +604,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_command(main)
