@@ -32,12 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from data import DATASETS, DatasetError, eval_transform, load_dataset, load_image, load_tokenizer, tokenize
-from model import EncoderLoadError, ModelConfig, T2IReID
+from data import DATASETS, DatasetError, eval_transform, load_dataset, load_image, tokenize
+from encoders import EncoderLoadError, load_tokenizer
+from model import ModelConfig, T2IReID
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,8 +109,8 @@ def _chunks(items: list, size: int, desc: str, progress: bool):
 def embed_gallery(model: T2IReID, paths: list, image_size, device, batch_size=64, progress=True) -> dict:
     """Each gallery image goes through the ViT and BDAM once, for three things.
 
-    Returns dict(emb (G, E) on `device` = model.encode_images; tokens (G, P, d) = model.fusion_tokens,
-    or None without fusion; gate (G, D) the BDAM gate g of each image, or None).
+    Returns dict(emb (G, E) on `device`; tokens (G, P, d), or None without fusion; gate (G, D)
+    the BDAM gate g of each image, or None), all from model.encode_images.
     The token cache lives on the CPU in float16 -- G x P x d x 2 bytes: 0.3 GB for CUHK-PEDES at
     224 x 224 (3,074 x 196 x 256), 2.0 GB for ICFG-PEDES -- and stage 2 moves only each query's K
     candidates to the device. Recomputing tokens instead would cost K image passes per query.
@@ -119,12 +119,12 @@ def embed_gallery(model: T2IReID, paths: list, image_size, device, batch_size=64
     emb, tokens, gate = [], [], []
     for chunk in _chunks(list(paths), batch_size, "gallery", progress):
         images = torch.stack([transform(load_image(p)) for p in chunk]).to(device)  # (b, 3, H, W)
-        feats = model.image_features(images)
-        emb.append(model.image_embedding(feats["f_id"]))  # (b, E), as encode_images
-        if model.fusion is not None:  # as fusion_tokens, without a second ViT pass
-            tokens.append(model.fusion.align_image(feats["tokens"]).to("cpu", torch.float16))  # (b, P, d)
-        if feats["gate"] is not None:
-            gate.append(feats["gate"].float().cpu())  # (b, D) identity share of each channel
+        out = model.encode_images(images)
+        emb.append(out["emb"])  # (b, E)
+        if out["tokens"] is not None:
+            tokens.append(out["tokens"].to("cpu", torch.float16))  # (b, P, d)
+        if out["gate"] is not None:
+            gate.append(out["gate"].float().cpu())  # (b, D) identity share of each channel
     return dict(emb=torch.cat(emb), tokens=torch.cat(tokens) if tokens else None,
                 gate=torch.cat(gate) if gate else None)
 
@@ -136,7 +136,7 @@ def embed_texts(model: T2IReID, tokenizer, texts: list, max_len: int, device, ba
         tokens = {k: v.to(device) for k, v in tokenize(tokenizer, chunk, max_len).items()}  # (b, T)
         f = model.text_features(**tokens)  # (b, Dt)
         feats.append(f)
-        emb.append(F.normalize(model.text_proj(f), dim=-1))  # (b, E), as encode_texts
+        emb.append(model.text_embedding(f))  # (b, E), as encode_texts
     return torch.cat(emb), torch.cat(feats)
 
 
@@ -163,6 +163,7 @@ class TwoStage:
     gallery_emb: torch.Tensor  # (G, E)
     tokens: torch.Tensor | None  # (G, P, d), float16 on the CPU
     k: int  # K candidates re-ranked per query
+    gates: list | None = None  # when a list, stage2 appends the mean W_img of each pair (Fig. 5)
 
     def stage1(self, start: int, end: int) -> torch.Tensor:
         """Rows start:end of the cosine similarity (both sides are L2-normalised): (n, G)."""
@@ -176,8 +177,10 @@ class TwoStage:
         tokens = self.tokens[candidates.flatten().cpu()].to(scores.device, torch.float32)  # (n K, P, d)
         texts = self.query_feats[start:end].repeat_interleave(k, dim=0)  # (n K, Dt)
         emb = self.gallery_emb[candidates.flatten()]  # (n K, E)
-        fusion = self.model.fusion_score_features(tokens, texts, emb).view(-1, k)  # (n, K)
-        return rerank(scores, candidates, fusion.float())
+        fusion, w_image = self.model.pair_score(tokens, texts, emb)  # (n K,), (n K, P)
+        if self.gates is not None:
+            self.gates.append(w_image.float().mean(1).cpu())  # (n K,)
+        return rerank(scores, candidates, fusion.view(-1, k).float())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,12 +235,11 @@ def robustness_queries(gallery: list, seed: int = 0) -> tuple[dict, list] | None
 
 def metrics_of_both_stages(ranker: TwoStage, pids, gallery_pids, batch_size=64, progress=True, gate_sink=None):
     """(stage-1 metrics, stage-2 metrics or None when ranker.k is 0). `gate_sink`, a list, gets
-    the mean W_img of every pair the fusion module scores (Fig. 5), through a forward hook."""
+    the mean W_img of every pair the fusion module scores (Fig. 5)."""
     stage1 = retrieval_metrics(ranker.stage1, pids, gallery_pids)
     if not ranker.k:
         return stage1, None
-    record = lambda module, args, out: gate_sink.append(out[1].float().mean(1).cpu())  # noqa: E731
-    hook = ranker.model.fusion.register_forward_hook(record) if gate_sink is not None else None
+    ranker.gates = gate_sink
     bar = tqdm(total=len(pids), desc="stage 2", disable=not progress, leave=False)
 
     def rows(start, end):  # the slow part on a CPU, hence the progress bar
@@ -249,8 +251,7 @@ def metrics_of_both_stages(ranker: TwoStage, pids, gallery_pids, batch_size=64, 
         return stage1, retrieval_metrics(rows, pids, gallery_pids, chunk_size=queries_per_pass)
     finally:
         bar.close()
-        if hook is not None:
-            hook.remove()
+        ranker.gates = None
 
 
 def gate_summary(values: list, channels: torch.Tensor | None = None, bins: int = 40) -> dict | None:

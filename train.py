@@ -37,8 +37,10 @@ from tqdm import tqdm
 
 import data
 import evaluate
+import synthpedes
 from losses import GradNorm, compute_losses
-from model import ABLATIONS, EncoderLoadError, ModelConfig, T2IReID
+from encoders import EncoderLoadError, load_tokenizer
+from model import ABLATIONS, ModelConfig, T2IReID
 
 # ----------------------------------------------------------------------------------------------
 # Configuration
@@ -64,7 +66,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast on a GPU
     seed: int = 0  # the paper reports the mean over seeds 0, 1, 2
-    synth_ids: int = 300  # SynthPEDES identities (data.SynthConfig)
+    synth_ids: int = 300  # SynthPEDES identities (synthpedes.SynthConfig)
     synth_regime: str = "cloth-changing"  # or same-clothes
     synth_train_images: int = 0  # photographs of each training identity, over its outfits (0: as val/test)
     final_eval: bool = True  # evaluate on the test split at the end (results.json)
@@ -155,10 +157,10 @@ def prepare_data(cfg: TrainConfig) -> None:
     is made here when missing (data, then offline descriptions); a real benchmark is not."""
     described = data.descriptions_file(cfg.data, cfg.root)
     if cfg.data == "synth":
-        outfits = data.SynthConfig(regime=cfg.synth_regime).outfits_per_id
+        outfits = synthpedes.SynthConfig(regime=cfg.synth_regime).outfits_per_id
         per_outfit = -(-cfg.synth_train_images // outfits) or None  # rounded up; 0: the default
-        data.ensure_synthpedes(cfg.root, num_ids=cfg.synth_ids, regime=cfg.synth_regime,
-                               train_images_per_outfit=per_outfit)
+        synthpedes.ensure_synthpedes(cfg.root, num_ids=cfg.synth_ids, regime=cfg.synth_regime,
+                                     train_images_per_outfit=per_outfit)
         images = len(data.read_annotations("synth", cfg.root).records)
         if not described.exists() or len(data.read_descriptions(described)) < images:
             print(f"writing the missing SynthPEDES descriptions to {described} "
@@ -425,7 +427,7 @@ def train(cfg: TrainConfig, mcfg: ModelConfig, run: Path | None = None) -> Path:
     prepare_data(cfg)
     dataset = data.load_dataset(cfg.data, cfg.root)
     val = data.load_dataset(cfg.data, cfg.root, eval_split="val") if cfg.data != "icfg" else None
-    tokenizer = data.load_tokenizer(mcfg.text_model or None)  # "" = random BERT, same vocabulary
+    tokenizer = load_tokenizer(mcfg.text_model or None)  # "" = random BERT, same vocabulary
     torch.manual_seed(cfg.seed), np.random.seed(cfg.seed), random.seed(cfg.seed)
     sampler = data.IdentitySampler([s.pid for s in dataset.train], cfg.p, cfg.k, seed=cfg.seed)
     state = State.create(cfg, mcfg, device, total_steps=cfg.epochs * len(sampler))

@@ -1,6 +1,6 @@
-"""Tests for data.py: SynthPEDES (traits visible in the pixels, clothing independent of identity,
-captions, determinism, splits), the three benchmark readers and their errors, transforms,
-tokenizer, batches and the P x K identity sampler."""
+"""Tests for render.py, synthpedes.py and data.py: SynthPEDES (traits visible in the pixels,
+clothing independent of identity, captions, determinism, splits, its command line), the three
+benchmark readers and their errors, transforms, tokenizer, batches and the P x K identity sampler."""
 import hashlib
 import json
 import random
@@ -15,6 +15,9 @@ import torch
 from PIL import Image
 
 import data
+import render
+import synthpedes
+from encoders import OFFLINE_TEXT_MODEL, EncoderLoadError, load_tokenizer
 
 PLAIN = {"top": "tank top", "top_colour": "red", "pattern": "plain", "bottom": "trousers",
          "bottom_colour": "blue", "shoes": "sneakers", "shoes_colour": "white", "bag": "none",
@@ -23,11 +26,11 @@ BASE = {"gender": "woman", "height": "average-height", "build": "average", "skin
         "hair_colour": "black", "hair_style": "short", "glasses": False, "beard": False}
 
 
-def render(size=(256, 128), view="front", outfit=PLAIN, **traits):
+def studio(size=(256, 128), view="front", outfit=PLAIN, **traits):
     """Pixels (H, W, 3) of a plain studio shot and the trait regions of that identity."""
-    ident, nuisance = {**BASE, **traits}, data.neutral_nuisance(view)
-    pixels = np.asarray(data.render_person(ident, outfit, nuisance, size)).astype(int)
-    return pixels, data.body_regions(ident, size, nuisance)
+    ident, nuisance = {**BASE, **traits}, synthpedes.neutral_nuisance(view)
+    pixels = np.asarray(render.render_person(ident, outfit, nuisance, size)).astype(int)
+    return pixels, render.body_regions(ident, size, nuisance)
 
 
 def centre(pixels, box):
@@ -43,19 +46,19 @@ def mask_of(pixels, rgb, tol=12):
 
 @pytest.mark.parametrize("size", [(128, 64), (256, 128)])
 def test_hair_colour_and_skin_tone_show_in_their_regions(size):
-    for colour, rgb in data.HAIR_COLOURS.items():
-        pixels, reg = render(size, hair_colour=colour)
+    for colour, rgb in render.HAIR_COLOURS.items():
+        pixels, reg = studio(size, hair_colour=colour)
         assert np.abs(centre(pixels, reg["hair"]) - rgb).max() <= 6, colour
-    for tone, rgb in data.SKIN_TONES.items():
-        pixels, reg = render(size, skin=tone)
+    for tone, rgb in render.SKIN_TONES.items():
+        pixels, reg = studio(size, skin=tone)
         assert np.abs(centre(pixels, reg["skin"]) - rgb).max() <= 6, tone
 
 
 def test_height_sets_the_figure_height_in_pixels():
     heights = {}
-    for h in data.HEIGHTS:
-        pixels, reg = render(height=h)
-        rows = np.nonzero((~mask_of(pixels, data.PLAIN_BACKGROUND, 20)).any(1))[0]
+    for h in render.HEIGHTS:
+        pixels, reg = studio(height=h)
+        rows = np.nonzero((~mask_of(pixels, render.PLAIN_BACKGROUND, 20)).any(1))[0]
         heights[h] = rows.max() - rows.min() + 1
         assert abs(heights[h] - (reg["figure"][3] - reg["figure"][1])) <= 3
     assert heights["short"] < heights["average-height"] < heights["tall"]
@@ -64,19 +67,19 @@ def test_height_sets_the_figure_height_in_pixels():
 
 
 def top_width(pixels, y):
-    return mask_of(pixels, data.COLOURS["red"])[int(y)].sum()
+    return mask_of(pixels, render.COLOURS["red"])[int(y)].sum()
 
 
 def test_build_sets_the_width_and_gender_sets_shoulders_against_hips():
     widths = {}
-    for build in data.BUILDS:
-        pixels, reg = render(build=build)
+    for build in render.BUILDS:
+        pixels, reg = studio(build=build)
         widths[build] = top_width(pixels, (reg["torso"][1] + reg["torso"][3]) / 2)
     assert widths["slim"] < widths["average"] < widths["heavy"]
     shape = {}
-    for gender in data.GENDERS:
-        pixels, _ = render(gender=gender)
-        b = data.body_layout({**BASE, "gender": gender}, (256, 128), data.neutral_nuisance())
+    for gender in render.GENDERS:
+        pixels, _ = studio(gender=gender)
+        b = render.body_layout({**BASE, "gender": gender}, (256, 128), synthpedes.neutral_nuisance())
         shoulders = top_width(pixels, b.shoulder_y + 2)
         hips = top_width(pixels, b.hip_y - 2)
         shape[gender] = shoulders - hips
@@ -85,9 +88,9 @@ def test_build_sets_the_width_and_gender_sets_shoulders_against_hips():
 
 def test_hair_style_shows_in_the_shape_of_the_hair():
     masks = {}
-    for style in data.HAIR_STYLES:
-        pixels, reg = render(hair_style=style)
-        masks[style] = mask_of(pixels, data.HAIR_COLOURS["black"])
+    for style in render.HAIR_STYLES:
+        pixels, reg = studio(hair_style=style)
+        masks[style] = mask_of(pixels, render.HAIR_COLOURS["black"])
     x0, y0, x1, y1 = (int(v) for v in reg["head"])
     below_head = {s: m[y1 + 2:, :].sum() for s, m in masks.items()}
     above_head = {s: m[:y0 - 1, :].sum() for s, m in masks.items()}
@@ -104,28 +107,28 @@ def test_hair_style_shows_in_the_shape_of_the_hair():
 def test_glasses_and_beard_show_on_the_face():
     dark = {}
     for glasses in (False, True):
-        pixels, reg = render(glasses=glasses, hair_colour="blonde")
+        pixels, reg = studio(glasses=glasses, hair_colour="blonde")
         x0, y0, x1, y1 = (int(round(v)) for v in reg["eyes"])
         dark[glasses] = (pixels[y0:y1, x0:x1].max(-1) < 40).mean()
     assert dark[True] > 0.5 and dark[True] > 2 * dark[False]
-    pixels, reg = render(gender="man", beard=True, hair_colour="red")
-    assert np.abs(centre(pixels, reg["chin"]) - data.HAIR_COLOURS["red"]).max() <= 6
-    pixels, reg = render(gender="man", beard=False, hair_colour="red")
-    assert np.abs(centre(pixels, reg["chin"]) - data.SKIN_TONES["fair"]).max() <= 6
+    pixels, reg = studio(gender="man", beard=True, hair_colour="red")
+    assert np.abs(centre(pixels, reg["chin"]) - render.HAIR_COLOURS["red"]).max() <= 6
+    pixels, reg = studio(gender="man", beard=False, hair_colour="red")
+    assert np.abs(centre(pixels, reg["chin"]) - render.SKIN_TONES["fair"]).max() <= 6
 
 
 def test_back_view_shows_hair_where_the_face_would_be():
-    pixels, reg = render(view="back", hair_colour="red")
-    assert np.abs(centre(pixels, reg["skin"]) - data.HAIR_COLOURS["red"]).max() <= 6
+    pixels, reg = studio(view="back", hair_colour="red")
+    assert np.abs(centre(pixels, reg["skin"]) - render.HAIR_COLOURS["red"]).max() <= 6
 
 
 def test_enough_distinct_identities():
-    assert data.identity_combinations() >= 1000
-    ids = data.sample_identities(3000, seed=1)
+    assert synthpedes.identity_combinations() >= 1000
+    ids = synthpedes.sample_identities(3000, seed=1)
     assert len({tuple(i.values()) for i in ids}) == 3000
     assert not any(i["beard"] and i["gender"] == "woman" for i in ids)
     with pytest.raises(ValueError):
-        data.sample_identities(data.identity_combinations() + 1, seed=0)
+        synthpedes.sample_identities(synthpedes.identity_combinations() + 1, seed=0)
 
 
 def chi2_independent(a, b):
@@ -141,9 +144,9 @@ def chi2_independent(a, b):
 
 
 def test_clothing_is_independent_of_identity():
-    cfg = data.SynthConfig(num_ids=3000, regime="same-clothes")
-    ids = data.sample_identities(cfg.num_ids, cfg.seed)
-    outfits = [data.identity_outfits(cfg, pid)[0] for pid in range(cfg.num_ids)]
+    cfg = synthpedes.SynthConfig(num_ids=3000, regime="same-clothes")
+    ids = synthpedes.sample_identities(cfg.num_ids, cfg.seed)
+    outfits = [synthpedes.identity_outfits(cfg, pid)[0] for pid in range(cfg.num_ids)]
     assert chi2_independent([i["gender"] for i in ids], [o["top_colour"] for o in outfits])
     assert chi2_independent([i["hair_colour"] for i in ids], [o["bottom"] for o in outfits])
     # the test has power: a dependent pairing is rejected
@@ -154,17 +157,17 @@ def test_clothing_is_independent_of_identity():
 # ---- SynthPEDES: captions ---------------------------------------------------------------------
 
 def norm(text):
-    return " " + " ".join(data.words(text)) + " "
+    return " " + " ".join(synthpedes.words(text)) + " "
 
 
 def test_caption_styles_differ_in_form_not_content():
     rng = random.Random(0)
-    for ident in data.sample_identities(40, seed=3):
-        outfit = data.sample_outfit(rng)
-        p = data.phrases(ident, outfit)
+    for ident in synthpedes.sample_identities(40, seed=3):
+        outfit = synthpedes.sample_outfit(rng)
+        p = synthpedes.phrases(ident, outfit)
         content = [p[k] for k in ("gender", "height", "build", "skin", "hair", "top", "bottom", "shoes")]
         content += p["extras"] + p["bags"] + p["worn"]
-        caps = [data.caption(s, ident, outfit) for s in range(data.NUM_STYLES)]
+        caps = [synthpedes.caption(s, ident, outfit) for s in range(synthpedes.NUM_STYLES)]
         for s, c in enumerate(caps):
             for phrase in content:
                 assert norm(phrase) in norm(c), (s, phrase, c)
@@ -174,7 +177,7 @@ def test_caption_styles_differ_in_form_not_content():
             for phrase in sorted(content, key=len, reverse=True):
                 rest = rest.replace(norm(phrase), " ")
             skeletons.append(rest.split())
-        assert len({tuple(s) for s in skeletons}) == data.NUM_STYLES  # different wording
+        assert len({tuple(s) for s in skeletons}) == synthpedes.NUM_STYLES  # different wording
     assert caps[3] == caps[3].lower() and not any(ch in caps[3] for ch in ",.;:-")
 
 
@@ -190,9 +193,9 @@ def digest(folder: Path) -> str:
 
 def test_same_seed_same_bytes(tmp_path):
     kw = dict(num_ids=5, image_size=(32, 16), regime="cloth-changing", progress=False)
-    a = data.generate_synthpedes(tmp_path / "a", seed=7, **kw)
-    b = data.generate_synthpedes(tmp_path / "b", seed=7, **kw)
-    c = data.generate_synthpedes(tmp_path / "c", seed=8, **kw)
+    a = synthpedes.generate_synthpedes(tmp_path / "a", seed=7, **kw)
+    b = synthpedes.generate_synthpedes(tmp_path / "b", seed=7, **kw)
+    c = synthpedes.generate_synthpedes(tmp_path / "c", seed=8, **kw)
     assert digest(a) == digest(b) != digest(c)
 
 
@@ -201,13 +204,13 @@ def test_records_store_the_truth_of_each_image(tiny_synth):
     for r in ann.records[:12]:
         a = r["attributes"]
         ident, outfit, nuisance = a["identity"], a["clothing"], a["nuisance"]
-        assert len(set(r["caption_styles"])) == 2 and set(r["caption_styles"]) <= set(range(data.NUM_STYLES))
-        assert r["captions"] == [data.caption(s, ident, outfit) for s in r["caption_styles"]]
-        assert (r["identity_text"], r["clothing_text"]) == data.descriptions_of(ident, outfit)
-        assert r["processed_tokens"] == [data.words(c) for c in r["captions"]]
+        assert len(set(r["caption_styles"])) == 2 and set(r["caption_styles"]) <= set(range(synthpedes.NUM_STYLES))
+        assert r["captions"] == [synthpedes.caption(s, ident, outfit) for s in r["caption_styles"]]
+        assert (r["identity_text"], r["clothing_text"]) == synthpedes.descriptions_of(ident, outfit)
+        assert r["processed_tokens"] == [synthpedes.words(c) for c in r["captions"]]
         stored = np.asarray(data.load_image(ann.image_dir / r["file_path"]))
         assert stored.shape == (64, 32, 3)
-        assert (stored == np.asarray(data.render_person(ident, outfit, nuisance, (64, 32)))).all()
+        assert (stored == np.asarray(render.render_person(ident, outfit, nuisance, (64, 32)))).all()
 
 
 def test_splits_are_identity_disjoint_and_outfits_follow_the_regime(tiny_synth, tmp_path):
@@ -215,17 +218,17 @@ def test_splits_are_identity_disjoint_and_outfits_follow_the_regime(tiny_synth, 
     ids = {s: {r["id"] for r in ann.records if r["split"] == s} for s in data.SPLITS}
     assert not (ids["train"] & ids["val"] or ids["train"] & ids["test"] or ids["val"] & ids["test"])
     assert [len(ids[s]) for s in data.SPLITS] == [14, 2, 8]
-    assert Counter(data.split_identities(300, 0)) == {"train": 180, "val": 30, "test": 90}
+    assert Counter(synthpedes.split_identities(300, 0)) == {"train": 180, "val": 30, "test": 90}
     outfits = {}
     for r in ann.records:
         outfits.setdefault(r["id"], set()).add(json.dumps(r["attributes"]["clothing"], sort_keys=True))
     assert all(len(o) == 2 for o in outfits.values())  # cloth-changing: 2 different outfits
-    same = data.generate_synthpedes(tmp_path, num_ids=4, image_size=(32, 16), regime="same-clothes",
+    same = synthpedes.generate_synthpedes(tmp_path, num_ids=4, image_size=(32, 16), regime="same-clothes",
                                     progress=False)
     recs = json.loads((same / "reid_raw.json").read_text())
     assert {r["outfit"] for r in recs} == {0} and len(recs) == 4 * 4
     with pytest.raises(ValueError, match="same-clothes needs 1 outfit"):
-        data.SynthConfig(regime="same-clothes", outfits_per_id=2)
+        synthpedes.SynthConfig(regime="same-clothes", outfits_per_id=2)
 
 
 # ---- real benchmark readers --------------------------------------------------------------------
@@ -321,7 +324,7 @@ def test_descriptions_are_joined_by_file_path(tmp_path):
 @pytest.mark.parametrize("name, words", [("cuhk", ["CUHK-PEDES/reid_raw.json", "request"]),
                                          ("icfg", ["ICFG-PEDES/ICFG-PEDES.json", "SSAN"]),
                                          ("rstp", ["RSTPReid/data_captions.json", "request"]),
-                                         ("synth", ["python data.py --data synth"])])
+                                         ("synth", ["python synthpedes.py"])])
 def test_missing_dataset_says_where_and_how(tmp_path, name, words):
     with pytest.raises(data.DatasetError) as e:
         data.load_dataset(name, tmp_path)
@@ -425,25 +428,25 @@ def test_train_transform_flip_pad_crop_and_erase():
 
 
 def test_offline_tokenizer_knows_real_words():
-    tok = data.load_tokenizer()
+    tok = load_tokenizer()
     enc = data.tokenize(tok, ["A woman with long blonde hair wears a striped jacket.", "man"], max_len=8)
     assert enc["input_ids"].shape == (2, 8) and enc["input_ids"].dtype == torch.long
     tokens = tok.convert_ids_to_tokens(enc["input_ids"][0])
     assert tokens[:4] == ["[CLS]", "a", "woman", "with"] and tokens[-1] == "[SEP]"
     assert tok.unk_token_id not in enc["input_ids"][0].tolist()
     assert enc["attention_mask"][1].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
-    assert data.load_tokenizer(data.OFFLINE_TEXT_MODEL).vocab_size == 30522  # bert-base-uncased
+    assert load_tokenizer(OFFLINE_TEXT_MODEL).vocab_size == 30522  # bert-base-uncased
 
 
 def test_unreachable_hub_name_fails_fast_and_says_what_to_pass():
-    with pytest.raises(data.DatasetError, match="Pass a local folder"):
-        data.load_tokenizer("bert-base-uncased-that-is-not-cached")
+    with pytest.raises(EncoderLoadError, match="Pass a local folder"):
+        load_tokenizer("bert-base-uncased-that-is-not-cached")
 
 
 def test_trainset_and_collate(tiny_synth):
     d = data.load_dataset("synth", tiny_synth)
     ds = data.TrainSet(d.train, data.eval_transform((64, 32)))
-    tok = data.load_tokenizer()
+    tok = load_tokenizer()
     batch = data.collate([ds[0], ds[5], ds[9]], tok, max_len=32)
     assert batch["images"].shape == (3, 3, 64, 32)
     assert batch["pids"].tolist() == [d.train[i].pid for i in (0, 5, 9)]
@@ -471,61 +474,61 @@ def test_identity_sampler_batches_are_p_by_k_and_cover_the_epoch():
 
 
 def test_main_generates_once_summarises_and_draws_a_contact_sheet(tmp_path, capsys):
-    args = ["--data", "synth", "--root", str(tmp_path), "--num-ids", "10", "--image-size", "32", "16"]
-    data.main(args)
+    args = ["--root", str(tmp_path), "--num-ids", "10", "--image-size", "32", "16"]
+    synthpedes.main(args)
     out = capsys.readouterr().out
     assert "train       6      36        72" in out and "test        3      18        36" in out
     styles = [int(line.split(": ")[1]) for line in out.splitlines() if line.startswith("captions in style")]
-    assert len(styles) == data.NUM_STYLES and sum(styles) == 10 * 6 * 2
+    assert len(styles) == synthpedes.NUM_STYLES and sum(styles) == 10 * 6 * 2
     sheet = tmp_path / "SynthPEDES" / "contact_sheet.png"
     assert f"contact sheet: {sheet}" in out and Image.open(sheet).width == 6 * (16 * 3 + 8)
     stamp = (tmp_path / "SynthPEDES" / "reid_raw.json").stat().st_mtime_ns
-    data.main(args)  # same settings: reused, not regenerated
+    synthpedes.main(args)  # same settings: reused, not regenerated
     assert (tmp_path / "SynthPEDES" / "reid_raw.json").stat().st_mtime_ns == stamp
     descriptions = data.descriptions_file("synth", tmp_path)
     descriptions.write_text('{"file_path": "a.png", "identity": "x y", "clothing": "z w"}\n')
-    data.main(["--data", "synth", "--root", str(tmp_path)])  # no settings: summarise what is there
+    synthpedes.main(["--root", str(tmp_path)])  # no settings: summarise what is there
     assert "num_ids=10" in capsys.readouterr().out
     with pytest.raises(data.DatasetError, match=r"num_ids 10 \(asked: 300\).*--overwrite"):
-        data.main(["--data", "synth", "--root", str(tmp_path), "--num-ids", "300"])
+        synthpedes.main(["--root", str(tmp_path), "--num-ids", "300"])
     with pytest.raises(data.DatasetError, match=r"image_size \(32, 16\) \(asked: \(24, 12\)\)"):
-        data.main(args[:-2] + ["24", "12"])  # other settings: an error, nothing deleted
+        synthpedes.main(args[:-2] + ["24", "12"])  # other settings: an error, nothing deleted
     assert descriptions.exists() and (tmp_path / "SynthPEDES" / "reid_raw.json").stat().st_mtime_ns == stamp
-    data.main(args[:-2] + ["24", "12", "--overwrite"])  # replaced only when asked
+    synthpedes.main(args[:-2] + ["24", "12", "--overwrite"])  # replaced only when asked
     assert data.load_image(next((tmp_path / "SynthPEDES" / "imgs").rglob("*.png"))).size == (12, 24)
     assert not descriptions.exists()
 
 
 def test_train_first_run_generates_and_a_mismatch_is_an_error(tmp_path):
     kw = dict(num_ids=4, image_size=(32, 16), progress=False)
-    folder = data.ensure_synthpedes(tmp_path, **kw)           # missing: generated
-    assert data.ensure_synthpedes(tmp_path, **kw) == folder   # same settings: kept
+    folder = synthpedes.ensure_synthpedes(tmp_path, **kw)           # missing: generated
+    assert synthpedes.ensure_synthpedes(tmp_path, **kw) == folder   # same settings: kept
     with pytest.raises(data.DatasetError, match="regime 'cloth-changing' \\(asked: 'same-clothes'\\)"):
-        data.ensure_synthpedes(tmp_path, **kw, regime="same-clothes")
+        synthpedes.ensure_synthpedes(tmp_path, **kw, regime="same-clothes")
     with pytest.raises(data.DatasetError, match="already holds a SynthPEDES"):
-        data.generate_synthpedes(tmp_path, **kw)
+        synthpedes.generate_synthpedes(tmp_path, **kw)
     (folder / "reid_raw.json").unlink()                       # an interrupted generation ...
-    data.ensure_synthpedes(tmp_path, **kw)                     # ... is not a dataset to keep
+    synthpedes.ensure_synthpedes(tmp_path, **kw)                     # ... is not a dataset to keep
     assert (folder / "reid_raw.json").exists()
 
 
 def test_realistic_captions_change_only_the_captions(tmp_path):
     kw = dict(num_ids=4, image_size=(32, 16), progress=False)
-    planted = data.generate_synthpedes(tmp_path / "p", **kw)
-    real = data.generate_synthpedes(tmp_path / "r", captions="realistic", **kw)
+    planted = synthpedes.generate_synthpedes(tmp_path / "p", **kw)
+    real = synthpedes.generate_synthpedes(tmp_path / "r", captions="realistic", **kw)
     assert digest(planted / "imgs") == digest(real / "imgs")
     a, b = (json.loads((f / "reid_raw.json").read_text()) for f in (planted, real))
     for x, y in zip(a, b):
         assert x["attributes"] == y["attributes"] and x["captions"] != y["captions"]
-        assert set(y["caption_styles"]) <= set(data.REALISTIC_STYLES)
-        assert y["processed_tokens"] == [data.words(c) for c in y["captions"]]
+        assert set(y["caption_styles"]) <= set(synthpedes.REALISTIC_STYLES)
+        assert y["processed_tokens"] == [synthpedes.words(c) for c in y["captions"]]
     assert json.loads((real / "config.json").read_text())["captions"] == "realistic"
 
 
 def test_more_training_photographs_leave_val_and_test_as_they_were(tmp_path):
     kw = dict(num_ids=10, image_size=(32, 16), progress=False)
-    default = data.generate_synthpedes(tmp_path / "d", **kw)
-    more = data.generate_synthpedes(tmp_path / "m", train_images_per_outfit=5, **kw)
+    default = synthpedes.generate_synthpedes(tmp_path / "d", **kw)
+    more = synthpedes.generate_synthpedes(tmp_path / "m", train_images_per_outfit=5, **kw)
     a, b = (json.loads((f / "reid_raw.json").read_text()) for f in (default, more))
     held_out = lambda records: [r for r in records if r["split"] != "train"]  # noqa: E731
     assert held_out(a) == held_out(b) and held_out(a)
@@ -534,7 +537,7 @@ def test_more_training_photographs_leave_val_and_test_as_they_were(tmp_path):
     for r in a:  # every photograph of the default dataset is there, byte for byte
         assert (default / "imgs" / r["file_path"]).read_bytes() == (more / "imgs" / r["file_path"]).read_bytes()
     with pytest.raises(ValueError, match="train_images_per_outfit"):
-        data.SynthConfig(train_images_per_outfit=0)
+        synthpedes.SynthConfig(train_images_per_outfit=0)
 
 
 @pytest.mark.parametrize("corrupt", [b"this is a text file, not a png\n", "truncated"])

@@ -20,6 +20,10 @@ import pytest
 
 import data
 import describe
+import lexicon
+import styles
+import render
+import synthpedes
 
 KEY = "sk-test-NEVER-PRINT-4242"
 REPO = Path(__file__).resolve().parent.parent
@@ -118,7 +122,7 @@ def descriptions(root):
 
 def run_openai(root, url, *extra):
     return describe.main(["--root", str(root), "--backend", "openai",
-                          "--base-url", url, "--style-encoder", "minilm", "--backoff-base", "0.001",
+                          "--base-url", url, "--style-encoder", "minilm",
                           "--timeout", "10", *extra])
 
 
@@ -134,24 +138,24 @@ def file_tag(root, file_path):
 # Lexicon, clustering, validation, rules
 
 def test_mask_style_keeps_form_and_drops_content():
-    assert (describe.mask_style("An average-height woman with long black hair wears a bright red "
+    assert (lexicon.mask_style("An average-height woman with long black hair wears a bright red "
                                 "t-shirt, blue jeans and white sneakers.")
             == "A [body] with [body] wears a [garment], [garment] and [garment].")
     # the same sentence about other attributes (and another gender) has the same skeleton
-    assert (describe.mask_style("A man with short hair wears a plaid shirt and his grey boots.")
-            == describe.mask_style("A woman with curly brown hair wears a green coat and her shoes."))
-    assert describe.mask_style("the man walks, slowly") == "the [body] walks, slowly"
+    assert (lexicon.mask_style("A man with short hair wears a plaid shirt and his grey boots.")
+            == lexicon.mask_style("A woman with curly brown hair wears a green coat and her shoes."))
+    assert lexicon.mask_style("the man walks, slowly") == "the [body] walks, slowly"
 
 
 def test_lexicon_covers_the_synthpedes_vocabulary():
-    for word in data.TOPS + data.BOTTOMS + data.SHOES + ("backpack", "handbag", "bag", "cap", "beanie"):
-        assert describe.word_category(word.split()[-1]) == "garment", word
-    for word in list(data.COLOURS) + list(data.HAIR_COLOURS):   # "blonde" names hair only
-        assert describe.word_category(word) == ("body" if word == "blonde" else "colour"), word
-    for word in data.GENDERS + ("average-height", "tall", "slim", "heavy", "ponytail", "bun",
+    for word in render.TOPS + render.BOTTOMS + render.SHOES + ("backpack", "handbag", "bag", "cap", "beanie"):
+        assert lexicon.word_category(word.split()[-1]) == "garment", word
+    for word in list(render.COLOURS) + list(render.HAIR_COLOURS):   # "blonde" names hair only
+        assert lexicon.word_category(word) == ("body" if word == "blonde" else "colour"), word
+    for word in render.GENDERS + ("average-height", "tall", "slim", "heavy", "ponytail", "bun",
                                 "buzz-cut", "beard", "skin", "build"):
-        assert describe.word_category(word) == "body", word
-    assert [describe.word_category(w) for w in ("striped", "checked", "logo")] == ["pattern"] * 3
+        assert lexicon.word_category(word) == "body", word
+    assert [lexicon.word_category(w) for w in ("striped", "checked", "logo")] == ["pattern"] * 3
 
 
 def naive_knee_eps(x, k):
@@ -168,7 +172,7 @@ def test_k_distance_eps_matches_naive_and_separates_blobs():
     centres = [(0.0, 0.0), (4.0, 0.0), (0.0, 4.0)]
     blobs = np.concatenate([rng.normal(c, 0.15, (30, 2)) for c in centres])
     x = np.concatenate([blobs, [[2.0, 2.0], [6.0, 6.0], [-3.0, 1.0]]])            # 3 outliers
-    eps = describe.k_distance_eps(x, 5)
+    eps = styles.k_distance_eps(x, 5)
     assert eps == pytest.approx(naive_knee_eps(x, 5))
     assert 0.1 < eps < 1.0    # above the within-blob spacing, far below the 4.0 between blobs
 
@@ -177,7 +181,7 @@ def test_cluster_styles_sends_noise_to_the_nearest_cluster():
     rng = np.random.default_rng(1)
     big, small = rng.normal((0, 0), 0.1, (40, 2)), rng.normal((3, 0), 0.1, (20, 2))
     noise = np.array([[1.2, 0.3], [2.0, -0.4], [5.0, 0.0]])
-    labels, eps, silhouette = describe.cluster_styles(np.concatenate([big, small, noise]), 5)
+    labels, eps, silhouette = styles.cluster_styles(np.concatenate([big, small, noise]), 5)
     assert silhouette > 0.5
     assert (labels[:40] == 0).all() and (labels[40:60] == 1).all()    # ids by size
     assert labels[60:].tolist() == [0, 1, 1]    # nearest blob point: left, right, right
@@ -202,13 +206,13 @@ def test_validate_answer(answer, reason):
 
 
 def test_rules_backend_splits_captions_into_identity_and_clothing():
-    identity, clothing, fallback = describe.rules_describe([   # CUHK-PEDES-like wording
+    identity, clothing, fallback = lexicon.rules_describe([   # CUHK-PEDES-like wording
         "The man is wearing a black jacket over a white shirt, dark blue jeans and brown shoes. "
         "He has short black hair and is carrying a backpack."])
     assert identity == "The man. He has short black hair." and not fallback
     assert clothing == ("The person is wearing a black jacket over a white shirt, dark blue jeans "
                         "and brown shoes. The person is carrying a backpack.")
-    identity, clothing, _ = describe.rules_describe([   # SynthPEDES's unpunctuated style
+    identity, clothing, _ = lexicon.rules_describe([   # SynthPEDES's unpunctuated style
         "a short man slim build short grey hair glasses a beard wearing green shorts"])
     assert (identity, clothing) == ("A short man slim build short grey hair, a beard.",
                                     "Glasses, wearing green shorts.")   # fragments merged
@@ -216,14 +220,14 @@ def test_rules_backend_splits_captions_into_identity_and_clothing():
 
 def test_rules_backend_on_what_real_captions_do():
     # no body mentioned: the gender of the pronoun, marked as a fallback; no pronoun, no scene
-    identity, clothing, fallback = describe.rules_describe([
+    identity, clothing, fallback = lexicon.rules_describe([
         "he is wearing sunglasses tennis shoes and a grey coat while walking on a cobbled street"])
     assert (identity, fallback) == ("A man.", True)
     assert clothing == "The person is wearing sunglasses tennis shoes and a grey coat."
-    identity, _, fallback = describe.rules_describe(["wearing a red coat"])
+    identity, _, fallback = lexicon.rules_describe(["wearing a red coat"])
     assert (identity, fallback) == ("A person.", True)
     # a weak body word that modifies a garment is no fragment; typos are still garments
-    identity, clothing, _ = describe.rules_describe([
+    identity, clothing, _ = lexicon.rules_describe([
         "a tall woman with a large white bag and blue jenas she is carrying a big umbrella"])
     assert identity == "A tall woman."
     assert clothing == ("A large white bag and blue jenas the person is carrying a big "
@@ -231,9 +235,9 @@ def test_rules_backend_on_what_real_captions_do():
     # two long captions: cut to the limit at a clause boundary
     long = ("she is wearing a red coat with a white scarf and black boots and she is carrying a "
             "brown bag and a blue umbrella and a green backpack ") * 3
-    identity, clothing, _ = describe.rules_describe([long, long.replace("red", "pink")], max_words=40)
+    identity, clothing, _ = lexicon.rules_describe([long, long.replace("red", "pink")], max_words=40)
     assert len(clothing.split()) <= 40 and clothing.endswith(".") and len(clothing.split()) > 10
-    assert not describe.body_words(clothing)
+    assert not lexicon.body_words(clothing)
 
 
 def test_rules_backend_never_fails_on_captions_without_body_words():
@@ -245,12 +249,12 @@ def test_rules_backend_never_fails_on_captions_without_body_words():
 
 
 def test_style_prompt_describes_the_cluster_form():
-    prompt = describe.style_prompt(3, ["a man walks by", "a woman in a red coat runs"],
+    prompt = styles.style_prompt(3, ["a man walks by", "a woman in a red coat runs"],
                                    "a woman in a red coat runs")
     assert prompt.startswith("Write both texts in annotator style 3: all lower-case, no "
                              "punctuation, about 3 words each.")   # mean 5.5 words, two texts
     assert '"a [body] in a [garment] runs"' in prompt
-    assert "sentence case with punctuation" in describe.style_prompt(0, ["A man. Tall."], "A man.")
+    assert "sentence case with punctuation" in styles.style_prompt(0, ["A man. Tall."], "A man.")
 
 
 def test_cost_estimate():
@@ -293,7 +297,7 @@ def tiny_clip_folder(folder):
 
 
 def test_style_encoder_loads_clip_from_a_folder(tmp_path):
-    encoder = describe.load_style_encoder(str(tiny_clip_folder(tmp_path)))
+    encoder = styles.load_style_encoder(str(tiny_clip_folder(tmp_path)))
     assert encoder.kind == "clip"
     x = encoder.embed(["a [body] in a [garment].", "wearing a [garment]", "a [body] in a [garment]."])
     assert x.shape == (3, 16) and np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
@@ -316,7 +320,7 @@ def test_synthpedes_style_recovery_and_rules_agreement(synth_root, capsys):
     assert sorted(r["file_path"] for r in written) == sorted(r["file_path"] for r in records)
     assert all(r["backend"] == "rules" and 0 <= r["style_cluster"] < len(report["clusters"])
                for r in written)
-    score = describe.attribute_agreement(records, data.read_descriptions(out))
+    score = synthpedes.attribute_agreement(records, data.read_descriptions(out))
     assert score["identity"] > 0.9 and score["clothing"] > 0.9, score
     # a rerun finds everything done and changes nothing
     before = out.read_bytes()
@@ -325,8 +329,8 @@ def test_synthpedes_style_recovery_and_rules_agreement(synth_root, capsys):
 
 
 def test_no_arguments_generates_synthpedes_and_writes_beside_it(tmp_path, monkeypatch, capsys):
-    generate = data.generate_synthpedes
-    monkeypatch.setattr(data, "generate_synthpedes", lambda root: generate(
+    ensure = synthpedes.ensure_synthpedes
+    monkeypatch.setattr(synthpedes, "ensure_synthpedes", lambda root: ensure(
         root, num_ids=6, outfits_per_id=2, images_per_outfit=1, image_size=(32, 16), progress=False))
     monkeypatch.chdir(tmp_path)
     assert describe.main([]) == 0

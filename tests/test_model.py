@@ -7,8 +7,9 @@ import torch
 
 import data
 import mamba_triton
+from encoders import ConvStem, EncoderLoadError, load_tokenizer, load_vision_encoder
 from losses import GradNorm, compute_losses
-from model import ABLATIONS, BDAM, ConvStem, EncoderLoadError, ModelConfig, T2IReID, load_vision_encoder
+from model import ABLATIONS, BDAM, ModelConfig, T2IReID
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +41,7 @@ def batch(tiny_synth):
             identity, clothing = texts[str(data.Path(s.image_path).relative_to(dataset.image_dir))]
             chosen.append(dataclasses.replace(s, identity=identity, clothing=clothing))
     items = data.TrainSet(chosen, data.eval_transform((64, 32)))
-    out = data.collate([items[i] for i in range(len(items))], data.load_tokenizer(), max_len=48)
+    out = data.collate([items[i] for i in range(len(items))], load_tokenizer(), max_len=48)
     assert sorted(out["pids"].tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
     return out
 
@@ -143,8 +144,16 @@ def test_bnneck_standardises_both_streams_as_the_losses_see_them(batch):
         assert torch.allclose(out[key].mean(0), torch.zeros(64), atol=1e-5)
         assert torch.allclose(out[key].var(0, unbiased=False), torch.ones(64), atol=1e-2)
     # the stage-1 embedding of training is the one encode_images gives, on the same statistics
-    feats = model.image_features(batch["images"])
-    assert torch.allclose(out["image_emb"], model.image_embedding(feats["f_id"]), atol=1e-5)
+    assert torch.allclose(out["image_emb"], model.encode_images(batch["images"])["emb"], atol=1e-5)
+
+
+def pair_scores(model, images, input_ids, attention_mask, tokens=None, image_emb=None):
+    """model.pair_score of (image s, text s) from images (S, 3, H, W), or from cached tokens
+    (S, P, d) with the images' stage-1 embeddings."""
+    if tokens is None:
+        out = model.encode_images(images)
+        tokens, image_emb = out["tokens"], out["emb"]
+    return model.pair_score(tokens, model.text_features(input_ids, attention_mask), image_emb)[0]
 
 
 def test_fusion_score_depends_on_the_image_and_matches_training_pairs(batch):
@@ -154,14 +163,14 @@ def test_fusion_score_depends_on_the_image_and_matches_training_pairs(batch):
     with torch.no_grad():
         # the same text against two different images
         ids, mask = caption["input_ids"][:1].repeat(2, 1), caption["attention_mask"][:1].repeat(2, 1)
-        two = model.fusion_score(images[[0, 2]], ids, mask)
+        two = pair_scores(model, images[[0, 2]], ids, mask)
         assert (two[0] - two[1]).abs() > 1e-4
         # cached tokens give the same scores as images
-        cached = model.fusion_tokens(images[[0, 2]])
-        assert torch.allclose(model.fusion_score(cached, ids, mask), two, atol=1e-5)
+        cached = model.encode_images(images[[0, 2]])
+        assert torch.allclose(pair_scores(model, None, ids, mask, cached["tokens"], cached["emb"]), two, atol=1e-5)
         # column 0 of the training scores is the pair (own image, caption)
         out = model(batch)
-        own = model.fusion_score(images, caption["input_ids"], caption["attention_mask"])
+        own = pair_scores(model, images, caption["input_ids"], caption["attention_mask"])
         assert torch.allclose(out["fusion_scores"][:8, 0], own, atol=1e-5)
 
 
@@ -202,17 +211,17 @@ def test_residual_fusion_starts_as_stage_one_and_then_looks_at_the_image(batch):
     model = T2IReID(tiny(fusion_residual=True)).eval()
     images, caption = batch["images"], batch["caption"]
     with torch.no_grad():
-        stage1 = (model.encode_images(images) * model.encode_texts(**caption)).sum(-1)  # (B,) cosines
-        assert torch.allclose(model.fusion_score(images, **caption), stage1, atol=1e-6)
+        stage1 = (model.encode_images(images)["emb"] * model.encode_texts(**caption)).sum(-1)  # (B,) cosines
+        assert torch.allclose(pair_scores(model, images, **caption), stage1, atol=1e-6)
         torch.nn.init.normal_(model.fusion.proj.weight, std=0.5)  # a learned correction
         ids, mask = caption["input_ids"][:1].repeat(2, 1), caption["attention_mask"][:1].repeat(2, 1)
-        emb = model.encode_images(images[[0, 2]])
-        two = model.fusion_score(images[[0, 2]], ids, mask)
+        emb = model.encode_images(images[[0, 2]])["emb"]
+        two = pair_scores(model, images[[0, 2]], ids, mask)
         assert not torch.allclose(two, (emb * model.encode_texts(ids, mask)).sum(-1), atol=1e-3)
-        cached = model.fusion_tokens(images[[0, 2]])
-        assert torch.allclose(model.fusion_score(cached, ids, mask, image_emb=emb), two, atol=1e-5)
+        cached = model.encode_images(images[[0, 2]])["tokens"]
+        assert torch.allclose(pair_scores(model, None, ids, mask, cached, image_emb=emb), two, atol=1e-5)
         with pytest.raises(ValueError, match="image_emb"):
-            model.fusion_score(cached, ids, mask)
+            pair_scores(model, None, ids, mask, cached)
 
 
 def test_fusion_queries_are_captions_only_when_asked(batch):
@@ -243,7 +252,7 @@ def test_stage_one_embeddings_are_unit_vectors(batch):
     torch.manual_seed(0)
     model = T2IReID(tiny()).eval()
     with torch.no_grad():
-        image = model.encode_images(batch["images"])
+        image = model.encode_images(batch["images"])["emb"]
         text = model.encode_texts(**batch["caption"])
     assert image.shape == text.shape == (8, 32)
     assert torch.allclose(image.norm(dim=-1), torch.ones(8)) and torch.allclose(text.norm(dim=-1), torch.ones(8))

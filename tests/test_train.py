@@ -15,7 +15,9 @@ import torch
 import data
 import evaluate
 import mamba_triton
+import synthpedes
 import train
+from encoders import load_tokenizer
 from model import T2IReID
 
 # A model small enough to train in seconds on a CPU: 2-layer ViT on 64 x 32 images (P = 8), the
@@ -61,7 +63,7 @@ def test_training_retrieves_held_out_people_far_above_chance(tmp_path_factory, t
     model = T2IReID(mcfg)
     model.load_state_dict(torch.load(run / "best.pt", weights_only=False)["model"])
     test = data.load_dataset("synth", root)
-    result = evaluate.evaluate_model(model, test, data.load_tokenizer(mcfg.text_model), mcfg.image_size,
+    result = evaluate.evaluate_model(model, test, load_tokenizer(mcfg.text_model), mcfg.image_size,
                                      mcfg.max_text_len, torch.device("cpu"), robustness=False, progress=False)
     gallery = [g.pid for g in test.gallery]
     train_ids = {r["id"] for r in data.read_annotations("synth", root).records if r["split"] == "train"}
@@ -179,7 +181,7 @@ def test_both_regimes_train_on_as_many_photographs_per_identity(monkeypatch, tmp
     def ensure(root, **settings):
         asked.update(settings)
         raise Generated  # what was asked for is all this test needs
-    monkeypatch.setattr(data, "ensure_synthpedes", ensure)
+    monkeypatch.setattr(synthpedes, "ensure_synthpedes", ensure)
     for regime, per_outfit in (("cloth-changing", 6), ("same-clothes", 18)):
         cfg, _, _ = train.parse_config(["--root", str(tmp_path), "--synth-regime", regime])
         with pytest.raises(Generated):

@@ -1,0 +1,607 @@
+"""SynthPEDES: a procedural pedestrian dataset in which identity and clothing are known factors.
+
+DESIGN section 4. Identity traits (gender presentation, height, build, skin tone, hair colour and
+style, glasses, beard; 8,100 combinations) are drawn once per identity; outfits (top, pattern,
+bottom, shoes, bag, hat, scarf) from their own random stream; nuisance (viewpoint, stride, scale,
+position, clutter, light, occluders) per image. `render.py` draws the pixels. Each image gets two
+captions in two of five annotator styles that differ in form, not content, or
+(`--captions realistic`) in two of four styles written like real annotators: lower-case token
+streams, typos, run-ons, no body mentioned, captions that disagree. Written in the CUHK-PEDES
+`reid_raw.json` format; training sees SynthPEDES only through that file (`data.py` reads it).
+
+Read top to bottom: random streams (identities, outfits, nuisance), captions (planted, then
+realistic), generation, agreement of any identity / clothing descriptions with the truth, the
+command line.
+
+Run:  python synthpedes.py                     generate (if missing), summarise, draw a contact sheet
+      python synthpedes.py --root data-real --captions realistic   real annotators' captions
+      python synthpedes.py --bench             generation rate (images/s)
+Test: pytest tests/test_data.py
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import shutil
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from data import Annotations, DatasetError, load_image, report, run_command
+from render import (BAGS, BOTTOMS, BUILDS, COLOURS, GENDERS, HAIR_COLOURS, HAIR_STYLES, HATS, HEIGHTS,
+                    PATTERNS, SHOE_COLOURS, SHOES, SKIN_TONES, TOPS, VIEWS, render_person)
+
+
+# ----------------------------------------------------------------------------------------------
+# Random streams: identities (once per person), outfits (per identity index), nuisance (per image).
+
+def identity_combinations() -> int:
+    """How many distinct identities the traits can express: 8,100."""
+    looks = len(HEIGHTS) * len(BUILDS) * len(SKIN_TONES) * len(HAIR_COLOURS) * len(HAIR_STYLES) * 2  # x glasses
+    return looks * (1 + 2)  # a woman has no beard; a man has one or not
+
+
+def sample_identities(num_ids: int, seed: int) -> list[dict]:
+    """`num_ids` pairwise-distinct trait combinations, from the identity random stream."""
+    if num_ids > identity_combinations():
+        raise ValueError(f"num_ids={num_ids} exceeds the {identity_combinations()} trait combinations")
+    rng, seen, out = random.Random(f"{seed}/identities"), set(), []
+    while len(out) < num_ids:
+        gender = rng.choice(GENDERS)
+        ident = {"gender": gender, "height": rng.choice(list(HEIGHTS)), "build": rng.choice(list(BUILDS)),
+                 "skin": rng.choice(list(SKIN_TONES)), "hair_colour": rng.choice(list(HAIR_COLOURS)),
+                 "hair_style": rng.choice(HAIR_STYLES), "glasses": rng.random() < 0.5,
+                 "beard": gender == "man" and rng.random() < 0.5}
+        key = tuple(ident.values())
+        if key not in seen:
+            seen.add(key)
+            out.append(ident)
+    return out
+
+
+def sample_outfit(rng: random.Random) -> dict:
+    """One outfit. Drawn from a stream seeded by (seed, identity index) only, never by traits."""
+    c = list(COLOURS)
+    bag, hat = rng.choice(BAGS), rng.choice(HATS)
+    return {"top": rng.choice(TOPS), "top_colour": rng.choice(c), "pattern": rng.choice(PATTERNS),
+            "bottom": rng.choice(BOTTOMS), "bottom_colour": rng.choice(c),
+            "shoes": rng.choice(SHOES), "shoes_colour": rng.choice(SHOE_COLOURS),
+            "bag": bag, "bag_colour": rng.choice(c) if bag != "none" else None,
+            "hat": hat, "hat_colour": rng.choice(c) if hat != "none" else None,
+            "scarf_colour": rng.choice(c) if rng.random() < 0.2 else None}
+
+
+def sample_nuisance(rng: random.Random) -> dict:
+    """Viewpoint, pose, framing, clutter, light and occlusion of one photograph."""
+    return {"view": rng.choices(VIEWS, weights=(0.4, 0.3, 0.3))[0], "mirror": rng.random() < 0.5,
+            "stride": rng.uniform(0.0, 0.07), "scale": rng.uniform(0.93, 1.05),
+            "dx": rng.uniform(-0.1, 0.1), "dy": rng.uniform(-0.02, 0.02),
+            "background": rng.randrange(2**31), "brightness": rng.uniform(0.7, 1.15),
+            "tint": [rng.uniform(0.92, 1.08) for _ in range(3)], "occluder": rng.random() < 0.25}
+
+
+def neutral_nuisance(view: str = "front") -> dict:
+    """A plain studio shot: no clutter, no jitter, no light change (for tests and figures)."""
+    return {"view": view, "mirror": False, "stride": 0.0, "scale": 1.0, "dx": 0.0, "dy": 0.0,
+            "background": None, "brightness": 1.0, "tint": [1.0, 1.0, 1.0], "occluder": False}
+
+
+# ----------------------------------------------------------------------------------------------
+# SynthPEDES text: canonical identity / clothing descriptions and five annotator styles. Every
+# style mentions the same phrases (content); they differ in order, syntax, case and punctuation.
+
+STYLE_NAMES = ("terse list", "verbose sentences", "clothing first", "lower case, no punctuation",
+               "labelled fields",  # 0-4: planted, told apart by form; 5-8: realistic, see below
+               "realistic: body first, 'is wearing'", "realistic: pronoun and clothes, run-on",
+               "realistic: long narrative", "realistic: terse, clothing first")
+NUM_STYLES = 5  # planted styles 0-4
+_PLURAL = ("trousers", "shorts", "sneakers", "boots", "glasses")
+
+
+def _a(phrase: str) -> str:
+    """Add the indefinite article unless the noun is plural."""
+    if phrase.split()[-1] in _PLURAL or phrase.startswith("a "):
+        return phrase
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def phrases(identity: dict, outfit: dict) -> dict:
+    """The content of every caption, as phrases: one per trait and garment."""
+    c, style = identity["hair_colour"], identity["hair_style"]
+    hair = f"{c} hair in a {style}" if style in ("ponytail", "bun") else f"{style} {c} hair"
+    pattern = f" {outfit['pattern']}" if outfit["pattern"] in ("striped", "checked") else ""
+    logo = " with a logo" if outfit["pattern"] == "logo" else ""
+    worn = [f"{outfit['hat_colour']} {outfit['hat']}"] if outfit["hat"] != "none" else []
+    worn += [f"{outfit['scarf_colour']} scarf"] if outfit["scarf_colour"] else []
+    return {"gender": identity["gender"], "height": identity["height"],
+            "build": f"{identity['build']} build", "skin": f"{identity['skin']} skin", "hair": hair,
+            "extras": ["glasses"] * identity["glasses"] + ["a beard"] * identity["beard"],
+            "top": f"{outfit['top_colour']}{pattern} {outfit['top']}{logo}",
+            "bottom": f"{outfit['bottom_colour']} {outfit['bottom']}",
+            "shoes": f"{outfit['shoes_colour']} {outfit['shoes']}",
+            "bags": [f"{outfit['bag_colour']} {outfit['bag']}"] if outfit["bag"] != "none" else [],
+            "worn": worn}
+
+
+def descriptions_of(identity: dict, outfit: dict) -> tuple[str, str]:
+    """The canonical identity and clothing descriptions of an image (the ground truth that
+    describe.py's identity / clothing texts approximate)."""
+    p = phrases(identity, outfit)
+    ident = f"{_a(p['height'])} {p['gender']} with {_a(p['build'])}, {p['skin']} and {p['hair']}"
+    ident += f", with {_join(p['extras'])}" if p["extras"] else ""
+    items = [p["top"], p["bottom"], p["shoes"]] + p["bags"] + p["worn"]
+    return ident, _join([_a(x) for x in items])
+
+
+def caption(style: int, identity: dict, outfit: dict) -> str:
+    """One caption of the person in annotator style `style` (0..NUM_STYLES-1)."""
+    p = phrases(identity, outfit)
+    she, her = ("She", "her") if p["gender"] == "woman" else ("He", "his")
+    clothes = [p["top"], p["bottom"], p["shoes"]] + p["worn"]
+    body = [p["height"], p["build"], p["skin"], p["hair"]] + p["extras"]
+    if style == 0:
+        return f"{p['gender'].capitalize()}, " + ", ".join(body) + "; " + ", ".join(clothes + p["bags"]) + "."
+    if style == 1:
+        out = [f"This is {_a(p['height'])} {p['gender']} with {_a(p['build'])}.",
+               f"{she} has {p['skin']} and {p['hair']}."]
+        if "glasses" in p["extras"]:
+            out.append(f"{she} wears glasses.")
+        if "a beard" in p["extras"]:
+            out.append(f"{she} has a beard.")
+        out.append(f"{she} is dressed in {_a(p['top'])} and {_a(p['bottom'])}, "
+                   f"with {_a(p['shoes'])} on {her} feet.")
+        if p["bags"]:
+            out.append(f"{she} is carrying {_a(p['bags'][0])}.")
+        if p["worn"]:
+            out.append(f"{she} also wears {_join([_a(w) for w in p['worn']])}.")
+        return " ".join(out)
+    if style == 2:
+        bag = f" and carrying {_a(p['bags'][0])}" if p["bags"] else ""
+        looks = [_a(p["build"]), p["skin"], p["hair"]] + p["extras"]
+        return (f"Wearing {_join([_a(x) for x in clothes])}{bag}, {_a(p['height'])} {p['gender']} "
+                f"with {_join(looks)} walks past the camera.")
+    if style == 3:
+        bag = ["carrying"] + p["bags"] if p["bags"] else []
+        text = " ".join([_a(p["height"]), p["gender"]] + body[1:] + ["wearing"] + clothes + bag)
+        return " ".join(words(text))
+    if style == 4:
+        bag = f" Carrying: {p['bags'][0]}." if p["bags"] else ""
+        return (f"Pedestrian: {p['gender']}. Clothes: " + "; ".join(clothes) + f".{bag} Body: "
+                + ", ".join(body) + ".")
+    raise ValueError(f"caption style {style} not in 0..{NUM_STYLES - 1}")
+
+
+def words(text: str) -> list[str]:
+    """Lower-case word tokens (the `processed_tokens` of CUHK-PEDES)."""
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+# ----------------------------------------------------------------------------------------------
+# Realistic annotators (DESIGN section 4, "realism where it matters"). Real CUHK-PEDES / ICFG-PEDES
+# / RSTPReid captions were written by hundreds of crowd workers: lower-case token streams (the
+# `processed_tokens` joined with spaces), typos, run-on sentences, captions that never mention the
+# body, scene words, clothing named in many ways, and two captions of one image that disagree.
+# Four planted styles (ids 5-8, after the five above) differ only as real annotators do: in word
+# choice, order, length and what comes first. `--captions realistic` writes a SynthPEDES with them.
+
+REALISTIC_STYLES = (5, 6, 7, 8)
+SAY = {  # ways annotators name a SynthPEDES value
+    "t-shirt": ("t-shirt", "tee shirt", "short sleeve shirt"), "shirt": ("shirt", "button up shirt"),
+    "jacket": ("jacket", "coat", "zip up jacket"), "hoodie": ("hoodie", "hooded sweatshirt"),
+    "tank top": ("tank top", "sleeveless top"), "trousers": ("pants", "trousers", "slacks"),
+    "shorts": ("shorts", "knee length shorts"), "skirt": ("skirt", "knee length skirt"),
+    "sneakers": ("sneakers", "tennis shoes", "trainers"), "boots": ("boots", "ankle boots"),
+    "backpack": ("backpack", "book bag", "rucksack"), "handbag": ("handbag", "purse"),
+    "shoulder bag": ("shoulder bag", "messenger bag"), "cap": ("cap", "baseball cap"),
+    "beanie": ("beanie", "knit hat"), "grey": ("grey", "gray"), "beige": ("beige", "khaki"),
+    "average-height": ("average height", "medium height"), "heavy": ("heavy", "heavyset", "chubby"),
+    "slim": ("slim", "thin", "skinny"), "average": ("average", "medium"),
+    "buzz-cut": ("buzz cut",), "woman": ("woman", "lady", "female"), "man": ("man", "guy", "male")}
+MISSEEN = {"black": "dark grey", "white": "cream", "grey": "silver", "blue": "navy", "red": "maroon",
+           "beige": "tan", "brown": "dark brown", "green": "olive", "purple": "violet"}
+UNUSUAL_ITEMS = ("a lanyard", "a wristwatch", "a visor", "a fanny pack", "a shawl", "medical scrubs",
+                 "a windbreaker", "flip flops", "a wristband", "a tote bag")
+SCENES = ("walking down the street", "walking on a cobbled street", "standing on the sidewalk",
+          "crossing the road", "walking past a parked car", "standing in front of a building")
+
+
+def say(value: str, rng: random.Random) -> str:
+    """One annotator's word for a value: a synonym, now and then a colour seen wrongly."""
+    if value in MISSEEN and rng.random() < 0.15:
+        return MISSEEN[value]
+    return rng.choice(SAY.get(value, (value,)))
+
+
+def typo(word: str, rng: random.Random) -> str:
+    """Two inner letters swapped or one dropped ("jeans" -> "jenas", "pants" -> "pats")."""
+    i = rng.randrange(1, len(word) - 2)
+    if rng.random() < 0.5:
+        return word[:i] + word[i + 1] + word[i] + word[i + 2:]
+    return word[:i] + word[i + 1:]
+
+
+def realistic_parts(identity: dict, outfit: dict, rng: random.Random) -> dict:
+    """Phrases of one caption, each value named by `say` (so two captions of an image disagree)."""
+    colour, style = say(identity["hair_colour"], rng), identity["hair_style"]
+    hair = {"ponytail": f"{colour} hair in a ponytail", "bun": f"{colour} hair in a bun",
+            "buzz-cut": f"a {colour} buzz cut"}.get(style, f"{style} {colour} hair")
+    top_pattern = {"striped": "striped ", "checked": "plaid "}.get(outfit["pattern"], "")
+    wear = [f"{say(outfit['top_colour'], rng)} {top_pattern}{say(outfit['top'], rng)}",
+            f"{say(outfit['bottom_colour'], rng)} {say(outfit['bottom'], rng)}",
+            f"{say(outfit['shoes_colour'], rng)} {say(outfit['shoes'], rng)}"]
+    if outfit["hat"] != "none":
+        wear.append(f"{say(outfit['hat_colour'], rng)} {say(outfit['hat'], rng)}")
+    bag = f"{say(outfit['bag_colour'], rng)} {say(outfit['bag'], rng)}" if outfit["bag"] != "none" else ""
+    he = "she" if identity["gender"] == "woman" else "he"
+    return {"gender": say(identity["gender"], rng), "he": he, "his": "her" if he == "she" else "his",
+            "height": say(identity["height"], rng), "build": say(identity["build"], rng),
+            "skin": f"{identity['skin']} skin", "hair": hair, "wear": wear, "bag": bag,
+            "extra": rng.choice(UNUSUAL_ITEMS) if rng.random() < 0.2 else "",
+            "scene": rng.choice(SCENES), "glasses": identity["glasses"], "beard": identity["beard"]}
+
+
+def _body_first(p: dict, rng: random.Random) -> str:
+    """Style 5: gender and hair, then "is wearing" and the clothes; medium length."""
+    build = f"{p['build']} " if rng.random() < 0.4 else ""
+    text = f"a {build}{p['gender']} with {p['hair']} is wearing a {_join(p['wear'])}"
+    text += f" {p['he']} is carrying a {p['bag']}" if p["bag"] else ""
+    return text + (f" and {p['extra']}" if p["extra"] else "")
+
+
+def _pronoun_run_on(p: dict, rng: random.Random) -> str:
+    """Style 6: pronoun first, clothes in a run-on with "and", the scene; the body rarely."""
+    text = f"{p['he']} is wearing a {p['wear'][0]} with " + " and ".join(p["wear"][1:])
+    text += f" and {p['he']} is also carrying a {p['bag']}" if p["bag"] else ""
+    text += f" and {p['extra']}" if p["extra"] else ""
+    text += f" and {p['he']} is {p['scene']}"
+    return text + (f" {p['he']} has {p['hair']}" if rng.random() < 0.3 else "")
+
+
+def _narrative(p: dict, rng: random.Random) -> str:
+    """Style 7: long: "this lady appears to be ...", every clothing item in its own clause."""
+    text = (f"this {p['gender']} appears to be {p['height']} and {p['build']} with {p['skin']} and "
+            f"{p['hair']} {p['he']} is dressed in a {p['wear'][0]} that fits {p['his']} upper body "
+            f"loosely and {p['he']} has on a pair of {p['wear'][1]} along with a pair of {p['wear'][2]}")
+    text += "".join(f" and {p['he']} also has a {w} on {p['his']} head" for w in p["wear"][3:])
+    text += f" {p['he']} is holding a {p['bag']} in one hand" if p["bag"] else ""
+    text += f" {p['he']} is wearing glasses" if p["glasses"] else ""
+    text += f" {p['he']} has a beard" if p["beard"] else ""
+    return text + f" and {p['he']} seems to be {p['scene']} while looking ahead"
+
+
+def _terse(p: dict, rng: random.Random) -> str:
+    """Style 8: short, clothing first: "man in red jacket black pants ... short black hair"."""
+    text = f"{p['gender']} in " + " ".join(p["wear"])
+    text += f" with {p['bag']}" if p["bag"] else ""
+    return text + f" {p['hair']}"
+
+
+def realistic_caption(style: int, identity: dict, outfit: dict, rng: random.Random) -> str:
+    """One caption in realistic style `style` (REALISTIC_STYLES), as a lower-case token stream
+    with a typo in about one word in thirty."""
+    writer = dict(zip(REALISTIC_STYLES, (_body_first, _pronoun_run_on, _narrative, _terse)))[style]
+    tokens = words(writer(realistic_parts(identity, outfit, rng), rng))
+    return " ".join(typo(w, rng) if len(w) >= 4 and rng.random() < 0.03 else w for w in tokens)
+
+
+# ----------------------------------------------------------------------------------------------
+# SynthPEDES generation: identities -> outfits -> images -> reid_raw.json records.
+
+@dataclass
+class SynthConfig:
+    """SynthPEDES defaults: sized so that train.py on 2 CPU cores finishes in minutes."""
+    num_ids: int = 300  # 180 / 30 / 90 ids in train / val / test (SPLIT_FRACTIONS)
+    outfits_per_id: int | None = None  # None: 1 for same-clothes, 3 for cloth-changing
+    images_per_outfit: int | None = None  # None: 4 for same-clothes, 2 for cloth-changing
+    image_size: tuple[int, int] = (128, 64)  # (H, W): the 2:1 pedestrian box (IRRA uses 384x128)
+    regime: str = "cloth-changing"  # or "same-clothes" (one outfit per id, like CUHK-PEDES)
+    seed: int = 0
+    captions: str = "planted"  # or "realistic": the annotators of real benchmarks (styles 5-8)
+    # more photographs of each outfit for the training identities only (None: images_per_outfit);
+    # the validation and test images stay exactly those of the default dataset
+    train_images_per_outfit: int | None = None
+
+    def __post_init__(self):
+        if self.regime not in ("same-clothes", "cloth-changing"):
+            raise ValueError(f"regime must be same-clothes or cloth-changing, not {self.regime!r}")
+        if self.captions not in ("planted", "realistic"):
+            raise ValueError(f"captions must be planted or realistic, not {self.captions!r}")
+        changing = self.regime == "cloth-changing"
+        if self.outfits_per_id is None:
+            self.outfits_per_id = 3 if changing else 1
+        if self.images_per_outfit is None:
+            self.images_per_outfit = 2 if changing else 4
+        if self.outfits_per_id != 1 and not changing or self.outfits_per_id < 2 and changing:
+            raise ValueError(f"regime {self.regime} with outfits_per_id={self.outfits_per_id}: "
+                             "same-clothes needs 1 outfit per id, cloth-changing at least 2")
+        if self.num_ids < 3:
+            raise ValueError("num_ids must be at least 3 (one identity per split)")
+        if self.train_images_per_outfit is not None and self.train_images_per_outfit < 1:
+            raise ValueError(f"train_images_per_outfit must be at least 1, got {self.train_images_per_outfit}")
+        self.image_size = tuple(self.image_size)
+
+    def images_per_outfit_of(self, split: str) -> int:
+        if split == "train" and self.train_images_per_outfit is not None:
+            return self.train_images_per_outfit
+        return self.images_per_outfit
+
+
+SPLIT_FRACTIONS = (0.6, 0.1, 0.3)  # train / val / test identities; CUHK-PEDES is ~85/7.5/7.5
+
+
+def split_identities(num_ids: int, seed: int) -> list[str]:
+    """The split of each identity index: a seeded shuffle cut by SPLIT_FRACTIONS."""
+    order = list(range(num_ids))
+    random.Random(f"{seed}/split").shuffle(order)
+    n_val = max(1, round(SPLIT_FRACTIONS[1] * num_ids))
+    n_train = min(num_ids - n_val - 1, max(1, round(SPLIT_FRACTIONS[0] * num_ids)))
+    split = [""] * num_ids
+    for rank, i in enumerate(order):
+        split[i] = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
+    return split
+
+
+def identity_outfits(cfg: SynthConfig, pid: int) -> list[dict]:
+    """The outfits of one identity; in cloth-changing each has a different top."""
+    rng, outfits = random.Random(f"{cfg.seed}/clothing/{pid}"), []
+    while len(outfits) < cfg.outfits_per_id:
+        outfit = sample_outfit(rng)
+        if all((o["top"], o["top_colour"]) != (outfit["top"], outfit["top_colour"]) for o in outfits):
+            outfits.append(outfit)
+    return outfits
+
+
+def synth_records(cfg: SynthConfig):
+    """Yield (record, image) for every SynthPEDES image, in a fixed order."""
+    identities, splits = sample_identities(cfg.num_ids, cfg.seed), split_identities(cfg.num_ids, cfg.seed)
+    for pid, ident in enumerate(identities):
+        for o, outfit in enumerate(identity_outfits(cfg, pid)):
+            id_text, clo_text = descriptions_of(ident, outfit)
+            for k in range(cfg.images_per_outfit_of(splits[pid])):
+                rng = random.Random(f"{cfg.seed}/image/{pid}/{o}/{k}")
+                nuisance, styles = sample_nuisance(rng), rng.sample(range(NUM_STYLES), 2)
+                caps = [caption(s, ident, outfit) for s in styles]
+                if cfg.captions == "realistic":  # two annotators, each with a style of their own
+                    rng = random.Random(f"{cfg.seed}/realistic/{pid}/{o}/{k}")
+                    styles = rng.choices(REALISTIC_STYLES, k=2)
+                    caps = [realistic_caption(s, ident, outfit, rng) for s in styles]
+                record = {"split": splits[pid], "captions": caps,
+                          "file_path": f"{pid + 1:04d}/{pid + 1:04d}_o{o}_{k}.png",
+                          "processed_tokens": [words(c) for c in caps], "id": pid + 1,
+                          "caption_styles": styles, "outfit": o, "identity_text": id_text,
+                          "clothing_text": clo_text,
+                          "attributes": {"identity": ident, "clothing": outfit, "nuisance": nuisance}}
+                yield record, render_person(ident, outfit, nuisance, cfg.image_size)
+
+
+def generate_synthpedes(root="data", num_ids=300, outfits_per_id=None, images_per_outfit=None,
+                        image_size=(128, 64), regime="cloth-changing", seed=0, captions="planted",
+                        train_images_per_outfit=None, overwrite=False, progress=True) -> Path:
+    """Write <root>/SynthPEDES/{reid_raw.json, imgs/, config.json}; return the folder.
+    Same arguments, same bytes. A SynthPEDES already there (with its descriptions) is replaced
+    only when `overwrite` is set; otherwise that is a DatasetError. Leftovers of an interrupted
+    generation (no reid_raw.json, no descriptions) are cleared."""
+    cfg = SynthConfig(num_ids, outfits_per_id, images_per_outfit, image_size, regime, seed, captions,
+                      train_images_per_outfit)
+    folder = Path(root) / "SynthPEDES"
+    if holds_dataset(folder) and not overwrite:
+        raise DatasetError(f"{folder} already holds a SynthPEDES; it is kept. Pass --overwrite "
+                           "(overwrite=True) to replace it and its descriptions, or use another --root.")
+    if folder.exists():
+        shutil.rmtree(folder)
+    (folder / "imgs").mkdir(parents=True)
+    splits = split_identities(cfg.num_ids, cfg.seed)
+    records, total = [], cfg.outfits_per_id * sum(cfg.images_per_outfit_of(s) for s in splits)
+    for i, (record, image) in enumerate(synth_records(cfg)):
+        path = folder / "imgs" / record["file_path"]
+        path.parent.mkdir(exist_ok=True)
+        image.save(path, format="PNG")
+        records.append(record)
+        if progress and (i + 1) % 500 == 0:
+            print(f"  rendered {i + 1}/{total} images", file=sys.stderr)
+    (folder / "reid_raw.json").write_text(json.dumps(records, indent=1))
+    (folder / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    return folder
+
+
+def holds_dataset(folder: Path) -> bool:
+    """True when a SynthPEDES folder holds something worth keeping: annotations or descriptions."""
+    return (folder / "reid_raw.json").exists() or (folder / "descriptions.jsonl").exists()
+
+
+def saved_synth_config(folder: Path) -> SynthConfig | None:
+    """The settings a SynthPEDES folder was made with (None if unreadable). Fields added since it
+    was made take their defaults, so an older dataset still matches."""
+    try:
+        return SynthConfig(**json.loads((folder / "config.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def ensure_synthpedes(root="data", progress=True, overwrite=False, **kwargs) -> Path:
+    """Generate SynthPEDES unless <root>/SynthPEDES already holds one made with these settings.
+    One made with other settings is a DatasetError that names the difference, unless `overwrite`."""
+    folder, cfg = Path(root) / "SynthPEDES", SynthConfig(**kwargs)
+    saved = saved_synth_config(folder)
+    if saved == cfg and (folder / "reid_raw.json").exists():
+        return folder
+    if holds_dataset(folder) and not overwrite:
+        diff = ", ".join(f"{k} {v!r} (asked: {asdict(cfg)[k]!r})" for k, v in asdict(saved).items()
+                         if v != asdict(cfg)[k]) if saved else "unknown settings, no config.json"
+        flags = " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, tuple) else v}"
+                         for k, v in asdict(cfg).items() if v is not None)
+        raise DatasetError(f"{folder} holds a SynthPEDES made with other settings: {diff}. It is "
+                           f"kept, with its descriptions. Use another --root, or replace both with "
+                           f"`python synthpedes.py --root {root} {flags} --overwrite`.")
+    if progress:
+        print(f"generating SynthPEDES in {folder}" + (" (replacing one made with other settings, "
+              "and its descriptions)" if holds_dataset(folder) else ""), file=sys.stderr)
+    return generate_synthpedes(root, **asdict(cfg), overwrite=True, progress=progress)
+
+
+# ----------------------------------------------------------------------------------------------
+# Agreement with the ground truth: how well any identity / clothing descriptions (describe.py's,
+# of any backend) name each image's true attribute values on the right side.
+
+def _truth(attributes):
+    """SynthPEDES attributes -> {"identity": [value words], "clothing": [...]}. Glasses are an
+    accessory, i.e. clothing (DESIGN 1), although data.py draws them once per identity; "plain"
+    and "none" are never written in captions."""
+    ident, clothes = attributes["identity"], attributes["clothing"]
+    values = {"identity": [ident[k] for k in ("gender", "height", "build", "skin", "hair_colour",
+                                              "hair_style")] + ["beard"] * bool(ident.get("beard")),
+              "clothing": [v for k, v in clothes.items() if isinstance(v, str)
+                           and v not in ("none", "plain")]
+              + ["scarf"] * bool(clothes.get("scarf_colour"))
+              + ["glasses"] * bool(ident.get("glasses"))}
+    return {side: [tuple(re.findall(r"[a-z0-9]+", v.lower())) for v in vs]
+            for side, vs in values.items()}
+
+
+def attribute_agreement(records, descriptions):
+    """Share of true attribute values that the right text names and the other text does not
+    (unless it is also a true value there: black hair and black boots), per side, over the
+    SynthPEDES records; an image without a description scores 0. Returns {"identity": float,
+    "clothing": float, "images": int, "described": int}."""
+    hits, counts = {"identity": 0, "clothing": 0}, {"identity": 0, "clothing": 0}
+    images = described = 0
+    for record in records:
+        if "attributes" not in record:
+            continue
+        text = descriptions.get(record["file_path"], {"identity": "", "clothing": ""})
+        images += 1
+        described += record["file_path"] in descriptions
+        truth = _truth(record["attributes"])
+        words = {side: set(re.findall(r"[a-z0-9]+", text[side].lower())) for side in truth}
+        for side, other in (("identity", "clothing"), ("clothing", "identity")):
+            other_truth = {w for value in truth[other] for w in value}
+            for value in truth[side]:
+                named = all(w in words[side] for w in value)
+                leaked = all(w in words[other] and w not in other_truth for w in value)
+                hits[side] += named and not leaked
+                counts[side] += 1
+    scores = {side: hits[side] / max(1, counts[side]) for side in hits}
+    return scores | {"images": images, "described": described}
+
+
+def print_agreement(records, descriptions):
+    score = attribute_agreement(records, descriptions)
+    print(f"agreement with the SynthPEDES attributes over {score['images']} images "
+          f"({score['described']} described): identity "
+          f"{score['identity']:.3f}, clothing {score['clothing']:.3f} (share of true values named "
+          "in the right text and not leaked into the other)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: generate, summarise, draw a contact sheet, benchmark.
+
+def contact_sheet(ann: Annotations, path: Path, columns=6, rows=4, zoom=3) -> Path:
+    """A PNG grid of training images (the outfits of a few identities), each with its identity
+    and clothing descriptions (or its first caption when there are none)."""
+    recs = [r for r in ann.records if r["split"] == "train"]
+    by_outfit = {}
+    for r in recs:
+        by_outfit.setdefault((r["id"], r.get("outfit", 0)), r)  # one image per outfit
+    picked = list(by_outfit.values())[:columns * rows]
+    first = load_image(ann.image_dir / picked[0]["file_path"])
+    w, h = first.width * zoom, first.height * zoom
+    font = ImageFont.load_default()
+    chars = max(12, int(w / (ImageDraw.Draw(first).textlength("x" * 10, font=font) / 10)))
+    text_h = 11 * 12  # lines x line height of the default font
+    sheet = Image.new("RGB", (columns * (w + 8), rows * (h + text_h + 8)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for n, r in enumerate(picked):
+        x, y = (n % columns) * (w + 8), (n // columns) * (h + text_h + 8)
+        sheet.paste(load_image(ann.image_dir / r["file_path"]).resize((w, h), Image.Resampling.NEAREST), (x, y))
+        text = (f"id {r['id']} outfit {r.get('outfit', 0)}\nID: {r['identity_text']}\nCLOTHES: {r['clothing_text']}"
+                if "identity_text" in r else f"id {r['id']}: {r['captions'][0]}")
+        wrapped = "\n".join(textwrap.fill(t, chars) for t in text.split("\n"))
+        draw.multiline_text((x + 2, y + h + 2), wrapped, fill="black", font=font, spacing=2)
+    sheet.save(path)
+    return path
+
+
+def bench(num_ids=100, size=(128, 64)) -> float:
+    """Generate a SynthPEDES into a temporary folder; return images per second."""
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        folder = generate_synthpedes(tmp, num_ids=num_ids, image_size=size, progress=False)
+        seconds = time.perf_counter() - start
+        n = len(list((folder / "imgs").rglob("*.png")))
+    return n / seconds
+
+
+def synth_settings(args) -> SynthConfig | None:
+    """The SynthPEDES settings given on the command line (unset ones take the defaults), or None
+    when none was given: then an existing dataset is summarised as it is."""
+    given = {k: getattr(args, k) for k in ("num_ids", "outfits_per_id", "images_per_outfit",
+                                           "image_size", "regime", "seed", "captions",
+                                           "train_images_per_outfit")}
+    if all(v is None for v in given.values()):
+        return None
+    try:
+        return SynthConfig(**{k: tuple(v) if k == "image_size" else v
+                              for k, v in given.items() if v is not None})
+    except ValueError as e:
+        raise DatasetError(f"bad SynthPEDES settings: {e}") from None
+
+
+def prepare_synth(args) -> None:
+    """Generate SynthPEDES when missing; an existing one is kept unless --overwrite (a command
+    that summarises never destroys data), and settings that differ from it are an error."""
+    folder, cfg = Path(args.root) / "SynthPEDES", synth_settings(args)
+    if cfg is None and (folder / "reid_raw.json").exists():
+        print(f"SynthPEDES in {folder} ({saved_synth_config(folder) or 'settings unknown'})")
+        return
+    cfg = cfg or SynthConfig()
+    start = time.perf_counter()
+    folder = ensure_synthpedes(args.root, overwrite=args.overwrite, **asdict(cfg))
+    print(f"SynthPEDES ready in {folder} ({time.perf_counter() - start:.1f} s; {cfg})")
+
+
+def main(argv=None):
+    defaults = SynthConfig()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--root", default="data", help="folder that holds the dataset folders (default: data)")
+    synth = parser.add_argument_group("SynthPEDES settings (unset: an existing dataset is kept as "
+                                      "it is; a new one takes the default shown)")
+    synth.add_argument("--num-ids", type=int, help=f"identities (default {defaults.num_ids})")
+    synth.add_argument("--outfits-per-id", type=int, help="default: 3 cloth-changing, 1 same-clothes")
+    synth.add_argument("--images-per-outfit", type=int, help="default: 2 cloth-changing, 4 same-clothes")
+    synth.add_argument("--train-images-per-outfit", type=int,
+                       help="photographs of each outfit of a training identity (default: --images-per-outfit)")
+    synth.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
+                       help=f"default {defaults.image_size[0]} {defaults.image_size[1]}")
+    synth.add_argument("--regime", choices=("same-clothes", "cloth-changing"),
+                       help=f"default {defaults.regime}")
+    synth.add_argument("--seed", type=int, help=f"default {defaults.seed}")
+    synth.add_argument("--captions", choices=("planted", "realistic"),
+                       help=f"annotator styles (default {defaults.captions})")
+    synth.add_argument("--overwrite", action="store_true",
+                       help="replace an existing SynthPEDES made with other settings, and its descriptions")
+    parser.add_argument("--workers", type=int, default=8, help="threads that decode the images (default: 8)")
+    parser.add_argument("--bench", action="store_true", help="print the SynthPEDES generation rate")
+    args = parser.parse_args(argv)
+    if args.bench:
+        size = tuple(args.image_size or defaults.image_size)
+        print(f"SynthPEDES generation: {bench(size=size):.0f} images/s at {size[0]}x{size[1]} "
+              f"(render + PNG write, one process)")
+        return
+    prepare_synth(args)
+    ann = report("synth", args.root, args.workers, STYLE_NAMES)  # as `python data.py --data synth`
+    print(f"contact sheet: {contact_sheet(ann, ann.annotation_file.parent / 'contact_sheet.png')}")
+
+
+if __name__ == "__main__":
+    run_command(main)
