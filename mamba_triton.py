@@ -4,8 +4,9 @@ Read this file top to bottom, as a ladder: the equations, here; (2) a sequential
 reference written from them; (3) the forward kernel; (4) the backward kernel, which recomputes
 states from checkpoints; (5) the autograd function that joins them; (6) the dispatch: Triton on
 CUDA tensors (or on CPU under TRITON_INTERPRET=1, as the tests run), the reference otherwise;
-(7) the Mamba block; (8) the check against the reference and the benchmark; (9) compilation
-for sm_80 and sm_90 on a machine without a GPU, with the registers and spills of each kernel.
+(7) the Mamba block; (8) the check against the reference and the benchmark; and, in
+mamba_compile.py, (9) compilation for sm_80 and sm_90 on a machine without a GPU, with the
+registers and spills of each kernel.
 
 The selective scan (Gu & Dao, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces",
 2023, Sec. 3.2, Algorithm 2; semantics of `selective_scan_fn` in github.com/state-spaces/mamba,
@@ -41,15 +42,9 @@ Run:  python mamba_triton.py            errors of the output and every gradient 
 Test: pytest tests/test_mamba_triton.py   (CPU, kernels in the Triton interpreter)
       pytest tests/test_compile.py        (CPU, kernels compiled for GPU targets by ptxas)
 """
-import io
-import json
 import math
 import os
-import re
-import subprocess
 import sys
-import time
-from contextlib import redirect_stdout
 
 import torch
 import torch.nn.functional as F
@@ -619,158 +614,11 @@ def bench():
     _bench_blocks(do_bench)
 
 
-# ------------------------------------------------------------------------------------------------
-# 9. Compile for GPU targets on a machine without a GPU: python mamba_triton.py --compile
-#
-# The interpreter cannot tell whether a kernel compiles for a real card (an op the backend lacks,
-# a layout it rejects, more registers than a thread has). triton.compile with a GPUTarget runs
-# the whole pipeline down to ptxas (shipped in the triton wheel) on the CPU, and ptxas's log gives
-# the registers per thread and the bytes spilled to local memory.
-
-COMPILE_ARCHS = (80, 90)                        # sm_80 (A100), sm_90 (H100, H200)
-COMPILE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-COMPILE_INPUTS = {"none": (), "D": ("D",), "z": ("z",), "delta_bias": ("delta_bias",),
-                  "softplus": ("softplus",), "all": ("D", "z", "delta_bias", "softplus")}
-COMPILE_SHAPE = dict(b=64, d=512, l=197, n=16)  # the benchmark's shape (section 8)
-
-
-def _block_launches(dtype, optional, b, d, l, n):
-    """{"forward" | "backward": (kernel, args, kwargs)} as SelectiveScanFn launches them from the
-    Mamba block, with the inputs named in `optional` (D, z, delta_bias, softplus) and the block's
-    layout: time-major views, z half of in_proj's output, B and C slices of x_proj's. On meta
-    tensors (shapes, strides, dtypes, no memory); pointers count as 16-byte aligned, as the CUDA
-    caching allocator gives them."""
-    r = 16                                                            # dt_rank at d_model 256
-    def empty(*shape, dtype=dtype):
-        return torch.empty(*shape, dtype=dtype, device="meta")
-    u, delta = (empty(b, l, d).transpose(1, 2) for _ in range(2))    # (b, d, l) views
-    x_dbl = empty(b, l, r + 2 * n)                                    # (b, l, r + 2n)
-    B, C = x_dbl[..., r:r + n].transpose(1, 2), x_dbl[..., r + n:].transpose(1, 2)  # (b, n, l)
-    A = empty(d, n, dtype=torch.float32)                              # (d, n)
-    D = empty(d, dtype=torch.float32) if "D" in optional else None    # (d,)
-    z = empty(b, l, 2 * d)[..., d:].transpose(1, 2) if "z" in optional else None  # (b, d, l)
-    bias = empty(d, dtype=torch.float32) if "delta_bias" in optional else None     # (d,)
-    softplus = "softplus" in optional
-    u, delta, z, B, C = _layout(u, delta, z, B, C)
-    _, f_args, f_kwargs, (_, ckpt) = _fwd_launch(u, delta, z, A, B, C, D, bias, softplus,
-                                                   CHUNK, BLOCK_D)
-    _, b_args, b_kwargs, _ = _bwd_launch(u, delta, z, A, B, C, D, bias, ckpt, empty(b, d, l),
-                                         empty(b, d, n, dtype=torch.float32), softplus, CHUNK,
-                                         BLOCK_D)
-    return {"forward": (_scan_fwd_kernel, f_args, f_kwargs),
-            "backward": (_scan_bwd_kernel, b_args, b_kwargs)}
-
-
-def _compile(kernel, args, kwargs, arch):
-    """Compile one launch for sm_<arch>; returns (registers, spill store bytes, spill load bytes).
-
-    The signature, constexprs and alignment hints come from the JIT's own binder, as
-    kernel[grid](*args, **kwargs) makes them (create_function_from_signature and _pack_args:
-    internal, and the same in Triton 3.6 through 3.9). The cache is bypassed so that ptxas runs
-    and its log (`-v`), which Triton prints on request, can be read."""
-    from triton.compiler import ASTSource, make_backend
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime.jit import create_function_from_signature
-    target = GPUTarget("cuda", arch, 32)
-    backend = make_backend(target)
-    bound, specialization, options = create_function_from_signature(
-        kernel.signature, kernel.params, backend)(*args, **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound,
-                                                              specialization, options)
-    log = io.StringIO()
-    with triton.knobs.nvidia.scope(), triton.knobs.compilation.scope(), redirect_stdout(log):
-        triton.knobs.nvidia.dump_ptxas_log = True
-        triton.knobs.compilation.always_compile = True
-        triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
-                       options=options.__dict__)
-    regs = re.search(r"Used (\d+) registers", log.getvalue())
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())
-    if not (regs and spills):
-        raise RuntimeError(f"no register count in ptxas's log:\n{log.getvalue()}")
-    return int(regs[1]), int(spills[1]), int(spills[2])
-
-
-def compile_kernels():
-    """Compile forward and backward for every arch, dtype and set of optional inputs above.
-
-    Returns one dict per variant: kernel, arch, dtype, inputs, ptxas (its release), registers,
-    spill_stores, spill_loads (bytes), seconds, and error (None, or why it did not compile). Under
-    TRITON_INTERPRET=1 the kernels are interpreter objects that cannot be compiled, so the work
-    runs in a fresh Python without it."""
-    if _INTERPRET:
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        code = "import json, mamba_triton; print(json.dumps(mamba_triton.compile_kernels()))"
-        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                             text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
-        if run.returncode != 0:
-            raise RuntimeError(f"compile_kernels in a subprocess failed:\n{run.stderr}")
-        return json.loads(run.stdout.splitlines()[-1])
-    from triton.backends.nvidia.compiler import get_ptxas        # the ptxas Triton runs per arch
-    try:
-        ptxas = {arch: get_ptxas(arch).version for arch in COMPILE_ARCHS}
-    except RuntimeError as err:
-        raise RuntimeError(f"{err}: the triton wheel ships it in triton/backends/nvidia/bin; "
-                           f"TRITON_PTXAS_PATH names another") from err
-    rows = []
-    for dtype_name, dtype in COMPILE_DTYPES.items():
-        for inputs, optional in COMPILE_INPUTS.items():
-            launches = _block_launches(dtype, optional, **COMPILE_SHAPE)
-            for arch in COMPILE_ARCHS:
-                for name, (kernel, args, kwargs) in launches.items():
-                    row = dict(kernel=name, arch=arch, dtype=dtype_name, inputs=inputs,
-                               ptxas=ptxas[arch], registers=None, spill_stores=None,
-                               spill_loads=None, error=None)
-                    start = time.perf_counter()
-                    try:
-                        row["registers"], row["spill_stores"], row["spill_loads"] = _compile(
-                            kernel, args, kwargs, arch)
-                    except Exception as err:  # any failure to compile is the finding to report
-                        row["error"] = f"{type(err).__name__}: {err}"
-                    row["seconds"] = round(time.perf_counter() - start, 2)
-                    rows.append(row)
-    return rows
-
-
-def print_compile_table(rows):
-    """The table of `python mamba_triton.py --compile`: registers per thread of every variant, a *
-    where it spills; then, in words, every variant that spills or failed to compile."""
-    cell = {(r["kernel"], r["arch"], r["dtype"], r["inputs"]): r for r in rows}
-    ptxas = ", ".join(f"{version} for sm_{arch}"
-                      for arch, version in {r["arch"]: r["ptxas"] for r in rows}.items())
-    print(f"Triton {triton.__version__}, ptxas {ptxas}.\nThe kernels as the Mamba block launches "
-          f"them: batch {COMPILE_SHAPE['b']}, channels {COMPILE_SHAPE['d']}, L "
-          f"{COMPILE_SHAPE['l']}, N {COMPILE_SHAPE['n']}.\nRegisters per thread (of 255) with no "
-          f"optional input, each one alone, and all; * spills to local memory.")
-    print(f"{'kernel':9s} {'target':6s} {'dtype':5s}"
-          + "".join(f"{inputs:>11s}" for inputs in COMPILE_INPUTS))
-    for kernel in ("forward", "backward"):
-        for arch in COMPILE_ARCHS:
-            for dtype in COMPILE_DTYPES:
-                line = f"{kernel:9s} sm_{arch:<3d} {dtype:5s}"
-                for inputs in COMPILE_INPUTS:
-                    r = cell[kernel, arch, dtype, inputs]
-                    spills = "*" if r["spill_stores"] or r["spill_loads"] else " "
-                    line += f" {'FAILED' if r['error'] else r['registers']:>9}{spills}"
-                print(line.rstrip())
-    for r in rows:
-        variant = f"{r['kernel']} kernel, sm_{r['arch']}, {r['dtype']}, inputs {r['inputs']}"
-        if r["error"] is not None:
-            print(f"FAILED to compile: {variant}:\n{r['error']}\n")
-        elif r["spill_stores"] or r["spill_loads"]:
-            print(f"SPILLS: {variant}: {r['spill_stores']} bytes stored to and "
-                  f"{r['spill_loads']} bytes loaded from local memory per thread")
-    failed = sum(r["error"] is not None for r in rows)
-    spill = sum(bool(r["spill_stores"] or r["spill_loads"]) for r in rows)
-    print(f"{len(rows) - failed} of {len(rows)} variants compiled in "
-          f"{sum(r['seconds'] for r in rows):.0f} s; {spill or 'none'} spill.")
-
-
 if __name__ == "__main__":
     if "--bench" in sys.argv:
         bench()
-    elif "--compile" in sys.argv:
-        table = compile_kernels()
-        print_compile_table(table)
-        sys.exit(1 if any(r["error"] for r in table) else 0)
+    elif "--compile" in sys.argv:  # section 9 lives in mamba_compile.py
+        import mamba_compile
+        sys.exit(mamba_compile.main())
     else:
         sys.exit(0 if check("cuda" if torch.cuda.is_available() else "cpu") else 1)

@@ -15,16 +15,16 @@ import warnings
 
 import pytest
 
-import mamba_triton as mt
+import mamba_compile as mc
 
-VARIANTS = list(itertools.product(("forward", "backward"), mt.COMPILE_ARCHS, mt.COMPILE_DTYPES,
-                                  mt.COMPILE_INPUTS))
+VARIANTS = list(itertools.product(("forward", "backward"), mc.COMPILE_ARCHS, mc.COMPILE_DTYPES,
+                                  mc.COMPILE_INPUTS))
 
 
 @pytest.fixture(scope="module")
 def compiled():
     """Every variant, compiled once (in a fresh Python: conftest.py turns the interpreter on)."""
-    return {(r["kernel"], r["arch"], r["dtype"], r["inputs"]): r for r in mt.compile_kernels()}
+    return {(r["kernel"], r["arch"], r["dtype"], r["inputs"]): r for r in mc.compile_kernels()}
 
 
 @pytest.mark.parametrize("kernel, arch, dtype, inputs", VARIANTS)
@@ -47,7 +47,7 @@ def test_compile_table_names_spills_and_failures(capsys):
     rows[0].update(registers=255, spill_stores=64, spill_loads=32)   # forward, sm_80, fp32, none
     rows[-1].update(registers=None, spill_stores=None, spill_loads=None,
                     error="PTXASError: ptxas fatal")                 # backward, sm_90, bf16, all
-    mt.print_compile_table(rows)
+    mc.print_compile_table(rows)
     out = capsys.readouterr().out
     first_row = next(line for line in out.splitlines() if line.startswith("forward   sm_80  fp32"))
     assert first_row.split()[3] == "255*"
