@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import study
-from test_train import TINY
+from test_train import SYNTH, TINY
 
 
 def test_verdict_rule_on_hand_worked_numbers():
@@ -96,7 +96,7 @@ def test_study_command_on_a_tiny_configuration(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("TRITON_INTERPRET")  # the child processes use the PyTorch scan
     out = tmp_path / "study"
     argv = ["--rows", "full", "w/o BDAM gate", "--seeds", "0", "--regimes", "cloth-changing", "--out", str(out),
-            "--", "--synth-ids", "30", *TINY, "--max-steps", "2", "--p", "4", "--k", "2"]
+            "--", *SYNTH, *TINY, "--max-steps", "2", "--p", "4", "--k", "2"]
     assert study.main(argv) == 0
     first = capsys.readouterr().out
     assert "2 runs, 0 finished" in first and "[2/2] cloth-changing | w/o BDAM gate | seed 0" in first

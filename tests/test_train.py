@@ -25,6 +25,8 @@ from model import T2IReID
 TINY = ["--image-size", "64,32", "--vision-layers", "2", "--vision-width", "64", "--vision-heads", "2",
         "--bdam-width", "64", "--bdam-heads", "2", "--fusion-width", "32", "--embed-dim", "32",
         "--rerank-k", "8", "--eval-batch", "64", "--workers", "0"]
+# 30 identities, 6 photographs of each training outfit (the preset takes 12)
+SYNTH = ["--synth-ids", "30", "--synth-train-images", "18"]
 
 
 @pytest.fixture(autouse=True)
@@ -37,13 +39,13 @@ def scan_reference(monkeypatch):
 def synth_root(tmp_path_factory):
     """30 identities (18 train / 3 val / 9 test), their descriptions written by train.py itself."""
     root = tmp_path_factory.mktemp("synth")
-    cfg, _, _ = train.parse_config(["--root", str(root), "--synth-ids", "30"])
+    cfg, _, _ = train.parse_config(["--root", str(root), *SYNTH])
     train.prepare_data(cfg)
     return root
 
 
 def config(root, *extra):
-    cfg, mcfg, _ = train.parse_config(["--root", str(root), "--synth-ids", "30", *TINY, *extra])
+    cfg, mcfg, _ = train.parse_config(["--root", str(root), *SYNTH, *TINY, *extra])
     return cfg, mcfg
 
 
@@ -113,7 +115,7 @@ def test_resume_continues_exactly(synth_root, tmp_path, monkeypatch):
 def test_ctrl_c_saves_last_and_resume_finishes(synth_root, tmp_path):
     """A real process, a real SIGINT: exit 130, last.pt written, then --resume runs to the end."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = [sys.executable, str(Path(train.__file__)), "--root", str(synth_root), "--synth-ids", "30",
+    args = [sys.executable, str(Path(train.__file__)), "--root", str(synth_root), *SYNTH,
             *TINY, "--epochs", "1", "--p", "4", "--k", "2", "--final-eval", "false", "--name", "stopped"]
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "runs" / "stopped" / "log.jsonl"
@@ -172,7 +174,7 @@ def test_command_line_types_presets_and_ablations():
 
 def test_both_regimes_train_on_as_many_photographs_per_identity(monkeypatch, tmp_path):
     """--synth-train-images counts photographs of each training identity, over its outfits: the
-    preset's 18 are 6 of each of 3 outfits (cloth-changing) or 18 of the one outfit (same-clothes)."""
+    preset's 36 are 12 of each of 3 outfits (cloth-changing) or 36 of the one outfit (same-clothes)."""
     asked = {}
 
     class Generated(Exception):
@@ -182,7 +184,7 @@ def test_both_regimes_train_on_as_many_photographs_per_identity(monkeypatch, tmp
         asked.update(settings)
         raise Generated  # what was asked for is all this test needs
     monkeypatch.setattr(synthpedes, "ensure_synthpedes", ensure)
-    for regime, per_outfit in (("cloth-changing", 6), ("same-clothes", 18)):
+    for regime, per_outfit in (("cloth-changing", 12), ("same-clothes", 36)):
         cfg, _, _ = train.parse_config(["--root", str(tmp_path), "--synth-regime", regime])
         with pytest.raises(Generated):
             train.prepare_data(cfg)
