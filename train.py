@@ -13,6 +13,7 @@ points at the newest run.
     python train.py --use-bdam false --loss-aln false --loss-decouple false   # any field
     python train.py --resume runs/NAME               # continue exactly where it stopped
     python train.py --bench                          # step time of the model vs its encoders
+    torchrun --nproc_per_node 4 train.py --data cuhk # 4 GPUs (DistributedDataParallel, README)
 
 Every field of TrainConfig and model.ModelConfig is a flag (`--field-name value`).
 Tests: pytest tests/test_train.py
@@ -33,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
@@ -146,6 +149,94 @@ class TrainingError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------
+# Several processes (torchrun): DistributedDataParallel over the P x K batch. Each process takes
+# P/N whole identities of the batch (data.IdentitySampler); the losses see the global batch,
+# gathered from every process (README, design decision 12). One process: all of this is a no-op.
+
+
+def init_distributed(device_name: str) -> torch.device:
+    """This process's device; under torchrun (WORLD_SIZE > 1) also join the process group: nccl
+    with one GPU per process (LOCAL_RANK), gloo on CPUs."""
+    device = pick_device(device_name)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or dist.is_initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def from_rank0(obj):
+    """Rank 0's `obj` on every process (a run folder's name, chosen once)."""
+    box = [obj]
+    if world() > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_process(flag: bool, device) -> bool:
+    """True everywhere if True anywhere: a Ctrl-C reaches the processes mid-step at different
+    moments, and all must stop after the same step (or the next collective waits forever)."""
+    if world() == 1:
+        return flag
+    value = torch.tensor(float(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value)
+
+
+def mean_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean over processes (GradNorm's task gradients on its shared layer)."""
+    tensor = tensor.contiguous()
+    dist.all_reduce(tensor)
+    return tensor / world()
+
+
+class GatherRows(torch.autograd.Function):
+    """(B/N, ...) rows of each process -> (B, ...), concatenated in rank order.
+
+    Backward: every process computes the same loss from the same gathered rows, so each of the
+    N copies of the loss gives this process's rows the same gradient; all_gather's usual
+    backward (a reduce-scatter) would add N equal terms: we multiply by N instead and skip the
+    communication. DDP then averages the parameters' gradients over the processes, which makes
+    the sum over processes of each one's share: the gradient of the global-batch loss."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(rows) for _ in range(world())]
+        dist.all_gather(parts, rows.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        n = len(grad) // world()
+        return grad[rank() * n:(rank() + 1) * n] * world()
+
+
+def gather_batch(out: dict, batch: dict) -> tuple[dict, dict]:
+    """The model's outputs and the labels that losses.compute_losses reads, over the global
+    batch: the InfoNCE negatives, the triplet's hardest pairs and HSIC see every process's
+    samples, as on one process. Only the labels compute_losses reads are returned (a new one is
+    a KeyError, not a silently local label). Token ids are padded to the longest anywhere."""
+    if world() == 1:
+        return out, batch
+    out = {key: GatherRows.apply(value) if torch.is_tensor(value) else value for key, value in out.items()}
+    ids = batch["clothing"]["input_ids"]  # (B/N, T) padded to this process's longest text
+    length = torch.tensor(ids.shape[1], device=ids.device)
+    dist.all_reduce(length, op=dist.ReduceOp.MAX)
+    ids = F.pad(ids, (0, int(length) - ids.shape[1]))  # [PAD] is 0, as data.tokenize pads
+    return out, {"pids": GatherRows.apply(batch["pids"]), "clothing": {"input_ids": GatherRows.apply(ids)}}
+
+
+# ----------------------------------------------------------------------------------------------
 # Data: the dataset, its descriptions, and batches that a resumed run replays exactly
 
 
@@ -224,6 +315,7 @@ class State:
     step_in_epoch: int = 0  # batches of `epoch` already trained on
     global_step: int = 0
     best: float = -1.0  # best validation Rank-1 so far
+    ddp: torch.nn.Module | None = None  # the model under DistributedDataParallel (torchrun)
 
     @classmethod
     def create(cls, cfg: TrainConfig, mcfg: ModelConfig, device, total_steps: int) -> "State":
@@ -249,23 +341,37 @@ class State:
         return cls(model, gradnorm, optimizer, weight_optimizer, schedule)
 
     def state_dict(self) -> dict:
+        """Everything a resumed run needs; with several processes a collective (every process
+        calls it, rank 0 writes it): the weights are the same everywhere, the RNGs (dropout) are
+        not, so "rng_ranks" holds each process's and "rng" rank 0's."""
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        rng_ranks = [rng] * world()
+        if world() > 1:
+            dist.all_gather_object(rng_ranks, rng)
         parts = ("model", "gradnorm", "optimizer", "weight_optimizer", "schedule")
         counters = ("epoch", "step_in_epoch", "global_step", "best")
         return {**{p: getattr(self, p).state_dict() for p in parts},
-                **{c: getattr(self, c) for c in counters}, "rng": rng}
+                **{c: getattr(self, c) for c in counters}, "rng": rng_ranks[0], "rng_ranks": rng_ranks}
 
     def load_state_dict(self, saved: dict) -> None:
+        """Every process reads the same last.pt and takes its own RNG. Resumed with another
+        number of processes, the batches and weights go on exactly, the dropout masks do not."""
         for part in ("model", "gradnorm", "optimizer", "weight_optimizer", "schedule"):
             getattr(self, part).load_state_dict(saved[part])
         for counter in ("epoch", "step_in_epoch", "global_step", "best"):
             setattr(self, counter, saved[counter])
-        torch.set_rng_state(saved["rng"]["torch"])
-        np.random.set_state(saved["rng"]["numpy"])
-        random.setstate(saved["rng"]["python"])
-        if saved["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+        rngs = saved.get("rng_ranks", [saved["rng"]])
+        if len(rngs) != world() and rank() == 0:
+            print(f"last.pt was saved by {len(rngs)} processes, resumed by {world()}: the same batches "
+                  f"and weights, other dropout masks", file=sys.stderr)
+        rng = rngs[rank()] if len(rngs) == world() else rngs[0] if rank() == 0 else None
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def save(obj: dict, path: Path) -> None:
@@ -275,16 +381,29 @@ def save(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def checkpoint(state: State, path: Path) -> None:
+    """last.pt: every process takes part (the RNGs), rank 0 writes."""
+    saved = state.state_dict()
+    if rank() == 0:
+        save(saved, path)
+
+
 # ----------------------------------------------------------------------------------------------
 # One step, one epoch
 
 
 def train_step(state: State, batch: dict, mcfg: ModelConfig, device, amp: bool) -> dict:
-    """Forward, the named losses, GradNorm (Eq. 5) and the weighted total (Eq. 6), one update."""
+    """Forward, the named losses over the global batch, one update (the log row)."""
     batch = to_device(batch, device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-        out = state.model(batch)
-        losses = {name: loss.float() for name, loss in compute_losses(out, batch, mcfg).items()}
+        out, labels = gather_batch((state.ddp or state.model)(batch), batch)  # the global batch
+        losses = {name: loss.float() for name, loss in compute_losses(out, labels, mcfg).items()}
+    return update(state, losses, mcfg)
+
+
+def update(state: State, losses: dict[str, torch.Tensor], mcfg: ModelConfig) -> dict:
+    """GradNorm (Eq. 5) and the weighted total (Eq. 6) from the named losses, one optimiser
+    step of the network and of the task weights: the log row."""
     values = {name: loss.detach().item() for name, loss in losses.items()}
     bad = {name: value for name, value in values.items() if not math.isfinite(value)}
     if bad:
@@ -292,7 +411,8 @@ def train_step(state: State, batch: dict, mcfg: ModelConfig, device, amp: bool) 
                             f"{state.global_step + 1} (epoch {state.epoch + 1}); lower --lr or turn "
                             f"--amp off; last.pt still holds the last good state")
     if mcfg.use_gradnorm:
-        stats = state.gradnorm.backward(losses, state.model.shared_parameter())
+        stats = state.gradnorm.backward(losses, state.model.shared_parameter(),
+                                        reduce=mean_over_processes if world() > 1 else None)
     else:  # every weight stays 1
         stats = {"total": sum(losses.values())}
         stats["total"].backward()
@@ -338,7 +458,7 @@ def run_epoch(state: State, loader, cfg: TrainConfig, mcfg: ModelConfig, device,
               log, stop: StopRequest) -> bool:
     """Train on the batches of one epoch; False if stopped early (max_steps or a stop request)."""
     bar = tqdm(loader, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", dynamic_ncols=True,
-               initial=state.step_in_epoch, total=state.step_in_epoch + len(loader))
+               initial=state.step_in_epoch, total=state.step_in_epoch + len(loader), disable=rank() > 0)
     tick = time.perf_counter()
     for batch in bar:
         row = train_step(state, batch, mcfg, device, cfg.amp)
@@ -346,13 +466,14 @@ def run_epoch(state: State, loader, cfg: TrainConfig, mcfg: ModelConfig, device,
         state.global_step += 1
         now = time.perf_counter()
         row.update(step=state.global_step, epoch=state.epoch, lr=state.schedule.get_last_lr()[0],
-                   images_per_s=len(batch["pids"]) / (now - tick))
+                   images_per_s=len(batch["pids"]) * world() / (now - tick))
         tick = now
         log.write(json.dumps(row) + "\n")
         log.flush()
         bar.set_postfix(loss=f"{row['total']:.3f}", img_s=f"{row['images_per_s']:.1f}")
         if state.global_step % cfg.checkpoint_every == 0:
-            save(state.state_dict(), run / "last.pt")
+            checkpoint(state, run / "last.pt")
+        stop.requested = any_process(stop.requested, device)
         if stop.requested or (cfg.max_steps and state.global_step >= cfg.max_steps):
             return False
     return True
@@ -365,7 +486,8 @@ def fill_text_cache(model: T2IReID, texts: list[str], tokenizer, max_len: int, d
     if model.frozen_text is None:
         return
     texts = sorted(texts, key=lambda text: (len(text), text))  # similar lengths pad little
-    for start in tqdm(range(0, len(texts), chunk), desc=f"frozen text layers: {len(texts)} texts", leave=False):
+    for start in tqdm(range(0, len(texts), chunk), desc=f"frozen text layers: {len(texts)} texts", leave=False,
+                      disable=rank() > 0):
         tokens = to_device(data.tokenize(tokenizer, texts[start:start + chunk], max_len), device)
         model.frozen_text.fill(**tokens)
 
@@ -417,45 +539,69 @@ def trim_log(path: Path, last_step: int) -> None:
 
 
 def train(cfg: TrainConfig, mcfg: ModelConfig, run: Path | None = None) -> Path:
-    """Train (or resume `run`), keep last.pt / best.pt, evaluate on the test split at the end."""
-    device = pick_device(cfg.device)
-    prepare_data(cfg)
+    """Train (or resume `run`), keep last.pt / best.pt, evaluate on the test split at the end.
+    Under torchrun every process runs this; rank 0 alone prepares the data, writes the run
+    folder and the log, validates and evaluates."""
+    device = init_distributed(cfg.device)
+    if rank() == 0:
+        prepare_data(cfg)
+    if world() > 1:
+        dist.barrier()  # the data rank 0 may have just written
     dataset = data.load_dataset(cfg.data, cfg.root)
     val = data.load_dataset(cfg.data, cfg.root, eval_split="val") if cfg.data != "icfg" else None
     tokenizer = data.load_tokenizer(mcfg.text_model or None)  # "" = random BERT, same vocabulary
     torch.manual_seed(cfg.seed), np.random.seed(cfg.seed), random.seed(cfg.seed)
-    sampler = data.IdentitySampler([s.pid for s in dataset.train], cfg.p, cfg.k, seed=cfg.seed)
+    try:
+        sampler = data.IdentitySampler([s.pid for s in dataset.train], cfg.p, cfg.k, seed=cfg.seed,
+                                       rank=rank(), world=world())
+    except ValueError as err:  # too few identities, or P not a multiple of the processes
+        raise TrainingError(str(err)) from None
     state = State.create(cfg, mcfg, device, total_steps=cfg.epochs * len(sampler))
-    run, resume = start_run(cfg, mcfg, run)
+    if rank() > 0:  # dropout masks of its own; rank 0 draws what one process would
+        torch.manual_seed(cfg.seed * 1_000_003 + rank())
+    run, resume = from_rank0(start_run(cfg, mcfg, run) if rank() == 0 else None)
     if resume:
         state.load_state_dict(torch.load(run / "last.pt", map_location=device, weights_only=False))
-        trim_log(run / "log.jsonl", state.global_step)
-        print(f"resuming {run} at epoch {state.epoch + 1}, step {state.global_step}", file=sys.stderr)
+        if rank() == 0:
+            trim_log(run / "log.jsonl", state.global_step)
+            print(f"resuming {run} at epoch {state.epoch + 1}, step {state.global_step}", file=sys.stderr)
+    if world() > 1:  # frozen parameters (requires_grad False) are left out by DDP itself
+        state.ddp = torch.nn.parallel.DistributedDataParallel(
+            state.model, device_ids=[device] if device.type == "cuda" else None)
     items = SeededItems(data.TrainSet(dataset.train, data.train_transform(mcfg.image_size)), cfg.seed)
     fill_text_cache(state.model, items.dataset.texts(), tokenizer, mcfg.max_text_len, device)
     state.model.train()
-    with open(run / "log.jsonl", "a") as log, StopRequest() as stop:
+    with open(run / "log.jsonl" if rank() == 0 else os.devnull, "a") as log, StopRequest() as stop:
         while state.epoch < cfg.epochs:
             loader = make_loader(items, sampler, state.epoch, state.step_in_epoch, tokenizer, cfg,
                                  mcfg.max_text_len)
             if not run_epoch(state, loader, cfg, mcfg, device, run, log, stop):
-                save(state.state_dict(), run / "last.pt")  # stopped inside the epoch
+                checkpoint(state, run / "last.pt")  # stopped inside the epoch
                 break
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
-            score = validate(state, val, tokenizer, cfg, mcfg, device) if val else None
-            log.write(json.dumps({"step": state.global_step, "epoch": state.epoch, "val_R1": score}) + "\n")
-            if score is None or score > state.best:  # no validation split: the last epoch is the best
-                state.best = state.best if score is None else score
-                save({"model": state.model.state_dict(), "epoch": state.epoch, "val_R1": score}, run / "best.pt")
-            save(state.state_dict(), run / "last.pt")
+            if rank() == 0:
+                end_epoch(state, val, tokenizer, cfg, mcfg, device, run, log)
+            checkpoint(state, run / "last.pt")
     if stop.requested:
-        raise KeyboardInterrupt(f"stopped at step {state.global_step}; continue with: "
-                                f"python train.py --resume {run}")
+        again = "python train.py" if world() == 1 else "the same torchrun command with train.py"
+        raise KeyboardInterrupt(f"stopped at step {state.global_step}; continue with: {again} --resume {run}")
+    if rank() > 0:
+        return run
     if not (run / "best.pt").exists():  # stopped by max_steps before the first epoch ended
         save({"model": state.model.state_dict(), "epoch": state.epoch, "val_R1": None}, run / "best.pt")
     if cfg.final_eval:
         final_evaluation(state.model, run, dataset, tokenizer, cfg, mcfg, device)
     return run
+
+
+def end_epoch(state: State, val, tokenizer, cfg: TrainConfig, mcfg: ModelConfig, device, run: Path,
+              log) -> None:
+    """After each epoch (rank 0): the validation Rank-1 in the log, best.pt when it improved."""
+    score = validate(state, val, tokenizer, cfg, mcfg, device) if val else None
+    log.write(json.dumps({"step": state.global_step, "epoch": state.epoch, "val_R1": score}) + "\n")
+    if score is None or score > state.best:  # no validation split: the last epoch is the best
+        state.best = state.best if score is None else score
+        save({"model": state.model.state_dict(), "epoch": state.epoch, "val_R1": score}, run / "best.pt")
 
 
 def final_evaluation(model: T2IReID, run: Path, dataset, tokenizer, cfg: TrainConfig,
@@ -606,8 +752,12 @@ def main(argv=None) -> int:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:
-        print(f"train.py: {stop or 'interrupted'}", file=sys.stderr)
+        if rank() == 0:
+            print(f"train.py: {stop or 'interrupted'}", file=sys.stderr)
         return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 
