@@ -395,15 +395,24 @@ class IdentitySampler(torch.utils.data.Sampler):
     up from the same identity, with replacement if it has fewer than K). All groups are shuffled
     together and dealt into batches in that order; a group whose identity is already in the batch
     waits for the next batch. So every sample appears in every epoch. When fewer than P
-    identities are left, the batch is completed with fresh groups of other identities."""
+    identities are left, the batch is completed with fresh groups of other identities.
 
-    def __init__(self, pids: list[int], p: int, k: int, seed: int = 0):
+    With `world` processes (torchrun), process `rank` gets identities rank * P/N .. (rank + 1) *
+    P/N - 1 of each batch, whole, with their K samples: the N slices, in rank order, are the
+    batch a single process gets, and every process sees every image of its identities (the
+    triplet's positives, the fusion's own-identity candidates)."""
+
+    def __init__(self, pids: list[int], p: int, k: int, seed: int = 0, rank: int = 0, world: int = 1):
         self.by_pid = defaultdict(list)
         for i, pid in enumerate(pids):
             self.by_pid[pid].append(i)
         if len(self.by_pid) < p:
             raise ValueError(f"IdentitySampler needs at least P={p} identities, got {len(self.by_pid)}")
+        if p % world:
+            raise ValueError(f"P={p} identities per batch cannot be split over {world} processes: "
+                             f"choose --p as a multiple of {world}")
         self.p, self.k, self.seed, self.epoch, self._cache = p, k, seed, 0, (None, [])
+        self.rank, self.world = rank, world
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
@@ -441,7 +450,8 @@ class IdentitySampler(torch.utils.data.Sampler):
         return self._cache[1]
 
     def __iter__(self):
-        return iter(self._batches())
+        share = self.p // self.world * self.k  # samples of this process: P/N whole identities
+        return iter(batch[self.rank * share:(self.rank + 1) * share] for batch in self._batches())
 
     def __len__(self) -> int:
         return len(self._batches())

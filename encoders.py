@@ -181,6 +181,7 @@ class FrozenTextPrefix:
         self.embeddings, self.layers = bert.embeddings, bert.encoder.layer[:layers]
         for module in (self.embeddings, *self.layers):
             module.requires_grad_(False)
+        self.eval()  # from the start: train.py fills the cache before any model.train()
         self.cache, self.cached_bytes = {}, 0
 
     def eval(self) -> None:

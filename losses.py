@@ -241,23 +241,32 @@ class GradNorm(nn.Module):
             norms.append(torch.zeros((), device=shared.device) if grad is None else grad.norm())
         return torch.stack(norms)
 
-    def backward(self, losses: dict[str, torch.Tensor], shared: torch.Tensor) -> dict:
+    def backward(self, losses: dict[str, torch.Tensor], shared: torch.Tensor, reduce=None) -> dict:
         """Fill .grad: the network's from Eq. 6, s_k's from Eq. 5 + the regulariser.
 
         The last task's gradient on W is not computed on its own: the full backward adds
         sum_k w_k grad_W L_k to W.grad, so grad_W L_last = (added - sum_{k<last} w_k grad_W L_k) /
         w_last. That saves one pass through the most expensive task, which compute_losses puts
         last (the fusion loss). The loss must not be scaled (no fp16 GradScaler; bf16 needs none).
+
+        Under DistributedDataParallel, `reduce` averages a tensor over the processes (train.py
+        passes an all-reduce). DDP averages what backward() accumulates in .grad, but not what
+        autograd.grad returns, so the K - 1 task gradients on W are averaged here; with losses
+        that are the same on every process (train.py computes them over the global batch), every
+        process then computes the same norms, the same L_grad and the same weights.
         """
         w = self.weights().detach()  # (K,)
         before = torch.zeros_like(shared) if shared.grad is None else shared.grad.detach().clone()
-        others = torch.zeros_like(shared)
-        norms = []
-        for k, loss in enumerate(self._tasks(losses)[:-1]):
+        grads = []
+        for loss in self._tasks(losses)[:-1]:
             (grad,) = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
-            grad = torch.zeros_like(shared) if grad is None else grad
+            grads.append(torch.zeros_like(shared) if grad is None else grad)
+        if reduce is not None and grads:
+            grads = list(reduce(torch.stack(grads)))  # (K - 1, *W.shape), averaged over processes
+        others = torch.zeros_like(shared)
+        for k, grad in enumerate(grads):
             others += w[k] * grad
-            norms.append(grad.norm())
+        norms = [grad.norm() for grad in grads]
         total = self.total_loss(losses)
         total.backward()  # the network, and lambda * s_k^2 on s_k
         added = torch.zeros_like(shared) if shared.grad is None else shared.grad.detach() - before

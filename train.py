@@ -13,6 +13,7 @@ points at the newest run.
     python train.py --use-bdam false --loss-aln false --loss-decouple false   # any field
     python train.py --resume runs/NAME               # continue exactly where it stopped
     python train.py --bench                          # step time of the model vs its encoders
+    torchrun --nproc_per_node 4 train.py --data cuhk # 4 GPUs (DistributedDataParallel, README)
 
 Every field of TrainConfig and model.ModelConfig is a flag (`--field-name value`).
 Tests: pytest tests/test_train.py
@@ -33,13 +34,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import data
 import evaluate
 import synthpedes
-from losses import GradNorm, compute_losses
+from distributed import any_process, from_rank0, gather_batch, init_distributed, mean_over_processes, rank, world
 from encoders import EncoderLoadError, load_tokenizer
+from losses import GradNorm, compute_losses
 from model import ABLATIONS, ModelConfig, T2IReID
 
 # ----------------------------------------------------------------------------------------------
@@ -230,6 +233,7 @@ class State:
     step_in_epoch: int = 0  # batches of `epoch` already trained on
     global_step: int = 0
     best: float = -1.0  # best validation Rank-1 so far
+    ddp: torch.nn.Module | None = None  # the model under DistributedDataParallel (torchrun)
 
     @classmethod
     def create(cls, cfg: TrainConfig, mcfg: ModelConfig, device, total_steps: int) -> "State":
@@ -255,23 +259,37 @@ class State:
         return cls(model, gradnorm, optimizer, weight_optimizer, schedule)
 
     def state_dict(self) -> dict:
+        """Everything a resumed run needs; with several processes a collective (every process
+        calls it, rank 0 writes it): the weights are the same everywhere, the RNGs (dropout) are
+        not, so "rng_ranks" holds each process's and "rng" rank 0's."""
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        rng_ranks = [rng] * world()
+        if world() > 1:
+            dist.all_gather_object(rng_ranks, rng)
         parts = ("model", "gradnorm", "optimizer", "weight_optimizer", "schedule")
         counters = ("epoch", "step_in_epoch", "global_step", "best")
         return {**{p: getattr(self, p).state_dict() for p in parts},
-                **{c: getattr(self, c) for c in counters}, "rng": rng}
+                **{c: getattr(self, c) for c in counters}, "rng": rng_ranks[0], "rng_ranks": rng_ranks}
 
     def load_state_dict(self, saved: dict) -> None:
+        """Every process reads the same last.pt and takes its own RNG. Resumed with another
+        number of processes, the batches and weights go on exactly, the dropout masks do not."""
         for part in ("model", "gradnorm", "optimizer", "weight_optimizer", "schedule"):
             getattr(self, part).load_state_dict(saved[part])
         for counter in ("epoch", "step_in_epoch", "global_step", "best"):
             setattr(self, counter, saved[counter])
-        torch.set_rng_state(saved["rng"]["torch"])
-        np.random.set_state(saved["rng"]["numpy"])
-        random.setstate(saved["rng"]["python"])
-        if saved["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+        rngs = saved.get("rng_ranks", [saved["rng"]])
+        if len(rngs) != world() and rank() == 0:
+            print(f"last.pt was saved by {len(rngs)} processes, resumed by {world()}: the same batches "
+                  f"and weights, other dropout masks", file=sys.stderr)
+        rng = rngs[rank()] if len(rngs) == world() else rngs[0] if rank() == 0 else None
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def save(obj: dict, path: Path) -> None:
@@ -281,16 +299,29 @@ def save(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def checkpoint(state: State, path: Path) -> None:
+    """last.pt: every process takes part (the RNGs), rank 0 writes."""
+    saved = state.state_dict()
+    if rank() == 0:
+        save(saved, path)
+
+
 # ----------------------------------------------------------------------------------------------
 # One step, one epoch
 
 
 def train_step(state: State, batch: dict, mcfg: ModelConfig, device, amp: bool) -> dict:
-    """Forward, the named losses, GradNorm (Eq. 5) and the weighted total (Eq. 6), one update."""
+    """Forward, the named losses over the global batch, one update (the log row)."""
     batch = to_device(batch, device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-        out = state.model(batch)
-        losses = {name: loss.float() for name, loss in compute_losses(out, batch, mcfg).items()}
+        out, labels = gather_batch((state.ddp or state.model)(batch), batch)  # the global batch
+        losses = {name: loss.float() for name, loss in compute_losses(out, labels, mcfg).items()}
+    return update(state, losses, mcfg)
+
+
+def update(state: State, losses: dict[str, torch.Tensor], mcfg: ModelConfig) -> dict:
+    """GradNorm (Eq. 5) and the weighted total (Eq. 6) from the named losses, one optimiser
+    step of the network and of the task weights: the log row."""
     values = {name: loss.detach().item() for name, loss in losses.items()}
     bad = {name: value for name, value in values.items() if not math.isfinite(value)}
     if bad:
@@ -298,7 +329,8 @@ def train_step(state: State, batch: dict, mcfg: ModelConfig, device, amp: bool) 
                             f"{state.global_step + 1} (epoch {state.epoch + 1}); lower --lr or turn "
                             f"--amp off; last.pt still holds the last good state")
     if mcfg.use_gradnorm:
-        stats = state.gradnorm.backward(losses, state.model.shared_parameter())
+        stats = state.gradnorm.backward(losses, state.model.shared_parameter(),
+                                        reduce=mean_over_processes if world() > 1 else None)
     else:  # every weight stays 1
         stats = {"total": sum(losses.values())}
         stats["total"].backward()
@@ -344,7 +376,7 @@ def run_epoch(state: State, loader, cfg: TrainConfig, mcfg: ModelConfig, device,
               log, stop: StopRequest) -> bool:
     """Train on the batches of one epoch; False if stopped early (max_steps or a stop request)."""
     bar = tqdm(loader, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", dynamic_ncols=True,
-               initial=state.step_in_epoch, total=state.step_in_epoch + len(loader))
+               initial=state.step_in_epoch, total=state.step_in_epoch + len(loader), disable=rank() > 0)
     tick = time.perf_counter()
     for batch in bar:
         row = train_step(state, batch, mcfg, device, cfg.amp)
@@ -352,13 +384,14 @@ def run_epoch(state: State, loader, cfg: TrainConfig, mcfg: ModelConfig, device,
         state.global_step += 1
         now = time.perf_counter()
         row.update(step=state.global_step, epoch=state.epoch, lr=state.schedule.get_last_lr()[0],
-                   images_per_s=len(batch["pids"]) / (now - tick))
+                   images_per_s=len(batch["pids"]) * world() / (now - tick))
         tick = now
         log.write(json.dumps(row) + "\n")
         log.flush()
         bar.set_postfix(loss=f"{row['total']:.3f}", img_s=f"{row['images_per_s']:.1f}")
         if state.global_step % cfg.checkpoint_every == 0:
-            save(state.state_dict(), run / "last.pt")
+            checkpoint(state, run / "last.pt")
+        stop.requested = any_process(stop.requested, device)
         if stop.requested or (cfg.max_steps and state.global_step >= cfg.max_steps):
             return False
     return True
@@ -371,7 +404,8 @@ def fill_text_cache(model: T2IReID, texts: list[str], tokenizer, max_len: int, d
     if model.frozen_text is None:
         return
     texts = sorted(texts, key=lambda text: (len(text), text))  # similar lengths pad little
-    for start in tqdm(range(0, len(texts), chunk), desc=f"frozen text layers: {len(texts)} texts", leave=False):
+    for start in tqdm(range(0, len(texts), chunk), desc=f"frozen text layers: {len(texts)} texts", leave=False,
+                      disable=rank() > 0):
         tokens = to_device(data.tokenize(tokenizer, texts[start:start + chunk], max_len), device)
         model.frozen_text.fill(**tokens)
 
@@ -423,45 +457,69 @@ def trim_log(path: Path, last_step: int) -> None:
 
 
 def train(cfg: TrainConfig, mcfg: ModelConfig, run: Path | None = None) -> Path:
-    """Train (or resume `run`), keep last.pt / best.pt, evaluate on the test split at the end."""
-    device = pick_device(cfg.device)
-    prepare_data(cfg)
+    """Train (or resume `run`), keep last.pt / best.pt, evaluate on the test split at the end.
+    Under torchrun every process runs this; rank 0 alone prepares the data, writes the run
+    folder and the log, validates and evaluates."""
+    device = init_distributed(pick_device(cfg.device))
+    if rank() == 0:
+        prepare_data(cfg)
+    if world() > 1:
+        dist.barrier()  # the data rank 0 may have just written
     dataset = data.load_dataset(cfg.data, cfg.root)
     val = data.load_dataset(cfg.data, cfg.root, eval_split="val") if cfg.data != "icfg" else None
     tokenizer = load_tokenizer(mcfg.text_model or None)  # "" = random BERT, same vocabulary
     torch.manual_seed(cfg.seed), np.random.seed(cfg.seed), random.seed(cfg.seed)
-    sampler = data.IdentitySampler([s.pid for s in dataset.train], cfg.p, cfg.k, seed=cfg.seed)
+    try:
+        sampler = data.IdentitySampler([s.pid for s in dataset.train], cfg.p, cfg.k, seed=cfg.seed,
+                                       rank=rank(), world=world())
+    except ValueError as err:  # too few identities, or P not a multiple of the processes
+        raise TrainingError(str(err)) from None
     state = State.create(cfg, mcfg, device, total_steps=cfg.epochs * len(sampler))
-    run, resume = start_run(cfg, mcfg, run)
+    if rank() > 0:  # dropout masks of its own; rank 0 draws what one process would
+        torch.manual_seed(cfg.seed * 1_000_003 + rank())
+    run, resume = from_rank0(start_run(cfg, mcfg, run) if rank() == 0 else None)
     if resume:
         state.load_state_dict(torch.load(run / "last.pt", map_location=device, weights_only=False))
-        trim_log(run / "log.jsonl", state.global_step)
-        print(f"resuming {run} at epoch {state.epoch + 1}, step {state.global_step}", file=sys.stderr)
+        if rank() == 0:
+            trim_log(run / "log.jsonl", state.global_step)
+            print(f"resuming {run} at epoch {state.epoch + 1}, step {state.global_step}", file=sys.stderr)
+    if world() > 1:  # frozen parameters (requires_grad False) are left out by DDP itself
+        state.ddp = torch.nn.parallel.DistributedDataParallel(
+            state.model, device_ids=[device] if device.type == "cuda" else None)
     items = SeededItems(data.TrainSet(dataset.train, data.train_transform(mcfg.image_size)), cfg.seed)
     fill_text_cache(state.model, items.dataset.texts(), tokenizer, mcfg.max_text_len, device)
     state.model.train()
-    with open(run / "log.jsonl", "a") as log, StopRequest() as stop:
+    with open(run / "log.jsonl" if rank() == 0 else os.devnull, "a") as log, StopRequest() as stop:
         while state.epoch < cfg.epochs:
             loader = make_loader(items, sampler, state.epoch, state.step_in_epoch, tokenizer, cfg,
                                  mcfg.max_text_len)
             if not run_epoch(state, loader, cfg, mcfg, device, run, log, stop):
-                save(state.state_dict(), run / "last.pt")  # stopped inside the epoch
+                checkpoint(state, run / "last.pt")  # stopped inside the epoch
                 break
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
-            score = validate(state, val, tokenizer, cfg, mcfg, device) if val else None
-            log.write(json.dumps({"step": state.global_step, "epoch": state.epoch, "val_R1": score}) + "\n")
-            if score is None or score > state.best:  # no validation split: the last epoch is the best
-                state.best = state.best if score is None else score
-                save({"model": state.model.state_dict(), "epoch": state.epoch, "val_R1": score}, run / "best.pt")
-            save(state.state_dict(), run / "last.pt")
+            if rank() == 0:
+                end_epoch(state, val, tokenizer, cfg, mcfg, device, run, log)
+            checkpoint(state, run / "last.pt")
     if stop.requested:
-        raise KeyboardInterrupt(f"stopped at step {state.global_step}; continue with: "
-                                f"python train.py --resume {run}")
+        again = "python train.py" if world() == 1 else "the same torchrun command with train.py"
+        raise KeyboardInterrupt(f"stopped at step {state.global_step}; continue with: {again} --resume {run}")
+    if rank() > 0:
+        return run
     if not (run / "best.pt").exists():  # stopped by max_steps before the first epoch ended
         save({"model": state.model.state_dict(), "epoch": state.epoch, "val_R1": None}, run / "best.pt")
     if cfg.final_eval:
         final_evaluation(state.model, run, dataset, tokenizer, cfg, mcfg, device)
     return run
+
+
+def end_epoch(state: State, val, tokenizer, cfg: TrainConfig, mcfg: ModelConfig, device, run: Path,
+              log) -> None:
+    """After each epoch (rank 0): the validation Rank-1 in the log, best.pt when it improved."""
+    score = validate(state, val, tokenizer, cfg, mcfg, device) if val else None
+    log.write(json.dumps({"step": state.global_step, "epoch": state.epoch, "val_R1": score}) + "\n")
+    if score is None or score > state.best:  # no validation split: the last epoch is the best
+        state.best = state.best if score is None else score
+        save({"model": state.model.state_dict(), "epoch": state.epoch, "val_R1": score}, run / "best.pt")
 
 
 def final_evaluation(model: T2IReID, run: Path, dataset, tokenizer, cfg: TrainConfig,
@@ -475,145 +533,24 @@ def final_evaluation(model: T2IReID, run: Path, dataset, tokenizer, cfg: TrainCo
     print(f"wrote {run / 'results.json'}; pictures: python evaluate.py --run {run}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Benchmark: the whole training step against its two encoders alone (DESIGN.md section 8)
-
-
-def bench(cfg: TrainConfig, mcfg: ModelConfig, steps: int = 10) -> None:
-    """Where a training step's time goes: the median time of each part's forward and backward on
-    random inputs of the configured shapes, then the whole step (forward, every loss, GradNorm,
-    Adam), and the encoders alone as the baseline (ViT + text encoder, the mean of their outputs
-    as the loss; DESIGN.md section 8). Hub encoders are built from their configs with random
-    weights (no download). Frozen text layers are timed as training sees them: from the cache
-    (filled by the warm-up steps, as train() fills it before the first step)."""
-    device = pick_device(cfg.device)
-    local = lambda name: name if name and Path(name).is_dir() else ""  # noqa: E731
-    mcfg = dataclasses.replace(mcfg, vision_model=local(mcfg.vision_model), text_model=local(mcfg.text_model))
-    b, t = cfg.p * cfg.k, mcfg.max_text_len
-    g = torch.Generator().manual_seed(cfg.seed)
-    text = lambda: {"input_ids": torch.randint(1000, 30000, (b, t), generator=g),  # noqa: E731
-                    "attention_mask": torch.ones(b, t, dtype=torch.long)}
-    batch = to_device({"images": torch.randn(b, 3, *mcfg.image_size, generator=g),
-                       "pids": torch.arange(b) // cfg.k, "caption": text(), "identity": text(),
-                       "clothing": text()}, device)
-    state = State.create(cfg, mcfg, device, total_steps=10 ** 6)
-    model, amp = state.model, cfg.amp and device.type == "cuda"
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
-          f"batch {b}, images {mcfg.image_size}, text length {t}, bf16 autocast {amp}, "
-          f"frozen text layers {mcfg.text_frozen_layers}")
-    print(f"{'part (forward + backward)':40s}{'ms / step':>12s}{'share':>8s}")
-    rows = bench_parts(state, batch, mcfg, amp)
-    whole = _median_ms(lambda _: train_step(state, batch, mcfg, device, cfg.amp), steps, device)
-    for name, (setup, timed) in rows.items():
-        ms = _median_ms(timed, steps, device, setup)
-        print(f"{name:40s}{ms:12.1f}{ms / whole:8.0%}")
-    print(f"{'whole training step':40s}{whole:12.1f}{1:8.0%}   ({1000 * b / whole:.1f} images / s)")
-    encoders = [model.vision, model.text]
-    enc_optimizer = torch.optim.Adam([p for m in encoders for p in m.parameters() if p.requires_grad], lr=cfg.lr)
-
-    def encoders_step(_):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = model.vision(pixel_values=batch["images"]).last_hidden_state.float().mean()
-            for key in ("caption", "identity", "clothing"):
-                loss = loss + model.text_features(**batch[key]).float().mean()
-        loss.backward()
-        enc_optimizer.step()
-        enc_optimizer.zero_grad(set_to_none=True)
-    base = _median_ms(encoders_step, steps, device)
-    print(f"baseline: ViT + text encoder (3 texts) alone {base:.1f} ms; the whole step costs "
-          f"{whole / base:.2f}x its encoders")
-
-
-def bench_parts(state: State, batch: dict, mcfg: ModelConfig, amp: bool) -> dict:
-    """{part: (setup, timed)}: setup() makes the part's inputs (untimed), timed(inputs) runs the
-    part's forward and backward -- or, for the optimiser, its step."""
-    model = state.model
-    autocast = functools.partial(torch.autocast, batch["images"].device.type, dtype=torch.bfloat16, enabled=amp)
-
-    def leaf(x):  # an input at which the part's backward stops
-        return x.detach().requires_grad_() if torch.is_tensor(x) and x.is_floating_point() else x
-
-    def forward_backward(part):  # part(inputs) -> output tensors; the sum of their means is the loss
-        def timed(inputs):
-            with autocast():
-                outputs = [x for x in part(inputs) if torch.is_tensor(x) and x.requires_grad]
-            if outputs:  # frozen text layers alone have nothing to differentiate
-                sum(x.float().mean() for x in outputs).backward()
-        return timed
-
-    def model_outputs():
-        with autocast():
-            out = model(batch)
-        return out, compute_losses(out, batch, mcfg)
-
-    def bdam_inputs():
-        with torch.no_grad(), autocast():
-            return leaf(model.vision(pixel_values=batch["images"]).last_hidden_state[:, 1:])  # (B, P, Dv)
-
-    def fusion_inputs():
-        with torch.no_grad(), autocast():
-            out = model(batch)
-            tokens = model.image_features(batch["images"])["tokens"]  # (B, P, D)
-            texts, text_emb = model.fusion_queries(model.text_features(**batch["caption"]),
-                                                   model.text_features(**batch["identity"]), out)
-        return leaf(tokens), leaf(out["image_emb"]), texts, leaf(text_emb)
-
-    def gradnorm_extra(outputs):  # as losses.GradNorm.backward: K - 1 gradients on the shared layer
-        for loss in list(outputs[1].values())[:-1]:
-            torch.autograd.grad(loss, model.shared_parameter(), retain_graph=True, allow_unused=True)
-
-    def gradients():
-        sum(model_outputs()[1].values()).backward()
-
-    def adam(_):
-        state.optimizer.step()
-        state.optimizer.zero_grad(set_to_none=True)
-
-    texts = [key for key in ("caption", "identity", "clothing") if key != "clothing" or mcfg.loss_aln]
-    rows = {"vision encoder (ViT)": (lambda: None, forward_backward(
-                lambda _: [model.vision(pixel_values=batch["images"]).last_hidden_state])),
-            f"text encoder ({len(texts)} texts)": (lambda: None, forward_backward(
-                lambda _: [model.text_features(**batch[key]) for key in texts]))}
-    if model.bdam is not None:
-        rows["BDAM"] = (bdam_inputs, forward_backward(lambda patches: model.bdam(patches).values()))
-    if model.fusion is not None:
-        rows["fusion (S x Q image-text pairs)"] = (fusion_inputs, forward_backward(
-            lambda x: [model.fusion_pairs(x[0], x[1], batch["pids"], x[2], x[3])["fusion_scores"]]))
-    rows["losses (compute_losses)"] = (lambda: {k: leaf(v) for k, v in model_outputs()[0].items()},
-                                       forward_backward(lambda out: compute_losses(out, batch, mcfg).values()))
-    if mcfg.use_gradnorm:
-        rows["GradNorm's K - 1 extra gradients"] = (model_outputs, gradnorm_extra)
-    rows["optimiser (Adam)"] = (gradients, adam)
-    return rows
-
-
-def _median_ms(timed, steps: int, device, setup=lambda: None) -> float:
-    """Median wall time of timed(setup()) over `steps` runs (setup untimed), after 2 warm-ups."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
-    for _ in range(steps + 2):  # warm-up: allocator, kernels compiled on first use, text cache
-        inputs = setup()
-        sync()
-        start = time.perf_counter()
-        timed(inputs)
-        sync()
-        times.append(1000 * (time.perf_counter() - start))
-    return float(np.median(times[2:]))
-
-
 def main(argv=None) -> int:
     cfg, mcfg, args = parse_config(argv)
     try:
         if args.bench:
-            bench(cfg, mcfg)
+            import train_bench  # the benchmark lives beside this file
+            train_bench.bench(cfg, mcfg)
         else:
             train(cfg, mcfg, Path(args.resume) if args.resume else None)
     except (data.DatasetError, EncoderLoadError, TrainingError, evaluate.RunError) as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:
-        print(f"train.py: {stop or 'interrupted'}", file=sys.stderr)
+        if rank() == 0:
+            print(f"train.py: {stop or 'interrupted'}", file=sys.stderr)
         return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

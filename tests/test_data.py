@@ -473,6 +473,30 @@ def test_identity_sampler_batches_are_p_by_k_and_cover_the_epoch():
         data.IdentitySampler([0, 1, 2, 3, 4, 5], 7, 2)
 
 
+def test_identity_sampler_splits_each_batch_into_whole_identities_per_process():
+    """With N processes each gets P/N whole identities of the same batch; concatenated in rank
+    order the slices are the single process's batches, epoch after epoch."""
+    rng = random.Random(1)
+    pids = [rng.randrange(40) for _ in range(300)]
+    p, k, world = 6, 4, 3
+    whole = data.IdentitySampler(pids, p, k, seed=5)
+    parts = [data.IdentitySampler(pids, p, k, seed=5, rank=r, world=world) for r in range(world)]
+    for epoch in (0, 1):
+        for sampler in (whole, *parts):
+            sampler.set_epoch(epoch)
+        sliced = [list(part) for part in parts]
+        assert [sum(batches, []) for batches in zip(*sliced)] == list(whole)
+        for batches in sliced:
+            assert len(batches) == len(whole)
+            assert all(set(Counter(pids[i] for i in b).values()) == {k} and len(b) == p // world * k
+                       for b in batches)
+        for batches in zip(*sliced):  # no identity in two processes' slices of one batch
+            ids = [{pids[i] for i in b} for b in batches]
+            assert len(set().union(*ids)) == sum(map(len, ids)) == p
+    with pytest.raises(ValueError, match="P=6 identities per batch cannot be split over 4"):
+        data.IdentitySampler(pids, 6, 4, rank=0, world=4)
+
+
 def test_main_generates_once_summarises_and_draws_a_contact_sheet(tmp_path, capsys):
     args = ["--root", str(tmp_path), "--num-ids", "10", "--image-size", "32", "16"]
     synthpedes.main(args)

@@ -179,6 +179,9 @@ def test_frozen_text_layers_are_cached_and_equal_the_whole_encoder(batch):
     pass of the same BERT; only the layers above it learn."""
     torch.manual_seed(0)
     model = T2IReID(tiny(text_frozen_layers=1, text_layers=2))
+    # no dropout from the start (a BERT built from its config is in training mode): train.py
+    # fills the cache before its first model.train()
+    assert not any(m.training for m in (model.frozen_text.embeddings, *model.frozen_text.layers))
     caption = batch["caption"]
     model.eval()
     with torch.no_grad():

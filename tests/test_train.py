@@ -1,16 +1,22 @@
 """train.py end to end on a small SynthPEDES: it learns (beats chance by a margin), it resumes
-exactly, it survives Ctrl-C, and bad runs stop with clear messages."""
-import dataclasses
+exactly, it survives Ctrl-C, two processes (DistributedDataParallel, gloo) compute what one
+process computes, and bad runs stop with clear messages."""
+import itertools
 import json
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 import data
 import evaluate
@@ -18,6 +24,7 @@ import mamba_triton
 import synthpedes
 import train
 from encoders import load_tokenizer
+from losses import compute_losses
 from model import T2IReID
 
 # A model small enough to train in seconds on a CPU: 2-layer ViT on 64 x 32 images (P = 8), the
@@ -112,6 +119,143 @@ def test_resume_continues_exactly(synth_root, tmp_path, monkeypatch):
     assert losses(straight) == losses(halves)
 
 
+# Two processes on the CPU, as torchrun starts them (gloo), against one process that computes
+# the same thing. A random 2-layer text encoder (the bottom layer frozen and cached) keeps each
+# process's start-up short; dropout, the BNNeck's batch statistics and GradNorm stay on.
+DDP = [*TINY, "--text-model", "", "--text-layers", "2", "--text-width", "32", "--text-heads", "2",
+       "--text-frozen-layers", "1", "--p", "4", "--k", "2", "--epochs", "1", "--checkpoint-every", "1",
+       "--final-eval", "false"]
+
+
+def ddp_worker(rank: int, port: int, root: str, runs: list) -> None:
+    """Process `rank` of 2: the environment torchrun gives it, then train.train for each
+    (name, max_steps, resume) of `runs`; after every step it also keeps its own parameters and
+    GradNorm weights (ranks/NAME-rRANK-sSTEP.pt), to show they are the same in both processes."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    mamba_triton._INTERPRET = False  # the PyTorch selective scan, as in this file's other tests
+    write_last = train.checkpoint
+
+    def checkpoint(state, path):
+        write_last(state, path)
+        params = {name: p.detach().clone() for name, p in state.model.named_parameters()}
+        torch.save({"params": params, "log_weights": state.gradnorm.log_weights.detach().clone()},
+                   Path("ranks") / f"{path.parent.name}-r{rank}-s{state.global_step}.pt")
+
+    train.checkpoint = checkpoint
+    for name, steps, resume in runs:
+        cfg, mcfg, _ = train.parse_config(["--root", root, *SYNTH, *DDP, "--name", name,
+                                           "--max-steps", str(steps)])
+        train.train(cfg, mcfg, Path("runs") / name if resume else None)
+
+
+def run_two_processes(root: Path, runs: list, timeout: float = 240) -> None:
+    """ddp_worker in 2 spawned processes; a hang (a collective one process never reaches) fails."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    Path("ranks").mkdir()
+    context = mp.start_processes(ddp_worker, args=(port, str(root), runs), nprocs=2, join=False,
+                                 start_method="spawn")
+    deadline = time.time() + timeout
+    while not context.join(timeout=1):
+        if time.time() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the two processes did not finish in {timeout} s")
+
+
+def chunked_forward(model, chunks: list, rngs: list, mcfg) -> tuple[dict, dict]:
+    """What the two processes compute, in one: each chunk (a process's P/N identities) through the
+    model with that process's dropout RNG, the outputs and labels concatenated in rank order, the
+    losses over the concatenation. Returns (losses, rank 0's buffers): DDP broadcasts rank 0's
+    buffers before every forward, so the batch-norm running statistics are those of its chunks."""
+    outs, rank0_buffers = [], None
+    for r, chunk in enumerate(chunks):
+        torch.set_rng_state(rngs[r])
+        outs.append(model(chunk))
+        rngs[r] = torch.get_rng_state()
+        rank0_buffers = rank0_buffers or {name: b.clone() for name, b in model.named_buffers()}
+    out = {k: torch.cat([o[k] for o in outs]) if torch.is_tensor(v) else v for k, v in outs[0].items()}
+    length = max(c["clothing"]["input_ids"].shape[1] for c in chunks)
+    ids = [F.pad(c["clothing"]["input_ids"], (0, length - c["clothing"]["input_ids"].shape[1])) for c in chunks]
+    labels = {"pids": torch.cat([c["pids"] for c in chunks]), "clothing": {"input_ids": torch.cat(ids)}}
+    return compute_losses(out, labels, mcfg), rank0_buffers
+
+
+def one_process_reference(root: Path, steps: int):
+    """train.train's set-up, then `steps` updates on the concatenated chunks: (state, log rows)."""
+    cfg, mcfg = config(root, *DDP)
+    dataset, tokenizer, cpu = data.load_dataset("synth", root), data.load_tokenizer(None), torch.device("cpu")
+    torch.manual_seed(cfg.seed), np.random.seed(cfg.seed), random.seed(cfg.seed)
+    samplers = [data.IdentitySampler([s.pid for s in dataset.train], cfg.p, cfg.k, seed=cfg.seed, rank=r, world=2)
+                for r in range(2)]
+    state = train.State.create(cfg, mcfg, cpu, total_steps=cfg.epochs * len(samplers[0]))
+    rngs = [torch.get_rng_state(), torch.manual_seed(cfg.seed * 1_000_003 + 1).get_state()]  # as train.train
+    items = train.SeededItems(data.TrainSet(dataset.train, data.train_transform(mcfg.image_size)), cfg.seed)
+    train.fill_text_cache(state.model, items.dataset.texts(), tokenizer, mcfg.max_text_len, cpu)
+    state.model.train()
+    loaders = [train.make_loader(items, sampler, 0, 0, tokenizer, cfg, mcfg.max_text_len) for sampler in samplers]
+    rows = []
+    for chunks in itertools.islice(zip(*loaders), steps):
+        losses, rank0_buffers = chunked_forward(state.model, chunks, rngs, mcfg)
+        rows.append(train.update(state, losses, mcfg))
+        state.model.load_state_dict(rank0_buffers, strict=False)  # after the backward that used them
+    return state, rows
+
+
+def noise_driven(state, steps: int) -> dict:
+    """{parameter name: bool mask} of the entries whose gradient is rounding noise, RMS below 1e-6
+    by Adam's second moment: the attention key biases, whose exact gradient is 0 (softmax ignores
+    a constant added to all of a query's logits). Adam turns that noise into steps of up to lr,
+    unlike in two runs that add the same numbers in another order."""
+    beta2 = state.optimizer.defaults["betas"][1]
+    return {name: (s["exp_avg_sq"] / (1 - beta2 ** steps)).sqrt() < 1e-6
+            for name, p in state.model.named_parameters() if (s := state.optimizer.state.get(p))}
+
+
+def test_two_processes_match_one_process_computing_the_same_thing(synth_root, tmp_path, monkeypatch):
+    """torchrun's set-up with 2 gloo processes on the CPU, 3 steps of train.train: the logged
+    losses and GradNorm weights of every step, and the weights and buffers of last.pt, equal
+    those of one process that runs each process's P/N identities through the model with that
+    process's dropout RNG and takes every loss over the global batch (InfoNCE negatives, the
+    triplet's hardest pairs and HSIC see both halves; the fusion's hard negatives and the
+    BNNeck's statistics are each process's own). Tolerance 1e-5 (fp32; measured: losses 4e-6 of
+    about 9, GradNorm weights 1e-8, network weights 1e-8), except weights whose gradient is
+    rounding noise (noise_driven): 3 Adam steps, 3 * lr (measured 7e-5). Every process holds the same parameters
+    and GradNorm weights after every step, bit for bit. A run stopped after 2 steps and resumed
+    under DDP ends as the straight run does, bit for bit (each process's RNG restored). About
+    40 s on one CPU core."""
+    monkeypatch.chdir(tmp_path)
+    run_two_processes(synth_root, [("straight", 3, False), ("halves", 2, False), ("halves", 3, True)])
+    reference, rows = one_process_reference(synth_root, steps=3)
+    logged = [json.loads(line) for line in (tmp_path / "runs" / "straight" / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged] == [1, 2, 3]  # rank 0 alone writes the log
+    for mine, theirs in zip(rows, logged):
+        for key, value in mine.items():
+            assert theirs[key] == pytest.approx(value, rel=1e-5, abs=1e-5), (theirs["step"], key)
+    saved = torch.load(tmp_path / "runs" / "straight" / "last.pt", weights_only=False)
+    noise, lr = noise_driven(reference, steps=3), config(synth_root)[0].lr
+    for name, tensor in reference.model.state_dict().items():
+        mask = noise.get(name, torch.zeros_like(tensor, dtype=torch.bool))
+        torch.testing.assert_close(saved["model"][name][~mask], tensor[~mask], rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(saved["model"][name][mask], tensor[mask], rtol=0, atol=3 * lr, msg=name)
+    torch.testing.assert_close(saved["gradnorm"]["log_weights"], reference.gradnorm.log_weights.detach(),
+                               rtol=1e-5, atol=1e-5)
+    assert len(saved["rng_ranks"]) == 2 and not torch.equal(*(r["torch"] for r in saved["rng_ranks"]))
+    for step in (1, 2, 3):
+        ranks = [torch.load(tmp_path / "ranks" / f"straight-r{r}-s{step}.pt") for r in range(2)]
+        assert torch.equal(ranks[0]["log_weights"], ranks[1]["log_weights"]), step
+        assert all(torch.equal(p, ranks[1]["params"][name]) for name, p in ranks[0]["params"].items()), step
+    resumed = torch.load(tmp_path / "runs" / "halves" / "last.pt", weights_only=False)
+    assert resumed["global_step"] == 3
+    assert all(torch.equal(t, resumed["model"][name]) for name, t in saved["model"].items())
+    assert torch.equal(saved["gradnorm"]["log_weights"], resumed["gradnorm"]["log_weights"])
+    losses = lambda run: [row["total"] for row in map(json.loads, (tmp_path / "runs" / run / "log.jsonl")
+                                                      .read_text().splitlines())]  # noqa: E731
+    assert losses("halves") == losses("straight")
+
+
 def test_ctrl_c_saves_last_and_resume_finishes(synth_root, tmp_path):
     """A real process, a real SIGINT: exit 130, last.pt written, then --resume runs to the end."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -193,3 +337,15 @@ def test_both_regimes_train_on_as_many_photographs_per_identity(monkeypatch, tmp
     with pytest.raises(Generated):
         train.prepare_data(cfg)
     assert asked["train_images_per_outfit"] is None  # as many as the validation and test outfits
+
+
+def test_bench_prints_where_a_training_step_goes(capsys):
+    """`python train.py --bench` (train_bench.py): a row per part, the whole step, the baseline."""
+    assert train.main([*TINY, "--p", "4", "--k", "2", "--bench"]) == 0
+    out = capsys.readouterr().out
+    for part in ("vision encoder (ViT)", "text encoder (3 texts)", "BDAM", "fusion (S x Q image-text pairs)",
+                 "losses (compute_losses)", "GradNorm's K - 1 extra gradients", "optimiser (Adam)"):
+        assert part in out, part
+    whole = next(line for line in out.splitlines() if line.startswith("whole training step"))
+    assert float(whole.split()[3]) > 0 and "images / s" in whole
+    assert "baseline: ViT + text encoder (3 texts) alone" in out
