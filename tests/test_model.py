@@ -1,15 +1,18 @@
 """The model on a real SynthPEDES batch: finite losses, gradients everywhere, learning, the fusion
-score depends on the image, every ablation row builds and runs, clear errors offline."""
+score depends on the image, every ablation row makes the change it names and trains, clear
+errors offline."""
 import dataclasses
+import types
 
 import pytest
 import torch
 
 import data
 import mamba_triton
+import train
 from encoders import ConvStem, EncoderLoadError, load_tokenizer, load_vision_encoder
 from losses import GradNorm, compute_losses
-from model import ABLATIONS, BDAM, ModelConfig, T2IReID
+from model import ABLATIONS, BDAM, ModelConfig, ResidualMLP, T2IReID
 
 
 @pytest.fixture(autouse=True)
@@ -261,36 +264,116 @@ def test_stage_one_embeddings_are_unit_vectors(batch):
     assert torch.allclose(image.norm(dim=-1), torch.ones(8)) and torch.allclose(text.norm(dim=-1), torch.ones(8))
 
 
-def structure_holds(row: str, model: T2IReID, out: dict) -> bool:
-    """What each ablation row must have changed."""
-    checks = {
-        "w/o BDAM": lambda: model.bdam is None and out["f_clo"] is None,
-        "w/o cross-attention": lambda: all(layer.cross_id is None for layer in model.bdam.layers),
-        "w/o BDAM gate": lambda: out["bdam_gate"] is None,
-        "shallow BDAM": lambda: len(model.bdam.layers) == 1,
-        "w/o fusion": lambda: model.fusion is None and "fusion_scores" not in out,
-        "w/o Mamba": lambda: not any(isinstance(m, mamba_triton.Mamba) for m in model.modules()),
-        "w/o fusion gate": lambda: torch.equal(out["fusion_gate"], torch.full_like(out["fusion_gate"], 0.5)),
-        "w/o alignment": lambda: isinstance(model.fusion.align_image, torch.nn.Linear),
-    }
-    return checks.get(row, lambda: True)()
+ALL_LOSSES = ("aln", "decouple", "info", "triplet", "fusion")  # compute_losses' order
+
+
+def clothing_reads_identity(bdam: BDAM) -> bool:
+    """Whether the clothing tokens out of BDAM's layers change when only the identity tokens going
+    in change: the cross-attention is the only path from one stream to the other."""
+    z_clo = torch.randn(2, 8, bdam.norm_clo.normalized_shape[0])  # (B, P, D)
+
+    def clothing_out(z_id):
+        streams = (z_id, z_clo)
+        for layer in bdam.layers:
+            streams = layer(*streams)
+        return streams[1]
+
+    with torch.no_grad():
+        return not torch.allclose(clothing_out(torch.randn_like(z_clo)), clothing_out(torch.randn_like(z_clo)))
+
+
+def fusion_mixes_equally(model: T2IReID) -> bool:
+    """Whether what the fusion's first layer receives is x_p = (v_p + t) / 2 for every token,
+    i.e. the gate's weights are the fixed 0.5 / 0.5."""
+    v = torch.randn(2, 8, model.cfg.fusion_width)  # (S, P, d) aligned image tokens
+    text = torch.randn(2, model.text.config.hidden_size)  # (S, Dt)
+    seen = []
+    hook = model.fusion.layers[0].register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    with torch.no_grad():
+        model.fusion(v, text, torch.zeros(2, model.cfg.embed_dim))
+        t = model.fusion.align_text(text)[:, None, :]  # (S, 1, d)
+    hook.remove()
+    return torch.allclose(seen[0], (v + t) / 2, atol=1e-6)
+
+
+def regulariser(gradnorm: GradNorm) -> float:
+    """Eq. 6's lambda sum_k (log w_k)^2 at every s_k = 1 (and every loss 0)."""
+    with torch.no_grad():
+        gradnorm.log_weights.fill_(1.0)
+        return gradnorm.total_loss(dict.fromkeys(gradnorm.tasks, torch.zeros(()))).item()
+
+
+def without_loss(r, name: str) -> dict:
+    """The claims of a "w/o L_name" row: the loss is gone, and GradNorm has one task fewer."""
+    rest = tuple(t for t in ALL_LOSSES if t != name)
+    return {f"no {name} loss": name not in r.losses, f"GradNorm's tasks are {rest}": r.gradnorm.tasks == rest}
+
+
+def everything_present(r) -> dict:
+    """The claims of the "full" row: the opposite of every other row's."""
+    bdam, fusion = r.model.bdam, r.model.fusion
+    return {"BDAM, 2 layers, gate": bdam is not None and len(bdam.layers) == 2 and bdam.gate is not None,
+            "clothing stream reads identity": clothing_reads_identity(bdam),
+            "fusion with Mamba": any(isinstance(m, mamba_triton.Mamba) for m in fusion.modules()),
+            "fusion gate learned": not fusion_mixes_equally(r.model),
+            "alignment FFNs": all(isinstance(a, torch.nn.Sequential) for a in (fusion.align_image, fusion.align_text)),
+            "every loss, every GradNorm task": list(r.losses) == list(r.gradnorm.tasks) == list(ALL_LOSSES),
+            "weights learned": any(w != 1 for w in r.weights),
+            "regulariser": regulariser(r.gradnorm) == pytest.approx(r.cfg.weight_reg * len(ALL_LOSSES))}
+
+
+# What each ablation row changes, as {claim: holds}: a new row of model.ABLATIONS is a KeyError
+# here until it has its check. Each claim fails when the row's switch is ignored.
+ROW_CHECKS = {
+    "full": everything_present,
+    "w/o BDAM": lambda r: {"no BDAM": r.model.bdam is None, "no clothing feature": r.out["f_clo"] is None,
+                           "GradNorm's tasks": r.gradnorm.tasks == ("info", "triplet", "fusion")},
+    "w/o cross-attention": lambda r: {
+        "no cross-attention modules": all(layer.cross_id is layer.cross_clo is None for layer in r.model.bdam.layers),
+        "clothing stream ignores identity": not clothing_reads_identity(r.model.bdam)},
+    "w/o BDAM gate": lambda r: {"no gate": r.model.bdam.gate is None and r.out["bdam_gate"] is None},
+    "shallow BDAM": lambda r: {"one BDAM layer": len(r.model.bdam.layers) == 1},
+    "w/o fusion": lambda r: {"no fusion": r.model.fusion is None and "fusion_scores" not in r.out,
+                             **without_loss(r, "fusion")},
+    "w/o Mamba": lambda r: {"no Mamba": not any(isinstance(m, mamba_triton.Mamba) for m in r.model.modules()),
+                            "MLP layers": all(isinstance(m, ResidualMLP) for m in r.model.fusion.layers)},
+    "w/o fusion gate": lambda r: {"no gate": r.model.fusion.gate is None,
+                                  "x_p = (v_p + t) / 2": fusion_mixes_equally(r.model),
+                                  "W_img = 0.5": bool((r.out["fusion_gate"] == 0.5).all())},
+    "w/o alignment": lambda r: {"one linear map each": all(isinstance(a, torch.nn.Linear) for a in (
+                                    r.model.fusion.align_image, r.model.fusion.align_text))},
+    "w/o L_aln": lambda r: {**without_loss(r, "aln"), "no clothing projections": r.model.clothing_image_proj is None
+                            and r.model.clothing_text_proj is None and "clo_image" not in r.out},
+    "w/o L_decouple": lambda r: without_loss(r, "decouple"),
+    "w/o L_info": lambda r: without_loss(r, "info"),
+    "w/o L_tri": lambda r: without_loss(r, "triplet"),
+    "w/o GradNorm": lambda r: {"every weight stays 1": all(w == 1 for w in r.weights)},
+    "w/o weight regulariser": lambda r: {"no regulariser": r.gradnorm.reg_lambda == 0 and regulariser(r.gradnorm) == 0,
+                                         "weights learned": any(w != 1 for w in r.weights)},
+}
 
 
 @pytest.mark.parametrize("row", list(ABLATIONS))
 @pytest.mark.parametrize("synth_preset", [False, True], ids=["paper switches", "synth preset switches"])
-def test_every_ablation_row_builds_and_runs(row, synth_preset, batch):
+def test_every_ablation_row_makes_its_change_and_trains(row, synth_preset, batch):
     """Each row on the paper's switches, and on the SynthPEDES preset's (frozen, cached text
-    layers; residual fusion): finite losses, the change it makes, and one GradNorm step."""
+    layers; residual fusion): the change it makes (ROW_CHECKS), finite losses, and one step of
+    train.py's (GradNorm and the regulariser are applied there) that moves the vision encoder."""
     torch.manual_seed(0)
     preset = dict(text_frozen_layers=1, fusion_residual=True) if synth_preset else {}
     cfg = dataclasses.replace(tiny(**preset), **ABLATIONS[row])
-    model = T2IReID(cfg)
-    out = model(batch)
+    state = train.State.create(train.TrainConfig(weight_decay=0.0), cfg, torch.device("cpu"), total_steps=1)
+    vision = [p.detach().clone() for p in state.model.vision.parameters()]
+    out = state.model(batch)
     losses = compute_losses(out, batch, cfg)
     assert list(losses) == cfg.loss_names() and all(torch.isfinite(v) for v in losses.values())
-    assert structure_holds(row, model, out)
-    GradNorm(cfg.loss_names()).backward(losses, model.shared_parameter())  # exists in every row
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.vision.parameters())
+    log_row = train.train_step(state, batch, cfg, torch.device("cpu"), amp=False)
+    weights = [log_row[f"w_{task}"] for task in state.gradnorm.tasks]
+    r = types.SimpleNamespace(cfg=cfg, model=state.model, out=out, losses=losses, gradnorm=state.gradnorm,
+                              weights=weights)
+    claims = ROW_CHECKS[row](r)
+    assert all(claims.values()), {claim: holds for claim, holds in claims.items() if not holds}
+    assert any(not torch.equal(a, b) for a, b in zip(vision, state.model.vision.parameters()))
 
 
 def test_small_configuration_with_minilm_runs(batch):
