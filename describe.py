@@ -1,9 +1,11 @@
 """Style-guided identity and clothing descriptions from a multimodal LLM (paper Sec. III-B).
 
 For every image of a dataset this script writes two texts: an *identity* description (gender
-presentation, age, height, build, skin, hair) and a *clothing* description (garments, colours,
-patterns, shoes, bags, accessories). `train.py` feeds the first to the identity text branch and
-the second to the clothing alignment loss (Eq. 1). The pipeline, top to bottom:
+presentation, age, height, build, skin, hair, glasses) and a *clothing* description (garments,
+colours, patterns, shoes, bags, accessories, sunglasses among them). Glasses are identity: a
+person keeps them from outfit to outfit (README, design decision 11). `train.py` feeds the first
+to the identity text branch and the second to the clothing alignment loss (Eq. 1). The pipeline,
+top to bottom:
 
 1. Load the captions of a dataset (`data.read_annotations`; SynthPEDES is generated if missing).
 2. Style clustering (DESIGN 3.7, after HAM, Jiang et al. 2025): mask attribute words (colours,
@@ -58,11 +60,13 @@ class DescribeError(Exception):
 SYSTEM_PROMPT = ("You annotate pedestrian images for text-based person re-identification. Look "
                  "only at the person in the image. Answer with one JSON object and nothing else.")
 IDENTITY_PROMPT = ("Describe the person's identity: gender presentation, approximate age, height "
-                   "and build, skin tone, hair colour, length and style, and other stable body "
-                   "traits. Do not mention clothing, shoes, bags or accessories.")
+                   "and build, skin tone, hair colour, length and style, glasses (not sunglasses), "
+                   "and other stable body traits. Do not mention clothing, shoes, bags or "
+                   "accessories.")
 CLOTHING_PROMPT = ("Describe the person's clothing: every garment with its colour and pattern, the "
-                   "shoes, bag, hat and other accessories. Call the wearer 'the person'; do not "
-                   "mention gender, age, body, skin or hair.")
+                   "shoes, bag, hat, sunglasses and other accessories. Call the wearer 'the "
+                   "person'; do not mention gender, age, body, skin, hair or glasses (they belong "
+                   "to the identity).")
 
 
 def build_messages(style, image_url, reason=None):

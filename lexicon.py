@@ -71,7 +71,8 @@ def garment_words(text):
 
 
 def body_words(text):
-    """Body-trait words named in `text` (what a clothing description must not contain)."""
+    """Body-trait words named in `text`, glasses included (what a clothing description must not
+    contain)."""
     def trait(w):
         return any(v in BODY_TRAITS for v in (w, w.removesuffix("'s"), w.removesuffix("s")))
     return [w for w in WORD_RE.findall(text) if any(map(trait, [w.lower()] + w.lower().split("-")))]
@@ -260,23 +261,27 @@ GARMENTS = _words("""shirt t-shirt tshirt tee top blouse sweater jumper hoodie s
     jumpsuit romper stockings socks sleeve sleeves sleeved sleeveless collar hood hooded zipper
     buttons shoes shoe sneakers trainers boots sandals heels slippers flats loafers footwear bag
     backpack handbag purse satchel tote suitcase luggage briefcase umbrella hat cap beanie helmet
-    headband scarf gloves belt glasses sunglasses spectacles mask watch necklace earrings bracelet
-    headphones earphones clothes clothing outfit attire garment apparel bottoms phone bottle
-    wallet stroller bicycle bike tie t scrubs lanyard wristwatch wristband visor shawl poncho
-    windbreaker flip-flops flops rucksack fanny pack sole soles tights pullover trench sundress
-    knit zip button ankle knee baseball tennis messenger book""")
+    headband scarf gloves belt sunglasses mask watch necklace earrings bracelet headphones
+    earphones clothes clothing outfit attire garment apparel bottoms phone bottle wallet stroller
+    bicycle bike tie t scrubs lanyard wristwatch wristband visor shawl poncho windbreaker
+    flip-flops flops rucksack fanny pack sole soles tights pullover trench sundress knit zip
+    button ankle knee baseball tennis messenger book""")
 # t: "t shirt" once punctuation is stripped; knit, zip, button, ankle, knee, baseball, tennis,
 # messenger, book: the first word of a garment name ("knit hat", "book bag")
 PATTERNS = _words("""striped stripes stripe plaid checked checkered chequered floral flowered
     flowery dotted polka spotted patterned printed print prints logo logos graphic camouflage
     lettering letters writing design designs""")
+# Glasses are an identity trait (README, design decision 11): prescription glasses are part of
+# how a person looks and are not changed with the outfit (SynthPEDES draws them once per
+# person). Sunglasses are worn for the weather, like a hat: an accessory, i.e. clothing (GARMENTS).
+EYEWEAR = _words("glasses eyeglasses spectacles bespectacled")
 # Body traits that never describe clothing: forbidden in a clothing description.
-BODY_TRAITS = _words("""man men woman women male female boy boys girl girls lady ladies gentleman
-    guy hair haired hairstyle hairdo ponytail pigtails bun braid braids braided bangs fringe bald
-    balding curly wavy beard bearded moustache mustache skin skinned complexion tall height build
-    muscular chubby overweight stocky heavyset plump elderly young teenager teen adult child kid
-    age aged middle-aged blond blonde brunette redhead buzz buzz-cut buzzcut crew-cut afro
-    dreadlocks""")
+BODY_TRAITS = EYEWEAR | _words("""man men woman women male female boy boys girl girls lady
+    ladies gentleman guy hair haired hairstyle hairdo ponytail pigtails bun braid braids
+    braided bangs fringe bald balding curly wavy beard bearded moustache mustache skin
+    skinned complexion tall height build muscular chubby overweight stocky heavyset plump
+    elderly young teenager teen adult child kid age aged middle-aged blond blonde brunette
+    redhead buzz buzz-cut buzzcut crew-cut afro dreadlocks""")
 # Body words that can also describe clothes ("skinny jeans", "heavy coat"): they count as
 # identity evidence when splitting captions, but are not forbidden in clothing text.
 BODY_WEAK = _words("""slim thin skinny slender heavy fat petite average medium old straight fair

@@ -455,16 +455,16 @@ def ensure_synthpedes(root="data", progress=True, overwrite=False, **kwargs) -> 
 # of any backend) name each image's true attribute values on the right side.
 
 def _truth(attributes):
-    """SynthPEDES attributes -> {"identity": [value words], "clothing": [...]}. Glasses are an
-    accessory, i.e. clothing (DESIGN 1), although data.py draws them once per identity; "plain"
-    and "none" are never written in captions."""
+    """SynthPEDES attributes -> {"identity": [value words], "clothing": [...]}. Glasses are
+    identity, as they are drawn (once per person) and in describe.py (README, design decision
+    11); "plain" and "none" are never written in captions."""
     ident, clothes = attributes["identity"], attributes["clothing"]
     values = {"identity": [ident[k] for k in ("gender", "height", "build", "skin", "hair_colour",
-                                              "hair_style")] + ["beard"] * bool(ident.get("beard")),
+                                              "hair_style")]
+              + ["glasses"] * bool(ident.get("glasses")) + ["beard"] * bool(ident.get("beard")),
               "clothing": [v for k, v in clothes.items() if isinstance(v, str)
                            and v not in ("none", "plain")]
-              + ["scarf"] * bool(clothes.get("scarf_colour"))
-              + ["glasses"] * bool(ident.get("glasses"))}
+              + ["scarf"] * bool(clothes.get("scarf_colour"))}
     return {side: [tuple(re.findall(r"[a-z0-9]+", v.lower())) for v in vs]
             for side, vs in values.items()}
 

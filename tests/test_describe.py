@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -153,7 +154,7 @@ def test_lexicon_covers_the_synthpedes_vocabulary():
     for word in list(render.COLOURS) + list(render.HAIR_COLOURS):   # "blonde" names hair only
         assert lexicon.word_category(word) == ("body" if word == "blonde" else "colour"), word
     for word in render.GENDERS + ("average-height", "tall", "slim", "heavy", "ponytail", "bun",
-                                "buzz-cut", "beard", "skin", "build"):
+                                "buzz-cut", "beard", "skin", "build", "glasses"):
         assert lexicon.word_category(word) == "body", word
     assert [lexicon.word_category(w) for w in ("striped", "checked", "logo")] == ["pattern"] * 3
 
@@ -196,6 +197,9 @@ def test_cluster_styles_sends_noise_to_the_nearest_cluster():
     ('{"identity": "tall", "clothing": "A red coat"}', '"identity" has 1 words'),
     ('{"identity": "A tall woman in a red coat", "clothing": "A red coat"}', "names clothing (coat)"),
     ('{"identity": "A tall woman", "clothing": "A woman\'s red coat"}', "body traits (woman's)"),
+    # glasses are identity (README, design decision 11); sunglasses are an accessory
+    ('{"identity": "A tall woman", "clothing": "A red coat and glasses"}', "body traits (glasses)"),
+    ('{"identity": "A tall woman with sunglasses", "clothing": "A red coat"}', "names clothing (sunglasses)"),
 ])
 def test_validate_answer(answer, reason):
     if reason is None:
@@ -214,8 +218,44 @@ def test_rules_backend_splits_captions_into_identity_and_clothing():
                         "and brown shoes. The person is carrying a backpack.")
     identity, clothing, _ = lexicon.rules_describe([   # SynthPEDES's unpunctuated style
         "a short man slim build short grey hair glasses a beard wearing green shorts"])
-    assert (identity, clothing) == ("A short man slim build short grey hair, a beard.",
-                                    "Glasses, wearing green shorts.")   # fragments merged
+    assert (identity, clothing) == ("A short man slim build short grey hair glasses a beard.",
+                                    "Wearing green shorts.")
+
+
+def test_glasses_go_to_the_identity_text_and_sunglasses_to_the_clothing():
+    """README, design decision 11: glasses are kept from outfit to outfit, sunglasses are not."""
+    backend = describe.RulesBackend(describe.DescribeConfig())
+    answer = backend.describe(None, ["The woman wears glasses and a red coat. She has long black "
+                                     "hair and is carrying sunglasses in a bag."], style="")
+    assert answer.error == "" and not answer.identity_fallback
+    assert answer.identity == "The woman wears glasses. She has long black hair."
+    assert answer.clothing == "A red coat. The person is carrying sunglasses in a bag."
+    identity, clothing, _ = lexicon.rules_describe(["a man in a blue jacket with glasses"])
+    assert (identity, clothing) == ("A man, glasses.", "A blue jacket.")
+
+
+def test_synthpedes_identity_text_with_glasses_is_a_valid_identity_description():
+    identities = [i for i in synthpedes.sample_identities(40, seed=0) if i["glasses"]]
+    outfit = synthpedes.sample_outfit(random.Random(0))
+    for ident in identities:
+        identity, clothing = synthpedes.descriptions_of(ident, outfit)
+        assert "glasses" in identity.split()
+        answer = json.dumps({"identity": identity, "clothing": clothing})
+        assert describe.validate_answer(answer) == (identity, clothing)
+
+
+def test_agreement_counts_glasses_in_the_identity_text_as_right():
+    ident = next(i for i in synthpedes.sample_identities(40, seed=0) if i["glasses"])
+    outfit = synthpedes.sample_outfit(random.Random(0))
+    record = {"file_path": "a.png", "attributes": {"identity": ident, "clothing": outfit}}
+    identity, clothing = synthpedes.descriptions_of(ident, outfit)
+    right = {"a.png": {"identity": identity, "clothing": clothing}}
+    assert synthpedes.attribute_agreement([record], right)["identity"] == 1.0
+    # glasses in the clothing text instead: one identity value missed (and leaked), clothing intact
+    moved = {"a.png": {"identity": identity.replace(" glasses and", ""), "clothing": clothing + ", glasses"}}
+    score = synthpedes.attribute_agreement([record], moved)
+    n = len(synthpedes._truth(record["attributes"])["identity"])
+    assert score["identity"] == pytest.approx((n - 1) / n) and score["clothing"] == 1.0
 
 
 def test_rules_backend_on_what_real_captions_do():
