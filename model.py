@@ -153,7 +153,9 @@ class ModelConfig:
             raise ValueError("ModelConfig: " + "; ".join(problems))
 
     def loss_names(self) -> list[str]:
-        """The losses switched on, in the order of losses.compute_losses (GradNorm's tasks)."""
+        """The losses switched on, in the order of losses.compute_losses (GradNorm's tasks). The
+        fusion loss, the most expensive, comes last: GradNorm.backward gets the last task's
+        gradient on the shared layer by subtraction, without a backward pass of its own."""
         on = [self.loss_aln, self.loss_decouple, self.loss_info, self.loss_triplet, self.loss_fusion]
         return [name for name, flag in zip(("aln", "decouple", "info", "triplet", "fusion"), on) if flag]
 

@@ -264,7 +264,7 @@ def test_stage_one_embeddings_are_unit_vectors(batch):
     assert torch.allclose(image.norm(dim=-1), torch.ones(8)) and torch.allclose(text.norm(dim=-1), torch.ones(8))
 
 
-ALL_LOSSES = ("aln", "decouple", "info", "triplet", "fusion")  # compute_losses' order
+ALL_LOSSES = ("aln", "decouple", "info", "triplet", "fusion")  # compute_losses' order, fusion last
 
 
 def clothing_reads_identity(bdam: BDAM) -> bool:
@@ -367,6 +367,7 @@ def test_every_ablation_row_makes_its_change_and_trains(row, synth_preset, batch
     out = state.model(batch)
     losses = compute_losses(out, batch, cfg)
     assert list(losses) == cfg.loss_names() and all(torch.isfinite(v) for v in losses.values())
+    assert "fusion" not in losses or list(losses)[-1] == "fusion"  # GradNorm.backward's subtraction
     log_row = train.train_step(state, batch, cfg, torch.device("cpu"), amp=False)
     weights = [log_row[f"w_{task}"] for task in state.gradnorm.tasks]
     r = types.SimpleNamespace(cfg=cfg, model=state.model, out=out, losses=losses, gradnorm=state.gradnorm,
