@@ -186,7 +186,7 @@ def chunked_forward(model, chunks: list, rngs: list, mcfg) -> tuple[dict, dict]:
 def one_process_reference(root: Path, steps: int):
     """train.train's set-up, then `steps` updates on the concatenated chunks: (state, log rows)."""
     cfg, mcfg = config(root, *DDP)
-    dataset, tokenizer, cpu = data.load_dataset("synth", root), data.load_tokenizer(None), torch.device("cpu")
+    dataset, tokenizer, cpu = data.load_dataset("synth", root), load_tokenizer(None), torch.device("cpu")
     torch.manual_seed(cfg.seed), np.random.seed(cfg.seed), random.seed(cfg.seed)
     samplers = [data.IdentitySampler([s.pid for s in dataset.train], cfg.p, cfg.k, seed=cfg.seed, rank=r, world=2)
                 for r in range(2)]
