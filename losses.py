@@ -196,6 +196,9 @@ class GradNorm(nn.Module):
                  w_min: float = 1e-3):
         super().__init__()
         self.tasks = tuple(tasks)
+        if "fusion" in self.tasks[:-1]:
+            raise ValueError(f"GradNorm: the fusion loss must be the last task, got {self.tasks}: backward() "
+                             "gets the last task's gradient by subtraction, to spare a pass through the fusion")
         self.alpha, self.reg_lambda, self.w_min = alpha, reg_lambda, w_min
         self.log_weights = nn.Parameter(torch.zeros(len(self.tasks)))  # s_k, w_k = 1 at start
         self.register_buffer("initial_losses", torch.full((len(self.tasks),), float("nan")))  # L_k(0)
@@ -246,8 +249,11 @@ class GradNorm(nn.Module):
 
         The last task's gradient on W is not computed on its own: the full backward adds
         sum_k w_k grad_W L_k to W.grad, so grad_W L_last = (added - sum_{k<last} w_k grad_W L_k) /
-        w_last. That saves one pass through the most expensive task, which compute_losses puts
-        last (the fusion loss). The loss must not be scaled (no fp16 GradScaler; bf16 needs none).
+        w_last. That saves one backward pass through the last of `tasks`. train.py passes
+        ModelConfig.loss_names(), which puts the fusion loss last: it is the most expensive, the
+        only one that runs the Mamba fusion (over S x Q pairs). The result is exact for any order
+        (w_last >= w_min / K > 0); only the cost depends on it, and __init__ refuses a fusion task
+        that is not last. The loss must not be scaled (no fp16 GradScaler; bf16 needs none).
 
         Under DistributedDataParallel, `reduce` averages a tensor over the processes (train.py
         passes an all-reduce). DDP averages what backward() accumulates in .grad, but not what
@@ -305,6 +311,10 @@ def compute_losses(out: dict, batch: dict, cfg) -> dict[str, torch.Tensor]:
     triplet  Eq. 4 on L2-normalised f_id
     fusion   Eq. 3 on fusion scores: each text against its image + hard negative images
              (DESIGN.md 3.1), positives = candidates of the text's identity
+
+    The losses come in the order of cfg.loss_names(), fusion last: GradNorm.backward takes the
+    last task's gradient by subtraction, which spares a backward pass through the costliest loss
+    (tests/test_model.py checks the order for every ablation row).
     """
     pids, tau = batch["pids"], cfg.temperature
     # fp32 even inside a bf16 autocast region: the logits s / tau need the mantissa bits

@@ -315,3 +315,9 @@ def test_compute_losses_applies_each_equation_to_its_outputs():
         assert amp[name].dtype == torch.float32 and amp[name].item() == pytest.approx(got[name].item(), rel=1e-5)
     cfg.loss_aln = cfg.loss_fusion = False
     assert list(compute_losses(out, batch, cfg)) == ["decouple", "info", "triplet"]
+
+
+def test_gradnorm_wants_the_fusion_loss_last():
+    with pytest.raises(ValueError, match="fusion loss must be the last task"):
+        GradNorm(["fusion", "info"])
+    GradNorm(["info", "fusion"]), GradNorm(["info", "triplet"])  # fusion last, or no fusion
