@@ -6,8 +6,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 MAX_FILE_LINES = 650
 MAX_FUNCTION_LINES = 70
-# mamba_triton.py is changed on another branch (issue 13 leaves it alone): its backward kernel,
-# one Triton program, is measured but not held to the limit here.
+# The backward kernel (76 lines) is one Triton program: its reverse-time loop reads and writes
+# a dozen running values, and splitting it into @triton.jit helpers would hide that loop's state.
 EXEMPT = {("mamba_triton.py", "_scan_bwd_kernel")}
 
 
