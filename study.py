@@ -33,7 +33,7 @@ SEEDS = (0, 1, 2)
 # train.py fields on top of its SynthPEDES preset: the run length of a study run (README,
 # "Do the paper's claims hold on SynthPEDES?", says what the full model reaches with it)
 STUDY_PRESET = {"synth_train_images": "18", "epochs": "1"}  # 203 steps, half the default run's
-MINUTES_PER_RUN = 4.5  # the estimate before any run has finished (README: how it was reached)
+MINUTES_PER_RUN = 4.5  # the estimate before any run has finished: one run here, 2026-11-28 (README)
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ def run_study(rows, seeds, regimes, out: Path, extra: list, hours: float | None 
     per_run = statistics.median(s["minutes"] for s in done) if done else MINUTES_PER_RUN
     print(f"study: {len(plan)} runs, {len(done)} finished (kept in {out / 'runs'}), {len(todo)} to do; "
           f"expected {len(todo) * per_run / 60:.1f} h of CPU time at {per_run:.1f} min per run "
-          f"({'median of the finished runs' if done else 'estimated for the README machine'})", flush=True)
+          f"({'median of the finished runs' if done else 'measured on the README machine'})", flush=True)
     begin = time.time()
     for i, (regime, row, seed) in enumerate(todo, 1):
         spent = (time.time() - begin) / 60
