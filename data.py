@@ -343,8 +343,8 @@ class TrainTransform:
         return x
 
 
-def train_transform(size) -> TrainTransform:
-    return TrainTransform(tuple(size))
+def train_transform(size, erase_p: float = 0.5) -> TrainTransform:
+    return TrainTransform(tuple(size), erase_p=erase_p)
 
 
 def eval_transform(size) -> EvalTransform:
