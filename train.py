@@ -82,8 +82,8 @@ def presets(dataset: str) -> tuple[TrainConfig, ModelConfig]:
     design decision 10, says why each choice was made and what it was measured against)."""
     if dataset == "synth":
         # 16 identities x 2 images: twice the distinct identities of 8 x 4 per batch, more
-        # negatives for every InfoNCE; one epoch over 36 photographs of each training identity
-        # (12 of each of its 3 outfits, or 36 of its one outfit in same-clothes, so that both
+        # negatives for every InfoNCE; one epoch over 48 photographs of each training identity
+        # (16 of each of its 3 outfits, or 48 of its one outfit in same-clothes, so that both
         # regimes train as long; the validation and test images are those of the default
         # dataset) rather than 2 over 18: new photographs generalise, repeats are memorised;
         # tau 0.07: at 0.02 the first (random) logits are so confident that collapsing the text
@@ -91,9 +91,9 @@ def presets(dataset: str) -> tuple[TrainConfig, ModelConfig]:
         # no random erasing: each photograph is seen once, so it guards against no memorising and
         # only hides the traits that its caption names; GradNorm's weights at a tenth of the
         # paper presets' rate: at 0.025 they reach w_info 0.2 and w_decouple 3.7 within 200 of
-        # the 405 steps, and the retrieval loss starves (README, design decisions 3 and 10)
+        # 405 steps, and the retrieval loss starves (README, design decisions 3 and 10)
         train = TrainConfig(data="synth", epochs=1, p=16, k=2, lr=1e-3, pretrained_lr_scale=0.1,
-                            warmup_steps=20, workers=0, synth_train_images=36, erase_p=0.0,
+                            warmup_steps=20, workers=0, synth_train_images=48, erase_p=0.0,
                             gradnorm_lr=0.0025)
         # MiniLM's bottom 5 layers frozen and cached; the fusion re-ranks as a residual on stage 1
         # and trains on captions, the queries it re-ranks (identity texts too cost a third of the

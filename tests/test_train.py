@@ -318,7 +318,7 @@ def test_command_line_types_presets_and_ablations():
 
 def test_both_regimes_train_on_as_many_photographs_per_identity(monkeypatch, tmp_path):
     """--synth-train-images counts photographs of each training identity, over its outfits: the
-    preset's 36 are 12 of each of 3 outfits (cloth-changing) or 36 of the one outfit (same-clothes)."""
+    preset's 48 are 16 of each of 3 outfits (cloth-changing) or 48 of the one outfit (same-clothes)."""
     asked = {}
 
     class Generated(Exception):
@@ -328,7 +328,7 @@ def test_both_regimes_train_on_as_many_photographs_per_identity(monkeypatch, tmp
         asked.update(settings)
         raise Generated  # what was asked for is all this test needs
     monkeypatch.setattr(synthpedes, "ensure_synthpedes", ensure)
-    for regime, per_outfit in (("cloth-changing", 12), ("same-clothes", 36)):
+    for regime, per_outfit in (("cloth-changing", 16), ("same-clothes", 48)):
         cfg, _, _ = train.parse_config(["--root", str(tmp_path), "--synth-regime", regime])
         with pytest.raises(Generated):
             train.prepare_data(cfg)
