@@ -32,7 +32,7 @@ REGIMES = ("cloth-changing", "same-clothes")
 SEEDS = (0, 1, 2)
 # train.py fields on top of its SynthPEDES preset: the run length of a study run (README,
 # "Do the paper's claims hold on SynthPEDES?", says what the full model reaches with it)
-STUDY_PRESET = {"synth_train_images": "18", "epochs": "1"}  # 203 steps, half the default run's
+STUDY_PRESET = {"synth_train_images": "18", "epochs": "1"}  # 203 steps; the default run has 541
 MINUTES_PER_RUN = 4.5  # the estimate before any run has finished: one run here, 2026-11-28 (README)
 
 
