@@ -408,6 +408,13 @@ def run_epoch(state: State, loader, cfg: TrainConfig, mcfg: ModelConfig, device,
 
 
 @torch.no_grad()
+def training_items(dataset: data.ReIDData, cfg: TrainConfig, mcfg: ModelConfig) -> SeededItems:
+    """The training split as seeded items with the run's augmentation (random erasing at
+    cfg.erase_p), the one place that builds them."""
+    transform = data.train_transform(mcfg.image_size, cfg.erase_p)
+    return SeededItems(data.TrainSet(dataset.train, transform), cfg.seed)
+
+
 def fill_text_cache(model: T2IReID, texts: list[str], tokenizer, max_len: int, device, chunk: int = 64) -> None:
     """The frozen text layers' states of every training text, computed once before the first
     step, in sorted order (model.FrozenTextPrefix): an epoch then costs only the layers above."""
@@ -496,8 +503,7 @@ def train(cfg: TrainConfig, mcfg: ModelConfig, run: Path | None = None) -> Path:
     if world() > 1:  # frozen parameters (requires_grad False) are left out by DDP itself
         state.ddp = torch.nn.parallel.DistributedDataParallel(
             state.model, device_ids=[device] if device.type == "cuda" else None)
-    transform = data.train_transform(mcfg.image_size, cfg.erase_p)
-    items = SeededItems(data.TrainSet(dataset.train, transform), cfg.seed)
+    items = training_items(dataset, cfg, mcfg)
     fill_text_cache(state.model, items.dataset.texts(), tokenizer, mcfg.max_text_len, device)
     state.model.train()
     with open(run / "log.jsonl" if rank() == 0 else os.devnull, "a") as log, StopRequest() as stop:

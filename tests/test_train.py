@@ -90,6 +90,20 @@ def test_training_retrieves_held_out_people_far_above_chance(tmp_path_factory, t
     assert {"last.pt", "best.pt", "config.json"} <= {p.name for p in run.iterdir()}
 
 
+def test_random_erasing_reaches_the_training_images_as_the_run_asks(synth_root):
+    """--erase-p is what train() trains on: with 1, each image differs from the one with 0 (the
+    same seed, so the same flip and crop) in one rectangle, and is 0 throughout it."""
+    dataset = data.load_dataset("synth", synth_root)
+    plain = train.training_items(dataset, *config(synth_root, "--erase-p", "0"))
+    erased = train.training_items(dataset, *config(synth_root, "--erase-p", "1"))
+    for i in range(4):
+        a, b = plain[(0, i)]["image"], erased[(0, i)]["image"]  # (3, H, W)
+        rows, cols = (a != b).any(0).nonzero(as_tuple=True)
+        assert len(rows) > 0
+        box = b[:, rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        assert (box == 0).all() and box[0].numel() < 0.5 * a[0].numel()  # erase_scale tops at 0.4
+
+
 def test_final_evaluation_writes_both_stages_and_robustness(synth_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run = train.train(*config(synth_root, "--p", "4", "--k", "2", "--max-steps", "2"))
@@ -192,7 +206,7 @@ def one_process_reference(root: Path, steps: int):
                 for r in range(2)]
     state = train.State.create(cfg, mcfg, cpu, total_steps=cfg.epochs * len(samplers[0]))
     rngs = [torch.get_rng_state(), torch.manual_seed(cfg.seed * 1_000_003 + 1).get_state()]  # as train.train
-    items = train.SeededItems(data.TrainSet(dataset.train, data.train_transform(mcfg.image_size)), cfg.seed)
+    items = train.training_items(dataset, cfg, mcfg)
     train.fill_text_cache(state.model, items.dataset.texts(), tokenizer, mcfg.max_text_len, cpu)
     state.model.train()
     loaders = [train.make_loader(items, sampler, 0, 0, tokenizer, cfg, mcfg.max_text_len) for sampler in samplers]
