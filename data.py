@@ -343,7 +343,7 @@ class TrainTransform:
         return x
 
 
-def train_transform(size, erase_p: float = 0.5) -> TrainTransform:
+def train_transform(size, erase_p: float) -> TrainTransform:
     return TrainTransform(tuple(size), erase_p=erase_p)
 
 

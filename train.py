@@ -407,7 +407,6 @@ def run_epoch(state: State, loader, cfg: TrainConfig, mcfg: ModelConfig, device,
     return True
 
 
-@torch.no_grad()
 def training_items(dataset: data.ReIDData, cfg: TrainConfig, mcfg: ModelConfig) -> SeededItems:
     """The training split as seeded items with the run's augmentation (random erasing at
     cfg.erase_p), the one place that builds them."""
@@ -415,6 +414,7 @@ def training_items(dataset: data.ReIDData, cfg: TrainConfig, mcfg: ModelConfig) 
     return SeededItems(data.TrainSet(dataset.train, transform), cfg.seed)
 
 
+@torch.no_grad()
 def fill_text_cache(model: T2IReID, texts: list[str], tokenizer, max_len: int, device, chunk: int = 64) -> None:
     """The frozen text layers' states of every training text, computed once before the first
     step, in sorted order (model.FrozenTextPrefix): an epoch then costs only the layers above."""
