@@ -10,7 +10,9 @@ Implements the evaluation of Sec. IV of the paper with the decisions of DESIGN s
 * Table V's robustness settings built from the generated descriptions of the test images:
   Standard (identity + clothing), Identity-Only, Clothes-Conflict (identity + the clothing of
   another test image, a fixed seeded derangement);
-* Fig. 5's gate statistics, a ranked-list picture and the gate histograms.
+* Fig. 5's gate statistics, a ranked-list picture and the gate histograms;
+* whether the fusion reads the image at all (`fusion_image_reliance`: its scores with each
+  candidate's image tokens swapped for another's), which W_img alone cannot say.
 
 Read top to bottom: metrics, embedding, the two stages, robustness, the whole evaluation,
 pictures, runs, command line.
@@ -171,16 +173,48 @@ class TwoStage:
 
     def stage2(self, start: int, end: int) -> torch.Tensor:
         """Rows start:end with each query's top K re-scored by the fusion module: (n, G)."""
+        return rerank(*self.fusion_scores(start, end))
+
+    def fusion_scores(self, start: int, end: int, swap: torch.Tensor | None = None):
+        """Rows start:end -> stage-1 scores (n, G), each query's top K candidates (n, K) and their
+        fusion scores (n, K). swap, a permutation of the K: candidate j is scored with the image
+        tokens of candidate swap[j] (its own stage-1 embedding kept), for fusion_image_reliance."""
         scores = self.stage1(start, end)  # (n, G)
         k = min(self.k, scores.shape[1])
         candidates = scores.topk(k, dim=1).indices  # (n, K)
-        tokens = self.tokens[candidates.flatten().cpu()].to(scores.device, torch.float32)  # (n K, P, d)
+        seen = candidates if swap is None else candidates[:, swap]  # whose tokens each candidate gets
+        tokens = self.tokens[seen.flatten().cpu()].to(scores.device, torch.float32)  # (n K, P, d)
         texts = self.query_feats[start:end].repeat_interleave(k, dim=0)  # (n K, Dt)
         emb = self.gallery_emb[candidates.flatten()]  # (n K, E)
         fusion, w_image = self.model.pair_score(tokens, texts, emb)  # (n K,), (n K, P)
         if self.gates is not None:
             self.gates.append(w_image.float().mean(1).cpu())  # (n K,)
-        return rerank(scores, candidates, fusion.view(-1, k).float())
+        return scores, candidates, fusion.view(-1, k).float()
+
+
+def fusion_image_reliance(ranker: TwoStage, queries: int = 200, batch: int = 50) -> dict | None:
+    """Does the fusion look at the image? For the first `queries` queries, each top-K candidate is
+    scored again with the image tokens of the next candidate in its list (a cyclic swap; the
+    stage-1 embeddings stay in place). `change`: the mean absolute change of a fusion score over
+    the mean spread (std) of the fusion scores within a list; `spearman`: the mean rank correlation
+    of each list's two orders. A fusion that ignores the image gives change 0 and spearman 1 --
+    whatever its W_img, whose softmax can favour the text and still pass on the image, or the
+    reverse. None when K < 3 (too few candidates to correlate)."""
+    n, k = min(queries, len(ranker.query_emb)), min(ranker.k, len(ranker.gallery_emb))
+    if k < 3:
+        return None
+    swap = torch.roll(torch.arange(k), -1)  # candidate j reads the tokens of candidate j + 1
+    own, swapped = [], []
+    for start in range(0, n, batch):
+        end = min(start + batch, n)
+        own.append(ranker.fusion_scores(start, end)[2]), swapped.append(ranker.fusion_scores(start, end, swap)[2])
+    own, swapped = torch.cat(own), torch.cat(swapped)  # (n, K) each
+    spread = own.std(1).mean().clamp_min(1e-12)
+    ranks = [x.argsort(1).argsort(1).float() for x in (own, swapped)]
+    ranks = [r - r.mean(1, keepdim=True) for r in ranks]
+    spearman = (ranks[0] * ranks[1]).sum(1) / (ranks[0].norm(dim=1) * ranks[1].norm(dim=1))
+    return dict(change=((own - swapped).abs().mean() / spread).item(), spearman=spearman.mean().item(),
+                queries=n, k=k)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,6 +366,7 @@ def evaluate_model(model: T2IReID, data, tokenizer, image_size, max_len: int, de
                   stage1=stage1, stage2=stage2, robustness=None, notes=[],
                   gates=dict(bdam=gate_summary(bdam_gate, gallery["gate"]), fusion=gate_summary(fusion_gate)),
                   examples=_examples(captions.stage2 if k else captions.stage1, texts, pids, data.gallery, 6, seed))
+    result["fusion_image_reliance"] = fusion_image_reliance(captions) if k else None
     if robustness:
         result["robustness"] = robustness_metrics(ranker, data.gallery, gallery_pids, limit_queries, seed,
                                                   result["notes"], batch_size, progress)
@@ -467,9 +502,15 @@ def report(result: dict) -> str:
         rows = [(f"{name:17s} stage {s}", r[f"stage{s}"]) for name, r in result["robustness"].items() for s in (1, 2)]
         out.append(table("robustness (Table V): queries from the generated descriptions", rows))
     gates = [(name, result["gates"][key]) for key, name in (("bdam", "BDAM gate g"), ("fusion", "fusion gate W_img"))]
-    out.append("\n".join(f"{name:18s} mean {g['mean']:.3f} +- {g['std']:.3f} over {g['count']} values (Fig. 5)"
-                         + (f"; per channel, std over images {g['channel_std']:.3f}" if "channel_std" in g else "")
-                         for name, g in gates if g is not None))
+    lines = [f"{name:18s} mean {g['mean']:.3f} +- {g['std']:.3f} over {g['count']} values (Fig. 5)"
+             + (f"; per channel, std over images {g['channel_std']:.3f}" if "channel_std" in g else "")
+             for name, g in gates if g is not None]
+    reliance = result.get("fusion_image_reliance")
+    if reliance:
+        lines.append(f"{'fusion vs image':18s} each top-{reliance['k']} candidate scored with the next one's image "
+                     f"tokens: scores move {reliance['change']:.3f} of their spread, rank correlation "
+                     f"{reliance['spearman']:.3f} (0 and 1: the fusion ignores the image)")
+    out.append("\n".join(lines))
     return "\n\n".join(out + [f"note: {n}" for n in result["notes"]])
 
 

@@ -74,7 +74,7 @@ from PIL import Image  # noqa: E402
 
 import data  # noqa: E402
 import mamba_triton  # noqa: E402
-from evaluate import (FRAME, FRAME_COLOURS, GAP, TEXT_WIDTH, THUMB, RunError, TwoStage,  # noqa: E402
+from evaluate import (FRAME, FRAME_COLOURS, GAP, TEXT_WIDTH, THUMB, RunError, TwoStage, fusion_image_reliance,  # noqa: E402
                       derangement, embed_gallery, embed_texts, evaluate_model, gate_histograms,
                       gate_summary, load_run, main, ranked_list_picture, report, rerank, robustness_queries)
 from encoders import load_tokenizer  # noqa: E402
@@ -181,6 +181,46 @@ def test_gallery_cache_and_stage2_order_match_the_model_scoring_each_pair(tiny_m
             assert (naive[1:] <= naive[:-1] + 1e-3).all(), naive  # stage 2 follows the fusion scores
 
 
+def test_fusion_image_reliance_matches_a_naive_swap_and_is_nil_for_a_blind_fusion(tokenizer, test_split):
+    from scipy.stats import spearmanr
+    paths = [g.image_path for g in test_split.gallery]
+    captions = [q.caption for q in test_split.queries[:6]]
+
+    def reliance(model, k=5):
+        with torch.no_grad():
+            gallery = embed_gallery(model, paths, (64, 32), "cpu", progress=False)
+            emb, feats = embed_texts(model, tokenizer, captions, 48, "cpu", progress=False)
+            ranker = TwoStage(model, emb, feats, gallery["emb"], gallery["tokens"], k=k)
+            return fusion_image_reliance(ranker, queries=5, batch=2), gallery, emb, feats
+
+    torch.manual_seed(1)
+    model = T2IReID(tiny_cfg()).eval()  # the paper's fusion, random weights: it reads the image
+    got, gallery, emb, feats = reliance(model)
+    own, swapped, rhos = [], [], []
+    with torch.no_grad():
+        for q in range(5):  # one query at a time, the next candidate's tokens by hand
+            top = (emb[q] @ gallery["emb"].T).topk(5).indices
+            text = feats[q:q + 1].expand(5, -1)
+            tokens = gallery["tokens"][top].float()
+            own.append(model.pair_score(tokens, text, gallery["emb"][top])[0])
+            swapped.append(model.pair_score(tokens[[1, 2, 3, 4, 0]], text, gallery["emb"][top])[0])
+            rhos.append(spearmanr(own[-1].numpy(), swapped[-1].numpy())[0])
+    own, swapped = torch.stack(own), torch.stack(swapped)
+    change = ((own - swapped).abs().mean() / own.std(1).mean()).item()
+    assert got["k"] == 5 and got["queries"] == 5
+    assert got["change"] == pytest.approx(change, rel=1e-3) and got["change"] > 0.05
+    assert got["spearman"] == pytest.approx(sum(rhos) / 5, abs=1e-4) and got["spearman"] < 0.99
+    # the softmax gate shut on the text: the image cannot reach the fusion's score
+    with torch.no_grad():
+        model.fusion.gate.weight.zero_(), model.fusion.gate.bias.copy_(torch.tensor([-40.0, 40.0]))
+    blind = reliance(model)[0]
+    assert blind["change"] < 1e-4 and blind["spearman"] == pytest.approx(1.0)
+    torch.manual_seed(1)  # the residual fusion before training (W_o = 0): stage 1, blind as well
+    residual = reliance(T2IReID(tiny_cfg(fusion_residual=True)).eval())[0]
+    assert residual["change"] == 0.0 and residual["spearman"] == pytest.approx(1.0)
+    assert reliance(model, k=2)[0] is None
+
+
 def test_evaluate_model_two_stages_robustness_and_gates(tiny_model, tokenizer, test_split):
     args = (tiny_model, test_split, tokenizer, (64, 32), 48, "cpu")
     out = evaluate_model(*args, batch_size=16, progress=False)
@@ -197,6 +237,9 @@ def test_evaluate_model_two_stages_robustness_and_gates(tiny_model, tokenizer, t
     assert out["gates"]["bdam"]["count"] == 32 and 0 < out["gates"]["bdam"]["mean"] < 1
     assert out["gates"]["fusion"]["count"] == 5 * len(test_split.queries)  # original captions only
     assert sum(out["gates"]["fusion"]["hist"]) == out["gates"]["fusion"]["count"]
+    reliance = out["fusion_image_reliance"]  # its arithmetic: the naive swap test above
+    assert reliance["k"] == 5 and reliance["queries"] == len(test_split.queries) and reliance["change"] > 0
+    assert "fusion vs image" in report(out)
     ex = out["examples"]
     assert len(ex["queries"]) == 6 and all(len(p) == 10 for p in ex["paths"])
     pid_of = {g.image_path: g.pid for g in test_split.gallery}
@@ -207,6 +250,7 @@ def test_evaluate_model_two_stages_robustness_and_gates(tiny_model, tokenizer, t
     assert one["stage1"] == pytest.approx(out["stage1"])
     quick = evaluate_model(*args, rerank_k=0, progress=False, limit_queries=7)
     assert quick["stage2"] is None and quick["num_queries"] == 7 and quick["gates"]["fusion"] is None
+    assert quick["fusion_image_reliance"] is None and one["fusion_image_reliance"] is None
     assert all(r["stage2"] is None for r in quick["robustness"].values())
     bare = dataclasses.replace(test_split, gallery=[dataclasses.replace(g, identity=None) for g in test_split.gallery])
     skipped = evaluate_model(tiny_model, bare, *args[2:], rerank_k=0, progress=False)
