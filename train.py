@@ -3,9 +3,9 @@
 Paper Sec. IV-A (Adam, lr 1e-4, weight decay 1e-3, cosine annealing, GradNorm alpha 1.5) with the
 decisions of DESIGN.md section 3: stage-1 InfoNCE plus the fusion InfoNCE over hard negatives,
 GradNorm weights learned from the GradNorm loss alone. Each run writes runs/<name>/:
-config.json (the resolved configuration), log.jsonl (one line per step), last.pt, best.pt
-(best stage-1 Rank-1 on the validation split) and results.json (test evaluation); runs/latest
-points at the newest run.
+config.json (the resolved configuration), log.jsonl (one line per step: the losses, GradNorm's
+weights, the gates' g_std and w_img), last.pt, best.pt (best stage-1 Rank-1 on the validation
+split) and results.json (test evaluation); runs/latest points at the newest run.
 
     python train.py                                  # SynthPEDES on a CPU, all offline
     python train.py --data cuhk                      # CUHK-PEDES, the paper's encoders, one GPU
@@ -326,7 +326,19 @@ def train_step(state: State, batch: dict, mcfg: ModelConfig, device, amp: bool) 
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
         out, labels = gather_batch((state.ddp or state.model)(batch), batch)  # the global batch
         losses = {name: loss.float() for name, loss in compute_losses(out, labels, mcfg).items()}
-    return update(state, losses, mcfg)
+    return {**update(state, losses, mcfg), **gate_stats(out)}
+
+
+def gate_stats(out: dict) -> dict:
+    """The gates of Fig. 5 on this batch, for the log: g_std, the BDAM gate's per-channel standard
+    deviation over the images (0: the same g for every image), and w_img, the fusion gate's mean
+    W_img on each text's own image (near 0: the fusion reads the text alone)."""
+    stats = {}
+    if out.get("bdam_gate") is not None and len(out["bdam_gate"]) > 1:
+        stats["g_std"] = out["bdam_gate"].detach().float().std(0).mean().item()
+    if out.get("fusion_gate") is not None:
+        stats["w_img"] = out["fusion_gate"].float().mean().item()
+    return stats
 
 
 def update(state: State, losses: dict[str, torch.Tensor], mcfg: ModelConfig) -> dict:

@@ -86,8 +86,17 @@ def test_training_retrieves_held_out_people_far_above_chance(tmp_path_factory, t
     steps = [row for row in log if "total" in row]
     assert len(steps) == 136 and steps[-1]["total"] < steps[0]["total"]
     assert all(0 < row["w_info"] < len(mcfg.loss_names()) for row in steps)  # GradNorm weights bounded
+    assert all(0 < row["w_img"] < 1 and row["g_std"] > 0 for row in steps)  # both gates logged
     assert (Path("runs") / "latest").resolve() == run.resolve()
     assert {"last.pt", "best.pt", "config.json"} <= {p.name for p in run.iterdir()}
+
+
+def test_gate_stats_by_hand():
+    """g_std: per-channel std over the images, averaged over channels; w_img: the mean W_img."""
+    g = torch.tensor([[0.2, 0.4], [0.6, 0.4]])  # channel 0 varies (std 0.2828), channel 1 does not
+    stats = train.gate_stats({"bdam_gate": g, "fusion_gate": torch.tensor([[0.1, 0.3], [0.5, 0.7]])})
+    assert stats["g_std"] == pytest.approx((0.4 / 2 ** 0.5) / 2) and stats["w_img"] == pytest.approx(0.4)
+    assert train.gate_stats({"bdam_gate": None, "fusion_gate": None}) == {}  # w/o BDAM gate, w/o fusion
 
 
 def test_random_erasing_reaches_the_training_images_as_the_run_asks(synth_root):
