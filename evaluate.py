@@ -10,14 +10,16 @@ Implements the evaluation of Sec. IV of the paper with the decisions of DESIGN s
 * Table V's robustness settings built from the generated descriptions of the test images:
   Standard (identity + clothing), Identity-Only, Clothes-Conflict (identity + the clothing of
   another test image, a fixed seeded derangement);
-* Fig. 5's gate statistics, a ranked-list picture and the gate histograms;
+* Fig. 5's gate statistics, a ranked-list picture, the gate histograms and the gates over
+  training (from the run's log);
 * whether the fusion reads the image at all (`fusion_image_reliance`: its scores with each
   candidate's image tokens swapped for another's), which W_img alone cannot say.
 
 Read top to bottom: metrics, embedding, the two stages, robustness, the whole evaluation,
 pictures, runs, command line.
 
-    python evaluate.py                          # newest run: tables, metrics.json, ranked_list.png, gates.png
+    python evaluate.py                          # newest run: tables, metrics.json, ranked_list.png, gates.png,
+                                                #   gates_over_training.png
     python evaluate.py --run runs/NAME --limit-queries 200 --rerank-k 10
     python evaluate.py --data synth --root data-real   # the run's model on other data (default: the run's)
     python evaluate.py --query "a tall man with short grey hair" --gallery DIR   # writes search.png
@@ -433,6 +435,37 @@ def gate_histograms(gates: dict, path, size=(9.0, 3.2), dpi: int = 100) -> Path:
     return Path(path)
 
 
+def gate_curves(log_rows: list, path, size=(9.0, 3.2), dpi: int = 100) -> Path | None:
+    """Both gates over training, from the rows of a run's log.jsonl: the fusion gate's W_img on
+    each text's own image and the BDAM gate's per-channel spread over the batch (train.gate_stats).
+    Where W_img settles decides whether the fusion reads the image (README, Results). None when no
+    row has them (a run logged before they were, or a model without either gate)."""
+    rows = [r for r in log_rows if "w_img" in r or "g_std" in r]
+    if not rows:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=size, dpi=dpi)
+    panels = [("w_img", "fusion gate W_img (image share)", "tab:orange", (0, 1)),
+              ("g_std", "BDAM gate g, per-channel std over the batch", "tab:blue", None)]
+    for ax, (key, title, colour, limits) in zip(axes, panels):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        if limits:
+            ax.set_ylim(*limits)
+        if points:
+            ax.plot(*zip(*points), color=colour, linewidth=1)
+        else:
+            ax.text(0.5, 0.5, "not in this model", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return Path(path)
+
+
 # ----------------------------------------------------------------------------------------------
 # Runs written by train.py
 
@@ -551,6 +584,9 @@ def evaluate_run(run: Run, device, rerank_k=None, limit_queries=None, data=None,
     ex = result["examples"]
     pictures = [ranked_list_picture(ex["queries"], ex["paths"], ex["correct"], run.folder / "ranked_list.png"),
                 gate_histograms(result["gates"], run.folder / "gates.png")]
+    log = run.folder / "log.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+    pictures += [p for p in [gate_curves(rows, run.folder / "gates_over_training.png")] if p]
     for path in [run.folder / "metrics.json", *pictures]:
         print(f"wrote {path}")
     return result

@@ -75,7 +75,7 @@ from PIL import Image  # noqa: E402
 import data  # noqa: E402
 import mamba_triton  # noqa: E402
 from evaluate import (FRAME, FRAME_COLOURS, GAP, TEXT_WIDTH, THUMB, RunError, TwoStage, fusion_image_reliance,  # noqa: E402
-                      derangement, embed_gallery, embed_texts, evaluate_model, gate_histograms,
+                      derangement, embed_gallery, embed_texts, evaluate_model, gate_curves, gate_histograms,
                       gate_summary, load_run, main, ranked_list_picture, report, rerank, robustness_queries)
 from encoders import load_tokenizer  # noqa: E402
 from model import ModelConfig, T2IReID  # noqa: E402
@@ -297,6 +297,15 @@ def test_gate_histograms_size(tmp_path):
     assert image.size == (300, 100)
 
 
+def test_gate_curves_size_and_skip(tmp_path):
+    rows = [{"step": 1, "total": 3.0, "w_img": 0.3, "g_std": 0.1}, {"step": 2, "total": 2.0, "w_img": 0.1},
+            {"step": 2, "epoch": 1, "val_R1": 5.0}]  # a validation row, and a row without g_std
+    image = Image.open(gate_curves(rows, tmp_path / "curves.png", size=(6.0, 2.0), dpi=50))
+    assert image.size == (300, 100)
+    assert gate_curves([{"step": 1, "total": 3.0}], tmp_path / "old.png") is None  # logged before the gates
+    assert not (tmp_path / "old.png").exists()
+
+
 def test_load_run_errors_and_round_trip(tmp_path, tiny_model, capsys):
     with pytest.raises(RunError, match="python train.py"):
         load_run(runs_dir=tmp_path / "runs")
@@ -324,6 +333,8 @@ def test_cli_evaluates_a_run_and_searches_a_folder(tmp_path, tiny_model, tiny_sy
     train = {"data": "synth", "root": str(tiny_synth), "eval_batch": 16, "seed": 0}  # as train.TrainConfig
     (folder / "config.json").write_text(json.dumps({"train": train, "model": dataclasses.asdict(tiny_model.cfg)}))
     torch.save({"model": tiny_model.state_dict()}, folder / "best.pt")
+    (folder / "log.jsonl").write_text("".join(json.dumps({"step": i, "w_img": 0.5 - i / 10, "g_std": 0.1}) + "\n"
+                                              for i in range(1, 4)))
     assert main(["--run", str(folder), "--device", "cpu", "--rerank-k", "3", "--limit-queries", "8"]) == 0
     printed = capsys.readouterr().out
     assert "stage 2 (fusion, top 3)" in printed and "describe.py" in printed  # no descriptions.jsonl
@@ -332,6 +343,7 @@ def test_cli_evaluates_a_run_and_searches_a_folder(tmp_path, tiny_model, tiny_sy
     assert metrics["num_queries"] == 8 and metrics["rerank_k"] == 3
     assert Image.open(folder / "ranked_list.png").size[1] == 6 * (THUMB[0] + 2 * FRAME + GAP)
     assert Image.open(folder / "gates.png").size == (900, 320)
+    assert Image.open(folder / "gates_over_training.png").size == (900, 320)
     images = data.read_annotations("synth", tiny_synth).image_dir
     assert main(["--run", str(folder), "--query", "a tall man with short grey hair", "--gallery", str(images)]) == 0
     ranked = [line.split()[-1] for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
