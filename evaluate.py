@@ -206,11 +206,9 @@ def fusion_image_reliance(ranker: TwoStage, queries: int = 200, batch: int = 50)
     if k < 3:
         return None
     swap = torch.roll(torch.arange(k), -1)  # candidate j reads the tokens of candidate j + 1
-    own, swapped = [], []
-    for start in range(0, n, batch):
-        end = min(start + batch, n)
-        own.append(ranker.fusion_scores(start, end)[2]), swapped.append(ranker.fusion_scores(start, end, swap)[2])
-    own, swapped = torch.cat(own), torch.cat(swapped)  # (n, K) each
+    blocks = [(start, min(start + batch, n)) for start in range(0, n, batch)]
+    own = torch.cat([ranker.fusion_scores(start, end)[2] for start, end in blocks])  # (n, K)
+    swapped = torch.cat([ranker.fusion_scores(start, end, swap)[2] for start, end in blocks])  # (n, K)
     spread = own.std(1).mean().clamp_min(1e-12)
     ranks = [x.argsort(1).argsort(1).float() for x in (own, swapped)]
     ranks = [r - r.mean(1, keepdim=True) for r in ranks]
