@@ -8,7 +8,8 @@ Framework for Robust Person Re-Identification", Sec. III (the objective, Eq. 1-6
     L_info      Eq. 3  image-text InfoNCE             info_nce (+ multi_positive_nce)
     L_tri       Eq. 4  batch-hard triplet             triplet_loss
     GradNorm    Eq. 5  learned task weights           GradNorm.gradnorm_loss
-    L_total     Eq. 6  sum_k w_k L_k + lambda R(w)    GradNorm.total_loss
+    L_total     Eq. 6  sum_k w_k L_k + alpha L_grad   GradNorm.backward
+                       + lambda sum_k (log w_k)^2
 
 `compute_losses(out, batch, cfg)` at the bottom says which equation is applied to which output
 of `model.T2IReID.forward`; train.py feeds its dict to `GradNorm.backward`.
@@ -170,42 +171,56 @@ def triplet_loss(feats: torch.Tensor, pids: torch.Tensor, margin: float) -> torc
 
 
 class GradNorm(nn.Module):
-    """Learned task weights w_k = exp(s_k), trained by GradNorm (Chen et al. 2018).
+    """Learned task weights w_k = exp(s_k), trained by GradNorm (Chen et al. 2018) as the
+    paper's Eq. 5-6 write it.
 
-    Eq. 5 (GradNorm loss, a function of the s_k only):
-        G_k   = || grad_W (w_k L_k) ||_2 = w_k || grad_W L_k ||_2     W: one shared parameter
-        r_k   = L~_k / mean_j L~_j,   L~_k = L_k(t) / L_k(0)           relative inverse rate
-        L_grad = sum_k | G_k - [ mean_j G_j * r_k^alpha ] |            bracket detached
-    alpha = 1.5 is Chen et al.'s asymmetry exponent; the paper's Eq. 5 drops it (which reads as
-    alpha = 1). Eq. 6 (the network's loss):
-        L_total = sum_k w_k L_k + lambda sum_k (log w_k)^2
-    The w_k in the first term are detached: its gradient on s_k (= w_k L_k > 0) would only shrink
-    every weight towards 0. So s_k learns from L_grad and from the regulariser lambda * s_k^2,
-    and the network from L_total. After each optimiser step `renormalise_()` clamps s_k to
-    [log w_min, log K] and shifts them so that sum_k w_k = K (Chen et al. Sec. 3.2); together this
-    keeps every weight in [w_min / K, K]: never 0, never infinite.
+    Eq. 5 (the GradNorm loss, a function of the s_k only):
+        G_k    = || grad_W (w_k L_k) ||_2 = w_k || grad_W L_k ||_2     W: one shared parameter
+        G_ref  = mean_j G_j                                           (detached)
+        r_k    = L~_k / mean_j L~_j,   L~_k = L_k(t) / L_k(0)           relative inverse rate
+        L_grad = sum_k | G_k / G_ref - r_k |                           r_k detached
+    Eq. 6 (the objective):
+        L_total = sum_k w_k L_k + alpha L_grad + lambda sum_k (log w_k)^2
+    alpha = 1.5 is the *strength* of L_grad (Eq. 6), not Chen et al.'s exponent on r_k, which
+    the paper's Eq. 5 does not write. The network trains on sum_k w_k L_k; the s_k train on
+    alpha L_grad + lambda sum_k s_k^2. (The w_k of the first term are detached: its gradient on
+    s_k, w_k L_k > 0, would only shrink every weight towards 0.)
+
+    Two choices where the paper is silent (README, design decision 3):
+    - G_ref is the mean weighted norm, and L_grad is measured in units of it. The gradient norms
+      at W differ by orders of magnitude between a 4-layer ViT and ViT-B and over training; in
+      these units alpha means the same on every preset.
+    - The bound comes from lambda alone (nothing is clamped or renormalised). The gradient of
+      alpha L_grad on s_k is alpha (G_k / G_ref) sign(.), at most alpha K in size (G_k <= K G_ref),
+      and the regulariser's is 2 lambda s_k, so s_k can rest only where
+          |log w_k| <= alpha K / (2 lambda)            (`bound()`; 0.2 <= w_k <= 5 for K = 5,
+                                                        alpha 1.5, lambda 2.5: |log w| <= 1.5).
+    In practice G_k / G_ref is well below K, and the weights stay closer to 1.
 
     Use (train.py):
         gradnorm = GradNorm(cfg.loss_names(), cfg.gradnorm_alpha, cfg.weight_reg if cfg.use_weight_reg else 0)
         weight_optimizer = torch.optim.Adam(gradnorm.parameters(), lr=...)
         stats = gradnorm.backward(losses, model.shared_parameter())  # fills .grad of both
-        optimizer.step(); weight_optimizer.step(); gradnorm.renormalise_()
+        optimizer.step(); weight_optimizer.step()
     """
 
-    def __init__(self, tasks: Sequence[str], alpha: float = 1.5, reg_lambda: float = 0.0,
-                 w_min: float = 1e-3):
+    def __init__(self, tasks: Sequence[str], alpha: float = 1.5, reg_lambda: float = 0.0):
         super().__init__()
         self.tasks = tuple(tasks)
         if "fusion" in self.tasks[:-1]:
             raise ValueError(f"GradNorm: the fusion loss must be the last task, got {self.tasks}: backward() "
                              "gets the last task's gradient by subtraction, to spare a pass through the fusion")
-        self.alpha, self.reg_lambda, self.w_min = alpha, reg_lambda, w_min
+        self.alpha, self.reg_lambda = alpha, reg_lambda
         self.log_weights = nn.Parameter(torch.zeros(len(self.tasks)))  # s_k, w_k = 1 at start
         self.register_buffer("initial_losses", torch.full((len(self.tasks),), float("nan")))  # L_k(0)
 
     def weights(self) -> torch.Tensor:
         """w_k = exp(s_k), shape (K,)."""
         return self.log_weights.exp()
+
+    def bound(self) -> float:
+        """alpha K / (2 lambda): the largest |log w_k| at which s_k can rest (inf without lambda)."""
+        return self.alpha * len(self.tasks) / (2 * self.reg_lambda) if self.reg_lambda > 0 else math.inf
 
     def _tasks(self, losses: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """The K losses in task order. Take gradients of these tensors, never of rows of their
@@ -219,10 +234,13 @@ class GradNorm(nn.Module):
     def _stack(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.stack(self._tasks(losses))  # (K,)
 
-    def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Eq. 6: sum_k w_k L_k (w detached) + lambda * sum_k (log w_k)^2."""
-        weighted = (self.weights().detach() * self._stack(losses)).sum()
-        return weighted + self.reg_lambda * self.log_weights.pow(2).sum()
+    def regulariser(self) -> torch.Tensor:
+        """lambda sum_k (log w_k)^2, the last term of Eq. 6."""
+        return self.reg_lambda * self.log_weights.pow(2).sum()
+
+    def network_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """sum_k w_k L_k with the w_k detached: what the network trains on (Eq. 6, first term)."""
+        return (self.weights().detach() * self._stack(losses)).sum()
 
     def gradnorm_loss(self, losses: dict[str, torch.Tensor], grad_norms: torch.Tensor):
         """Eq. 5 from the norms ||grad_W L_k|| (K,). Returns (L_grad, stats); L_grad depends on
@@ -231,10 +249,11 @@ class GradNorm(nn.Module):
         if torch.isnan(self.initial_losses).any():
             self.initial_losses.copy_(current.clamp_min(1e-12))
         g = self.weights() * grad_norms.detach().to(current.dtype)  # (K,) G_k
+        g_ref = g.mean().detach().clamp_min(1e-12)
         ratio = current / self.initial_losses  # L~_k
-        target = (g.mean() * (ratio / ratio.mean()).pow(self.alpha)).detach()
-        stats = {"grad_norms": g.detach(), "targets": target, "weights": self.weights().detach()}
-        return (g - target).abs().sum(), stats
+        target = ratio / ratio.mean()  # r_k
+        stats = {"grad_norms": g.detach(), "targets": target * g_ref, "weights": self.weights().detach()}
+        return (g / g_ref - target).abs().sum(), stats
 
     def task_grad_norms(self, losses: dict[str, torch.Tensor], shared: torch.Tensor) -> torch.Tensor:
         """||grad_W L_k|| for each task, one `torch.autograd.grad(retain_graph=True)` each: (K,)."""
@@ -245,15 +264,16 @@ class GradNorm(nn.Module):
         return torch.stack(norms)
 
     def backward(self, losses: dict[str, torch.Tensor], shared: torch.Tensor, reduce=None) -> dict:
-        """Fill .grad: the network's from Eq. 6, s_k's from Eq. 5 + the regulariser.
+        """Fill .grad: the network's from sum_k w_k L_k, s_k's from alpha L_grad + lambda sum_k s_k^2
+        (Eq. 5-6). Returns the stats: G_k, their targets r_k G_ref, w_k, L_total, L_grad.
 
         The last task's gradient on W is not computed on its own: the full backward adds
         sum_k w_k grad_W L_k to W.grad, so grad_W L_last = (added - sum_{k<last} w_k grad_W L_k) /
         w_last. That saves one backward pass through the last of `tasks`. train.py passes
         ModelConfig.loss_names(), which puts the fusion loss last: it is the most expensive, the
         only one that runs the Mamba fusion (over S x Q pairs). The result is exact for any order
-        (w_last >= w_min / K > 0); only the cost depends on it, and __init__ refuses a fusion task
-        that is not last. The loss must not be scaled (no fp16 GradScaler; bf16 needs none).
+        (w_last > 0); only the cost depends on it, and __init__ refuses a fusion task that is not
+        last. The loss must not be scaled (no fp16 GradScaler; bf16 needs none).
 
         Under DistributedDataParallel, `reduce` averages a tensor over the processes (train.py
         passes an all-reduce). DDP averages what backward() accumulates in .grad, but not what
@@ -273,22 +293,17 @@ class GradNorm(nn.Module):
         for k, grad in enumerate(grads):
             others += w[k] * grad
         norms = [grad.norm() for grad in grads]
-        total = self.total_loss(losses)
-        total.backward()  # the network, and lambda * s_k^2 on s_k
+        weighted = self.network_loss(losses)
+        weighted.backward()  # the network
         added = torch.zeros_like(shared) if shared.grad is None else shared.grad.detach() - before
         norms.append(((added - others) / w[-1]).norm())
         l_grad, stats = self.gradnorm_loss(losses, torch.stack(norms))
-        (grad_s,) = torch.autograd.grad(l_grad, self.log_weights)  # only s_k sees L_grad
-        self.log_weights.grad = self.log_weights.grad + grad_s
-        stats.update(total=total.detach(), gradnorm_loss=l_grad.detach())
+        weight_loss = self.alpha * l_grad + self.regulariser()
+        (grad_s,) = torch.autograd.grad(weight_loss, self.log_weights)  # only s_k sees these
+        self.log_weights.grad = grad_s if self.log_weights.grad is None else self.log_weights.grad + grad_s
+        total = weighted.detach() + weight_loss.detach()  # L_total of Eq. 6
+        stats.update(total=total, gradnorm_loss=l_grad.detach())
         return stats
-
-    @torch.no_grad()
-    def renormalise_(self) -> None:
-        """Clamp s_k to [log w_min, log K], then shift so that sum_k w_k = K."""
-        k = len(self.tasks)
-        self.log_weights.clamp_(math.log(self.w_min), math.log(k))
-        self.log_weights.sub_(self.log_weights.exp().mean().log())
 
 
 # -----------------------------------------------------------------------------
@@ -307,7 +322,8 @@ def compute_losses(out: dict, batch: dict, cfg) -> dict[str, torch.Tensor]:
              descriptions are positives of each other)
     decouple Eq. 2 on L2-normalised f_id and f_clo (normalised so that the loss cannot be won
              by shrinking the features)
-    info     Eq. 3 on stage-1 similarities, captions and identity descriptions vs images
+    info     Eq. 3 on stage-1 similarities, identity descriptions vs images (only the textual
+             identity meets the visual identity: DESIGN.md 3.5, the paper's Fig. 2 and 4)
     triplet  Eq. 4 on L2-normalised f_id
     fusion   Eq. 3 on fusion scores: each text against its image + hard negative images
              (DESIGN.md 3.1), positives = candidates of the text's identity
@@ -328,10 +344,7 @@ def compute_losses(out: dict, batch: dict, cfg) -> dict[str, torch.Tensor]:
             f_id, f_clo = F.normalize(out["f_id"], dim=-1), F.normalize(out["f_clo"], dim=-1)
             losses["decouple"] = hsic(f_id, f_clo, cfg.hsic_kernel)
         if cfg.loss_info:
-            image = out["image_emb"]  # (B, E)
-            caption = info_nce(out["caption_emb"] @ image.T, pids, pids, tau)
-            identity = info_nce(out["identity_emb"] @ image.T, pids, pids, tau)
-            losses["info"] = (caption + identity) / 2
+            losses["info"] = info_nce(out["identity_emb"] @ out["image_emb"].T, pids, pids, tau)
         if cfg.loss_triplet:
             losses["triplet"] = triplet_loss(F.normalize(out["f_id"], dim=-1), pids, cfg.triplet_margin)
         if cfg.loss_fusion:

@@ -168,12 +168,12 @@ def toy_problem(seed=0):
     return shared, heads, losses
 
 
-def train_toy_with_gradnorm(alpha, steps=150):
+def train_toy_with_gradnorm(alpha, reg_lambda=0.0, steps=150, lr=0.05):
     """Adam on the network and on s_k (Chen et al. 2018 use one learning rate; 0.05 here)."""
     shared, heads, losses = toy_problem()
-    gn = GradNorm(["a", "b"], alpha=alpha, reg_lambda=0.0)
+    gn = GradNorm(["a", "b"], alpha=alpha, reg_lambda=reg_lambda)
     net_opt = torch.optim.Adam([*shared.parameters(), *heads.parameters()], lr=1e-3)
-    w_opt = torch.optim.Adam(gn.parameters(), lr=0.05)
+    w_opt = torch.optim.Adam(gn.parameters(), lr=lr)
     history = []
     for _ in range(steps):
         net_opt.zero_grad()
@@ -181,11 +181,9 @@ def train_toy_with_gradnorm(alpha, steps=150):
         stats = gn.backward(losses(), shared.weight)
         net_opt.step()
         w_opt.step()
-        gn.renormalise_()
         history.append(stats)
         w = gn.weights()
         assert torch.isfinite(w).all() and (w > 0).all()
-        assert w.sum().item() == pytest.approx(2.0, rel=1e-5)
     return gn, history
 
 
@@ -194,21 +192,45 @@ def norm_ratio(stats):
 
 
 def test_gradnorm_brings_weighted_gradient_norms_together():
-    # alpha = 0: every target is the mean norm, so the weighted norms must meet
-    gn, history = train_toy_with_gradnorm(alpha=0.0)
+    # without the regulariser nothing holds the weights back: the weighted norms must meet their
+    # targets (r_k G_ref), from the 100x apart that the loss scales give
+    gn, history = train_toy_with_gradnorm(alpha=1.5, steps=200)
     assert norm_ratio(history[0]) > 20  # the 100x loss scale shows in the gradient norms
-    assert sum(norm_ratio(s) for s in history[-10:]) / 10 < 1.2
-    assert gn.weights()[0] > 50 * gn.weights()[1]  # by weighting the small task up
+    last = history[-10:]
+    assert sum(norm_ratio(s) for s in last) / 10 < 3
+    assert all(torch.allclose(s["grad_norms"], s["targets"], rtol=0.5) for s in last)
+    assert gn.weights()[0] > 10 * gn.weights()[1]  # by weighting the small task up
 
 
-def test_gradnorm_alpha_tracks_the_training_rate_targets():
-    # alpha = 1.5: task a learns faster (its L(t)/L(0) drops), so b's target norm is larger;
-    # the weighted norms follow their targets and stay far closer than the initial 100x
-    gn, history = train_toy_with_gradnorm(alpha=1.5)
-    last = history[-1]
-    assert torch.allclose(last["grad_norms"], last["targets"], rtol=0.25)
-    assert last["targets"][1] > last["targets"][0]
-    assert norm_ratio(last) < 6
+def test_gradnorm_regulariser_bounds_the_weights_on_a_starving_history():
+    """A made-up loss history of the kind that starved retrieval before (DESIGN 3.3): task
+    "hsic" barely falls and its gradient at the shared layer is 50x smaller than "info"'s, so
+    GradNorm asks for ever more of its weight. With lambda the weights settle within
+    |log w| <= alpha K / (2 lambda) -- and, alpha K / (2 lambda) = log 5 here, between 0.2 and 5
+    at every one of 3,000 steps; without lambda they run off."""
+    def run(reg_lambda, steps=3000):
+        gn = GradNorm(["hsic", "info", "triplet"], alpha=1.5, reg_lambda=reg_lambda)
+        opt = torch.optim.Adam(gn.parameters(), lr=0.025)
+        history = []
+        for t in range(steps):
+            losses = {"hsic": torch.tensor(0.9 + 0.1 * math.exp(-t / 500)),  # L/L0 stays near 0.9
+                      "info": torch.tensor(4.0 * math.exp(-t / 300) + 0.4),  # falls to a tenth
+                      "triplet": torch.tensor(0.3 * math.exp(-t / 600) + 0.05)}
+            norms = torch.tensor([0.02, 1.0, 0.3])  # ||grad_W L_k||: HSIC's 50x smaller
+            opt.zero_grad()
+            l_grad, _ = gn.gradnorm_loss(losses, norms)
+            (gn.alpha * l_grad + gn.regulariser()).backward()
+            opt.step()
+            history.append(gn.weights().detach().clone())
+        return torch.stack(history)  # (steps, K)
+
+    bound = 1.5 * 3 / (2 * math.log(5))  # lambda with alpha K / (2 lambda) = log 5
+    weights = run(bound)
+    assert GradNorm(["a", "b", "c"], alpha=1.5, reg_lambda=bound).bound() == pytest.approx(math.log(5))
+    assert weights.min() >= 0.2 and weights.max() <= 5.0
+    assert weights[-1, 1] < 0.5 and weights[-1, 0] > 1.0  # it still leans the way GradNorm asks
+    free = run(0.0)
+    assert free[-1, 0] > 20 * free[-1, 1]  # unbounded, HSIC takes the weight (the earlier failure)
 
 
 def test_gradnorm_loss_reaches_only_the_task_weights():
@@ -239,10 +261,11 @@ def test_gradnorm_loss_reaches_only_the_task_weights():
     (w[0] * l["a"] + w[1] * l["b"] + w[2] * l["c"]).backward()
     for n, p in shared.named_parameters():
         assert torch.allclose(got[n], p.grad, atol=1e-6), n
-    # s_k gradient: d L_grad / d s_k + 2 lambda s_k, L_grad from the explicit gradient norms
+    # s_k gradient: alpha d L_grad / d s_k + 2 lambda s_k, L_grad = sum_k |G_k / G_ref - r_k| from
+    # the explicit gradient norms, G_ref = mean_k G_k held constant
     g = w * norms
-    target = g.mean()  # first step: L(t) = L(0), so r_k = 1
-    want = torch.sign(g - target) * g + 2 * 0.1 * s
+    g_ref = g.mean()  # first step: L(t) = L(0), so r_k = 1
+    want = 1.5 * torch.sign(g / g_ref - 1) * g / g_ref + 2 * 0.1 * s
     assert torch.allclose(got_s, want, atol=1e-5)
 
 
@@ -260,20 +283,10 @@ def test_gradnorm_backward_runs_the_last_task_graph_once():
     assert len(calls) == 1
 
 
-def test_renormalise_keeps_weights_bounded():
-    gn = GradNorm(["a", "b", "c"], w_min=1e-3)
-    with torch.no_grad():
-        gn.log_weights.copy_(torch.tensor([50.0, -50.0, 0.0]))
-    gn.renormalise_()
-    w = gn.weights()
-    assert torch.isfinite(w).all() and (w >= 1e-3 / 3).all() and (w <= 3).all()
-    assert w.sum().item() == pytest.approx(3.0, rel=1e-5)
-
-
 def test_gradnorm_names_missing_loss():
     gn = GradNorm(["info", "triplet"])
     with pytest.raises(KeyError, match="triplet"):
-        gn.total_loss({"info": torch.tensor(1.0)})
+        gn.network_loss({"info": torch.tensor(1.0)})
 
 
 def fake_outputs(b=6, e=8, q=3, seed=6):
@@ -282,10 +295,10 @@ def fake_outputs(b=6, e=8, q=3, seed=6):
     unit = lambda n: F.normalize(torch.randn(n, e, generator=g), dim=-1)  # noqa: E731
     pids = torch.tensor([0, 0, 1, 1, 2, 2])
     out = dict(clo_image=unit(b), clo_text=unit(b), f_id=torch.randn(b, e, generator=g),
-               f_clo=torch.randn(b, e, generator=g), image_emb=unit(b), caption_emb=unit(b),
-               identity_emb=unit(b), fusion_scores=torch.rand(2 * b, q, generator=g) * 2 - 1,
-               fusion_pids=torch.tensor([[p, (p + 1) % 3, (p + 2) % 3] for p in pids.tolist() * 2]),
-               fusion_query_pids=pids.repeat(2))
+               f_clo=torch.randn(b, e, generator=g), image_emb=unit(b),
+               identity_emb=unit(b), fusion_scores=torch.rand(b, q, generator=g) * 2 - 1,
+               fusion_pids=torch.tensor([[p, (p + 1) % 3, (p + 2) % 3] for p in pids.tolist()]),
+               fusion_query_pids=pids)
     clothing = torch.tensor([[101, 7, 102]] * 2 + [[101, 8, 102]] * 4)  # outfits: {0, 1}, {2..5}
     batch = dict(pids=pids, clothing=dict(input_ids=clothing, attention_mask=torch.ones_like(clothing)))
     return out, batch
@@ -300,10 +313,9 @@ def test_compute_losses_applies_each_equation_to_its_outputs():
     want = {
         "aln": clothing_alignment_loss(out["clo_image"], out["clo_text"], 0.1, outfit[:, None] == outfit),
         "decouple": hsic(F.normalize(out["f_id"], dim=-1), F.normalize(out["f_clo"], dim=-1)),
-        "info": (info_nce(out["caption_emb"] @ out["image_emb"].T, pids, pids, 0.1)
-                 + info_nce(out["identity_emb"] @ out["image_emb"].T, pids, pids, 0.1)) / 2,
+        "info": info_nce(out["identity_emb"] @ out["image_emb"].T, pids, pids, 0.1),  # identity text only
         "triplet": triplet_loss(F.normalize(out["f_id"], dim=-1), pids, 0.3),
-        "fusion": F.cross_entropy(out["fusion_scores"] / 0.1, torch.zeros(12, dtype=torch.long)),
+        "fusion": F.cross_entropy(out["fusion_scores"] / 0.1, torch.zeros(6, dtype=torch.long)),
     }
     assert list(got) == list(want)
     for name in want:
