@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import lexicon
+
 DATASETS = ("synth", "cuhk", "icfg", "rstp")
 SPLITS = ("train", "val", "test")
 
@@ -194,12 +196,14 @@ class GalleryImage:
     pid: int  # the dataset's own identity id
     identity: str | None = None
     clothing: str | None = None
+    outfit: int | None = None  # which of the person's outfits, where the dataset knows it
 
 
 @dataclass
 class Query:
     caption: str
     pid: int
+    outfit: int | None = None  # the outfit of the image the caption describes
 
 
 @dataclass
@@ -237,9 +241,11 @@ def load_dataset(name: str, root="data", descriptions=True, eval_split="test") -
                                      d.get("identity"), d.get("clothing")))
     for r in (r for r in ann.records if r["split"] == eval_split):
         d = desc.get(r["file_path"], {})
+        # SynthPEDES records "outfit"; cloth-changing sets (PRCC, LTCC) carry a clothes id
+        outfit = r.get("outfit", r.get("clothes_id"))
         data.gallery.append(GalleryImage(str(image_dir / r["file_path"]), r["id"],
-                                         d.get("identity"), d.get("clothing")))
-        data.queries += [Query(c, r["id"]) for c in r["captions"]]
+                                         d.get("identity"), d.get("clothing"), outfit))
+        data.queries += [Query(c, r["id"], outfit) for c in r["captions"]]
     return data
 
 
@@ -358,8 +364,9 @@ def tokenize(tokenizer, texts: list[str], max_len: int) -> dict[str, torch.Tenso
 
 
 class TrainSet(torch.utils.data.Dataset):
-    """One item per training caption: the transformed image, its identity label and three texts
-    (the caption, and the identity / clothing descriptions, which fall back to the caption)."""
+    """One item per training caption: the transformed image, its identity label and two texts,
+    the identity and clothing descriptions (paper Sec. III-B). An image that describe.py could not
+    describe falls back to its caption split by the lexicon, as a test query is."""
 
     def __init__(self, samples: list[Sample], transform):
         self.samples, self.transform = samples, transform
@@ -373,7 +380,10 @@ class TrainSet(torch.utils.data.Dataset):
 
     @staticmethod
     def texts_of(s: Sample) -> dict[str, str]:
-        return {"caption": s.caption, "identity": s.identity or s.caption, "clothing": s.clothing or s.caption}
+        if s.identity and s.clothing:
+            return {"identity": s.identity, "clothing": s.clothing}
+        identity, clothing, _ = lexicon.rules_describe([s.caption])
+        return {"identity": s.identity or identity, "clothing": s.clothing or clothing}
 
     def texts(self) -> list[str]:
         """Every distinct text the items carry, sorted."""
@@ -381,10 +391,10 @@ class TrainSet(torch.utils.data.Dataset):
 
 
 def collate(batch: list[dict], tokenizer, max_len: int) -> dict:
-    """Stack a list of TrainSet items: images (B, 3, H, W), pids (B,), three tokenised texts."""
+    """Stack a list of TrainSet items: images (B, 3, H, W), pids (B,), two tokenised texts."""
     out = {"images": torch.stack([b["image"] for b in batch]),  # (B, 3, H, W)
            "pids": torch.tensor([b["pid"] for b in batch], dtype=torch.long)}  # (B,)
-    for key in ("caption", "identity", "clothing"):
+    for key in ("identity", "clothing"):
         out[key] = tokenize(tokenizer, [b[key] for b in batch], max_len)  # (B, T) each
     return out
 

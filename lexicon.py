@@ -4,9 +4,9 @@ The attribute words of pedestrian captions (CUHK-PEDES / ICFG-PEDES / RSTPReid w
 SynthPEDES's) are used three times by `describe.py` (paper Sec. III-B): to mask captions into
 *style skeletons* before style clustering (DESIGN 3.7, after HAM), to split captions into
 identity and clothing clauses (the offline `rules` backend, DESIGN 3.8), and to validate that
-neither description leaks into the other. Read top to bottom: word lookup (plural, possessive,
-hyphenated and one-typo forms), skeletons, the splitter; the word lists themselves are the
-appendix at the bottom.
+neither description leaks into the other; evaluate.py splits each search query with it too
+(`split_query`). Read top to bottom: word lookup (plural, possessive, hyphenated and one-typo
+forms), skeletons, the splitter; the word lists themselves are the appendix at the bottom.
 
 Test: pytest tests/test_describe.py -k "lexicon or mask or rules"
 """
@@ -239,7 +239,24 @@ def rules_describe(captions, max_words=100):
     fallback = not identity or all(is_fragment(s) for s in identity)
     if fallback:
         identity = [f"A {gender_word(captions)}."]
-    return " ".join(identity), " ".join(clothing) or "The person's clothing is not described.", fallback
+    return " ".join(identity), " ".join(clothing) or NO_CLOTHING, fallback
+
+
+NO_CLOTHING = "The person's clothing is not described."
+
+
+def split_query(query):
+    """A search query (a caption, a Table V string, any text a person types) -> (identity,
+    clothing, names_identity), split as `rules_describe` splits an image's captions: the identity
+    part is what meets the visual identity, the clothing part ("" when it names no clothing)
+    what meets the clothing stream (DESIGN 3.5). names_identity is False when the query names no
+    identity trait ("a red jacket and jeans"); identity is then "A person." (or "A man.", from a
+    pronoun). A query with no word in it is a ValueError."""
+    if not WORD_RE.search(query or ""):
+        raise ValueError(f"query {query!r} has no words: describe the person, e.g. "
+                         "'a tall man with short grey hair in a red jacket'")
+    identity, clothing, fallback = rules_describe([query])
+    return identity, "" if clothing == NO_CLOTHING else clothing, not fallback
 
 
 # ----------------------------------------------------------------------------------------------

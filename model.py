@@ -9,7 +9,7 @@ re-ranks a query's top-K images with the fusion module, which scores (image, tex
 cannot leak the text into its own target.
 
 Glossary of dimension letters (paper symbols in brackets):
-    B  batch (images; one caption, identity and clothing description each)
+    B  batch (images; one identity and one clothing description each)
     H, W  image height and width;  P  patches = (H / 16) * (W / 16), the image tokens
     T  text tokens;  Dv  ViT width;  Dt  text-encoder width
     D  BDAM width (768 in the paper);  d  fusion width (d_model = 256)
@@ -73,12 +73,15 @@ class ModelConfig:
     triplet_margin: float = 0.3  # m of Eq. 4: not stated; Hermans et al. 2017
     hsic_kernel: str = "linear"  # Eq. 2 as written; "rbf" as an option
     fusion_negatives: int = 3  # M hard negative images per text (DESIGN 3.1)
-    # the texts the fusion scores in training: each caption, and (True) each identity
-    # description too (the paper fuses the textual identity; test queries are captions)
-    fusion_identity_queries: bool = True
     rerank_k: int = 32  # K candidates re-ranked by fusion at test time (DESIGN 3.1)
-    gradnorm_alpha: float = 1.5  # paper; Chen et al. 2018
-    weight_reg: float = 0.01  # lambda of Eq. 6: not stated
+    # beta: a query's clothing part adds beta * cos(f_clo image, clothing text) to its score
+    # (the pair L_aln trains; DESIGN 3.5). < 0: chosen after training on the validation split
+    # (train.choose_clothing_weight), never the test split
+    clothing_weight: float = -1.0
+    gradnorm_alpha: float = 1.5  # paper (Eq. 6): the strength of the GradNorm loss
+    # lambda of Eq. 6, not stated: the weights rest within |log w_k| <= alpha K / (2 lambda),
+    # [0.22, 4.5] for the five losses (losses.GradNorm)
+    weight_reg: float = 2.5
     # ablation switches, Table II (BDAM)
     use_bdam: bool = True  # False: one global projection of the patch tokens, no clothing stream
     bdam_cross_attention: bool = True
@@ -430,15 +433,17 @@ class T2IReID(nn.Module):
             tokens (B, P, d): the identity tokens aligned for the fusion (cache them for the
                 gallery; align=False: BDAM's (B, P, D) tokens), None without fusion;
             gate (B, D) or None: BDAM's g;  f_id, f_clo (B, D): after the BNNeck, as the losses
-                see them (f_clo None without BDAM))."""
+                see them (f_clo None without BDAM);
+            clo_emb (B, E): the clothing embedding that L_aln trains, L2-normalised, or None)."""
         vis = self.image_features(images)
         f_id = self.image_bn(vis["f_id"])  # (B, D)
         f_clo = self.clothing_bn(vis["f_clo"]) if vis["f_clo"] is not None else None  # (B, D)
         tokens = vis["tokens"] if self.fusion is not None else None  # (B, P, D)
         if align and tokens is not None:
             tokens = self.fusion.align_image(tokens)  # (B, P, d)
+        clo_emb = None if self.clothing_image_proj is None else F.normalize(self.clothing_image_proj(f_clo), dim=-1)
         return dict(emb=F.normalize(self.image_proj(f_id), dim=-1), tokens=tokens, gate=vis["gate"],
-                    f_id=f_id, f_clo=f_clo)
+                    f_id=f_id, f_clo=f_clo, clo_emb=clo_emb)
 
     # --- texts ------------------------------------------------------------------
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -454,6 +459,12 @@ class T2IReID(nn.Module):
     def text_embedding(self, text_features: torch.Tensor) -> torch.Tensor:
         """(B, Dt) text features -> (B, E) stage-1 (query) embedding t(query), L2-normalised."""
         return F.normalize(self.text_proj(text_features), dim=-1)
+
+    def clothing_embedding(self, text_features: torch.Tensor) -> torch.Tensor:
+        """(B, Dt) features of clothing texts -> (B, E), L2-normalised: the text side of L_aln."""
+        if self.clothing_text_proj is None:
+            raise RuntimeError("this model has no clothing stream (loss_aln=False): it cannot score clothing text")
+        return F.normalize(self.clothing_text_proj(text_features), dim=-1)
 
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Query embedding from the text alone: (B, T) -> (B, E), L2-normalised."""
@@ -481,35 +492,26 @@ class T2IReID(nn.Module):
         images, pids = batch["images"], batch["pids"]
         # tokens aligned later, in fusion_pairs: dropout draws stay in the order of earlier runs
         img = self.encode_images(images, align=False)
-        caption = self.text_features(**batch["caption"])  # (B, Dt)
+        # only the textual identity meets the visual identity (stage 1 and the fusion; the
+        # paper's Fig. 2 and 4, DESIGN.md 3.5); the clothing text meets f_clo in L_aln alone
         identity = self.text_features(**batch["identity"])  # (B, Dt)
         f_id, f_clo = img["f_id"], img["f_clo"]  # (B, D), (B, D) or None, after the BNNeck
         out = dict(f_id=f_id, f_clo=f_clo, bdam_gate=img["gate"], image_emb=img["emb"],  # (B, E)
-                   caption_emb=self.text_embedding(caption),  # (B, E)
                    identity_emb=self.text_embedding(identity))  # (B, E)
         if self.clothing_image_proj is not None:
             clothing = self.text_features(**batch["clothing"])  # (B, Dt)
-            out["clo_image"] = F.normalize(self.clothing_image_proj(f_clo), dim=-1)  # (B, E)
-            out["clo_text"] = F.normalize(self.clothing_text_proj(clothing), dim=-1)  # (B, E)
+            out["clo_image"] = img["clo_emb"]  # (B, E)
+            out["clo_text"] = self.clothing_embedding(clothing)  # (B, E)
         if self.fusion is not None:
-            texts, text_emb = self.fusion_queries(caption, identity, out)
-            out.update(self.fusion_pairs(img["tokens"], out["image_emb"], pids, texts, text_emb))
+            out.update(self.fusion_pairs(img["tokens"], out["image_emb"], pids, identity, out["identity_emb"]))
         return out
-
-    def fusion_queries(self, caption: torch.Tensor, identity: torch.Tensor, out: dict):
-        """The texts the fusion scores in training: caption (B, Dt), identity (B, Dt) and forward's
-        out -> features (S, Dt) and stage-1 embeddings (S, E) of the S = B captions, or of the
-        S = 2B captions and identity descriptions (fusion_identity_queries)."""
-        if not self.cfg.fusion_identity_queries:
-            return caption, out["caption_emb"]
-        return torch.cat([caption, identity]), torch.cat([out["caption_emb"], out["identity_emb"]])
 
     def fusion_pairs(self, tokens, image_emb, pids, texts, text_emb) -> dict:
         """Score each text against its own image and its M hardest in-batch images of other
         identities by stage-1 similarity (ALBEF-style hard negatives, DESIGN.md 3.1).
 
         tokens (B, P, D), image_emb (B, E), pids (B,), texts (S, Dt) and text_emb (S, E) with text
-        s describing image s mod B -> fusion_scores (S, Q), fusion_pids (S, Q) identities of the
+        s describing image s mod B (in training the S = B identity descriptions) -> fusion_scores (S, Q), fusion_pids (S, Q) identities of the
         candidates, fusion_query_pids (S,), fusion_gate (S, P) W_img on the text's own image.
         """
         b, s = len(tokens), len(texts)

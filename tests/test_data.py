@@ -1,6 +1,7 @@
 """Tests for render.py, synthpedes.py and data.py: SynthPEDES (traits visible in the pixels,
 clothing independent of identity, captions, determinism, splits, its command line), the three
 benchmark readers and their errors, transforms, tokenizer, batches and the P x K identity sampler."""
+import dataclasses
 import hashlib
 import json
 import random
@@ -15,6 +16,7 @@ import torch
 from PIL import Image
 
 import data
+import lexicon
 import render
 import synthpedes
 from encoders import OFFLINE_TEXT_MODEL, EncoderLoadError, load_tokenizer
@@ -450,9 +452,14 @@ def test_trainset_and_collate(tiny_synth):
     batch = data.collate([ds[0], ds[5], ds[9]], tok, max_len=32)
     assert batch["images"].shape == (3, 3, 64, 32)
     assert batch["pids"].tolist() == [d.train[i].pid for i in (0, 5, 9)]
-    for key in ("caption", "identity", "clothing"):  # no descriptions.jsonl: all fall back to the caption
-        assert batch[key]["input_ids"].shape[0] == 3
-        torch.testing.assert_close(batch[key]["input_ids"], batch["caption"]["input_ids"])
+    assert set(batch) == {"images", "pids", "identity", "clothing"}  # the caption never reaches the model
+    # no descriptions.jsonl: each caption split by the lexicon, as a test query is
+    for key, part in (("identity", 0), ("clothing", 1)):
+        texts = [lexicon.rules_describe([d.train[i].caption])[part] for i in (0, 5, 9)]
+        torch.testing.assert_close(batch[key]["input_ids"], data.tokenize(tok, texts, 32)["input_ids"])
+    assert not any(lexicon.garment_words(ds[i]["identity"]) for i in (0, 5, 9))
+    described = dataclasses.replace(d.train[0], identity="A tall man.", clothing="A red coat.")
+    assert data.TrainSet.texts_of(described) == {"identity": "A tall man.", "clothing": "A red coat."}
 
 
 def test_identity_sampler_batches_are_p_by_k_and_cover_the_epoch():
