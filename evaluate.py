@@ -39,6 +39,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+import lexicon
 from data import DATASETS, DatasetError, eval_transform, load_dataset, load_image, tokenize
 from encoders import EncoderLoadError, load_tokenizer
 from model import ModelConfig, T2IReID
@@ -47,33 +48,44 @@ from model import ModelConfig, T2IReID
 # ----------------------------------------------------------------------------------------------
 # Metrics
 
-def _rank_block(similarity: torch.Tensor, query_pids: torch.Tensor, gallery_pids: torch.Tensor):
+def _rank_block(similarity: torch.Tensor, query_pids: torch.Tensor, gallery_pids: torch.Tensor,
+                excluded: torch.Tensor | None = None):
     """Per-query statistics for one block of rows of the similarity matrix.
 
     Args:
         similarity: (Q, G) scores, higher is better.
         query_pids: (Q,) identity of each query; gallery_pids: (G,) identity of each image.
+        excluded: (Q, G) bool or None: images left out of each query's ranking altogether (the
+            cloth-changing protocol leaves out the query's own outfit); the others keep their order.
     Returns:
-        first_hit: (Q,) 1-based rank of the first positive (G + 1 if the query has none),
-        ap: (Q,) average precision, inp: (Q,) #positives / rank of the last positive.
+        first_hit: (Q,) 1-based rank of the first positive among the images kept,
+        ap: (Q,) average precision, inp: (Q,) #positives / rank of the last positive,
+        has_positive: (Q,) bool (the other three are meaningless where it is False).
     """
     order = similarity.argsort(dim=1, descending=True)                    # (Q, G)
     matches = gallery_pids[order] == query_pids[:, None]                  # (Q, G) bool
-    ranks = torch.arange(1, matches.shape[1] + 1, device=matches.device)  # (G,) 1-based
+    kept = torch.ones_like(matches) if excluded is None else ~excluded.gather(1, order)
+    matches = matches & kept
+    ranks = kept.cumsum(dim=1).clamp_min(1)                               # (Q, G) 1-based, kept images
     hits_so_far = matches.cumsum(dim=1)                                   # (Q, G)
     num_pos = matches.sum(dim=1)                                          # (Q,)
-    if (num_pos == 0).any():
-        raise ValueError(f"{int((num_pos == 0).sum())} queries have no positive in the gallery; "
-                         "every query identity must have at least one gallery image")
     # precision at each positive, summed over positives, / #positives
-    ap = (hits_so_far / ranks * matches).sum(dim=1) / num_pos             # (Q,)
-    first_hit = matches.float().argmax(dim=1) + 1                         # (Q,)
-    last_hit = matches.shape[1] - matches.flip(1).float().argmax(dim=1)   # (Q,) 1-based
-    inp = num_pos / last_hit                                              # (Q,)
-    return first_hit, ap, inp
+    ap = (hits_so_far / ranks * matches).sum(dim=1) / num_pos.clamp_min(1)  # (Q,)
+    first = matches.float().argmax(dim=1, keepdim=True)                   # (Q, 1) column
+    last = matches.shape[1] - 1 - matches.flip(1).float().argmax(dim=1, keepdim=True)
+    first_hit, last_hit = ranks.gather(1, first)[:, 0], ranks.gather(1, last)[:, 0]  # (Q,)
+    return first_hit, ap, num_pos / last_hit, num_pos > 0
 
 
-def retrieval_metrics(similarity, query_pids, gallery_pids, chunk_size: int = 1024) -> dict:
+def _summary(first: torch.Tensor, ap: torch.Tensor, inp: torch.Tensor) -> dict:
+    metrics = {f"R{k}": 100.0 * (first <= k).float().mean().item() for k in (1, 5, 10)}
+    metrics["mAP"] = 100.0 * ap.mean().item()
+    metrics["mINP"] = 100.0 * inp.mean().item()
+    return metrics
+
+
+def retrieval_metrics(similarity, query_pids, gallery_pids, chunk_size: int = 1024,
+                      query_outfits=None, gallery_outfits=None) -> dict:
     """Rank-1/5/10, mAP and mINP in percent (the IRRA protocol, DESIGN section 5).
 
     Args:
@@ -82,23 +94,41 @@ def retrieval_metrics(similarity, query_pids, gallery_pids, chunk_size: int = 10
             that a 20,000 x 20,000 evaluation never holds the whole matrix (nor its argsort).
         query_pids: (Q,) identities of the queries; gallery_pids: (G,) of the gallery images.
         chunk_size: queries ranked at a time.
+        query_outfits, gallery_outfits: (Q,) and (G,) outfit (clothes) ids, where the dataset
+            knows them: the same rows are then also ranked by the cloth-changing protocol of
+            PRCC and LTCC -- the images of the query's person in the query's own outfit leave the
+            gallery, and only the person's *other* outfits count -- as "cross_outfit".
     Returns:
-        {"R1", "R5", "R10", "mAP", "mINP"}, each a float in [0, 100].
+        {"R1", "R5", "R10", "mAP", "mINP"}, each a float in [0, 100]; with outfits, also
+        "cross_outfit": the same five and "queries" (those whose person has another outfit in
+        the gallery; the others are left out), or None when no query has one.
     """
     query_pids = torch.as_tensor(query_pids)
     gallery_pids = torch.as_tensor(gallery_pids)
+    outfits = query_outfits is not None and gallery_outfits is not None
+    if outfits and (None in list(query_outfits) or None in list(gallery_outfits)):
+        outfits = False  # an outfit the dataset does not know: no cloth-changing protocol
+    if outfits:
+        query_outfits, gallery_outfits = torch.as_tensor(query_outfits), torch.as_tensor(gallery_outfits)
     rows = similarity if callable(similarity) else (lambda a, b: similarity[a:b])
-    first, ap, inp = [], [], []
+    standard, cross = [], []
     for start in range(0, len(query_pids), chunk_size):
         end = min(start + chunk_size, len(query_pids))
-        block = rows(start, end)
-        pids = query_pids[start:end].to(block.device)
-        f, a, i = _rank_block(block.float(), pids, gallery_pids.to(block.device))
-        first.append(f.cpu()), ap.append(a.cpu()), inp.append(i.cpu())
-    first, ap, inp = torch.cat(first), torch.cat(ap), torch.cat(inp)
-    metrics = {f"R{k}": 100.0 * (first <= k).float().mean().item() for k in (1, 5, 10)}
-    metrics["mAP"] = 100.0 * ap.mean().item()
-    metrics["mINP"] = 100.0 * inp.mean().item()
+        block = rows(start, end).float()
+        pids, gallery = query_pids[start:end].to(block.device), gallery_pids.to(block.device)
+        *stats, has = _rank_block(block, pids, gallery)
+        if not has.all():
+            raise ValueError(f"{int((~has).sum())} queries have no positive in the gallery; "
+                             "every query identity must have at least one gallery image")
+        standard.append([s.cpu() for s in stats])
+        if outfits:
+            own = (pids[:, None] == gallery) & (query_outfits[start:end, None] == gallery_outfits[None, :]).to(block.device)
+            *stats, has = _rank_block(block, pids, gallery, excluded=own)
+            cross.append([s[has].cpu() for s in stats])
+    metrics = _summary(*(torch.cat(column) for column in zip(*standard)))
+    if outfits:
+        first, ap, inp = (torch.cat(column) for column in zip(*cross))
+        metrics["cross_outfit"] = {**_summary(first, ap, inp), "queries": len(first)} if len(first) else None
     return metrics
 
 
@@ -114,34 +144,64 @@ def embed_gallery(model: T2IReID, paths: list, image_size, device, batch_size=64
     """Each gallery image goes through the ViT and BDAM once, for three things.
 
     Returns dict(emb (G, E) on `device`; tokens (G, P, d), or None without fusion; gate (G, D)
-    the BDAM gate g of each image, or None), all from model.encode_images.
+    the BDAM gate g of each image, or None; clo (G, E) the clothing embedding on `device`, or
+    None without a clothing stream), all from model.encode_images.
     The token cache lives on the CPU in float16 -- G x P x d x 2 bytes: 0.3 GB for CUHK-PEDES at
     224 x 224 (3,074 x 196 x 256), 2.0 GB for ICFG-PEDES -- and stage 2 moves only each query's K
     candidates to the device. Recomputing tokens instead would cost K image passes per query.
     """
     transform = eval_transform(image_size)
-    emb, tokens, gate = [], [], []
+    emb, tokens, gate, clo = [], [], [], []
     for chunk in _chunks(list(paths), batch_size, "gallery", progress):
         images = torch.stack([transform(load_image(p)) for p in chunk]).to(device)  # (b, 3, H, W)
         out = model.encode_images(images)
         emb.append(out["emb"])  # (b, E)
+        if out["clo_emb"] is not None:
+            clo.append(out["clo_emb"])  # (b, E)
         if out["tokens"] is not None:
             tokens.append(out["tokens"].to("cpu", torch.float16))  # (b, P, d)
         if out["gate"] is not None:
             gate.append(out["gate"].float().cpu())  # (b, D) identity share of each channel
     return dict(emb=torch.cat(emb), tokens=torch.cat(tokens) if tokens else None,
-                gate=torch.cat(gate) if gate else None)
+                gate=torch.cat(gate) if gate else None, clo=torch.cat(clo) if clo else None)
 
 
-def embed_texts(model: T2IReID, tokenizer, texts: list, max_len: int, device, batch_size=64, progress=True):
-    """Queries from the text alone -> (Q, E) L2-normalised embeddings, (Q, Dt) text features."""
+def embed_texts(model: T2IReID, tokenizer, texts: list, max_len: int, device, batch_size=64, progress=True,
+                clothing=False):
+    """Texts alone -> (Q, E) L2-normalised embeddings, (Q, Dt) text features: the identity
+    embedding t(text) (as encode_texts), or with `clothing` the clothing embedding of L_aln."""
     emb, feats = [], []
+    project = model.clothing_embedding if clothing else model.text_embedding
     for chunk in _chunks(list(texts), batch_size, "queries", progress):
         tokens = {k: v.to(device) for k, v in tokenize(tokenizer, chunk, max_len).items()}  # (b, T)
         f = model.text_features(**tokens)  # (b, Dt)
         feats.append(f)
-        emb.append(model.text_embedding(f))  # (b, E), as encode_texts
+        emb.append(project(f))  # (b, E)
     return torch.cat(emb), torch.cat(feats)
+
+
+def embed_queries(model: T2IReID, tokenizer, texts: list, max_len: int, device, batch_size=64,
+                  progress=True) -> dict:
+    """Search queries, each split into its identity and clothing parts by the lexicon of the
+    rules backend (lexicon.split_query, DESIGN 3.5): the identity part meets the visual identity
+    (stage 1 and the fusion), the clothing part the clothing stream. A query that names no
+    identity trait ranks by its clothing part alone (`clothing_only`); where the model has no
+    clothing stream, or the query names no clothing either, by the whole query on the identity
+    path. Returns dict(emb (Q, E), feats (Q, Dt): the identity side; clo (Q, E), zero rows for
+    queries that name no clothing, or None without a clothing stream; clothing_only (Q,) bool)."""
+    parts = [lexicon.split_query(text) for text in texts]  # (identity, clothing, names_identity)
+    stream = model.clothing_text_proj is not None
+    only = [stream and not named and bool(clothing) for _, clothing, named in parts]
+    identity = [part if named else text for (part, _, named), text in zip(parts, texts)]
+    emb, feats = embed_texts(model, tokenizer, identity, max_len, device, batch_size, progress)
+    clo = None
+    if stream:
+        clo = emb.new_zeros(emb.shape)  # (Q, E)
+        named = [i for i, (_, clothing, _) in enumerate(parts) if clothing]
+        if named:
+            clo[named] = embed_texts(model, tokenizer, [parts[i][1] for i in named], max_len, device,
+                                     batch_size, progress, clothing=True)[0]
+    return dict(emb=emb, feats=feats, clo=clo, clothing_only=torch.tensor(only, device=emb.device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,19 +219,40 @@ def rerank(stage1: torch.Tensor, candidates: torch.Tensor, fusion: torch.Tensor)
 
 @dataclass
 class TwoStage:
-    """Queries (embeddings and text features) against a gallery (embeddings and cached tokens)."""
+    """Queries (embeddings and text features) against a gallery (embeddings and cached tokens).
+
+    A query's score of an image is its identity score (stage 1: cosine of the identity
+    embeddings; stage 2: the fusion's pair score) plus clothing_weight times the cosine of the
+    query's clothing part with the image's clothing embedding (zero for a query that names no
+    clothing). A query that names no identity trait (clothing_only) scores by its clothing alone,
+    and stage 2 keeps its stage-1 order: it has no identity for the fusion to compare."""
 
     model: T2IReID
-    query_emb: torch.Tensor  # (Q, E)
-    query_feats: torch.Tensor  # (Q, Dt)
+    query_emb: torch.Tensor  # (Q, E) identity side
+    query_feats: torch.Tensor  # (Q, Dt) identity side
     gallery_emb: torch.Tensor  # (G, E)
     tokens: torch.Tensor | None  # (G, P, d), float16 on the CPU
     k: int  # K candidates re-ranked per query
     gates: list | None = None  # when a list, stage2 appends the mean W_img of each pair (Fig. 5)
+    query_clo: torch.Tensor | None = None  # (Q, E) clothing side, zero rows where none is named
+    gallery_clo: torch.Tensor | None = None  # (G, E)
+    clothing_weight: float = 0.0  # beta
+    clothing_only: torch.Tensor | None = None  # (Q,) bool
+
+    def clothing(self, start: int, end: int) -> torch.Tensor | None:
+        """Rows start:end of the clothing cosine (n, G), or None without a clothing side."""
+        if self.query_clo is None or self.gallery_clo is None:
+            return None
+        return self.query_clo[start:end] @ self.gallery_clo.T
 
     def stage1(self, start: int, end: int) -> torch.Tensor:
-        """Rows start:end of the cosine similarity (both sides are L2-normalised): (n, G)."""
-        return self.query_emb[start:end] @ self.gallery_emb.T
+        """Rows start:end of the stage-1 scores (cosines; both sides are L2-normalised): (n, G)."""
+        scores = self.query_emb[start:end] @ self.gallery_emb.T
+        clothing = self.clothing(start, end)
+        if clothing is None:
+            return scores
+        only = self.clothing_only[start:end, None]  # (n, 1)
+        return torch.where(only, clothing, scores + self.clothing_weight * clothing)
 
     def stage2(self, start: int, end: int) -> torch.Tensor:
         """Rows start:end with each query's top K re-scored by the fusion module: (n, G)."""
@@ -191,7 +272,12 @@ class TwoStage:
         fusion, w_image = self.model.pair_score(tokens, texts, emb)  # (n K,), (n K, P)
         if self.gates is not None:
             self.gates.append(w_image.float().mean(1).cpu())  # (n K,)
-        return scores, candidates, fusion.view(-1, k).float()
+        fusion = fusion.view(-1, k).float()  # (n, K)
+        clothing = self.clothing(start, end)
+        if clothing is not None:
+            fusion = fusion + self.clothing_weight * clothing.gather(1, candidates)
+            fusion = torch.where(self.clothing_only[start:end, None], scores.gather(1, candidates), fusion)
+        return scores, candidates, fusion
 
 
 def fusion_image_reliance(ranker: TwoStage, queries: int = 200, batch: int = 50) -> dict | None:
@@ -247,8 +333,9 @@ def derangement(pids: list, seed: int) -> list[int]:
     return partner
 
 
-def robustness_queries(gallery: list, seed: int = 0) -> tuple[dict, list] | None:
-    """One query per described gallery image for each setting, and the pid of each query.
+def robustness_queries(gallery: list, seed: int = 0) -> tuple[dict, list, list] | None:
+    """One query per described gallery image for each setting, with the pid and the outfit of
+    the image each query describes (Clothes-Conflict: the image whose identity it names).
 
     Images without a generated identity or clothing description are left out of the queries
     (they stay in the gallery); the caller reports how many. None when fewer than two images are
@@ -261,16 +348,18 @@ def robustness_queries(gallery: list, seed: int = 0) -> tuple[dict, list] | None
                 "Identity-Only": [g.identity for g in described],
                 "Clothes-Conflict": [f"{g.identity} {described[j].clothing}"
                                      for g, j in zip(described, partner)]}
-    return settings, [g.pid for g in described]
+    return settings, [g.pid for g in described], [g.outfit for g in described]
 
 
 # ----------------------------------------------------------------------------------------------
 # The whole evaluation
 
-def metrics_of_both_stages(ranker: TwoStage, pids, gallery_pids, batch_size=64, progress=True, gate_sink=None):
-    """(stage-1 metrics, stage-2 metrics or None when ranker.k is 0). `gate_sink`, a list, gets
-    the mean W_img of every pair the fusion module scores (Fig. 5)."""
-    stage1 = retrieval_metrics(ranker.stage1, pids, gallery_pids)
+def metrics_of_both_stages(ranker: TwoStage, pids, gallery_pids, batch_size=64, progress=True, gate_sink=None,
+                           outfits=None, gallery_outfits=None):
+    """(stage-1 metrics, stage-2 metrics or None when ranker.k is 0), each with "cross_outfit"
+    where the outfits are known (retrieval_metrics). `gate_sink`, a list, gets the mean W_img of
+    every pair the fusion module scores (Fig. 5)."""
+    stage1 = retrieval_metrics(ranker.stage1, pids, gallery_pids, 1024, outfits, gallery_outfits)
     if not ranker.k:
         return stage1, None
     ranker.gates = gate_sink
@@ -282,7 +371,7 @@ def metrics_of_both_stages(ranker: TwoStage, pids, gallery_pids, batch_size=64, 
     # 4 x batch_size pairs per fusion pass: half of what a training step scores, with no gradients
     queries_per_pass = max(1, 4 * batch_size // ranker.k)
     try:
-        return stage1, retrieval_metrics(rows, pids, gallery_pids, chunk_size=queries_per_pass)
+        return stage1, retrieval_metrics(rows, pids, gallery_pids, queries_per_pass, outfits, gallery_outfits)
     finally:
         bar.close()
         ranker.gates = None
@@ -318,7 +407,7 @@ def _examples(rows, texts: list, query_pids: list, gallery: list, count: int, se
     return out
 
 
-def robustness_metrics(ranker, gallery: list, gallery_pids: list, limit_queries, seed: int, notes: list,
+def robustness_metrics(ranker, gallery: list, limit_queries, seed: int, notes: list,
                        batch_size=64, progress=True) -> dict | None:
     """Table V on the test images that have generated descriptions; the images left out (and
     why) are appended to `notes`. None, with a note, when fewer than two are described."""
@@ -328,50 +417,110 @@ def robustness_metrics(ranker, gallery: list, gallery_pids: list, limit_queries,
         notes.append(f"robustness settings skipped: {missing} of {len(gallery)} test images have no generated "
                      "descriptions (run describe.py to write descriptions.jsonl)")
         return None
-    settings, pids = built
+    settings, pids, outfits = built
     if missing:
         notes.append(f"robustness settings computed on the {len(pids)} of {len(gallery)} test images that have "
                      f"generated descriptions; {missing} left out (rerun describe.py to describe them)")
+    gallery_pids, gallery_outfits = [g.pid for g in gallery], [g.outfit for g in gallery]
     return {name: dict(zip(("stage1", "stage2"), metrics_of_both_stages(
-                ranker(texts[:limit_queries]), pids[:limit_queries], gallery_pids, batch_size, progress)))
+                ranker(texts[:limit_queries]), pids[:limit_queries], gallery_pids, batch_size, progress,
+                outfits=outfits[:limit_queries], gallery_outfits=gallery_outfits)))
             for name, texts in settings.items()}
+
+
+def query_ranker(model: T2IReID, gallery: dict, tokenizer, max_len: int, device, k: int, clothing_weight: float,
+                 batch_size=64, progress=True):
+    """texts -> a TwoStage of those queries (split by embed_queries) against an embedded gallery."""
+    def ranker(texts: list) -> TwoStage:
+        q = embed_queries(model, tokenizer, texts, max_len, device, batch_size, progress)
+        return TwoStage(model, q["emb"], q["feats"], gallery["emb"], gallery["tokens"], k, query_clo=q["clo"],
+                        gallery_clo=gallery["clo"], clothing_weight=clothing_weight, clothing_only=q["clothing_only"])
+    return ranker
 
 
 @torch.no_grad()
 def evaluate_model(model: T2IReID, data, tokenizer, image_size, max_len: int, device, batch_size=64,
-                   rerank_k=None, robustness=True, progress=True, seed=0, limit_queries=None) -> dict:
+                   rerank_k=None, robustness=True, progress=True, seed=0, limit_queries=None,
+                   clothing_weight: float = 0.0) -> dict:
     """Stage 1 and stage 2 on the original captions of `data` (a data.ReIDData), the robustness
-    settings, the gate statistics, and example ranked lists; every value fits in JSON.
+    settings, each also across outfits where the dataset knows them, the gate statistics, and
+    example ranked lists; every value fits in JSON.
 
     rerank_k: K for stage 2 (default model.cfg.rerank_k); 0, or a model without fusion: stage 1 only.
     limit_queries: rank only the first N queries of each set (a quick check).
+    clothing_weight: beta of TwoStage (the run's choice on the validation split: train.py).
     The model must be on `device`; its train/eval mode is restored on return.
     """
     was_training, k = model.training, model.cfg.rerank_k if rerank_k is None else rerank_k
     k = k if model.fusion is not None else 0
     model.eval()
     gallery = embed_gallery(model, [g.image_path for g in data.gallery], image_size, device, batch_size, progress)
-    gallery_pids = [g.pid for g in data.gallery]
-
-    def ranker(texts: list) -> TwoStage:
-        emb, feats = embed_texts(model, tokenizer, texts, max_len, device, batch_size, progress)
-        return TwoStage(model, emb, feats, gallery["emb"], gallery["tokens"], k)
-
+    gallery_pids, gallery_outfits = [g.pid for g in data.gallery], [g.outfit for g in data.gallery]
+    ranker = query_ranker(model, gallery, tokenizer, max_len, device, k, clothing_weight, batch_size, progress)
     queries = data.queries[:limit_queries]
     texts, pids, fusion_gate = [q.caption for q in queries], [q.pid for q in queries], []
     captions = ranker(texts)
-    stage1, stage2 = metrics_of_both_stages(captions, pids, gallery_pids, batch_size, progress, fusion_gate)
+    stage1, stage2 = metrics_of_both_stages(captions, pids, gallery_pids, batch_size, progress, fusion_gate,
+                                            [q.outfit for q in queries], gallery_outfits)
     bdam_gate = [gallery["gate"].mean(1)] if gallery["gate"] is not None else []  # (G,) per image
     result = dict(dataset=data.name, num_queries=len(texts), num_gallery=len(gallery_pids), rerank_k=k,
-                  stage1=stage1, stage2=stage2, robustness=None, notes=[],
+                  clothing_weight=clothing_weight, stage1=stage1, stage2=stage2, robustness=None, notes=[],
                   gates=dict(bdam=gate_summary(bdam_gate, gallery["gate"]), fusion=gate_summary(fusion_gate)),
                   examples=_examples(captions.stage2 if k else captions.stage1, texts, pids, data.gallery, 6, seed))
+    only = int(captions.clothing_only.sum()) if captions.clothing_only is not None else 0
+    if only:
+        result["notes"].append(f"{only} of {len(texts)} caption queries name no identity trait: they rank by "
+                               "their clothing alone, and stage 2 keeps their stage-1 order")
     result["fusion_image_reliance"] = fusion_image_reliance(captions) if k else None
     if robustness:
-        result["robustness"] = robustness_metrics(ranker, data.gallery, gallery_pids, limit_queries, seed,
-                                                  result["notes"], batch_size, progress)
+        result["robustness"] = robustness_metrics(ranker, data.gallery, limit_queries, seed, result["notes"],
+                                                  batch_size, progress)
     model.train(was_training)
     return result
+
+
+CLOTHING_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)  # the betas choose_clothing_weight tries
+
+
+@torch.no_grad()
+def clothing_weight_sweep(model: T2IReID, data, tokenizer, image_size, max_len: int, device, batch_size=64,
+                          weights=CLOTHING_WEIGHTS, seed=0, progress=False) -> list[dict]:
+    """Stage 1 on `data` (the validation split) for each beta in `weights`: the captions' R1, mAP
+    and cross-outfit mAP, and Table V's Rank-1 for each setting. One row of a model without a
+    clothing stream (beta 0). Every query and image is embedded once; each beta only re-adds."""
+    was_training = model.training
+    model.eval()
+    gallery = embed_gallery(model, [g.image_path for g in data.gallery], image_size, device, batch_size, progress)
+    gallery_pids, gallery_outfits = [g.pid for g in data.gallery], [g.outfit for g in data.gallery]
+    ranker = query_ranker(model, gallery, tokenizer, max_len, device, 0, 0.0, batch_size, progress)
+    captions = ranker([q.caption for q in data.queries])
+    built = robustness_queries(data.gallery, seed)
+    settings = {name: ranker(texts) for name, texts in built[0].items()} if built else {}
+    rows = []
+    for beta in weights if gallery["clo"] is not None else (0.0,):
+        row = dict(clothing_weight=beta)
+        for ranked in (captions, *settings.values()):
+            ranked.clothing_weight = beta
+        m = retrieval_metrics(captions.stage1, [q.pid for q in data.queries], gallery_pids, 1024,
+                              [q.outfit for q in data.queries], gallery_outfits)
+        row.update(R1=m["R1"], mAP=m["mAP"], cross_mAP=(m.get("cross_outfit") or {}).get("mAP"))
+        for name, ranked in settings.items():
+            row[name] = retrieval_metrics(ranked.stage1, built[1], gallery_pids)["R1"]
+        rows.append(row)
+    model.train(was_training)
+    return rows
+
+
+def choose_clothing_weight(rows: list[dict], keep: float = 0.9) -> float:
+    """The beta of the best caption mAP among the rows of clothing_weight_sweep whose
+    Identity-Only and Clothes-Conflict Rank-1 keep at least `keep` of Standard's (Table V's
+    claim: a change of clothes must not cost the person); 0 when no row qualifies."""
+    def robust(row):
+        if "Standard" not in row:
+            return True
+        return min(row["Identity-Only"], row["Clothes-Conflict"]) >= keep * row["Standard"]
+    qualifying = [row for row in rows if robust(row)] or [dict(clothing_weight=0.0, mAP=0.0)]
+    return max(qualifying, key=lambda row: row["mAP"])["clothing_weight"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,31 +582,52 @@ def gate_histograms(gates: dict, path, size=(9.0, 3.2), dpi: int = 100) -> Path:
     return Path(path)
 
 
-def gate_curves(log_rows: list, path, size=(9.0, 3.2), dpi: int = 100) -> Path | None:
-    """Both gates over training, from the rows of a run's log.jsonl: the fusion gate's W_img on
-    each text's own image and the BDAM gate's per-channel spread over the batch (train.gate_stats).
-    Where W_img settles decides whether the fusion reads the image (README, Results). None when no
-    row has them (a run logged before they were, or a model without either gate)."""
-    rows = [r for r in log_rows if "w_img" in r or "g_std" in r]
-    if not rows:
+TASKS = ("aln", "decouple", "info", "triplet", "fusion")  # the losses, as model.ModelConfig.loss_names
+
+
+def training_curves(log_rows: list) -> dict:
+    """The series gate_curves draws, from the rows of a run's log.jsonl: {panel: {label: (steps,
+    values)}} for the panels "w_img" (the fusion gate on each text's own image), "g_std" (the
+    BDAM gate's per-channel spread over the batch; both train.gate_stats) and "weights" (each
+    task's GradNorm weight w_k, keyed by task). Validation rows and absent keys are skipped."""
+    def series(key):
+        points = [(r["step"], r[key]) for r in log_rows if key in r]
+        return tuple(map(list, zip(*points))) if points else None
+    curves = {"w_img": {"W_img": series("w_img")}, "g_std": {"g std": series("g_std")},
+              "weights": {task: series(f"w_{task}") for task in TASKS}}
+    return {panel: {label: s for label, s in lines.items() if s} for panel, lines in curves.items()}
+
+
+def gate_curves(log_rows: list, path, size=(13.5, 3.2), dpi: int = 100) -> Path | None:
+    """Both gates and GradNorm's task weights over training (training_curves): W_img, the BDAM
+    gate's spread, and each w_k on a log scale between the 0.2 and 5 lines that no weight should
+    cross (README, Results). Where W_img settles decides whether the fusion reads the image.
+    None when the log has none of them (a run logged before they were)."""
+    curves = training_curves(log_rows)
+    if not any(curves.values()):
         return None
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=size, dpi=dpi)
-    panels = [("w_img", "fusion gate W_img (image share)", "tab:orange", (0, 1)),
-              ("g_std", "BDAM gate g, per-channel std over the batch", "tab:blue", None)]
-    for ax, (key, title, colour, limits) in zip(axes, panels):
-        points = [(r["step"], r[key]) for r in rows if key in r]
+    fig, axes = plt.subplots(1, 3, figsize=size, dpi=dpi)
+    panels = [("w_img", "fusion gate W_img (image share)", (0, 1)),
+              ("g_std", "BDAM gate g, per-channel std over the batch", None),
+              ("weights", "GradNorm task weights w_k (Eq. 5-6)", None)]
+    for ax, (key, title, limits) in zip(axes, panels):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         if limits:
             ax.set_ylim(*limits)
-        if points:
-            ax.plot(*zip(*points), color=colour, linewidth=1)
-        else:
-            ax.text(0.5, 0.5, "not in this model", ha="center", va="center", transform=ax.transAxes)
+        for label, (steps, values) in curves[key].items():
+            ax.plot(steps, values, linewidth=1, label=label)
+        if not curves[key]:
+            ax.text(0.5, 0.5, "not in this run", ha="center", va="center", transform=ax.transAxes)
+        elif key == "weights":
+            ax.set_yscale("log")
+            for bound in (0.2, 5.0):
+                ax.axhline(bound, color="grey", linestyle="--", linewidth=0.8)
+            ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
@@ -478,6 +648,7 @@ class Run:
     model_cfg: ModelConfig
     model: T2IReID  # weights from best.pt, else last.pt, on the CPU
     checkpoint: Path
+    clothing_weight: float = 0.0  # beta: the config's when set, else the run's choice on the validation split
 
 
 def load_run(run=None, runs_dir="runs") -> Run:
@@ -501,11 +672,13 @@ def load_run(run=None, runs_dir="runs") -> Run:
     except (KeyError, TypeError, ValueError) as e:
         raise RunError(f"{folder / 'config.json'}: bad 'model' section ({e}); rerun train.py.") from None
     model = T2IReID(model_cfg)
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
     try:
-        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["model"])
+        model.load_state_dict(saved["model"])
     except (KeyError, RuntimeError) as e:
         raise RunError(f"{checkpoint} does not fit {folder / 'config.json'} ({str(e)[:200]})") from None
-    return Run(folder, config.get("train", {}), model_cfg, model.eval(), checkpoint)
+    beta = model_cfg.clothing_weight if model_cfg.clothing_weight >= 0 else saved.get("clothing_weight") or 0.0
+    return Run(folder, config.get("train", {}), model_cfg, model.eval(), checkpoint, beta)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -524,14 +697,33 @@ def table(title: str, rows: list) -> str:
     return "\n".join(lines)
 
 
+def robustness_ratios(robustness: dict) -> dict:
+    """Table V's ratios: Identity-Only and Clothes-Conflict Rank-1 over Standard's, per stage."""
+    out = {}
+    for name in ("Identity-Only", "Clothes-Conflict"):
+        for stage in ("stage1", "stage2"):
+            standard, other = robustness["Standard"][stage], robustness[name][stage]
+            if standard and other and standard["R1"] > 0:
+                out[(name, stage)] = other["R1"] / standard["R1"]
+    return out
+
+
 def report(result: dict) -> str:
     """The printed summary of evaluate_model's result."""
-    k = result["rerank_k"]
-    out = [table(f"{result['dataset']}: {result['num_queries']} queries, {result['num_gallery']} images",
-                 [("stage 1 (dual encoder)", result["stage1"]), (f"stage 2 (fusion, top {k})", result["stage2"])])]
+    k, stages = result["rerank_k"], ("stage1", "stage2")
+    rows = [("stage 1 (dual encoder)", result["stage1"]), (f"stage 2 (fusion, top {k})", result["stage2"])]
+    rows += [(f"{label}, other outfits", (m or {}).get("cross_outfit")) for label, m in rows]
+    beta = result.get("clothing_weight", 0.0)
+    out = [table(f"{result['dataset']}: {result['num_queries']} queries, {result['num_gallery']} images "
+                 f"(clothing weight {beta:g})", rows)]
     if result["robustness"]:
-        rows = [(f"{name:17s} stage {s}", r[f"stage{s}"]) for name, r in result["robustness"].items() for s in (1, 2)]
+        rows = [(f"{name:17s} stage {s[-1]}", r[s]) for name, r in result["robustness"].items() for s in stages]
+        rows += [(f"{name:17s} stage {s[-1]}, other outfits", (r[s] or {}).get("cross_outfit"))
+                 for name, r in result["robustness"].items() for s in stages]
         out.append(table("robustness (Table V): queries from the generated descriptions", rows))
+        ratios = robustness_ratios(result["robustness"])
+        out.append("Table V, Rank-1 kept of Standard's: " + "; ".join(
+            f"{name} stage {s[-1]} {100 * ratio:.0f}%" for (name, s), ratio in ratios.items()))
     gates = [(name, result["gates"][key]) for key, name in (("bdam", "BDAM gate g"), ("fusion", "fusion gate W_img"))]
     lines = [f"{name:18s} mean {g['mean']:.3f} +- {g['std']:.3f} over {g['count']} values (Fig. 5)"
              + (f"; per channel, std over images {g['channel_std']:.3f}" if "channel_std" in g else "")
@@ -553,11 +745,17 @@ def search(run: Run, query: str, folder, device, rerank_k, progress=True) -> Pat
         raise DatasetError(f"--gallery {folder}: {'no .png or .jpg images under it' if folder.is_dir() else 'no such folder'}")
     model, cfg = run.model.to(device).eval(), run.model_cfg
     tokenizer = load_tokenizer(cfg.text_model or None)
+    identity, clothing, named = lexicon.split_query(query)
+    print(f"query split (lexicon): identity {identity!r}; clothing {clothing or '(none named)'!r}")
+    if not named:
+        print("notice: the query names no identity trait; it is ranked by "
+              + ("its clothing alone" if clothing and model.clothing_text_proj is not None
+                 else "the whole query on the identity path"))
     with torch.no_grad():
         gallery = embed_gallery(model, paths, cfg.image_size, device, progress=progress)
-        emb, feats = embed_texts(model, tokenizer, [query], cfg.max_text_len, device)
         k = (cfg.rerank_k if rerank_k is None else rerank_k) if gallery["tokens"] is not None else 0
-        ranker = TwoStage(model, emb, feats, gallery["emb"], gallery["tokens"], k)
+        ranker = query_ranker(model, gallery, tokenizer, cfg.max_text_len, device, k, run.clothing_weight,
+                              progress=False)([query])
         scores = (ranker.stage2 if k else ranker.stage1)(0, 1)[0]  # (G,)
     top = scores.topk(min(10, len(paths))).indices.tolist()
     for rank, g in enumerate(top, 1):
@@ -574,8 +772,9 @@ def evaluate_run(run: Run, device, rerank_k=None, limit_queries=None, data=None,
     print(f"data: {name} under {Path(folder).resolve()} ({origin})")
     dataset = load_dataset(name, folder)
     result = evaluate_model(run.model.to(device), dataset, load_tokenizer(cfg.text_model or None), cfg.image_size,
-                            cfg.max_text_len, device, train.get("eval_batch", 64),
-                            rerank_k, seed=train.get("seed", 0), limit_queries=limit_queries)
+                            cfg.max_text_len, device, train.get("eval_batch", 64), rerank_k,
+                            seed=train.get("seed", 0), limit_queries=limit_queries,
+                            clothing_weight=run.clothing_weight)
     print(report(result))
     record = dict(run=str(run.folder), checkpoint=run.checkpoint.name, data_root=str(Path(folder).resolve()), **result)
     (run.folder / "metrics.json").write_text(json.dumps(record, indent=1))
@@ -599,11 +798,19 @@ def main(argv=None) -> int:
     parser.add_argument("--root", help="data root (default: the run's, from its config.json)")
     parser.add_argument("--rerank-k", type=int, help="K for stage 2 (default: the model's rerank_k; 0: stage 1 only)")
     parser.add_argument("--limit-queries", type=int, help="rank only the first N queries of each set (default: all)")
+    parser.add_argument("--clothing-weight", type=float,
+                        help="beta, the weight of a query's clothing part (default: the run's, chosen on the "
+                             "validation split after training)")
     parser.add_argument("--query", help="a description to search --gallery with")
     parser.add_argument("--gallery", help="a folder of your own images (.png/.jpg, searched recursively)")
     args = parser.parse_args(argv)
-    if bool(args.query) != bool(args.gallery):
+    if (args.query is None) != (args.gallery is None):
         parser.error("--query and --gallery go together")
+    if args.query is not None and not lexicon.WORD_RE.search(args.query):
+        parser.error(f"--query {args.query!r} has no words: describe the person, "
+                     "e.g. --query 'a tall man with short grey hair in a red jacket'")
+    if args.clothing_weight is not None and args.clothing_weight < 0:
+        parser.error("--clothing-weight must be >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this machine has no CUDA GPU (or torch is a CPU build); use --device cpu")
     if args.rerank_k is not None and args.rerank_k < 0:
@@ -614,8 +821,10 @@ def main(argv=None) -> int:
                           "cpu" if args.device == "auto" else args.device)
     try:
         run = load_run(args.run)
-        print(f"run {run.folder} ({run.checkpoint.name}), device {device}")
-        if args.query:
+        if args.clothing_weight is not None:
+            run.clothing_weight = args.clothing_weight
+        print(f"run {run.folder} ({run.checkpoint.name}), device {device}, clothing weight {run.clothing_weight:g}")
+        if args.query is not None:
             print(f"wrote {search(run, args.query, args.gallery, device, args.rerank_k)}")
             return 0
         evaluate_run(run, device, args.rerank_k, args.limit_queries, args.data, args.root)

@@ -63,6 +63,56 @@ def test_query_without_positive_is_an_error():
         retrieval_metrics(torch.randn(2, 3), [0, 9], [0, 1, 2])
 
 
+def test_cross_outfit_hand_worked_example():
+    # person 1 has outfits 0 (images 0, 2) and 1 (images 4, 5); person 2 has outfit 0 (images 1, 3)
+    gallery_pids, gallery_outfits = [1, 2, 1, 2, 1, 1], [0, 0, 0, 0, 1, 1]
+    query_pids, query_outfits = [1, 1, 2], [0, 1, 0]
+    orders = [
+        [0, 1, 4, 2, 3, 5],  # outfit 0 of person 1: 0 and 2 leave -> 1, 4, 3, 5: hits at ranks 2, 4
+        [4, 0, 5, 1, 2, 3],  # outfit 1: 4 and 5 leave -> 0, 1, 2, 3: hits at ranks 1, 3
+        [1, 0, 3, 2, 4, 5],  # person 2 has no other outfit: left out of the cross-outfit numbers
+    ]
+    m = retrieval_metrics(scores_from_orders(orders, 6), query_pids, gallery_pids,
+                          query_outfits=query_outfits, gallery_outfits=gallery_outfits)
+    cross = m["cross_outfit"]
+    assert cross["queries"] == 2
+    assert cross["R1"] == pytest.approx(50.0) and cross["R5"] == pytest.approx(100.0)
+    assert cross["mAP"] == pytest.approx(100 * ((1 / 2 + 2 / 4) / 2 + (1 + 2 / 3) / 2) / 2)
+    assert cross["mINP"] == pytest.approx(100 * (2 / 4 + 2 / 3) / 2)
+    # the standard numbers, from the same rows, count every image
+    assert m["R1"] == pytest.approx(100.0)
+    assert m["mAP"] == pytest.approx(100 * ((1 + 2 / 3 + 3 / 4 + 4 / 6) / 4 + (3 + 4 / 5) / 4 + (1 + 2 / 3) / 2) / 3)
+    # one outfit per person (same-clothes): nothing to rank across outfits
+    same = retrieval_metrics(scores_from_orders(orders, 6), query_pids, gallery_pids,
+                             query_outfits=[0, 0, 0], gallery_outfits=[0] * 6)
+    assert same["cross_outfit"] is None
+    # an outfit the dataset does not know: no cross-outfit numbers at all
+    unknown = retrieval_metrics(scores_from_orders(orders, 6), query_pids, gallery_pids,
+                                query_outfits=[0, None, 0], gallery_outfits=gallery_outfits)
+    assert "cross_outfit" not in unknown
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 100])
+def test_cross_outfit_matches_naive_loop_over_a_pruned_gallery(chunk_size):
+    g = torch.Generator().manual_seed(3)
+    gallery_pids, gallery_outfits = torch.randint(0, 5, (30,), generator=g), torch.randint(0, 3, (30,), generator=g)
+    pick = torch.randint(0, 30, (17,), generator=g)
+    query_pids, query_outfits = gallery_pids[pick], gallery_outfits[pick]
+    sim = torch.randn(17, 30, generator=g)
+    got = retrieval_metrics(sim, query_pids, gallery_pids, chunk_size, query_outfits, gallery_outfits)["cross_outfit"]
+    want, count = {k: 0.0 for k in ("R1", "R5", "R10", "mAP", "mINP")}, 0
+    for q in range(17):  # the naive protocol: delete the own-outfit images, then rank what is left
+        keep = [j for j in range(30) if not (gallery_pids[j] == query_pids[q] and gallery_outfits[j] == query_outfits[q])]
+        if not any(gallery_pids[j] == query_pids[q] for j in keep):
+            continue
+        one = naive_metrics(sim[q:q + 1, keep], query_pids[q:q + 1].tolist(), gallery_pids[keep].tolist())
+        want = {k: v + one[k] for k, v in want.items()}
+        count += 1
+    assert got["queries"] == count > 0
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value / count, abs=1e-4), key
+
+
 # ----------------------------------------------------------------------------------------------
 # Two-stage retrieval, robustness settings, pictures, runs
 
@@ -73,10 +123,12 @@ from pathlib import Path  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import data  # noqa: E402
+import lexicon  # noqa: E402
 import mamba_triton  # noqa: E402
 from evaluate import (FRAME, FRAME_COLOURS, GAP, TEXT_WIDTH, THUMB, RunError, TwoStage, fusion_image_reliance,  # noqa: E402
                       derangement, embed_gallery, embed_texts, evaluate_model, gate_curves, gate_histograms,
-                      gate_summary, load_run, main, ranked_list_picture, report, rerank, robustness_queries)
+                      gate_summary, load_run, main, ranked_list_picture, report, rerank, robustness_queries,
+                      training_curves)
 from encoders import load_tokenizer  # noqa: E402
 from model import ModelConfig, T2IReID  # noqa: E402
 
@@ -146,17 +198,71 @@ def test_derangement_has_no_fixed_point_is_seeded_and_avoids_the_same_identity(p
 
 def test_robustness_queries_are_built_from_the_descriptions():
     gallery = [data.GalleryImage(f"{i}.png", pid, f"id{i}", f"clo{i}") for i, pid in enumerate([7, 7, 8, 9])]
-    settings, pids = robustness_queries(gallery, seed=0)
+    gallery[3] = dataclasses.replace(gallery[3], outfit=2)
+    settings, pids, outfits = robustness_queries(gallery, seed=0)
     partner = derangement([7, 7, 8, 9], seed=0)
+    assert outfits == [None, None, None, 2]  # each query's own outfit: the image it describes
     assert settings["Standard"] == ["id0 clo0", "id1 clo1", "id2 clo2", "id3 clo3"]
     assert settings["Identity-Only"] == ["id0", "id1", "id2", "id3"]
     assert settings["Clothes-Conflict"] == [f"id{i} clo{partner[i]}" for i in range(4)]
     assert pids == [7, 7, 8, 9]
     gallery[2] = dataclasses.replace(gallery[2], clothing=None)   # left out, not the whole table
-    settings, pids = robustness_queries(gallery, seed=0)
+    settings, pids, _ = robustness_queries(gallery, seed=0)
     assert settings["Identity-Only"] == ["id0", "id1", "id3"] and pids == [7, 7, 9]
     gallery = [dataclasses.replace(g, identity=None) for g in gallery[1:]] + gallery[:1]
     assert robustness_queries(gallery, seed=0) is None            # one described image: no table
+
+
+SPLITS = [  # (query, identity part, clothing part, names an identity trait), worked by hand
+    ("This is a tall man with short grey hair. He wears a red jacket and blue jeans.",
+     "This is a tall man with short grey hair.", "The person wears a red jacket and blue jeans.", True),
+    # a real annotator's run-on, lower case, with typos ("blak", "wering", "jaket", "jeens")
+    ("a man with short blak hair wering a red jaket and blue jeens",
+     "A man with short blak hair.", "Wering a red jaket and blue jeens.", True),
+    ("young guy, glasses, grey hoodie, backpack", "Young guy, glasses.", "Grey hoodie, backpack.", True),
+    ("A tall woman.", "A tall woman.", "", True),  # no clothing named
+    ("a red jacket and jeans", "A person.", "A red jacket and jeans.", False),  # no identity trait
+    ("someone in a red jacket and jeans walking down the street", "A person.",
+     "Someone in a red jacket and jeans.", False),
+]
+
+
+@pytest.mark.parametrize("query, identity, clothing, named", SPLITS)
+def test_split_query_on_hand_worked_captions(query, identity, clothing, named):
+    assert lexicon.split_query(query) == (identity, clothing, named)
+
+
+@pytest.mark.parametrize("query", ["", "   ", "?!.", "--"])
+def test_a_query_without_words_is_a_clear_error(query):
+    with pytest.raises(ValueError, match="has no words"):
+        lexicon.split_query(query)
+
+
+def test_two_stage_adds_the_clothing_part_and_ranks_clothing_only_queries_by_it():
+    """Hand-made embeddings: stage 1 = identity cosine + beta * clothing cosine; a query with no
+    identity trait scores by its clothing alone, and stage 2 leaves its order alone."""
+    g = torch.Generator().manual_seed(0)
+    unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1)  # noqa: E731
+    q_id, q_clo, g_id, g_clo = unit(3, 4), unit(3, 4), unit(6, 4), unit(6, 4)
+    q_clo[1] = 0  # query 1 names no clothing
+    only = torch.tensor([False, False, True])  # query 2 names no identity trait
+
+    class Fusion:  # stands in for T2IReID.pair_score: a fixed score per candidate image
+        def pair_score(self, tokens, texts, emb):
+            return tokens[:, 0, 0], tokens[:, 0]
+    tokens = torch.linspace(-1, 1, 6)[:, None, None].expand(6, 2, 3).clone()
+    ranker = TwoStage(Fusion(), q_id, torch.zeros(3, 5), g_id, tokens, k=4, query_clo=q_clo, gallery_clo=g_clo,
+                      clothing_weight=0.3, clothing_only=only)
+    s1 = ranker.stage1(0, 3)
+    want = q_id @ g_id.T + 0.3 * (q_clo @ g_clo.T)
+    torch.testing.assert_close(s1[:2], want[:2])
+    torch.testing.assert_close(s1[1], (q_id @ g_id.T)[1])  # nothing named: the identity alone
+    torch.testing.assert_close(s1[2], (q_clo @ g_clo.T)[2])  # clothing only
+    s2 = ranker.stage2(0, 3)
+    assert s2[2].argsort(descending=True).tolist() == s1[2].argsort(descending=True).tolist()
+    top = s1[0].topk(4).indices  # query 0: fusion score + beta * clothing cosine decides its top 4
+    fused = tokens[top, 0, 0] + 0.3 * (q_clo[0] @ g_clo[top].T)
+    assert s2[0].argsort(descending=True)[:4].tolist() == top[fused.argsort(descending=True)].tolist()
 
 
 def test_gallery_cache_and_stage2_order_match_the_model_scoring_each_pair(tiny_model, tokenizer, test_split):
@@ -227,6 +333,7 @@ def test_evaluate_model_two_stages_robustness_and_gates(tiny_model, tokenizer, t
     json.dumps(out)  # everything fits in metrics.json
     assert out["rerank_k"] == 5 and out["num_gallery"] == len(test_split.gallery) == 32
     tables = [out["stage1"], out["stage2"]] + [r[s] for r in out["robustness"].values() for s in ("stage1", "stage2")]
+    tables += [t["cross_outfit"] for t in tables]
     assert list(out["robustness"]) == ["Standard", "Identity-Only", "Clothes-Conflict"]
     for m in tables:
         assert all(0.0 <= m[c] <= 100.0 for c in ("R1", "R5", "R10", "mAP", "mINP"))
@@ -246,8 +353,13 @@ def test_evaluate_model_two_stages_robustness_and_gates(tiny_model, tokenizer, t
     query_pid = {q.caption: q.pid for q in test_split.queries}
     assert ex["correct"][0] == [pid_of[p] == query_pid[ex["queries"][0]] for p in ex["paths"][0]]
     one = evaluate_model(*args, rerank_k=1, robustness=False, progress=False)
-    assert one["stage2"] == pytest.approx(one["stage1"]) and one["robustness"] is None  # K = 1: no change
-    assert one["stage1"] == pytest.approx(out["stage1"])
+    flat = lambda m: {**{k: v for k, v in m.items() if k != "cross_outfit"},  # noqa: E731
+                      **{f"cross {k}": v for k, v in m["cross_outfit"].items()}}
+    assert flat(one["stage2"]) == pytest.approx(flat(one["stage1"])) and one["robustness"] is None  # K = 1: no change
+    assert flat(one["stage1"]) == pytest.approx(flat(out["stage1"]))
+    # every query's person has a second outfit in the tiny test split: all are ranked across outfits
+    assert out["stage1"]["cross_outfit"]["queries"] == len(test_split.queries)
+    assert out["clothing_weight"] == 0.0 and "other outfits" in report(out)
     quick = evaluate_model(*args, rerank_k=0, progress=False, limit_queries=7)
     assert quick["stage2"] is None and quick["num_queries"] == 7 and quick["gates"]["fusion"] is None
     assert quick["fusion_image_reliance"] is None and one["fusion_image_reliance"] is None
@@ -298,10 +410,15 @@ def test_gate_histograms_size(tmp_path):
 
 
 def test_gate_curves_size_and_skip(tmp_path):
-    rows = [{"step": 1, "total": 3.0, "w_img": 0.3, "g_std": 0.1}, {"step": 2, "total": 2.0, "w_img": 0.1},
+    rows = [{"step": 1, "total": 3.0, "w_img": 0.3, "g_std": 0.1, "w_info": 1.0, "w_decouple": 1.0, "G_info": 2.0},
+            {"step": 2, "total": 2.0, "w_img": 0.1, "w_info": 0.7, "w_decouple": 1.3},
             {"step": 2, "epoch": 1, "val_R1": 5.0}]  # a validation row, and a row without g_std
+    curves = training_curves(rows)
+    assert curves["w_img"] == {"W_img": ([1, 2], [0.3, 0.1])} and curves["g_std"] == {"g std": ([1], [0.1])}
+    assert curves["weights"] == {"decouple": ([1, 2], [1.0, 1.3]), "info": ([1, 2], [1.0, 0.7])}  # not w_img
     image = Image.open(gate_curves(rows, tmp_path / "curves.png", size=(6.0, 2.0), dpi=50))
     assert image.size == (300, 100)
+    assert gate_curves([{"step": 1, "w_info": 1.0}], tmp_path / "weights.png")  # GradNorm alone is drawn too
     assert gate_curves([{"step": 1, "total": 3.0}], tmp_path / "old.png") is None  # logged before the gates
     assert not (tmp_path / "old.png").exists()
 
@@ -332,20 +449,27 @@ def test_cli_evaluates_a_run_and_searches_a_folder(tmp_path, tiny_model, tiny_sy
     folder.mkdir()
     train = {"data": "synth", "root": str(tiny_synth), "eval_batch": 16, "seed": 0}  # as train.TrainConfig
     (folder / "config.json").write_text(json.dumps({"train": train, "model": dataclasses.asdict(tiny_model.cfg)}))
-    torch.save({"model": tiny_model.state_dict()}, folder / "best.pt")
+    torch.save({"model": tiny_model.state_dict(), "clothing_weight": 0.25}, folder / "best.pt")  # train.py's choice
     (folder / "log.jsonl").write_text("".join(json.dumps({"step": i, "w_img": 0.5 - i / 10, "g_std": 0.1}) + "\n"
                                               for i in range(1, 4)))
     assert main(["--run", str(folder), "--device", "cpu", "--rerank-k", "3", "--limit-queries", "8"]) == 0
     printed = capsys.readouterr().out
     assert "stage 2 (fusion, top 3)" in printed and "describe.py" in printed  # no descriptions.jsonl
+    assert "clothing weight 0.25" in printed and "stage 1 (dual encoder), other outfits" in printed
     assert f"data: synth under {Path(tiny_synth).resolve()} (from {folder / 'config.json'})" in printed
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["num_queries"] == 8 and metrics["rerank_k"] == 3
     assert Image.open(folder / "ranked_list.png").size[1] == 6 * (THUMB[0] + 2 * FRAME + GAP)
     assert Image.open(folder / "gates.png").size == (900, 320)
-    assert Image.open(folder / "gates_over_training.png").size == (900, 320)
+    assert Image.open(folder / "gates_over_training.png").size == (1350, 320)
     images = data.read_annotations("synth", tiny_synth).image_dir
     assert main(["--run", str(folder), "--query", "a tall man with short grey hair", "--gallery", str(images)]) == 0
     ranked = [line.split()[-1] for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
     assert len(ranked) == 10 and all(Path(p).is_file() for p in ranked)
     assert Image.open(folder / "search.png").size[1] == THUMB[0] + 2 * FRAME + GAP
+    assert main(["--run", str(folder), "--query", "a red jacket and jeans", "--gallery", str(images)]) == 0
+    notices = [line for line in capsys.readouterr().out.splitlines() if line.startswith("notice:")]
+    assert notices == ["notice: the query names no identity trait; it is ranked by its clothing alone"]
+    with pytest.raises(SystemExit):
+        main(["--run", str(folder), "--query", " ?! ", "--gallery", str(images)])
+    assert "has no words" in capsys.readouterr().err
