@@ -66,7 +66,7 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many optimiser steps (0: all epochs)
     checkpoint_every: int = 200  # steps between last.pt saves inside an epoch
     eval_batch: int = 128
-    workers: int = 4  # data loader processes
+    workers: int = -1  # data loader processes; -1: 0 on a CPU (the cores train), else the cores less one, at most 8
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast on a GPU
     seed: int = 0  # the paper reports the mean over seeds 0, 1, 2
@@ -89,19 +89,13 @@ def presets(dataset: str) -> tuple[TrainConfig, ModelConfig]:
         # tau 0.07: at 0.02 the first (random) logits are so confident that collapsing the text
         # embeddings to one point is the quickest way down, and training stalls at log(batch);
         # no random erasing: each photograph is seen once, so it guards against no memorising and
-        # only hides the traits that its caption names; GradNorm's weights at a tenth of the
-        # paper presets' rate: at 0.025 they reach w_info 0.2 and w_decouple 3.7 within 200 of
-        # 405 steps, and the retrieval loss starves (README, design decisions 3 and 10)
+        # only hides the traits that its caption names (README, design decision 10)
         train = TrainConfig(data="synth", epochs=1, p=16, k=2, lr=1e-3, pretrained_lr_scale=0.1,
-                            warmup_steps=20, workers=0, synth_train_images=48, erase_p=0.0,
-                            gradnorm_lr=0.0025)
-        # MiniLM's bottom 5 layers frozen and cached; the fusion re-ranks as a residual on stage 1
-        # and trains on captions, the queries it re-ranks (identity texts too cost a third of the
-        # step and changed nothing measurable); a BatchNorm before the BDAM gate, without which
-        # the gate gives every image the same g
+                            warmup_steps=20, synth_train_images=48, erase_p=0.0)
+        # MiniLM's bottom 5 layers frozen and cached; the fusion re-ranks as a residual on stage 1;
+        # a BatchNorm before the BDAM gate, without which the gate gives every image the same g
         model = ModelConfig.small(fusion_negatives=1, max_text_len=48, rerank_k=10, temperature=0.07,
-                                  text_frozen_layers=5, fusion_residual=True, bdam_gate_norm=True,
-                                  fusion_identity_queries=False)
+                                  text_frozen_layers=5, fusion_residual=True, bdam_gate_norm=True)
         return train, model
     return TrainConfig(data=dataset), ModelConfig()
 
@@ -219,8 +213,20 @@ def make_loader(items: SeededItems, sampler: data.IdentitySampler, epoch: int, s
     collate = functools.partial(data.collate, tokenizer=tokenizer, max_len=max_len)
     # its own generator: creating the iterator must not draw from the main RNG (dropout)
     return torch.utils.data.DataLoader(items, batch_sampler=batches, collate_fn=collate,
-                                       num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
+                                       num_workers=loader_workers(cfg.workers, cfg.device),
+                                       pin_memory=torch.cuda.is_available(),
                                        generator=torch.Generator().manual_seed(cfg.seed))
+
+
+def loader_workers(workers: int, device: str) -> int:
+    """--workers as given, or for -1: none on a CPU, where the cores are busy with the step
+    itself, and on a GPU the cores less one for the main process (at most 8), so that decoding
+    and augmenting images keeps up with the device."""
+    if workers >= 0:
+        return workers
+    if pick_device(device).type == "cpu":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -343,7 +349,8 @@ def gate_stats(out: dict) -> dict:
 
 def update(state: State, losses: dict[str, torch.Tensor], mcfg: ModelConfig) -> dict:
     """GradNorm (Eq. 5) and the weighted total (Eq. 6) from the named losses, one optimiser
-    step of the network and of the task weights: the log row."""
+    step of the network and of the task weights: the log row (the losses, L_total, each w_k
+    and each G_k)."""
     values = {name: loss.detach().item() for name, loss in losses.items()}
     bad = {name: value for name, value in values.items() if not math.isfinite(value)}
     if bad:
@@ -361,11 +368,12 @@ def update(state: State, losses: dict[str, torch.Tensor], mcfg: ModelConfig) -> 
     state.optimizer.zero_grad(set_to_none=True)
     if mcfg.use_gradnorm:
         state.weight_optimizer.step()
-        state.gradnorm.renormalise_()
     state.weight_optimizer.zero_grad(set_to_none=True)
     weights = state.gradnorm.weights().tolist()
+    norms = stats["grad_norms"].tolist() if "grad_norms" in stats else []  # G_k of Eq. 5
     return {**values, "total": stats["total"].detach().item(),
-            **{f"w_{task}": w for task, w in zip(state.gradnorm.tasks, weights)}}
+            **{f"w_{task}": w for task, w in zip(state.gradnorm.tasks, weights)},
+            **{f"G_{task}": g for task, g in zip(state.gradnorm.tasks, norms)}}
 
 
 class StopRequest:
@@ -553,13 +561,42 @@ def end_epoch(state: State, val, tokenizer, cfg: TrainConfig, mcfg: ModelConfig,
 
 def final_evaluation(model: T2IReID, run: Path, dataset, tokenizer, cfg: TrainConfig,
                      mcfg: ModelConfig, device) -> None:
-    """best.pt on the test split: both stages and the robustness settings -> results.json."""
-    model.load_state_dict(torch.load(run / "best.pt", map_location=device, weights_only=False)["model"])
+    """best.pt on the test split: both stages and the robustness settings -> results.json. The
+    clothing weight beta is the config's, or (when < 0) chosen first on the validation split."""
+    best = torch.load(run / "best.pt", map_location=device, weights_only=False)
+    model.load_state_dict(best["model"])
+    beta, sweep = choose_clothing_weight(model, tokenizer, cfg, mcfg, device)
+    if best.get("clothing_weight") != beta:
+        save({**best, "clothing_weight": beta}, run / "best.pt")  # evaluate.py reads it from there
     results = evaluate.evaluate_model(model, dataset, tokenizer, mcfg.image_size, mcfg.max_text_len,
-                                      device, batch_size=cfg.eval_batch)
+                                      device, batch_size=cfg.eval_batch, clothing_weight=beta)
+    results["clothing_weight_sweep"] = sweep
     (run / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     print(evaluate.report(results))
     print(f"wrote {run / 'results.json'}; pictures: python evaluate.py --run {run}")
+
+
+def choose_clothing_weight(model: T2IReID, tokenizer, cfg: TrainConfig, mcfg: ModelConfig, device):
+    """beta, the weight of a query's clothing part (DESIGN 3.5): the config's when >= 0; else the
+    best validation caption mAP among the betas whose Table V Rank-1 ratios stay >= 90%
+    (evaluate.choose_clothing_weight), or 0 without a validation split. Returns (beta, the
+    validation sweep as rows, or None)."""
+    if mcfg.clothing_weight >= 0:
+        return mcfg.clothing_weight, None
+    if cfg.data == "icfg":  # ICFG-PEDES has no validation split: the test split is never used to choose
+        return 0.0, None
+    val = data.load_dataset(cfg.data, cfg.root, eval_split="val")
+    rows = evaluate.clothing_weight_sweep(model, val, tokenizer, mcfg.image_size, mcfg.max_text_len, device,
+                                          cfg.eval_batch, seed=cfg.seed)
+    beta = evaluate.choose_clothing_weight(rows)
+    print("clothing weight beta on the validation split (stage 1; Table V Rank-1 of each setting):")
+    for row in rows:
+        cross = f"{row['cross_mAP']:6.2f}" if row.get("cross_mAP") is not None else "     -"
+        settings = "  ".join(f"{name} {row[name]:5.1f}" for name in ("Standard", "Identity-Only", "Clothes-Conflict")
+                             if name in row)
+        print(f"  beta {row['clothing_weight']:4.2f}: R1 {row['R1']:5.2f}  mAP {row['mAP']:5.2f}  "
+              f"other outfits mAP {cross}  {settings}" + ("   <- chosen" if row["clothing_weight"] == beta else ""))
+    return beta, rows
 
 
 def main(argv=None) -> int:

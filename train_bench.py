@@ -35,8 +35,7 @@ def bench(cfg: TrainConfig, mcfg: ModelConfig, steps: int = 10) -> None:
     text = lambda: {"input_ids": torch.randint(1000, 30000, (b, t), generator=g),  # noqa: E731
                     "attention_mask": torch.ones(b, t, dtype=torch.long)}
     batch = to_device({"images": torch.randn(b, 3, *mcfg.image_size, generator=g),
-                       "pids": torch.arange(b) // cfg.k, "caption": text(), "identity": text(),
-                       "clothing": text()}, device)
+                       "pids": torch.arange(b) // cfg.k, "identity": text(), "clothing": text()}, device)
     state = State.create(cfg, mcfg, device, total_steps=10 ** 6)
     model, amp = state.model, cfg.amp and device.type == "cuda"
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
@@ -55,13 +54,13 @@ def bench(cfg: TrainConfig, mcfg: ModelConfig, steps: int = 10) -> None:
     def encoders_step(_):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = model.vision(pixel_values=batch["images"]).last_hidden_state.float().mean()
-            for key in ("caption", "identity", "clothing"):
+            for key in ("identity", "clothing"):
                 loss = loss + model.text_features(**batch[key]).float().mean()
         loss.backward()
         enc_optimizer.step()
         enc_optimizer.zero_grad(set_to_none=True)
     base = _median_ms(encoders_step, steps, device)
-    print(f"baseline: ViT + text encoder (3 texts) alone {base:.1f} ms; the whole step costs "
+    print(f"baseline: ViT + text encoder (2 texts) alone {base:.1f} ms; the whole step costs "
           f"{whole / base:.2f}x its encoders")
 
 
@@ -95,9 +94,8 @@ def bench_parts(state: State, batch: dict, mcfg: ModelConfig, amp: bool) -> dict
         with torch.no_grad(), autocast():
             out = model(batch)
             tokens = model.image_features(batch["images"])["tokens"]  # (B, P, D)
-            texts, text_emb = model.fusion_queries(model.text_features(**batch["caption"]),
-                                                   model.text_features(**batch["identity"]), out)
-        return leaf(tokens), leaf(out["image_emb"]), texts, leaf(text_emb)
+            texts = model.text_features(**batch["identity"])  # (B, Dt) the identity descriptions
+        return leaf(tokens), leaf(out["image_emb"]), texts, leaf(out["identity_emb"])
 
     def gradnorm_extra(outputs):  # as losses.GradNorm.backward: K - 1 gradients on the shared layer
         for loss in list(outputs[1].values())[:-1]:
@@ -110,7 +108,7 @@ def bench_parts(state: State, batch: dict, mcfg: ModelConfig, amp: bool) -> dict
         state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
 
-    texts = [key for key in ("caption", "identity", "clothing") if key != "clothing" or mcfg.loss_aln]
+    texts = [key for key in ("identity", "clothing") if key != "clothing" or mcfg.loss_aln]
     rows = {"vision encoder (ViT)": (lambda: None, forward_backward(
                 lambda _: [model.vision(pixel_values=batch["images"]).last_hidden_state])),
             f"text encoder ({len(texts)} texts)": (lambda: None, forward_backward(
