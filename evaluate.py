@@ -4,14 +4,19 @@ Implements the evaluation of Sec. IV of the paper with the decisions of DESIGN s
 
 * the community protocol (IRRA, Jiang & Ye, CVPR 2023): every test caption is a query, every
   test image is in the gallery, all images of the query's identity are positives; Rank-1/5/10,
-  mAP and mINP in percent (`retrieval_metrics`, computed in chunks of queries);
+  mAP and mINP in percent (`retrieval_metrics`, computed in chunks of queries); and, where the
+  dataset knows outfits, the cloth-changing protocol of PRCC and LTCC on the same rankings: the
+  query's own-outfit images leave the gallery, only the person's other outfits count;
+* each query split into its identity and clothing parts (`embed_queries`, DESIGN 3.5): the
+  identity part meets the visual identity, the clothing part the clothing stream with the
+  run's weight beta (chosen on the validation split: `clothing_weight_sweep`);
 * stage 1 (dual encoder: gallery from images alone, queries from text alone, cosine) and
   stage 2 (the Mamba fusion module re-scores each query's top-K stage-1 candidates);
 * Table V's robustness settings built from the generated descriptions of the test images:
   Standard (identity + clothing), Identity-Only, Clothes-Conflict (identity + the clothing of
   another test image, a fixed seeded derangement);
-* Fig. 5's gate statistics, a ranked-list picture, the gate histograms and the gates over
-  training (from the run's log);
+* Fig. 5's gate statistics, a ranked-list picture, the gate histograms, and the gates and
+  GradNorm's task weights over training (from the run's log);
 * whether the fusion reads the image at all (`fusion_image_reliance`: its scores with each
   candidate's image tokens swapped for another's), which W_img alone cannot say.
 
@@ -625,6 +630,8 @@ def gate_curves(log_rows: list, path, size=(13.5, 3.2), dpi: int = 100) -> Path 
             ax.text(0.5, 0.5, "not in this run", ha="center", va="center", transform=ax.transAxes)
         elif key == "weights":
             ax.set_yscale("log")
+            ax.set_yticks([0.2, 0.5, 1, 2, 5], ["0.2", "0.5", "1", "2", "5"])
+            ax.minorticks_off()
             for bound in (0.2, 5.0):
                 ax.axhline(bound, color="grey", linestyle="--", linewidth=0.8)
             ax.legend(fontsize=8, loc="best")
