@@ -20,8 +20,8 @@ Implements the evaluation of Sec. IV of the paper with the decisions of DESIGN s
 * whether the fusion reads the image at all (`fusion_image_reliance`: its scores with each
   candidate's image tokens swapped for another's), which W_img alone cannot say.
 
-Read top to bottom: metrics, embedding, the two stages, robustness, the whole evaluation,
-pictures, runs, command line.
+Read top to bottom: metrics, robustness, the whole evaluation, runs, command line; the two
+stages themselves are retrieval.py, the pictures pictures.py.
 
     python evaluate.py                          # newest run: tables, metrics.json, ranked_list.png, gates.png,
                                                 #   gates_over_training.png
@@ -36,18 +36,18 @@ import argparse
 import json
 import random
 import sys
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import lexicon
-from data import DATASETS, DatasetError, eval_transform, load_dataset, load_image, tokenize
+from data import DATASETS, DatasetError, load_dataset
 from encoders import EncoderLoadError, load_tokenizer
 from model import ModelConfig, T2IReID
+from pictures import gate_curves, gate_histograms, ranked_list_picture
+from retrieval import TwoStage, embed_gallery, fusion_image_reliance, query_ranker
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,177 +135,6 @@ def retrieval_metrics(similarity, query_pids, gallery_pids, chunk_size: int = 10
         first, ap, inp = (torch.cat(column) for column in zip(*cross))
         metrics["cross_outfit"] = {**_summary(first, ap, inp), "queries": len(first)} if len(first) else None
     return metrics
-
-
-# ----------------------------------------------------------------------------------------------
-# Embedding: the gallery from images alone, the queries from text alone (DESIGN 3.1)
-
-def _chunks(items: list, size: int, desc: str, progress: bool):
-    starts = range(0, len(items), size)
-    return (items[s:s + size] for s in tqdm(starts, desc=desc, disable=not progress, leave=False))
-
-
-def embed_gallery(model: T2IReID, paths: list, image_size, device, batch_size=64, progress=True) -> dict:
-    """Each gallery image goes through the ViT and BDAM once, for three things.
-
-    Returns dict(emb (G, E) on `device`; tokens (G, P, d), or None without fusion; gate (G, D)
-    the BDAM gate g of each image, or None; clo (G, E) the clothing embedding on `device`, or
-    None without a clothing stream), all from model.encode_images.
-    The token cache lives on the CPU in float16 -- G x P x d x 2 bytes: 0.3 GB for CUHK-PEDES at
-    224 x 224 (3,074 x 196 x 256), 2.0 GB for ICFG-PEDES -- and stage 2 moves only each query's K
-    candidates to the device. Recomputing tokens instead would cost K image passes per query.
-    """
-    transform = eval_transform(image_size)
-    emb, tokens, gate, clo = [], [], [], []
-    for chunk in _chunks(list(paths), batch_size, "gallery", progress):
-        images = torch.stack([transform(load_image(p)) for p in chunk]).to(device)  # (b, 3, H, W)
-        out = model.encode_images(images)
-        emb.append(out["emb"])  # (b, E)
-        if out["clo_emb"] is not None:
-            clo.append(out["clo_emb"])  # (b, E)
-        if out["tokens"] is not None:
-            tokens.append(out["tokens"].to("cpu", torch.float16))  # (b, P, d)
-        if out["gate"] is not None:
-            gate.append(out["gate"].float().cpu())  # (b, D) identity share of each channel
-    return dict(emb=torch.cat(emb), tokens=torch.cat(tokens) if tokens else None,
-                gate=torch.cat(gate) if gate else None, clo=torch.cat(clo) if clo else None)
-
-
-def embed_texts(model: T2IReID, tokenizer, texts: list, max_len: int, device, batch_size=64, progress=True,
-                clothing=False):
-    """Texts alone -> (Q, E) L2-normalised embeddings, (Q, Dt) text features: the identity
-    embedding t(text) (as encode_texts), or with `clothing` the clothing embedding of L_aln."""
-    emb, feats = [], []
-    project = model.clothing_embedding if clothing else model.text_embedding
-    for chunk in _chunks(list(texts), batch_size, "queries", progress):
-        tokens = {k: v.to(device) for k, v in tokenize(tokenizer, chunk, max_len).items()}  # (b, T)
-        f = model.text_features(**tokens)  # (b, Dt)
-        feats.append(f)
-        emb.append(project(f))  # (b, E)
-    return torch.cat(emb), torch.cat(feats)
-
-
-def embed_queries(model: T2IReID, tokenizer, texts: list, max_len: int, device, batch_size=64,
-                  progress=True) -> dict:
-    """Search queries, each split into its identity and clothing parts by the lexicon of the
-    rules backend (lexicon.split_query, DESIGN 3.5): the identity part meets the visual identity
-    (stage 1 and the fusion), the clothing part the clothing stream. A query that names no
-    identity trait ranks by its clothing part alone (`clothing_only`); where the model has no
-    clothing stream, or the query names no clothing either, by the whole query on the identity
-    path. Returns dict(emb (Q, E), feats (Q, Dt): the identity side; clo (Q, E), zero rows for
-    queries that name no clothing, or None without a clothing stream; clothing_only (Q,) bool)."""
-    parts = [lexicon.split_query(text) for text in texts]  # (identity, clothing, names_identity)
-    stream = model.clothing_text_proj is not None
-    only = [stream and not named and bool(clothing) for _, clothing, named in parts]
-    identity = [part if named else text for (part, _, named), text in zip(parts, texts)]
-    emb, feats = embed_texts(model, tokenizer, identity, max_len, device, batch_size, progress)
-    clo = None
-    if stream:
-        clo = emb.new_zeros(emb.shape)  # (Q, E)
-        named = [i for i, (_, clothing, _) in enumerate(parts) if clothing]
-        if named:
-            clo[named] = embed_texts(model, tokenizer, [parts[i][1] for i in named], max_len, device,
-                                     batch_size, progress, clothing=True)[0]
-    return dict(emb=emb, feats=feats, clo=clo, clothing_only=torch.tensor(only, device=emb.device))
-
-
-# ----------------------------------------------------------------------------------------------
-# The two stages, as rows of score matrices for retrieval_metrics' callable form
-
-def rerank(stage1: torch.Tensor, candidates: torch.Tensor, fusion: torch.Tensor) -> torch.Tensor:
-    """Stage 2's ranking as scores: each row's candidates go above every other image, in the order
-    of their fusion scores; the other images keep their stage-1 scores, hence their order.
-
-    stage1 (n, G), candidates (n, K) gallery indices, fusion (n, K) -> (n, G).
-    """
-    lift = stage1.amax(1, keepdim=True) - fusion.amin(1, keepdim=True) + 1.0  # (n, 1)
-    return stage1.scatter(1, candidates, fusion + lift)  # lowest candidate > highest non-candidate
-
-
-@dataclass
-class TwoStage:
-    """Queries (embeddings and text features) against a gallery (embeddings and cached tokens).
-
-    A query's score of an image is its identity score (stage 1: cosine of the identity
-    embeddings; stage 2: the fusion's pair score) plus clothing_weight times the cosine of the
-    query's clothing part with the image's clothing embedding (zero for a query that names no
-    clothing). A query that names no identity trait (clothing_only) scores by its clothing alone,
-    and stage 2 keeps its stage-1 order: it has no identity for the fusion to compare."""
-
-    model: T2IReID
-    query_emb: torch.Tensor  # (Q, E) identity side
-    query_feats: torch.Tensor  # (Q, Dt) identity side
-    gallery_emb: torch.Tensor  # (G, E)
-    tokens: torch.Tensor | None  # (G, P, d), float16 on the CPU
-    k: int  # K candidates re-ranked per query
-    gates: list | None = None  # when a list, stage2 appends the mean W_img of each pair (Fig. 5)
-    query_clo: torch.Tensor | None = None  # (Q, E) clothing side, zero rows where none is named
-    gallery_clo: torch.Tensor | None = None  # (G, E)
-    clothing_weight: float = 0.0  # beta
-    clothing_only: torch.Tensor | None = None  # (Q,) bool
-
-    def clothing(self, start: int, end: int) -> torch.Tensor | None:
-        """Rows start:end of the clothing cosine (n, G), or None without a clothing side."""
-        if self.query_clo is None or self.gallery_clo is None:
-            return None
-        return self.query_clo[start:end] @ self.gallery_clo.T
-
-    def stage1(self, start: int, end: int) -> torch.Tensor:
-        """Rows start:end of the stage-1 scores (cosines; both sides are L2-normalised): (n, G)."""
-        scores = self.query_emb[start:end] @ self.gallery_emb.T
-        clothing = self.clothing(start, end)
-        if clothing is None:
-            return scores
-        only = self.clothing_only[start:end, None]  # (n, 1)
-        return torch.where(only, clothing, scores + self.clothing_weight * clothing)
-
-    def stage2(self, start: int, end: int) -> torch.Tensor:
-        """Rows start:end with each query's top K re-scored by the fusion module: (n, G)."""
-        return rerank(*self.fusion_scores(start, end))
-
-    def fusion_scores(self, start: int, end: int, swap: torch.Tensor | None = None):
-        """Rows start:end -> stage-1 scores (n, G), each query's top K candidates (n, K) and their
-        fusion scores (n, K). swap, a permutation of the K: candidate j is scored with the image
-        tokens of candidate swap[j] (its own stage-1 embedding kept), for fusion_image_reliance."""
-        scores = self.stage1(start, end)  # (n, G)
-        k = min(self.k, scores.shape[1])
-        candidates = scores.topk(k, dim=1).indices  # (n, K)
-        seen = candidates if swap is None else candidates[:, swap]  # whose tokens each candidate gets
-        tokens = self.tokens[seen.flatten().cpu()].to(scores.device, torch.float32)  # (n K, P, d)
-        texts = self.query_feats[start:end].repeat_interleave(k, dim=0)  # (n K, Dt)
-        emb = self.gallery_emb[candidates.flatten()]  # (n K, E)
-        fusion, w_image = self.model.pair_score(tokens, texts, emb)  # (n K,), (n K, P)
-        if self.gates is not None:
-            self.gates.append(w_image.float().mean(1).cpu())  # (n K,)
-        fusion = fusion.view(-1, k).float()  # (n, K)
-        clothing = self.clothing(start, end)
-        if clothing is not None:
-            fusion = fusion + self.clothing_weight * clothing.gather(1, candidates)
-            fusion = torch.where(self.clothing_only[start:end, None], scores.gather(1, candidates), fusion)
-        return scores, candidates, fusion
-
-
-def fusion_image_reliance(ranker: TwoStage, queries: int = 200, batch: int = 50) -> dict | None:
-    """Does the fusion look at the image? For the first `queries` queries, each top-K candidate is
-    scored again with the image tokens of the next candidate in its list (a cyclic swap; the
-    stage-1 embeddings stay in place). `change`: the mean absolute change of a fusion score over
-    the mean spread (std) of the fusion scores within a list; `spearman`: the mean rank correlation
-    of each list's two orders. A fusion that ignores the image gives change 0 and spearman 1 --
-    whatever its W_img, whose softmax can favour the text and still pass on the image, or the
-    reverse. None when K < 3 (too few candidates to correlate)."""
-    n, k = min(queries, len(ranker.query_emb)), min(ranker.k, len(ranker.gallery_emb))
-    if k < 3:
-        return None
-    swap = torch.roll(torch.arange(k), -1)  # candidate j reads the tokens of candidate j + 1
-    blocks = [(start, min(start + batch, n)) for start in range(0, n, batch)]
-    own = torch.cat([ranker.fusion_scores(start, end)[2] for start, end in blocks])  # (n, K)
-    swapped = torch.cat([ranker.fusion_scores(start, end, swap)[2] for start, end in blocks])  # (n, K)
-    spread = own.std(1).mean().clamp_min(1e-12)
-    ranks = [x.argsort(1).argsort(1).float() for x in (own, swapped)]
-    ranks = [r - r.mean(1, keepdim=True) for r in ranks]
-    spearman = (ranks[0] * ranks[1]).sum(1) / (ranks[0].norm(dim=1) * ranks[1].norm(dim=1))
-    return dict(change=((own - swapped).abs().mean() / spread).item(), spearman=spearman.mean().item(),
-                queries=n, k=k)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,16 +262,6 @@ def robustness_metrics(ranker, gallery: list, limit_queries, seed: int, notes: l
             for name, texts in settings.items()}
 
 
-def query_ranker(model: T2IReID, gallery: dict, tokenizer, max_len: int, device, k: int, clothing_weight: float,
-                 batch_size=64, progress=True):
-    """texts -> a TwoStage of those queries (split by embed_queries) against an embedded gallery."""
-    def ranker(texts: list) -> TwoStage:
-        q = embed_queries(model, tokenizer, texts, max_len, device, batch_size, progress)
-        return TwoStage(model, q["emb"], q["feats"], gallery["emb"], gallery["tokens"], k, query_clo=q["clo"],
-                        gallery_clo=gallery["clo"], clothing_weight=clothing_weight, clothing_only=q["clothing_only"])
-    return ranker
-
-
 @torch.no_grad()
 def evaluate_model(model: T2IReID, data, tokenizer, image_size, max_len: int, device, batch_size=64,
                    rerank_k=None, robustness=True, progress=True, seed=0, limit_queries=None,
@@ -526,119 +345,6 @@ def choose_clothing_weight(rows: list[dict], keep: float = 0.9) -> float:
         return min(row["Identity-Only"], row["Clothes-Conflict"]) >= keep * row["Standard"]
     qualifying = [row for row in rows if robust(row)] or [dict(clothing_weight=0.0, mAP=0.0)]
     return max(qualifying, key=lambda row: row["mAP"])["clothing_weight"]
-
-
-# ----------------------------------------------------------------------------------------------
-# Pictures: a ranked list and the gate histograms of Fig. 5
-
-THUMB = (128, 64)  # (H, W) of each image in the ranked list
-FRAME, GAP, TEXT_WIDTH = 4, 6, 260  # pixels: frame around each image, space between, text column
-FRAME_COLOURS = {True: (30, 160, 60), False: (210, 40, 40), None: (150, 150, 150)}
-
-
-def ranked_list_picture(queries: list, ranked: list, correct: list | None, path, top: int = 10) -> Path:
-    """One row per query: its wrapped text, then its top images framed green (the query's
-    identity), red (another identity) or grey (`correct` is None: unknown)."""
-    h, w = THUMB
-    cell_w, cell_h = w + 2 * FRAME + GAP, h + 2 * FRAME + GAP
-    canvas = Image.new("RGB", (TEXT_WIDTH + top * cell_w, len(queries) * cell_h), "white")
-    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default(size=12)
-    lines_fit = (h + 2 * FRAME) // 15
-    for row, (text, paths) in enumerate(zip(queries, ranked)):
-        y = row * cell_h + GAP // 2
-        lines = textwrap.wrap(text, width=38)
-        if len(lines) > lines_fit:
-            lines = lines[:lines_fit - 1] + [lines[lines_fit - 1] + " ..."]
-        draw.multiline_text((GAP, y), "\n".join(lines), fill="black", font=font, spacing=3)
-        for col, image_path in enumerate(paths[:top]):
-            x = TEXT_WIDTH + col * cell_w
-            flag = None if correct is None else bool(correct[row][col])
-            draw.rectangle([x, y, x + w + 2 * FRAME - 1, y + h + 2 * FRAME - 1], fill=FRAME_COLOURS[flag])
-            canvas.paste(load_image(image_path).resize((w, h), Image.Resampling.BILINEAR), (x + FRAME, y + FRAME))
-    canvas.save(path)
-    return Path(path)
-
-
-def gate_histograms(gates: dict, path, size=(9.0, 3.2), dpi: int = 100) -> Path:
-    """Fig. 5: the BDAM gate g (identity share of each gallery image) and the fusion gate W_img
-    (image share of each re-ranking pair), from evaluate_model's gate summaries."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=size, dpi=dpi)
-    panels = [("bdam", "BDAM gate g (identity share, per image)", "tab:blue"),
-              ("fusion", "fusion gate W_img (image share, per pair)", "tab:orange")]
-    for ax, (key, title, colour) in zip(axes, panels):
-        ax.set_title(title, fontsize=10)
-        ax.set_xlim(0, 1)
-        summary = gates.get(key)
-        if summary is None:
-            ax.text(0.5, 0.5, "not in this model", ha="center", va="center", transform=ax.transAxes)
-            continue
-        edges = torch.linspace(0, 1, len(summary["hist"]) + 1)
-        ax.bar(edges[:-1].tolist(), summary["hist"], width=float(edges[1]), align="edge", color=colour)
-        ax.axvline(summary["mean"], color="black", linestyle="--", linewidth=1)
-        ax.set_xlabel(f"mean {summary['mean']:.3f} +- {summary['std']:.3f} (n = {summary['count']})")
-        ax.set_ylabel("count")
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return Path(path)
-
-
-TASKS = ("aln", "decouple", "info", "triplet", "fusion")  # the losses, as model.ModelConfig.loss_names
-
-
-def training_curves(log_rows: list) -> dict:
-    """The series gate_curves draws, from the rows of a run's log.jsonl: {panel: {label: (steps,
-    values)}} for the panels "w_img" (the fusion gate on each text's own image), "g_std" (the
-    BDAM gate's per-channel spread over the batch; both train.gate_stats) and "weights" (each
-    task's GradNorm weight w_k, keyed by task). Validation rows and absent keys are skipped."""
-    def series(key):
-        points = [(r["step"], r[key]) for r in log_rows if key in r]
-        return tuple(map(list, zip(*points))) if points else None
-    curves = {"w_img": {"W_img": series("w_img")}, "g_std": {"g std": series("g_std")},
-              "weights": {task: series(f"w_{task}") for task in TASKS}}
-    return {panel: {label: s for label, s in lines.items() if s} for panel, lines in curves.items()}
-
-
-def gate_curves(log_rows: list, path, size=(13.5, 3.2), dpi: int = 100) -> Path | None:
-    """Both gates and GradNorm's task weights over training (training_curves): W_img, the BDAM
-    gate's spread, and each w_k on a log scale between the 0.2 and 5 lines that no weight should
-    cross (README, Results). Where W_img settles decides whether the fusion reads the image.
-    None when the log has none of them (a run logged before they were)."""
-    curves = training_curves(log_rows)
-    if not any(curves.values()):
-        return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=size, dpi=dpi)
-    panels = [("w_img", "fusion gate W_img (image share)", (0, 1)),
-              ("g_std", "BDAM gate g, per-channel std over the batch", None),
-              ("weights", "GradNorm task weights w_k (Eq. 5-6)", None)]
-    for ax, (key, title, limits) in zip(axes, panels):
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
-        if limits:
-            ax.set_ylim(*limits)
-        for label, (steps, values) in curves[key].items():
-            ax.plot(steps, values, linewidth=1, label=label)
-        if not curves[key]:
-            ax.text(0.5, 0.5, "not in this run", ha="center", va="center", transform=ax.transAxes)
-        elif key == "weights":
-            ax.set_yscale("log")
-            ax.set_yticks([0.2, 0.5, 1, 2, 5], ["0.2", "0.5", "1", "2", "5"])
-            ax.minorticks_off()
-            for bound in (0.2, 5.0):
-                ax.axhline(bound, color="grey", linestyle="--", linewidth=0.8)
-            ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return Path(path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""Metrics against hand-worked examples and a naive per-query loop."""
+"""evaluate.py, retrieval.py and pictures.py: metrics against hand-worked examples and a naive
+per-query loop, the query split on hand-worked captions, the two stages against the model
+scoring each pair, the pictures, the command line."""
 import pytest
 import torch
 
@@ -125,10 +127,11 @@ from PIL import Image  # noqa: E402
 import data  # noqa: E402
 import lexicon  # noqa: E402
 import mamba_triton  # noqa: E402
-from evaluate import (FRAME, FRAME_COLOURS, GAP, TEXT_WIDTH, THUMB, RunError, TwoStage, fusion_image_reliance,  # noqa: E402
-                      derangement, embed_gallery, embed_texts, evaluate_model, gate_curves, gate_histograms,
-                      gate_summary, load_run, main, ranked_list_picture, report, rerank, robustness_queries,
-                      training_curves)
+from evaluate import (RunError, derangement, evaluate_model, gate_summary, load_run, main, report,  # noqa: E402
+                      robustness_queries)
+from pictures import (FRAME, FRAME_COLOURS, GAP, TEXT_WIDTH, THUMB, gate_curves, gate_histograms,  # noqa: E402
+                      ranked_list_picture, training_curves)
+from retrieval import TwoStage, embed_gallery, embed_texts, fusion_image_reliance, rerank  # noqa: E402
 from encoders import load_tokenizer  # noqa: E402
 from model import ModelConfig, T2IReID  # noqa: E402
 
