@@ -578,9 +578,9 @@ def final_evaluation(model: T2IReID, run: Path, dataset, tokenizer, cfg: TrainCo
 
 def choose_clothing_weight(model: T2IReID, tokenizer, cfg: TrainConfig, mcfg: ModelConfig, device):
     """beta, the weight of a query's clothing part (DESIGN 3.5): the config's when >= 0; else the
-    best validation caption mAP among the betas whose Table V Rank-1 ratios stay >= 90%
-    (evaluate.choose_clothing_weight), or 0 without a validation split. Returns (beta, the
-    validation sweep as rows, or None)."""
+    best validation mAP (across outfits where they are known) among the betas whose Table V
+    Rank-1 ratios stay >= 90% (evaluate.choose_clothing_weight), or 0 without a validation
+    split. Returns (beta, the validation sweep as rows, or None)."""
     if mcfg.clothing_weight >= 0:
         return mcfg.clothing_weight, None
     if cfg.data == "icfg":  # ICFG-PEDES has no validation split: the test split is never used to choose

@@ -127,8 +127,8 @@ from PIL import Image  # noqa: E402
 import data  # noqa: E402
 import lexicon  # noqa: E402
 import mamba_triton  # noqa: E402
-from evaluate import (RunError, derangement, evaluate_model, gate_summary, load_run, main, report,  # noqa: E402
-                      robustness_queries)
+from evaluate import (RunError, choose_clothing_weight, derangement, evaluate_model, gate_summary, load_run,  # noqa: E402
+                      main, report, robustness_queries)
 from pictures import (FRAME, FRAME_COLOURS, GAP, TEXT_WIDTH, THUMB, gate_curves, gate_histograms,  # noqa: E402
                       ranked_list_picture, training_curves)
 from retrieval import TwoStage, embed_gallery, embed_texts, fusion_image_reliance, rerank  # noqa: E402
@@ -239,6 +239,20 @@ def test_split_query_on_hand_worked_captions(query, identity, clothing, named):
 def test_a_query_without_words_is_a_clear_error(query):
     with pytest.raises(ValueError, match="has no words"):
         lexicon.split_query(query)
+
+
+def test_clothing_weight_rule_on_made_up_sweeps():
+    """The best mAP across outfits among the betas that keep Table V's ratios >= 90%; the caption
+    mAP where outfits are unknown; 0 when no beta keeps them."""
+    def row(beta, m, cross, standard, identity_only, conflict):
+        return dict(clothing_weight=beta, R1=0.0, mAP=m, cross_mAP=cross, Standard=standard,
+                    **{"Identity-Only": identity_only, "Clothes-Conflict": conflict})
+    rows = [row(0.0, 35, 31, 40, 40, 40), row(0.1, 41, 30, 44, 40, 39.7), row(0.2, 45, 28, 60, 40, 30)]
+    assert choose_clothing_weight(rows) == 0.0  # clothing only costs the other outfits
+    same_clothes = [{**r, "cross_mAP": None} for r in rows]
+    assert choose_clothing_weight(same_clothes) == 0.1  # 0.2 breaks Table V (40 / 60 < 90%)
+    assert choose_clothing_weight(same_clothes, keep=0.5) == 0.2
+    assert choose_clothing_weight([row(0.1, 41, 30, 50, 40, 30)]) == 0.0  # nothing qualifies
 
 
 def test_two_stage_adds_the_clothing_part_and_ranks_clothing_only_queries_by_it():
