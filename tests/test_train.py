@@ -383,9 +383,9 @@ def test_bench_prints_where_a_training_step_goes(capsys):
     """`python train.py --bench` (train_bench.py): a row per part, the whole step, the baseline."""
     assert train.main([*TINY, "--p", "4", "--k", "2", "--bench"]) == 0
     out = capsys.readouterr().out
-    for part in ("vision encoder (ViT)", "text encoder (3 texts)", "BDAM", "fusion (S x Q image-text pairs)",
+    for part in ("vision encoder (ViT)", "text encoder (2 texts)", "BDAM", "fusion (S x Q image-text pairs)",
                  "losses (compute_losses)", "GradNorm's K - 1 extra gradients", "optimiser (Adam)"):
         assert part in out, part
     whole = next(line for line in out.splitlines() if line.startswith("whole training step"))
     assert float(whole.split()[3]) > 0 and "images / s" in whole
-    assert "baseline: ViT + text encoder (3 texts) alone" in out
+    assert "baseline: ViT + text encoder (2 texts) alone" in out
