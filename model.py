@@ -511,8 +511,9 @@ class T2IReID(nn.Module):
         identities by stage-1 similarity (ALBEF-style hard negatives, DESIGN.md 3.1).
 
         tokens (B, P, D), image_emb (B, E), pids (B,), texts (S, Dt) and text_emb (S, E) with text
-        s describing image s mod B (in training the S = B identity descriptions) -> fusion_scores (S, Q), fusion_pids (S, Q) identities of the
-        candidates, fusion_query_pids (S,), fusion_gate (S, P) W_img on the text's own image.
+        s describing image s mod B (in training the S = B identity descriptions) -> fusion_scores
+        (S, Q), fusion_pids (S, Q) identities of the candidates, fusion_query_pids (S,),
+        fusion_gate (S, P) W_img on the text's own image.
         """
         b, s = len(tokens), len(texts)
         m = min(self.cfg.fusion_negatives, b - 1)

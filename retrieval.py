@@ -33,7 +33,7 @@ def _chunks(items: list, size: int, desc: str, progress: bool):
 
 
 def embed_gallery(model: T2IReID, paths: list, image_size, device, batch_size=64, progress=True) -> dict:
-    """Each gallery image goes through the ViT and BDAM once, for three things.
+    """Each gallery image goes through the ViT and BDAM once, for four things.
 
     Returns dict(emb (G, E) on `device`; tokens (G, P, d), or None without fusion; gate (G, D)
     the BDAM gate g of each image, or None; clo (G, E) the clothing embedding on `device`, or
@@ -165,9 +165,9 @@ class TwoStage:
         if self.gates is not None:
             self.gates.append(w_image.float().mean(1).cpu())  # (n K,)
         fusion = fusion.view(-1, k).float()  # (n, K)
-        clothing = self.clothing(start, end)
-        if clothing is not None:
-            fusion = fusion + self.clothing_weight * clothing.gather(1, candidates)
+        if self.query_clo is not None and self.gallery_clo is not None:  # the candidates' clothing cosines
+            clothing = (self.query_clo[start:end, None, :] * self.gallery_clo[candidates]).sum(-1)  # (n, K)
+            fusion = fusion + self.clothing_weight * clothing
             fusion = torch.where(self.clothing_only[start:end, None], scores.gather(1, candidates), fusion)
         return scores, candidates, fusion
 

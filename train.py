@@ -545,7 +545,7 @@ def train(cfg: TrainConfig, mcfg: ModelConfig, run: Path | None = None) -> Path:
     if not (run / "best.pt").exists():  # stopped by max_steps before the first epoch ended
         save({"model": state.model.state_dict(), "epoch": state.epoch, "val_R1": None}, run / "best.pt")
     if cfg.final_eval:
-        final_evaluation(state.model, run, dataset, tokenizer, cfg, mcfg, device)
+        final_evaluation(state.model, run, dataset, val, tokenizer, cfg, mcfg, device)
     return run
 
 
@@ -559,13 +559,14 @@ def end_epoch(state: State, val, tokenizer, cfg: TrainConfig, mcfg: ModelConfig,
         save({"model": state.model.state_dict(), "epoch": state.epoch, "val_R1": score}, run / "best.pt")
 
 
-def final_evaluation(model: T2IReID, run: Path, dataset, tokenizer, cfg: TrainConfig,
+def final_evaluation(model: T2IReID, run: Path, dataset, val, tokenizer, cfg: TrainConfig,
                      mcfg: ModelConfig, device) -> None:
     """best.pt on the test split: both stages and the robustness settings -> results.json. The
-    clothing weight beta is the config's, or (when < 0) chosen first on the validation split."""
+    clothing weight beta is the config's, or (when < 0) chosen first on `val`, the validation
+    split (None: ICFG-PEDES has none)."""
     best = torch.load(run / "best.pt", map_location=device, weights_only=False)
     model.load_state_dict(best["model"])
-    beta, sweep = choose_clothing_weight(model, tokenizer, cfg, mcfg, device)
+    beta, sweep = choose_clothing_weight(model, val, tokenizer, cfg, mcfg, device)
     if best.get("clothing_weight") != beta:
         save({**best, "clothing_weight": beta}, run / "best.pt")  # evaluate.py reads it from there
     results = evaluate.evaluate_model(model, dataset, tokenizer, mcfg.image_size, mcfg.max_text_len,
@@ -576,16 +577,15 @@ def final_evaluation(model: T2IReID, run: Path, dataset, tokenizer, cfg: TrainCo
     print(f"wrote {run / 'results.json'}; pictures: python evaluate.py --run {run}")
 
 
-def choose_clothing_weight(model: T2IReID, tokenizer, cfg: TrainConfig, mcfg: ModelConfig, device):
+def choose_clothing_weight(model: T2IReID, val, tokenizer, cfg: TrainConfig, mcfg: ModelConfig, device):
     """beta, the weight of a query's clothing part (DESIGN 3.5): the config's when >= 0; else the
     best validation mAP (across outfits where they are known) among the betas whose Table V
     Rank-1 ratios stay >= 90% (evaluate.choose_clothing_weight), or 0 without a validation
     split. Returns (beta, the validation sweep as rows, or None)."""
     if mcfg.clothing_weight >= 0:
         return mcfg.clothing_weight, None
-    if cfg.data == "icfg":  # ICFG-PEDES has no validation split: the test split is never used to choose
+    if val is None:  # ICFG-PEDES has no validation split: the test split is never used to choose
         return 0.0, None
-    val = data.load_dataset(cfg.data, cfg.root, eval_split="val")
     rows = evaluate.clothing_weight_sweep(model, val, tokenizer, mcfg.image_size, mcfg.max_text_len, device,
                                           cfg.eval_batch, seed=cfg.seed)
     beta = evaluate.choose_clothing_weight(rows)
