@@ -1,4 +1,4 @@
-"""Section 9 of mamba_triton.py: the selective-scan kernels compiled for real GPUs on a machine
+"""The selective-scan kernels of mamba_triton.py compiled for real GPUs on a machine
 without one.
 
 The interpreter cannot tell whether a kernel compiles for a real card (an op the backend lacks,
@@ -7,7 +7,7 @@ the whole pipeline down to ptxas (shipped in the triton wheel) on the CPU, and p
 the registers per thread and the bytes spilled to local memory. The launches compiled are the
 ones SelectiveScanFn makes (mamba_triton._fwd_launch, _bwd_launch), not a second copy.
 
-Run:  python mamba_triton.py --compile    (or python mamba_compile.py): the table
+Run:  python mamba_compile.py    the table
 Test: pytest tests/test_compile.py
 """
 import io
@@ -29,7 +29,7 @@ COMPILE_ARCHS = (80, 90)                        # sm_80 (A100), sm_90 (H100, H20
 COMPILE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 COMPILE_INPUTS = {"none": (), "D": ("D",), "z": ("z",), "delta_bias": ("delta_bias",),
                   "softplus": ("softplus",), "all": ("D", "z", "delta_bias", "softplus")}
-COMPILE_SHAPE = dict(b=64, d=512, l=197, n=16)  # the benchmark's shape (section 8)
+COMPILE_SHAPE = dict(b=64, d=512, l=197, n=16)  # the benchmark's shape (mamba_bench.py)
 
 
 def _block_launches(dtype, optional, b, d, l, n):
@@ -130,7 +130,7 @@ def compile_kernels():
 
 
 def print_compile_table(rows):
-    """The table of `python mamba_triton.py --compile`: registers per thread of every variant, a *
+    """The table of `python mamba_compile.py`: registers per thread of every variant, a *
     where it spills; then, in words, every variant that spills or failed to compile."""
     cell = {(r["kernel"], r["arch"], r["dtype"], r["inputs"]): r for r in rows}
     ptxas = ", ".join(f"{version} for sm_{arch}"

@@ -1,11 +1,12 @@
 """Mamba's selective scan in Triton, forward and backward, written from scratch, and the block.
 
 Read this file top to bottom, as a ladder: the equations, here; (2) a sequential PyTorch
-reference written from them; (3) the forward kernel; (4) the backward kernel, which recomputes
-states from checkpoints; (5) the autograd function that joins them; (6) the dispatch: Triton on
-CUDA tensors (or on CPU under TRITON_INTERPRET=1, as the tests run), the reference otherwise;
-(7) the Mamba block; (8) the check against the reference and the benchmark; and, in
-mamba_compile.py, (9) compilation for sm_80 and sm_90 on a machine without a GPU, with the
+reference written from them, and the same scan for CPUs with its backward written out; (3) the
+forward kernel; (4) the backward kernel, which recomputes states from checkpoints; (5) the
+autograd function that joins them; (6) the dispatch: Triton on CUDA tensors (or on CPU under
+TRITON_INTERPRET=1, as the tests run), the CPU scan otherwise; (7) the Mamba block; (8) the check
+against the reference. Beside it: mamba_bench.py times the scan and the block on a GPU;
+mamba_compile.py compiles the kernels for sm_80 and sm_90 on a machine without a GPU, with the
 registers and spills of each kernel.
 
 The selective scan (Gu & Dao, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces",
@@ -36,9 +37,9 @@ over channels and batch written as partials and added by PyTorch (deterministic,
 gradients also flow through the returned last state. References: the official code above;
 Sasha Rush's "Mamba: The Hard Way" (srush.github.io/annotated-mamba/hard.html) for the ladder.
 
-Run:  python mamba_triton.py            errors of the output and every gradient against the reference
-      python mamba_triton.py --bench    timings on a GPU
-      python mamba_triton.py --compile  cubin for sm_80, sm_90 on the CPU: registers, spills
+Run:  python mamba_triton.py     errors of the output and every gradient against the reference
+      python mamba_bench.py      timings on a GPU
+      python mamba_compile.py    cubin for sm_80, sm_90 on the CPU: registers, spills
 Test: pytest tests/test_mamba_triton.py   (CPU, kernels in the Triton interpreter)
       pytest tests/test_compile.py        (CPU, kernels compiled for GPU targets by ptxas)
 """
@@ -49,7 +50,7 @@ import sys
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-if __name__ == "__main__" and not torch.cuda.is_available() and "--compile" not in sys.argv:
+if __name__ == "__main__" and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")   # CPU check: must precede triton's import
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -113,6 +114,77 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
         y = y * F.silu(z.float())
     out = y.to(dtype_in)
     return (out, h) if return_last_state else out
+
+
+# ------------------------------------------------------------------------------------------------
+# 2b. The scan on a CPU: the same recurrence with its adjoint written out
+#
+# Autograd through the reference records a dozen small ops per step and, in the backward, stacks
+# per-step gradients back into (l, b, d, n) tensors: at the fusion's shapes that costs 5x the
+# arithmetic. Here the forward keeps every state (b, l, d, n) and the backward runs the adjoint
+# recurrence by hand, each direction one fused in-place op per step on a contiguous (b, d, n)
+# slice. With y_t = <h_t, C_t> and h_t = a_t h_{t-1} + x_t, a_t = exp(delta_t A),
+# x_t = delta_t u_t B_t, the gradient of the state is a scan backwards in time,
+#     dh_t = C_t dy_t + a_{t+1} dh_{t+1}            (dh_{L-1} also receives d last state)
+# and every other gradient is a sum over n or over (b, l) of dh_t times one factor:
+#     dC_t = sum_d h_t dy_t,  dB_t = sum_d dh_t delta_t u_t,  d(delta_t u_t) = sum_n dh_t B_t,
+#     d(delta_t A) = dh_t h_{t-1} a_t  ->  d delta_t (sum_n with A), dA (sum over b, l with delta).
+# A chunked or doubling (log-depth) scan does more passes over the (b, l, d, n) states than this
+# loop and was slower here (docs/experiments.md); the loop is over time, its ops are not.
+
+
+class _ScanCPU(torch.autograd.Function):
+    """h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t, y_t = <h_t, C_t>, all fp32:
+    delta, u (b, l, d); A (d, n); B, C (b, l, n) -> y (b, l, d), last state (b, d, n)."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)  # fp32 under autocast too
+    def forward(ctx, delta, u, A, B, C):
+        decay = torch.exp(delta[..., None] * A)                      # (b, l, d, n)  a_t
+        h = (delta * u)[..., None] * B[:, :, None, :]                # (b, l, d, n)  x_t, then h_t
+        for t in range(1, h.shape[1]):
+            h[:, t].addcmul_(decay[:, t], h[:, t - 1])               # h_t = a_t h_{t-1} + x_t
+        ctx.save_for_backward(delta, u, A, B, C, decay, h)
+        return (h @ C[..., None]).squeeze(-1), h[:, -1].clone()      # (b, l, d), (b, d, n)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, dy, dlast):
+        delta, u, A, B, C, decay, h = ctx.saved_tensors
+        dy = dy.contiguous()  # (b, l, d): it arrives with the strides of the caller's (b, d, l)
+        dh = dy[..., None] * C[:, :, None, :]                        # (b, l, d, n)  C_t dy_t
+        dh[:, -1] += dlast
+        for t in range(dh.shape[1] - 2, -1, -1):
+            dh[:, t].addcmul_(decay[:, t + 1], dh[:, t + 1])         # + a_{t+1} dh_{t+1}
+        d_drive = (dh @ B[..., None]).squeeze(-1)                    # (b, l, d)  d(delta_t u_t)
+        d_exponent = dh[:, 1:] * h[:, :-1] * decay[:, 1:]            # (b, l-1, d, n); h_{-1} = 0
+        ddelta = d_drive * u
+        ddelta[:, 1:] += (d_exponent * A).sum(-1)
+        dA = (d_exponent * delta[:, 1:, :, None]).sum((0, 1))        # (d, n)
+        dB = ((delta * u)[:, :, None, :] @ dh).squeeze(2)            # (b, l, n)
+        dC = (dy[:, :, None, :] @ h).squeeze(2)                      # (b, l, n)
+        return ddelta, d_drive * delta, dA, dB, dC
+
+
+def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False):
+    """The selective scan on a CPU (_ScanCPU); same arguments and results as the reference."""
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    dtype_in = u.dtype
+    u, delta, z = (t.float() if t is not None else None for t in (u, delta, z))
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[:, None]                  # (b, d, l)
+    if delta_softplus:
+        delta = F.softplus(delta)
+    time_major = lambda t: t.float().transpose(1, 2).contiguous()   # noqa: E731  (b, l, .)
+    y, last = _ScanCPU.apply(time_major(delta), time_major(u), A.float(), time_major(B), time_major(C))
+    y = y.transpose(1, 2)                                            # (b, d, l)
+    if D is not None:
+        y = y + D.float()[:, None] * u
+    if z is not None:
+        y = y * F.silu(z)
+    out = y.to(dtype_in)
+    return (out, last) if return_last_state else out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -352,7 +424,7 @@ def _launch_args(u, delta, z, A, B, C, D, delta_bias, chunk, block_d):
 
 
 # Each launch is built in one place, as (grid, arguments, keywords, outputs): SelectiveScanFn
-# launches it, and compile_kernels (section 9) compiles exactly the same arguments for a GPU target.
+# launches it, and mamba_compile.compile_kernels compiles exactly the same arguments for a GPU target.
 
 def _fwd_launch(u, delta, z, A, B, C, D, delta_bias, softplus, chunk, block_d):
     """The forward kernel's launch; outputs (out, ckpt), allocated here."""
@@ -413,7 +485,7 @@ class SelectiveScanFn(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------------------
-# 6. Dispatch: the Triton kernels on CUDA (or on CPU in the interpreter), the reference otherwise
+# 6. Dispatch: the Triton kernels on CUDA (or on CPU in the interpreter), the CPU scan otherwise
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once: kernels are decorated at import
 
@@ -423,7 +495,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """The selective scan; same arguments and results as `selective_scan_ref`."""
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     if not (u.is_cuda or (_INTERPRET and u.device.type == "cpu")):
-        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+        return selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                   return_last_state)
     out, last_state = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return (out, last_state) if return_last_state else out
@@ -483,7 +555,7 @@ class Mamba(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-# 8. Check against the reference, and benchmark: python mamba_triton.py [--bench]
+# 8. The check against the reference: python mamba_triton.py
 
 def random_inputs(b, d, l, n, dtype, device, seed=0):
     """Scan inputs as the Mamba block makes them: every optional input, A < 0, small delta."""
@@ -529,96 +601,5 @@ def check(device):
     return all_ok
 
 
-def _scan_bytes(b, d, l, n, elem, backward):
-    """Least DRAM traffic of one pass: each (b, d, l) and (b, n, l) tensor read or written once."""
-    checkpoints = 4 * b * d * n * triton.cdiv(l, CHUNK)
-    if not backward:                 # read u, delta, z, B, C; write out, checkpoints
-        return elem * (4 * b * d * l + 2 * b * n * l) + checkpoints
-    partials = 2 * 4 * b * triton.cdiv(d, BLOCK_D) * l * n   # dB, dC partial sums, fp32
-    # read u, delta, z, dout, B, C, checkpoints; write du, ddelta, dz and the partials
-    return elem * (7 * b * d * l + 2 * b * n * l) + checkpoints + partials
-
-
-def _bench_scan(do_bench, copy_gbs):
-    """Forward and forward+backward of the Triton scan against the reference (up to L = 1024)."""
-    b, d, n = 64, 512, 16
-    print(f"\nselective scan, batch {b}, channels {d}, N {n}, every optional input; median ms of "
-          f"triton.testing.do_bench.\n'% copy': least traffic / time, as a share of the copy "
-          f"bandwidth. The reference (a Python loop over L) is timed up to L = 1024 only.")
-    print(f"{'L':>6s} {'dtype':>8s} | {'fwd':>8s} {'% copy':>7s} {'ref fwd':>8s} {'speedup':>8s} | "
-          f"{'fwd+bwd':>8s} {'% copy':>7s} {'ref f+b':>8s} {'speedup':>8s}")
-    for l in (197, 1024, 4096, 16384):
-        for dtype in (torch.float32, torch.bfloat16):
-            x = random_inputs(b, d, l, n, dtype, "cuda")
-            leaves = list(x.values())
-            dout = torch.randn_like(x["u"])
-            row = []
-            for fn in (selective_scan, selective_scan_ref):
-                if fn is selective_scan_ref and l > 1024:
-                    row += [None, None]
-                    continue
-                with torch.no_grad():
-                    fwd = do_bench(lambda: fn(*leaves, True), return_mode="median")
-                both = do_bench(lambda: fn(*leaves, True).backward(dout), grad_to_none=leaves,
-                                return_mode="median")
-                row += [fwd, both]
-            elem = x["u"].element_size()
-            floor = [_scan_bytes(b, d, l, n, elem, False) / copy_gbs / 1e6,
-                     (_scan_bytes(b, d, l, n, elem, False) + _scan_bytes(b, d, l, n, elem, True))
-                     / copy_gbs / 1e6]
-            cells = []
-            for mine, floor_ms, ref in ((row[0], floor[0], row[2]), (row[1], floor[1], row[3])):
-                cells.append(f"{mine:8.3f} {100 * floor_ms / mine:6.0f}% " + (
-                    f"{ref:8.2f} {ref / mine:7.0f}x" if ref is not None else f"{'-':>8s} {'-':>8s}"))
-            print(f"{l:6d} {str(dtype)[6:]:>8s} | " + " | ".join(cells))
-            del x, leaves, dout
-
-
-def _bench_blocks(do_bench, batch=8):
-    """One Mamba block against one Transformer encoder layer (SDPA attention), bf16 autocast."""
-    mamba = Mamba(256).cuda()
-    attention = nn.TransformerEncoderLayer(256, nhead=8, dim_feedforward=1024, dropout=0.0,
-                                           batch_first=True).cuda()
-    print(f"\nMamba block ({sum(p.numel() for p in mamba.parameters()):,} params) vs "
-          f"TransformerEncoderLayer ({sum(p.numel() for p in attention.parameters()):,} params),"
-          f"\nd_model 256, batch {batch}, bf16 autocast; median ms of forward, forward+backward")
-    print(f"{'L':>6s} {'mamba fwd':>10s} {'attn fwd':>10s} {'mamba f+b':>10s} {'attn f+b':>10s}")
-    for l in (197, 1024, 4096, 16384):
-        x = torch.randn(batch, l, 256, device="cuda", requires_grad=True)
-        times = []
-        for backward in (False, True):
-            for module in (mamba, attention):
-                def step(module=module, backward=backward):
-                    with torch.autocast("cuda", torch.bfloat16), torch.set_grad_enabled(backward):
-                        y = module(x)
-                    if backward:
-                        y.float().sum().backward()
-                times.append(do_bench(step, grad_to_none=[x, *module.parameters()],
-                                      return_mode="median"))
-        print(f"{l:6d} " + " ".join(f"{t:10.3f}" for t in times))
-
-
-def bench():
-    """Copy bandwidth, then the scan and the blocks, all measured in this run."""
-    if not torch.cuda.is_available():
-        raise SystemExit("mamba_triton.py --bench needs a CUDA GPU and found none. "
-                         "Run `python mamba_triton.py` for the check against the reference.")
-    from triton.testing import do_bench
-    src = torch.empty(2 ** 28, device="cuda")                        # 1 GiB
-    dst = torch.empty_like(src)
-    copy_gbs = 2 * src.numel() * 4 / do_bench(lambda: dst.copy_(src), return_mode="median") / 1e6
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"triton {triton.__version__}; device-to-device copy: {copy_gbs:,.0f} GB/s")
-    del src, dst
-    _bench_scan(do_bench, copy_gbs)
-    _bench_blocks(do_bench)
-
-
 if __name__ == "__main__":
-    if "--bench" in sys.argv:
-        bench()
-    elif "--compile" in sys.argv:  # section 9 lives in mamba_compile.py
-        import mamba_compile
-        sys.exit(mamba_compile.main())
-    else:
-        sys.exit(0 if check("cuda" if torch.cuda.is_available() else "cpu") else 1)
+    sys.exit(0 if check("cuda" if torch.cuda.is_available() else "cpu") else 1)

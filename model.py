@@ -278,7 +278,11 @@ class BDAM(nn.Module):
         if self.pool_id is None:
             f_id_hat, f_clo_hat = z_id.mean(1), z_clo.mean(1)  # (B, D) each
         else:
-            f_id_hat, f_clo_hat = self.pool_id(z_id.flatten(1)), self.pool_clo(z_clo.flatten(1))
+            # in fp32 under autocast: a (B, P D) x (P D, D) product of B rows costs less than
+            # casting its P D x D weight to bf16 on every step
+            with torch.autocast(patches.device.type, enabled=False):
+                f_id_hat, f_clo_hat = (pool(z.flatten(1).float()) for pool, z in
+                                       ((self.pool_id, z_id), (self.pool_clo, z_clo)))
         if self.gate is None:
             return dict(tokens=z_id, f_id=f_id_hat, f_clo=f_clo_hat, gate=None)
         g = torch.sigmoid(self.gate(self.gate_norm(torch.cat([f_id_hat, f_clo_hat], dim=-1))))  # (B, D)

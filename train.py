@@ -40,6 +40,7 @@ from tqdm import tqdm
 import data
 import evaluate
 import synthpedes
+from devices import forward_context, keep_freed_memory
 from distributed import any_process, from_rank0, gather_batch, init_distributed, mean_over_processes, rank, world
 from encoders import EncoderLoadError, load_tokenizer
 from losses import GradNorm, compute_losses
@@ -68,7 +69,7 @@ class TrainConfig:
     eval_batch: int = 128
     workers: int = -1  # data loader processes; -1: 0 on a CPU (the cores train), else the cores less one, at most 8
     device: str = "auto"  # auto | cpu | cuda
-    amp: bool = True  # bf16 autocast on a GPU
+    amp: bool = True  # bf16 autocast on a GPU, and on a CPU that multiplies bf16 (devices.cpu_has_bf16)
     seed: int = 0  # the paper reports the mean over seeds 0, 1, 2
     synth_ids: int = 300  # SynthPEDES identities (synthpedes.SynthConfig)
     synth_regime: str = "cloth-changing"  # or same-clothes
@@ -329,7 +330,7 @@ def checkpoint(state: State, path: Path) -> None:
 def train_step(state: State, batch: dict, mcfg: ModelConfig, device, amp: bool) -> dict:
     """Forward, the named losses over the global batch, one update (the log row)."""
     batch = to_device(batch, device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+    with forward_context(device, amp):
         out, labels = gather_batch((state.ddp or state.model)(batch), batch)  # the global batch
         losses = {name: loss.float() for name, loss in compute_losses(out, labels, mcfg).items()}
     return {**update(state, losses, mcfg), **gate_stats(out)}
@@ -601,6 +602,7 @@ def choose_clothing_weight(model: T2IReID, val, tokenizer, cfg: TrainConfig, mcf
 
 def main(argv=None) -> int:
     cfg, mcfg, args = parse_config(argv)
+    keep_freed_memory()
     try:
         if args.bench:
             import train_bench  # the benchmark lives beside this file

@@ -17,6 +17,7 @@ import torch
 
 from losses import compute_losses
 from model import ModelConfig
+from devices import cpu_has_bf16, forward_context
 from train import State, TrainConfig, pick_device, to_device, train_step
 
 
@@ -37,12 +38,13 @@ def bench(cfg: TrainConfig, mcfg: ModelConfig, steps: int = 10) -> None:
     batch = to_device({"images": torch.randn(b, 3, *mcfg.image_size, generator=g),
                        "pids": torch.arange(b) // cfg.k, "identity": text(), "clothing": text()}, device)
     state = State.create(cfg, mcfg, device, total_steps=10 ** 6)
-    model, amp = state.model, cfg.amp and device.type == "cuda"
+    model, amp = state.model, cfg.amp and (device.type == "cuda" or cpu_has_bf16())
+    context = functools.partial(forward_context, device, cfg.amp)  # as train_step runs the forward
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
           f"batch {b}, images {mcfg.image_size}, text length {t}, bf16 autocast {amp}, "
           f"frozen text layers {mcfg.text_frozen_layers}")
     print(f"{'part (forward + backward)':40s}{'ms / step':>12s}{'share':>8s}")
-    rows = bench_parts(state, batch, mcfg, amp)
+    rows = bench_parts(state, batch, mcfg, context)
     whole = _median_ms(lambda _: train_step(state, batch, mcfg, device, cfg.amp), steps, device)
     for name, (setup, timed) in rows.items():
         ms = _median_ms(timed, steps, device, setup)
@@ -52,7 +54,7 @@ def bench(cfg: TrainConfig, mcfg: ModelConfig, steps: int = 10) -> None:
     enc_optimizer = torch.optim.Adam([p for m in encoders for p in m.parameters() if p.requires_grad], lr=cfg.lr)
 
     def encoders_step(_):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with context():
             loss = model.vision(pixel_values=batch["images"]).last_hidden_state.float().mean()
             for key in ("identity", "clothing"):
                 loss = loss + model.text_features(**batch[key]).float().mean()
@@ -64,11 +66,11 @@ def bench(cfg: TrainConfig, mcfg: ModelConfig, steps: int = 10) -> None:
           f"{whole / base:.2f}x its encoders")
 
 
-def bench_parts(state: State, batch: dict, mcfg: ModelConfig, amp: bool) -> dict:
+def bench_parts(state: State, batch: dict, mcfg: ModelConfig, autocast) -> dict:
     """{part: (setup, timed)}: setup() makes the part's inputs (untimed), timed(inputs) runs the
-    part's forward and backward -- or, for the optimiser, its step."""
+    part's forward and backward -- or, for the optimiser, its step. autocast() is the context of
+    every forward (devices.forward_context)."""
     model = state.model
-    autocast = functools.partial(torch.autocast, batch["images"].device.type, dtype=torch.bfloat16, enabled=amp)
 
     def leaf(x):  # an input at which the part's backward stops
         return x.detach().requires_grad_() if torch.is_tensor(x) and x.is_floating_point() else x

@@ -8,7 +8,7 @@ ptxas, which the triton wheel ships, without a GPU. A spill is reported as a war
 failure: the kernel still runs, only slower.
 
 Run: pytest tests/test_compile.py   (48 compilations, about 20 s of one core)
-The table: python mamba_triton.py --compile
+The table: python mamba_compile.py
 """
 import itertools
 import warnings

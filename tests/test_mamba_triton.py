@@ -206,3 +206,65 @@ def test_mamba_block_kernel_matches_reference(monkeypatch):
     torch.testing.assert_close(y, ref_y, **FP32_TOL["out"])
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], **FP32_TOL["grad"], msg=name)
+
+
+# ------------------------------------------------------------------------------------------------
+# The CPU scan (hand-written adjoint) against the reference
+
+
+def check_cpu_scan(x, softplus, tol):
+    cpu = lambda *args: mt.selective_scan_cpu(*args, return_last_state=True)  # noqa: E731
+    out, last, grads = run(cpu, x, softplus)
+    ref_out, ref_last, ref_grads = run(reference, x, softplus)
+    assert out.dtype == x["u"].dtype and last.dtype == torch.float32
+    torch.testing.assert_close(out, ref_out, **tol["out"])
+    torch.testing.assert_close(last, ref_last, **tol["out"])
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        assert grads[name].dtype == x[name].dtype, name
+        torch.testing.assert_close(grads[name], ref_grads[name], **tol["grad"], msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_cpu_scan_matches_reference_per_optional_input(option, dtype):
+    x = make_inputs(2, 5, 7, 4, dtype, use=("u", "delta", "A", "B", "C") + OPTIONS[option])
+    check_cpu_scan(x, option in ("softplus", "all"), FP32_TOL if dtype == torch.float32 else BF16_TOL)
+
+
+@pytest.mark.parametrize("b, d, l, n", [(1, 3, 1, 2), (2, 12, 19, 3), (3, 4, 40, 16)])
+def test_cpu_scan_matches_reference_odd_shapes(b, d, l, n):
+    """One step (no recurrence), N not a power of two, and a longer sequence."""
+    check_cpu_scan(make_inputs(b, d, l, n, seed=l), True, FP32_TOL)
+
+
+def test_cpu_scan_reads_strided_views_and_runs_under_autocast():
+    """The block's time-major views, and bf16 autocast (as training on a CPU runs it): the scan
+    keeps fp32 inside, so its output under autocast equals its output without."""
+    b, d, l, n = 2, 6, 9, 4
+    g = torch.Generator().manual_seed(3)
+    x = make_inputs(b, d, l, n)
+    x["u"] = torch.randn(b, l, d, generator=g).transpose(1, 2).requires_grad_()
+    x["B"] = torch.randn(b, l, n, generator=g).transpose(1, 2).requires_grad_()
+    check_cpu_scan(x, True, FP32_TOL)
+    args = [x[k] for k in NAMES]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = mt.selective_scan_cpu(*args, delta_softplus=True)
+    assert torch.equal(auto, mt.selective_scan_cpu(*args, delta_softplus=True))
+
+
+def test_cpu_scan_gradcheck_float64():
+    """gradcheck of the adjoint by finite differences: the CPU scan computes in fp32 (as the
+    kernels do), so the tolerances are those of the kernel's gradcheck."""
+    x = make_inputs(1, 3, 5, 2, dtype=torch.float64)
+    args = [x[k].detach().double().requires_grad_() for k in NAMES]
+    fn = lambda *a: mt.selective_scan_cpu(*a, delta_softplus=True, return_last_state=True)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, args, eps=1e-3, atol=2e-3, rtol=1e-2)
+
+
+def test_selective_scan_dispatches_to_the_cpu_scan_without_the_interpreter(monkeypatch):
+    monkeypatch.setattr(mt, "_INTERPRET", False)
+    x = make_inputs(2, 5, 7, 4)
+    out = mt.selective_scan(*(x[k] for k in NAMES), delta_softplus=True)
+    assert type(out.grad_fn).__name__ != "SelectiveScanFnBackward"
+    assert torch.equal(out, mt.selective_scan_cpu(*(x[k] for k in NAMES), delta_softplus=True))

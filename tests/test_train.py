@@ -23,6 +23,7 @@ import evaluate
 import mamba_triton
 import synthpedes
 import train
+from devices import forward_context
 from encoders import load_tokenizer
 from losses import compute_losses
 from model import T2IReID
@@ -164,7 +165,7 @@ def test_resume_continues_exactly(synth_root, tmp_path, monkeypatch):
 # process's start-up short; dropout, the BNNeck's batch statistics and GradNorm stay on.
 DDP = [*TINY, "--text-model", "", "--text-layers", "2", "--text-width", "32", "--text-heads", "2",
        "--text-frozen-layers", "1", "--p", "4", "--k", "2", "--epochs", "1", "--checkpoint-every", "1",
-       "--final-eval", "false"]
+       "--final-eval", "false", "--amp", "false"]  # fp32, for the tolerances below
 
 
 def ddp_worker(rank: int, port: int, root: str, runs: list) -> None:
@@ -213,7 +214,8 @@ def chunked_forward(model, chunks: list, rngs: list, mcfg) -> tuple[dict, dict]:
     outs, rank0_buffers = [], None
     for r, chunk in enumerate(chunks):
         torch.set_rng_state(rngs[r])
-        outs.append(model(chunk))
+        with forward_context(torch.device("cpu"), amp=False):  # as train_step runs it
+            outs.append(model(chunk))
         rngs[r] = torch.get_rng_state()
         rank0_buffers = rank0_buffers or {name: b.clone() for name, b in model.named_buffers()}
     out = {k: torch.cat([o[k] for o in outs]) if torch.is_tensor(v) else v for k, v in outs[0].items()}
