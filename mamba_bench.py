@@ -1,11 +1,13 @@
 """The selective scan and the Mamba block timed on a GPU: `python mamba_bench.py`.
 
-Two tables, measured in one run beside the device's copy bandwidth: the Triton scan (forward, and
-forward + backward) against the PyTorch reference at L 197 to 16,384 in fp32 and bf16, with the
-share of the copy bandwidth that its least DRAM traffic reaches; and one Mamba block against one
-Transformer encoder layer of the same width. The scan itself is mamba_triton.py; its check
-against the reference is `python mamba_triton.py`, its compilation for sm_80 / sm_90 without a
-GPU `python mamba_compile.py`.
+Three tables, measured in one run beside the device's copy bandwidth: the Triton scan (forward,
+and forward + backward) against the PyTorch reference at L 197 to 16,384 in fp32 and bf16, with
+the share of the copy bandwidth that its least DRAM traffic reaches; the sequential kernels
+against the chunked ones (mamba_chunked.py) at batch 1 to 64, with the one that
+mamba_chunked.chunked_is_faster picks; and one Mamba block against one Transformer encoder layer
+of the same width. The scans themselves are mamba_triton.py and mamba_chunked.py; their checks
+against the reference are `python mamba_triton.py` and tests/test_mamba_chunked.py, their
+compilation for sm_80 / sm_90 without a GPU `python mamba_compile.py`.
 """
 import sys
 
@@ -13,6 +15,7 @@ import torch
 import triton
 from torch import nn
 
+import mamba_chunked
 from mamba_triton import BLOCK_D, CHUNK, Mamba, random_inputs, selective_scan, selective_scan_ref
 
 
@@ -61,6 +64,35 @@ def _bench_scan(do_bench, copy_gbs):
             del x, leaves, dout
 
 
+def _bench_chunked(do_bench):
+    """Sequential against chunked kernels, forward and forward+backward, and the rule's pick."""
+    d, n = 512, 16
+    print(f"\nsequential (mamba_triton) against chunked (mamba_chunked) scan, channels {d}, N {n}, "
+          f"bf16, every optional input; median ms of triton.testing.do_bench.\n'rule': the scan "
+          f"that mamba_chunked.chunked_is_faster picks; 'ratio': sequential / chunked.")
+    print(f"{'batch':>5s} {'L':>6s} | {'seq fwd':>8s} {'chk fwd':>8s} {'ratio':>6s} | "
+          f"{'seq f+b':>8s} {'chk f+b':>8s} {'ratio':>6s} | rule")
+    for batch in (1, 8, 32, 64):
+        for l in (197, 1024, 4096, 16384):
+            x = random_inputs(batch, d, l, n, torch.bfloat16, "cuda")
+            leaves = list(x.values())
+            dout = torch.randn_like(x["u"])
+            times = []
+            for backward in (False, True):
+                for chunked in (False, True):
+                    def step(chunked=chunked, backward=backward):
+                        with torch.set_grad_enabled(backward):
+                            out = mamba_chunked.selective_scan(*leaves, True, chunked=chunked)
+                        if backward:
+                            out.backward(dout)
+                    times.append(do_bench(step, grad_to_none=leaves, return_mode="median"))
+            rule = "chunked" if mamba_chunked.chunked_is_faster(batch, d, l) else "sequential"
+            fwd, both = (f"{seq:8.3f} {chk:8.3f} {seq / chk:6.2f}"
+                         for seq, chk in (times[:2], times[2:]))
+            print(f"{batch:5d} {l:6d} | {fwd} | {both} | {rule}")
+            del x, leaves, dout
+
+
 def _bench_blocks(do_bench, batch=8):
     """One Mamba block against one Transformer encoder layer (SDPA attention), bf16 autocast."""
     mamba = Mamba(256).cuda()
@@ -98,6 +130,7 @@ def bench():
           f"triton {triton.__version__}; device-to-device copy: {copy_gbs:,.0f} GB/s")
     del src, dst
     _bench_scan(do_bench, copy_gbs)
+    _bench_chunked(do_bench)
     _bench_blocks(do_bench)
 
 

@@ -1,11 +1,12 @@
-"""The selective-scan kernels of mamba_triton.py compiled for real GPUs on a machine
-without one.
+"""The selective-scan kernels of mamba_triton.py and mamba_chunked.py compiled for real GPUs on a
+machine without one.
 
 The interpreter cannot tell whether a kernel compiles for a real card (an op the backend lacks,
 a layout it rejects, more registers than a thread has). triton.compile with a GPUTarget runs
 the whole pipeline down to ptxas (shipped in the triton wheel) on the CPU, and ptxas's log gives
 the registers per thread and the bytes spilled to local memory. The launches compiled are the
-ones SelectiveScanFn makes (mamba_triton._fwd_launch, _bwd_launch), not a second copy.
+ones SelectiveScanFn makes (mamba_triton._fwd_launch, _bwd_launch) and ChunkedScanFn makes
+(mamba_chunked._fwd_launches, _bwd_launches), not a second copy.
 
 Run:  python mamba_compile.py    the table
 Test: pytest tests/test_compile.py
@@ -22,6 +23,7 @@ from contextlib import redirect_stdout
 import torch
 import triton
 
+import mamba_chunked
 from mamba_triton import (BLOCK_D, CHUNK, _INTERPRET, _bwd_launch, _fwd_launch, _layout, _scan_bwd_kernel,
                           _scan_fwd_kernel)
 
@@ -30,14 +32,18 @@ COMPILE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 COMPILE_INPUTS = {"none": (), "D": ("D",), "z": ("z",), "delta_bias": ("delta_bias",),
                   "softplus": ("softplus",), "all": ("D", "z", "delta_bias", "softplus")}
 COMPILE_SHAPE = dict(b=64, d=512, l=197, n=16)  # the benchmark's shape (mamba_bench.py)
+# The sequential kernels, then the chunked scan's six launches in the order they run: forward
+# pass 1, carry, pass 2; backward pass 1, carry in reverse, pass 2 (mamba_chunked.py).
+COMPILE_KERNELS = ("forward", "backward", "seg_end", "seg_carry", "seg_out", "seg_adj",
+                   "rev_carry", "seg_grad")
 
 
 def _block_launches(dtype, optional, b, d, l, n):
-    """{"forward" | "backward": (kernel, args, kwargs)} as SelectiveScanFn launches them from the
-    Mamba block, with the inputs named in `optional` (D, z, delta_bias, softplus) and the block's
-    layout: time-major views, z half of in_proj's output, B and C slices of x_proj's. On meta
-    tensors (shapes, strides, dtypes, no memory); pointers count as 16-byte aligned, as the CUDA
-    caching allocator gives them."""
+    """{name in COMPILE_KERNELS: (kernel, args, kwargs)} as SelectiveScanFn and ChunkedScanFn
+    launch them from the Mamba block, with the inputs named in `optional` (D, z, delta_bias,
+    softplus) and the block's layout: time-major views, z half of in_proj's output, B and C
+    slices of x_proj's. On meta tensors (shapes, strides, dtypes, no memory); pointers count as
+    16-byte aligned, as the CUDA caching allocator gives them."""
     r = 16                                                            # dt_rank at d_model 256
     def empty(*shape, dtype=dtype):
         return torch.empty(*shape, dtype=dtype, device="meta")
@@ -55,8 +61,16 @@ def _block_launches(dtype, optional, b, d, l, n):
     _, b_args, b_kwargs, _ = _bwd_launch(u, delta, z, A, B, C, D, bias, ckpt, empty(b, d, l),
                                          empty(b, d, n, dtype=torch.float32), softplus, CHUNK,
                                          BLOCK_D)
+    c_fwd, (_, c_ckpt, dtsum), seg_chunks = mamba_chunked._fwd_launches(
+        u, delta, z, A, B, C, D, bias, softplus, CHUNK, BLOCK_D, None)
+    c_bwd, _ = mamba_chunked._bwd_launches(u, delta, z, A, B, C, D, bias, c_ckpt, dtsum,
+                                           seg_chunks, empty(b, d, l),
+                                           empty(b, d, n, dtype=torch.float32), softplus, CHUNK,
+                                           BLOCK_D)
+    chunked = {name: (kernel, args, kwargs)
+               for name, (kernel, _, args, kwargs) in zip(COMPILE_KERNELS[2:], c_fwd + c_bwd)}
     return {"forward": (_scan_fwd_kernel, f_args, f_kwargs),
-            "backward": (_scan_bwd_kernel, b_args, b_kwargs)}
+            "backward": (_scan_bwd_kernel, b_args, b_kwargs), **chunked}
 
 
 def _compile(kernel, args, kwargs, arch):
@@ -138,10 +152,11 @@ def print_compile_table(rows):
     print(f"Triton {triton.__version__}, ptxas {ptxas}.\nThe kernels as the Mamba block launches "
           f"them: batch {COMPILE_SHAPE['b']}, channels {COMPILE_SHAPE['d']}, L "
           f"{COMPILE_SHAPE['l']}, N {COMPILE_SHAPE['n']}.\nRegisters per thread (of 255) with no "
-          f"optional input, each one alone, and all; * spills to local memory.")
+          f"optional input, each one alone, and all; * spills to local memory.\nseg_* and "
+          f"rev_carry: the chunked scan's launches (mamba_chunked.py), in the order they run.")
     print(f"{'kernel':9s} {'target':6s} {'dtype':5s}"
           + "".join(f"{inputs:>11s}" for inputs in COMPILE_INPUTS))
-    for kernel in ("forward", "backward"):
+    for kernel in COMPILE_KERNELS:
         for arch in COMPILE_ARCHS:
             for dtype in COMPILE_DTYPES:
                 line = f"{kernel:9s} sm_{arch:<3d} {dtype:5s}"

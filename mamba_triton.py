@@ -5,9 +5,12 @@ reference written from them, and the same scan for CPUs with its backward writte
 forward kernel; (4) the backward kernel, which recomputes states from checkpoints; (5) the
 autograd function that joins them; (6) the dispatch: Triton on CUDA tensors (or on CPU under
 TRITON_INTERPRET=1, as the tests run), the CPU scan otherwise; (7) the Mamba block; (8) the check
-against the reference. Beside it: mamba_bench.py times the scan and the block on a GPU;
-mamba_compile.py compiles the kernels for sm_80 and sm_90 on a machine without a GPU, with the
-registers and spills of each kernel.
+against the reference. The next rung is mamba_chunked.py: the same scan in two passes over
+segments of the sequence, built from this file's pieces, for batches too small to fill a GPU, with
+the dispatch that chooses it or this file's kernels (the block here stays on the sequential ones,
+as mamba_chunked imports this file). Beside it: mamba_bench.py times the scans and the block on a
+GPU; mamba_compile.py compiles the kernels for sm_80 and sm_90 on a machine without a GPU, with
+the registers and spills of each kernel.
 
 The selective scan (Gu & Dao, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces",
 2023, Sec. 3.2, Algorithm 2; semantics of `selective_scan_fn` in github.com/state-spaces/mamba,
