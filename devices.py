@@ -1,12 +1,14 @@
 """How a training step runs on the machine at hand: bf16 where the hardware multiplies it, the
-attention kernel on a CPU, and malloc's treatment of large blocks. None changes the model;
-`python train.py --bench` measures what they buy (docs/benchmarks.md).
+attention kernel on a CPU, dropout's random numbers on a CPU, and malloc's treatment of large
+blocks. None changes the model; `python train_bench.py` measures what they buy
+(docs/benchmarks.md).
 """
 import contextlib
 import ctypes
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
@@ -47,3 +49,32 @@ def forward_context(device: torch.device, amp: bool) -> contextlib.ExitStack:
     if device.type == "cpu":
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
     return stack
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout whose mask costs less on a CPU: torch's bernoulli_ draws a number of the
+    Mersenne Twister per element, 5 ms for BDAM's (32, 32, 768) FFN activations on two cores,
+    80x the product it masks. Here each 64-bit draw gives four 16-bit numbers, and an element is
+    kept when its number is at least p * 65536 (rounded): the same Bernoulli(1 - p) mask and
+    1 / (1 - p) scale, p to within 1 / 65536, at half the cost forward and backward. On a GPU,
+    nn.Dropout itself (its random numbers are cheap there)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu" or self.inplace:
+            return super().forward(x)
+        n = x.numel()
+        draws = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None)  # every bit
+        numbers = draws.view(torch.int16)[:n].view(x.shape)             # uniform in -2^15 .. 2^15-1
+        threshold = -2 ** 15 + round(self.p * 2 ** 16)
+        scale = torch.where(numbers >= threshold, 1 / (1 - self.p), 0.0).to(x.dtype)
+        return x * scale
+
+
+def text_attention_for(text_encoder: nn.Module, device: torch.device) -> None:
+    """On a CPU, the Hugging Face text encoder computes its attention by its own "eager" path
+    (matmul, additive padding mask, softmax, matmul) rather than through PyTorch's SDPA: with a
+    mask, the math kernel that forward_context picks there also checks every row for full
+    masking and selects, 0.9x the text layer's time without that (`python train_bench.py`).
+    The same product either way. On a GPU the fused SDPA kernels stay."""
+    if device.type == "cpu":
+        text_encoder.config._attn_implementation = "eager"
