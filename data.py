@@ -22,7 +22,7 @@ import math
 import random
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +34,6 @@ from PIL import Image
 
 import lexicon
 
-DATASETS = ("synth", "cuhk", "icfg", "rstp")
 SPLITS = ("train", "val", "test")
 
 
@@ -70,6 +69,7 @@ SOURCES = {
                     "SynthPEDES is generated here: run `python synthpedes.py "
                     "[--root ROOT]`, which writes"),
 }
+DATASETS = tuple(SOURCES)  # the --data choices; synth (the default) first
 
 
 @dataclass
@@ -133,18 +133,12 @@ def read_annotations(name: str, root="data") -> Annotations:
     return Annotations(name, path, folder / "imgs", records)
 
 
-def is_failure(entry: dict) -> bool:
-    """A descriptions.jsonl line that records a failed image (describe.py writes status "failed"
-    and an "error"): no descriptions to read, and describe.py retries the image."""
-    return "error" in entry or entry.get("status", "ok") != "ok"
-
-
 def read_descriptions(path, on_bad_line=None, text=None) -> dict[str, dict]:
-    """describe.py's descriptions.jsonl: file_path -> {"identity", "clothing", ...}. Failures
-    (`is_failure`) are skipped; a later line for the same image replaces an earlier one (a
-    resumed run). A line that cannot be read is a DatasetError, or, with `on_bad_line(n, why)`,
-    reported and skipped (describe.py's resume, which redoes that image). `text`: the file's
-    text, when the caller has read it already."""
+    """describe.py's descriptions.jsonl: file_path -> {"identity", "clothing", ...}. Failed
+    images (status "failed" and an "error") are skipped: describe.py retries them. A later line
+    for the same image replaces an earlier one (a resumed run). A line that cannot be read is a
+    DatasetError, or, with `on_bad_line(n, why)`, reported and skipped (describe.py's resume,
+    which redoes that image). `text`: the file's text, when the caller has read it already."""
     path, out = Path(path), {}
     text = path.read_text(encoding="utf-8") if text is None else text
     for n, line in enumerate(text.splitlines(), start=1):
@@ -163,7 +157,7 @@ def read_descriptions(path, on_bad_line=None, text=None) -> dict[str, dict]:
 
 
 def _description_entry(line: str, n: int, path: Path) -> dict | None:
-    """One line of descriptions.jsonl; None for a failure; a DatasetError when unreadable."""
+    """One line of descriptions.jsonl; None for a failed image; a DatasetError when unreadable."""
     try:
         entry = json.loads(line)
     except ValueError as e:
@@ -172,7 +166,7 @@ def _description_entry(line: str, n: int, path: Path) -> dict | None:
     if not isinstance(entry, dict) or not isinstance(entry.get("file_path"), str):
         raise DatasetError(f"{path}: line {n}: field 'file_path' is missing; every line must "
                            "be a JSON object with file_path, identity and clothing.")
-    if is_failure(entry):
+    if "error" in entry or entry.get("status", "ok") != "ok":
         return None
     for key in ("identity", "clothing"):
         if not isinstance(entry.get(key), str):
@@ -231,21 +225,18 @@ def load_dataset(name: str, root="data", descriptions=True, eval_split="test") -
     if missing:
         raise DatasetError(f"{len(missing)} image(s) listed in {ann.annotation_file} are missing, "
                            f"e.g. {image_dir / missing[0]}; copy the dataset's imgs/ folder there.")
-    train = [r for r in ann.records if r["split"] == "train"]
-    label = {pid: i for i, pid in enumerate(sorted({r["id"] for r in train}))}
+    label = {pid: i for i, pid in enumerate(sorted({r["id"] for r in ann.records if r["split"] == "train"}))}
     data = ReIDData(ann.name, image_dir, [], len(label), [], [])
-    for r in train:
-        d = desc.get(r["file_path"], {})
-        for c in r["captions"]:
-            data.train.append(Sample(str(image_dir / r["file_path"]), label[r["id"]], c,
-                                     d.get("identity"), d.get("clothing")))
-    for r in (r for r in ann.records if r["split"] == eval_split):
-        d = desc.get(r["file_path"], {})
-        # SynthPEDES records "outfit"; cloth-changing sets (PRCC, LTCC) carry a clothes id
-        outfit = r.get("outfit", r.get("clothes_id"))
-        data.gallery.append(GalleryImage(str(image_dir / r["file_path"]), r["id"],
-                                         d.get("identity"), d.get("clothing"), outfit))
-        data.queries += [Query(c, r["id"], outfit) for c in r["captions"]]
+    for r in ann.records:
+        path, d = str(image_dir / r["file_path"]), desc.get(r["file_path"], {})
+        texts = d.get("identity"), d.get("clothing")  # None where describe.py has not described it
+        if r["split"] == "train":
+            data.train += [Sample(path, label[r["id"]], c, *texts) for c in r["captions"]]
+        elif r["split"] == eval_split:
+            # SynthPEDES records "outfit"; cloth-changing sets (PRCC, LTCC) carry a clothes id
+            outfit = r.get("outfit", r.get("clothes_id"))
+            data.gallery.append(GalleryImage(path, r["id"], *texts, outfit))
+            data.queries += [Query(c, r["id"], outfit) for c in r["captions"]]
     return data
 
 
@@ -421,14 +412,15 @@ class IdentitySampler(torch.utils.data.Sampler):
         if p % world:
             raise ValueError(f"P={p} identities per batch cannot be split over {world} processes: "
                              f"choose --p as a multiple of {world}")
-        self.p, self.k, self.seed, self.epoch, self._cache = p, k, seed, 0, (None, [])
-        self.rank, self.world = rank, world
+        self.p, self.k, self.seed, self.rank, self.world = p, k, seed, rank, world
+        self.set_epoch(0)
 
     def set_epoch(self, epoch: int):
-        self.epoch = epoch
+        """Plan the epoch's batches: every process plans the same ones (from seed and epoch alone)."""
+        self.epoch, self.batches = epoch, self._plan(epoch)
 
-    def _plan(self) -> list[list[int]]:
-        rng = random.Random(f"{self.seed}/{self.epoch}")
+    def _plan(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(f"{self.seed}/{epoch}")
         groups = []  # (pid, K indices)
         for pid, idx in self.by_pid.items():
             idx = rng.sample(idx, len(idx))
@@ -454,47 +446,34 @@ class IdentitySampler(torch.utils.data.Sampler):
             groups = waiting
         return batches
 
-    def _batches(self) -> list[list[int]]:
-        if self._cache[0] != self.epoch:
-            self._cache = (self.epoch, self._plan())
-        return self._cache[1]
-
     def __iter__(self):
         share = self.p // self.world * self.k  # samples of this process: P/N whole identities
-        return iter(batch[self.rank * share:(self.rank + 1) * share] for batch in self._batches())
+        return iter(batch[self.rank * share:(self.rank + 1) * share] for batch in self.batches)
 
     def __len__(self) -> int:
-        return len(self._batches())
+        return len(self.batches)
 
 
 # ----------------------------------------------------------------------------------------------
 # Command line: check a dataset (decode every image) and summarise it.
 
-def summary(ann: Annotations, style_names=None) -> str:
-    """Identities, images and captions per split, and captions per style when the records name
-    their styles (SynthPEDES; `style_names`: synthpedes.STYLE_NAMES)."""
-    lines = [f"{ann.name}: {ann.annotation_file}", f"{'split':6} {'ids':>6} {'images':>7} {'captions':>9}"]
-    for split in SPLITS:
-        recs = [r for r in ann.records if r["split"] == split]
-        if recs:
-            lines.append(f"{split:6} {len({r['id'] for r in recs}):6d} {len(recs):7d} "
-                         f"{sum(len(r['captions']) for r in recs):9d}")
-    styles = Counter(s for r in ann.records for s in r.get("caption_styles", []))
-    for s in sorted(styles):
-        name = f" ({style_names[s]})" if style_names else ""
-        lines.append(f"captions in style {s}{name}: {styles[s]}")
-    return "\n".join(lines)
-
-
-def report(name: str, root, workers: int = 8, style_names=None) -> Annotations:
-    """Decode every image of a dataset, print its summary and what training and evaluation see."""
-    ann, data = read_annotations(name, root), load_dataset(name, root)
+def report(name: str, root, workers: int = 8) -> Annotations:
+    """Decode every image of a dataset and print its identities, images and captions per split
+    (training takes one sample per train caption; evaluation's gallery is every test image, its
+    queries every test caption) and how many images describe.py has described."""
+    ann = read_annotations(name, root)
     start = time.perf_counter()
     count = check_images(ann, workers)
     print(f"decoded all {count} images in {time.perf_counter() - start:.1f} s ({workers} threads)")
-    print(summary(ann, style_names))
-    print(f"training samples: {len(data.train)} over {data.num_classes} identities; "
-          f"test gallery {len(data.gallery)} images, {len(data.queries)} queries")
+    print(f"{ann.name}: {ann.annotation_file}\n{'split':6} {'ids':>6} {'images':>7} {'captions':>9}")
+    for split in SPLITS:
+        recs = [r for r in ann.records if r["split"] == split]
+        if recs:
+            print(f"{split:6} {len({r['id'] for r in recs}):6d} {len(recs):7d} "
+                  f"{sum(len(r['captions']) for r in recs):9d}")
+    path = descriptions_file(name, root)  # read as training reads it: a bad line is a DatasetError
+    described = read_descriptions(path) if path.exists() else {}
+    print(f"described by describe.py: {sum(r['file_path'] in described for r in ann.records)} of {count} images")
     return ann
 
 

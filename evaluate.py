@@ -45,7 +45,7 @@ from tqdm import tqdm
 import lexicon
 from data import DATASETS, DatasetError, load_dataset
 from encoders import EncoderLoadError, load_tokenizer
-from model import ModelConfig, T2IReID
+from model import ModelConfig, ObjectiveConfig, T2IReID, load_configs
 from pictures import gate_curves, gate_histograms, ranked_list_picture
 from retrieval import TwoStage, embed_gallery, fusion_image_reliance, query_ranker
 
@@ -270,12 +270,12 @@ def evaluate_model(model: T2IReID, data, tokenizer, image_size, max_len: int, de
     settings, each also across outfits where the dataset knows them, the gate statistics, and
     example ranked lists; every value fits in JSON.
 
-    rerank_k: K for stage 2 (default model.cfg.rerank_k); 0, or a model without fusion: stage 1 only.
+    rerank_k: K for stage 2 (default model.objective.rerank_k); 0, or a model without fusion: stage 1 only.
     limit_queries: rank only the first N queries of each set (a quick check).
     clothing_weight: beta of TwoStage (the run's choice on the validation split: train.py).
     The model must be on `device`; its train/eval mode is restored on return.
     """
-    was_training, k = model.training, model.cfg.rerank_k if rerank_k is None else rerank_k
+    was_training, k = model.training, model.objective.rerank_k if rerank_k is None else rerank_k
     k = k if model.fusion is not None else 0
     model.eval()
     gallery = embed_gallery(model, [g.image_path for g in data.gallery], image_size, device, batch_size, progress)
@@ -362,6 +362,7 @@ class Run:
     folder: Path
     train: dict  # config.json's "train" section
     model_cfg: ModelConfig
+    objective: ObjectiveConfig
     model: T2IReID  # weights from best.pt, else last.pt, on the CPU
     checkpoint: Path
     clothing_weight: float = 0.0  # beta: the config's when set, else the run's choice on the validation split
@@ -383,18 +384,18 @@ def load_run(run=None, runs_dir="runs") -> Run:
     if checkpoint is None:
         raise RunError(f"{folder} has no best.pt or last.pt (stopped before its first checkpoint): {hint}.")
     config = json.loads((folder / "config.json").read_text())
-    try:
-        model_cfg = ModelConfig(**config["model"])
+    try:  # a run written before ObjectiveConfig keeps its fields in "model" (load_configs)
+        model_cfg, objective = load_configs(config)
     except (KeyError, TypeError, ValueError) as e:
-        raise RunError(f"{folder / 'config.json'}: bad 'model' section ({e}); rerun train.py.") from None
-    model = T2IReID(model_cfg)
+        raise RunError(f"{folder / 'config.json'}: bad 'model' or 'objective' section ({e}); rerun train.py.") from None
+    model = T2IReID(model_cfg, objective)
     saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
     try:
         model.load_state_dict(saved["model"])
     except (KeyError, RuntimeError) as e:
         raise RunError(f"{checkpoint} does not fit {folder / 'config.json'} ({str(e)[:200]})") from None
-    beta = model_cfg.clothing_weight if model_cfg.clothing_weight >= 0 else saved.get("clothing_weight") or 0.0
-    return Run(folder, config.get("train", {}), model_cfg, model.eval(), checkpoint, beta)
+    beta = objective.clothing_weight if objective.clothing_weight >= 0 else saved.get("clothing_weight") or 0.0
+    return Run(folder, config.get("train", {}), model_cfg, objective, model.eval(), checkpoint, beta)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -469,7 +470,7 @@ def search(run: Run, query: str, folder, device, rerank_k, progress=True) -> Pat
                  else "the whole query on the identity path"))
     with torch.no_grad():
         gallery = embed_gallery(model, paths, cfg.image_size, device, progress=progress)
-        k = (cfg.rerank_k if rerank_k is None else rerank_k) if gallery["tokens"] is not None else 0
+        k = (run.objective.rerank_k if rerank_k is None else rerank_k) if gallery["tokens"] is not None else 0
         ranker = query_ranker(model, gallery, tokenizer, cfg.max_text_len, device, k, run.clothing_weight,
                               progress=False)([query])
         scores = (ranker.stage2 if k else ranker.stage1)(0, 1)[0]  # (G,)

@@ -270,7 +270,7 @@ class GradNorm(nn.Module):
         The last task's gradient on W is not computed on its own: the full backward adds
         sum_k w_k grad_W L_k to W.grad, so grad_W L_last = (added - sum_{k<last} w_k grad_W L_k) /
         w_last. That saves one backward pass through the last of `tasks`. train.py passes
-        ModelConfig.loss_names(), which puts the fusion loss last: it is the most expensive, the
+        ObjectiveConfig.loss_names(), which puts the fusion loss last: it is the most expensive, the
         only one that runs the Mamba fusion (over S x Q pairs). The result is exact for any order
         (w_last > 0); only the cost depends on it, and __init__ refuses a fusion task that is not
         last. The loss must not be scaled (no fp16 GradScaler; bf16 needs none).
@@ -316,7 +316,7 @@ def same_rows(token_ids: torch.Tensor) -> torch.Tensor:
 
 
 def compute_losses(out: dict, batch: dict, cfg) -> dict[str, torch.Tensor]:
-    """The named losses switched on in `cfg` (a model.ModelConfig), from `T2IReID.forward`.
+    """The named losses switched on in `cfg` (a model.ObjectiveConfig), from `T2IReID.forward`.
 
     aln      Eq. 1 on the visual clothing feature vs the clothing description (identical
              descriptions are positives of each other)

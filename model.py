@@ -20,12 +20,15 @@ Glossary of dimension letters (paper symbols in brackets):
 Run: python model.py   (parameter count of each part, paper and small configurations)
 Tests: pytest tests/test_model.py
 """
+import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from devices import Dropout
 from encoders import OFFLINE_TEXT_MODEL, FrozenTextPrefix, load_text_encoder, load_vision_encoder, run_bert_layers
 from mamba_triton import Mamba
 
@@ -68,20 +71,6 @@ class ModelConfig:
     expand: int = 2  # Mamba default (Gu & Dao 2023)
     dropout: float = 0.1  # paper (fusion); also used in BDAM
     embed_dim: int = 256  # E: not stated; = d_model
-    # objective (losses.compute_losses) and retrieval
-    temperature: float = 0.02  # tau of Eq. 1/3: not stated; IRRA's value
-    triplet_margin: float = 0.3  # m of Eq. 4: not stated; Hermans et al. 2017
-    hsic_kernel: str = "linear"  # Eq. 2 as written; "rbf" as an option
-    fusion_negatives: int = 3  # M hard negative images per text (DESIGN 3.1)
-    rerank_k: int = 32  # K candidates re-ranked by fusion at test time (DESIGN 3.1)
-    # beta: a query's clothing part adds beta * cos(f_clo image, clothing text) to its score
-    # (the pair L_aln trains; DESIGN 3.5). < 0: chosen after training on the validation split
-    # (train.choose_clothing_weight), never the test split
-    clothing_weight: float = -1.0
-    gradnorm_alpha: float = 1.5  # paper (Eq. 6): the strength of the GradNorm loss
-    # lambda of Eq. 6, not stated: the weights rest within |log w_k| <= alpha K / (2 lambda),
-    # [0.22, 4.5] for the five losses (losses.GradNorm)
-    weight_reg: float = 2.5
     # ablation switches, Table II (BDAM)
     use_bdam: bool = True  # False: one global projection of the patch tokens, no clothing stream
     bdam_cross_attention: bool = True
@@ -95,14 +84,6 @@ class ModelConfig:
     # output projection initialised to zero, so that stage 2 starts as stage 1 and learns a
     # text-conditioned correction of the image embedding (a residual re-ranker)
     fusion_residual: bool = False
-    # Table IV (losses)
-    loss_aln: bool = True  # Eq. 1
-    loss_decouple: bool = True  # Eq. 2
-    loss_info: bool = True  # Eq. 3, stage 1
-    loss_triplet: bool = True  # Eq. 4
-    loss_fusion: bool = True  # Eq. 3 on the fusion scores (DESIGN 3.1)
-    use_gradnorm: bool = True  # Eq. 5; False: all weights 1
-    use_weight_reg: bool = True  # the lambda term of Eq. 6
     # not in the paper: BatchNorm on f_id and f_clo before their projections ("BNNeck", Luo et
     # al. 2019); the triplet and HSIC losses then see the normalised features too. A randomly
     # initialised ViT gives pooled features that differ little between images (cosine ~0.96):
@@ -132,15 +113,6 @@ class ModelConfig:
         if self.conv_stem and self.vision_model:
             problems.append("conv_stem replaces the patch projection of a ViT built from its config: "
                             "set vision_model='' or conv_stem=False (a pretrained ViT keeps its own)")
-        if self.hsic_kernel not in ("linear", "rbf"):
-            problems.append(f"hsic_kernel must be 'linear' or 'rbf', got {self.hsic_kernel!r}")
-        if not self.use_bdam and (self.loss_aln or self.loss_decouple):
-            problems.append("use_bdam=False leaves no clothing feature: "
-                            "set loss_aln=False, loss_decouple=False")
-        if not self.use_fusion and self.loss_fusion:
-            problems.append("use_fusion=False: set loss_fusion=False too")
-        if not self.loss_names():
-            problems.append("every loss is switched off")
         widths = [(self.bdam_width, self.bdam_heads, "bdam"), (self.text_width, self.text_heads, "text"),
                   (self.vision_width, self.vision_heads, "vision")]
         for width, heads, name in widths:
@@ -150,17 +122,10 @@ class ModelConfig:
             problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.text_frozen_layers < 0 or (not self.text_model and self.text_frozen_layers > self.text_layers):
             problems.append(f"text_frozen_layers must be in 0..text_layers, got {self.text_frozen_layers}")
-        if min(self.bdam_depth, self.fusion_layers, self.fusion_negatives, self.rerank_k) < 1:
-            problems.append("bdam_depth, fusion_layers, fusion_negatives and rerank_k must be >= 1")
+        if min(self.bdam_depth, self.fusion_layers) < 1:
+            problems.append("bdam_depth and fusion_layers must be >= 1")
         if problems:
             raise ValueError("ModelConfig: " + "; ".join(problems))
-
-    def loss_names(self) -> list[str]:
-        """The losses switched on, in the order of losses.compute_losses (GradNorm's tasks). The
-        fusion loss, the most expensive, comes last: GradNorm.backward gets the last task's
-        gradient on the shared layer by subtraction, without a backward pass of its own."""
-        on = [self.loss_aln, self.loss_decouple, self.loss_info, self.loss_triplet, self.loss_fusion]
-        return [name for name, flag in zip(("aln", "decouple", "info", "triplet", "fusion"), on) if flag]
 
     @classmethod
     def small(cls, **overrides) -> "ModelConfig":
@@ -173,7 +138,84 @@ class ModelConfig:
         return cls(**{**small, **overrides})
 
 
-# rows of the ablation tables; train.py applies one with dataclasses.replace(cfg, **ABLATIONS[row])
+@dataclass
+class ObjectiveConfig:
+    """What the network is trained on and how it ranks: the losses of Eq. 1-4
+    (losses.compute_losses), their balance by GradNorm (Eq. 5-6, losses.GradNorm) and the
+    retrieval settings of DESIGN 3.1 and 3.5. Paper defaults with their source. T2IReID reads
+    two of them: loss_aln (the clothing projections exist for L_aln alone) and fusion_negatives."""
+
+    # objective (losses.compute_losses) and retrieval
+    temperature: float = 0.02  # tau of Eq. 1/3: not stated; IRRA's value
+    triplet_margin: float = 0.3  # m of Eq. 4: not stated; Hermans et al. 2017
+    hsic_kernel: str = "linear"  # Eq. 2 as written; "rbf" as an option
+    fusion_negatives: int = 3  # M hard negative images per text (DESIGN 3.1)
+    rerank_k: int = 32  # K candidates re-ranked by fusion at test time (DESIGN 3.1)
+    # beta: a query's clothing part adds beta * cos(f_clo image, clothing text) to its score
+    # (the pair L_aln trains; DESIGN 3.5). < 0: chosen after training on the validation split
+    # (train.choose_clothing_weight), never the test split
+    clothing_weight: float = -1.0
+    gradnorm_alpha: float = 1.5  # paper (Eq. 6): the strength of the GradNorm loss
+    # lambda of Eq. 6, not stated: the weights rest within |log w_k| <= alpha K / (2 lambda),
+    # [0.22, 4.5] for the five losses (losses.GradNorm)
+    weight_reg: float = 2.5
+    # Table IV (losses)
+    loss_aln: bool = True  # Eq. 1
+    loss_decouple: bool = True  # Eq. 2
+    loss_info: bool = True  # Eq. 3, stage 1
+    loss_triplet: bool = True  # Eq. 4
+    loss_fusion: bool = True  # Eq. 3 on the fusion scores (DESIGN 3.1)
+    use_gradnorm: bool = True  # Eq. 5; False: all weights 1
+    use_weight_reg: bool = True  # the lambda term of Eq. 6
+
+    def __post_init__(self):
+        problems = []
+        if self.hsic_kernel not in ("linear", "rbf"):
+            problems.append(f"hsic_kernel must be 'linear' or 'rbf', got {self.hsic_kernel!r}")
+        if not self.loss_names():
+            problems.append("every loss is switched off")
+        if min(self.fusion_negatives, self.rerank_k) < 1:
+            problems.append("fusion_negatives and rerank_k must be >= 1")
+        if problems:
+            raise ValueError("ObjectiveConfig: " + "; ".join(problems))
+
+    def loss_names(self) -> list[str]:
+        """The losses switched on, in the order of losses.compute_losses (GradNorm's tasks). The
+        fusion loss, the most expensive, comes last: GradNorm.backward gets the last task's
+        gradient on the shared layer by subtraction, without a backward pass of its own."""
+        on = [self.loss_aln, self.loss_decouple, self.loss_info, self.loss_triplet, self.loss_fusion]
+        return [name for name, flag in zip(("aln", "decouple", "info", "triplet", "fusion"), on) if flag]
+
+
+def check_pair(cfg: ModelConfig, objective: ObjectiveConfig) -> None:
+    """The checks across the two configs (each checks itself): a loss needs the part it trains."""
+    problems = []
+    if not cfg.use_bdam and (objective.loss_aln or objective.loss_decouple):
+        problems.append("use_bdam=False leaves no clothing feature: "
+                        "set loss_aln=False, loss_decouple=False")
+    if not cfg.use_fusion and objective.loss_fusion:
+        problems.append("use_fusion=False: set loss_fusion=False too")
+    if problems:
+        raise ValueError("ModelConfig and ObjectiveConfig: " + "; ".join(problems))
+
+
+def replace_fields(cfg: ModelConfig, objective: ObjectiveConfig, fields: dict) -> tuple[ModelConfig, ObjectiveConfig]:
+    """Both configs with `fields` (a row of ABLATIONS, command-line flags) set in the config that
+    owns each, checked as a pair (ValueError). A name that neither owns is a TypeError."""
+    owned = {f.name for f in dataclasses.fields(ObjectiveConfig)}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in fields.items() if k not in owned})
+    objective = dataclasses.replace(objective, **{k: v for k, v in fields.items() if k in owned})
+    check_pair(cfg, objective)
+    return cfg, objective
+
+
+def load_configs(saved: dict) -> tuple[ModelConfig, ObjectiveConfig]:
+    """A run's config.json (train.start_run) -> its two configs. A run written before
+    ObjectiveConfig existed has no "objective" section: its "model" section holds those fields."""
+    return replace_fields(ModelConfig(), ObjectiveConfig(), {**saved["model"], **saved.get("objective", {})})
+
+
+# rows of the ablation tables, fields of either config; train.py applies one with replace_fields
 ABLATIONS = {
     "full": {},
     "w/o BDAM": dict(use_bdam=False, loss_aln=False, loss_decouple=False),  # Table II
@@ -203,13 +245,21 @@ class Attention(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(width)
         self.norm_context = nn.LayerNorm(width) if cross else None
-        self.attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        # nn.MultiheadAttention holds the weights (its initialisation, its state-dict names);
+        # forward writes its product out, so that the attention dropout is devices.Dropout
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, P, D), context (B, P', D) or None -> (B, P, D)."""
-        q = self.norm(x)
+        a, q = self.attn, self.norm(x)
         kv = q if self.norm_context is None else self.norm_context(context)
-        return x + self.attn(q, kv, kv, need_weights=False)[0]
+        (w_q, w_kv), (b_q, b_kv) = (t.split([a.embed_dim, 2 * a.embed_dim]) for t in (a.in_proj_weight, a.in_proj_bias))
+        heads = lambda t: t.unflatten(-1, (a.num_heads, a.head_dim)).transpose(1, 2)  # noqa: E731  (B, H, P, d)
+        k, v = map(heads, F.linear(kv, w_kv, b_kv).chunk(2, dim=-1))
+        scores = heads(F.linear(q, w_q, b_q)) @ k.transpose(-1, -2) / math.sqrt(a.head_dim)  # (B, H, P, P')
+        out = self.drop(scores.softmax(-1)) @ v                                           # (B, H, P, d)
+        return x + a.out_proj(out.transpose(1, 2).flatten(2))
 
 
 class FeedForward(nn.Module):
@@ -218,7 +268,7 @@ class FeedForward(nn.Module):
     def __init__(self, width: int, dropout: float):
         super().__init__()
         self.net = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 4 * width), nn.GELU(),
-                                 nn.Dropout(dropout), nn.Linear(4 * width, width))
+                                 Dropout(dropout), nn.Linear(4 * width, width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.net(x)  # (..., width)
@@ -306,7 +356,7 @@ def aligner(d_in: int, d: int, cfg: ModelConfig) -> nn.Module:
     """The alignment FFN (Sec. III-D), or one linear map for the "w/o alignment" row."""
     if not cfg.fusion_align:
         return nn.Linear(d_in, d)
-    return nn.Sequential(nn.Linear(d_in, d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(d, d),
+    return nn.Sequential(nn.Linear(d_in, d), nn.GELU(), Dropout(cfg.dropout), nn.Linear(d, d),
                          nn.LayerNorm(d))
 
 
@@ -317,7 +367,7 @@ class ResidualMamba(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(cfg.fusion_width)
         self.mamba = Mamba(cfg.fusion_width, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.drop(self.mamba(self.norm(x)))  # (S, P, d)
@@ -387,11 +437,15 @@ class MambaFusion(nn.Module):
 class T2IReID(nn.Module):
     """Stage 1: encode_images (one vision pass: the gallery embedding, the fusion tokens and the
     gate) / encode_texts. Stage 2: pair_score on encode_images' tokens. Training: forward(batch)
-    -> everything losses.compute_losses needs, through the same two methods."""
+    -> everything losses.compute_losses needs, through the same two methods. `objective` (default
+    the paper's) is the one it is trained with: checked against cfg (check_pair), and read for
+    loss_aln, fusion_negatives and, by evaluate.py, rerank_k."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, objective: ObjectiveConfig | None = None):
         super().__init__()
-        self.cfg = cfg
+        objective = ObjectiveConfig() if objective is None else objective
+        check_pair(cfg, objective)
+        self.cfg, self.objective = cfg, objective
         self.vision, self.text = load_vision_encoder(cfg), load_text_encoder(cfg)
         dv, dt, d = self.vision.config.hidden_size, self.text.config.hidden_size, cfg.bdam_width
         self.bdam = BDAM(cfg, dv) if cfg.use_bdam else None
@@ -399,8 +453,8 @@ class T2IReID(nn.Module):
         self.image_proj, self.text_proj = nn.Linear(d, cfg.embed_dim), nn.Linear(dt, cfg.embed_dim)
         self.image_bn = nn.BatchNorm1d(d) if cfg.image_bn else nn.Identity()
         self.clothing_bn = nn.BatchNorm1d(d) if cfg.image_bn and cfg.use_bdam else nn.Identity()
-        self.clothing_image_proj = nn.Linear(d, cfg.embed_dim) if cfg.loss_aln else None
-        self.clothing_text_proj = nn.Linear(dt, cfg.embed_dim) if cfg.loss_aln else None
+        self.clothing_image_proj = nn.Linear(d, cfg.embed_dim) if objective.loss_aln else None
+        self.clothing_text_proj = nn.Linear(dt, cfg.embed_dim) if objective.loss_aln else None
         self.fusion = MambaFusion(cfg, d, dt) if cfg.use_fusion else None
         self.frozen_text = FrozenTextPrefix(self.text, cfg.text_frozen_layers) if cfg.text_frozen_layers else None
 
@@ -520,7 +574,7 @@ class T2IReID(nn.Module):
         fusion_gate (S, P) W_img on the text's own image.
         """
         b, s = len(tokens), len(texts)
-        m = min(self.cfg.fusion_negatives, b - 1)
+        m = min(self.objective.fusion_negatives, b - 1)
         query_pids = pids.repeat(s // b)  # (S,)
         sim = (text_emb @ image_emb.T).detach()  # (S, B) stage-1 similarity
         sim = sim.masked_fill(query_pids[:, None] == pids[None, :], float("-inf"))

@@ -73,7 +73,7 @@ def gate_histograms(gates: dict, path, size=(9.0, 3.2), dpi: int = 100) -> Path:
     return Path(path)
 
 
-TASKS = ("aln", "decouple", "info", "triplet", "fusion")  # the losses, as model.ModelConfig.loss_names
+TASKS = ("aln", "decouple", "info", "triplet", "fusion")  # the losses, as model.ObjectiveConfig.loss_names
 
 
 def training_curves(log_rows: list) -> dict:

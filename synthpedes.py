@@ -29,6 +29,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -506,6 +507,12 @@ def print_agreement(records, descriptions):
 # ----------------------------------------------------------------------------------------------
 # Command line: generate, summarise, draw a contact sheet, benchmark.
 
+def style_counts(ann: Annotations) -> str:
+    """Captions per annotator style, from the records' "caption_styles" (planted 0-4, realistic 5-8)."""
+    styles = Counter(s for r in ann.records for s in r.get("caption_styles", []))
+    return "\n".join(f"captions in style {s} ({STYLE_NAMES[s]}): {styles[s]}" for s in sorted(styles))
+
+
 def contact_sheet(ann: Annotations, path: Path, columns=6, rows=4, zoom=3) -> Path:
     """A PNG grid of training images (the outfits of a few identities), each with its identity
     and clothing descriptions (or its first caption when there are none)."""
@@ -599,7 +606,8 @@ def main(argv=None):
               f"(render + PNG write, one process)")
         return
     prepare_synth(args)
-    ann = report("synth", args.root, args.workers, STYLE_NAMES)  # as `python data.py --data synth`
+    ann = report("synth", args.root, args.workers)  # as `python data.py --data synth`
+    print(style_counts(ann))
     print(f"contact sheet: {contact_sheet(ann, ann.annotation_file.parent / 'contact_sheet.png')}")
 
 

@@ -1,14 +1,16 @@
-"""`python train.py --bench`: where a training step's time goes, part by part, and the whole
-step against its two encoders alone (DESIGN.md section 8). Kept beside train.py, whose State
-and train_step it times.
+"""`python train_bench.py`: where a training step's time goes, part by part, and the whole
+step against its two encoders alone (docs/design.md, decision 8). It takes train.py's flags and
+times train.py's State and train_step; train.py does not import it.
 
-    python train.py --bench                      # SynthPEDES preset on this machine
-    python train.py --data synth --bench --device cuda
+    python train_bench.py                        # SynthPEDES preset on this machine
+    python train_bench.py --data synth --device cuda
+    python train_bench.py --data cuhk --p 32 --device cuda   # the paper's encoders, batch 128
 
 Test: pytest tests/test_train.py -k bench
 """
 import dataclasses
 import functools
+import sys
 import time
 from pathlib import Path
 
@@ -16,12 +18,13 @@ import numpy as np
 import torch
 
 from losses import compute_losses
-from model import ModelConfig
-from devices import cpu_has_bf16, forward_context
-from train import State, TrainConfig, pick_device, to_device, train_step
+from model import ModelConfig, ObjectiveConfig
+from devices import cpu_has_bf16, forward_context, keep_freed_memory
+from encoders import EncoderLoadError
+from train import State, TrainConfig, parse_config, pick_device, to_device, train_step
 
 
-def bench(cfg: TrainConfig, mcfg: ModelConfig, steps: int = 10) -> None:
+def bench(cfg: TrainConfig, mcfg: ModelConfig, ocfg: ObjectiveConfig, steps: int = 10) -> None:
     """Where a training step's time goes: the median time of each part's forward and backward on
     random inputs of the configured shapes, then the whole step (forward, every loss, GradNorm,
     Adam), and the encoders alone as the baseline (ViT + text encoder, the mean of their outputs
@@ -37,15 +40,15 @@ def bench(cfg: TrainConfig, mcfg: ModelConfig, steps: int = 10) -> None:
                     "attention_mask": torch.ones(b, t, dtype=torch.long)}
     batch = to_device({"images": torch.randn(b, 3, *mcfg.image_size, generator=g),
                        "pids": torch.arange(b) // cfg.k, "identity": text(), "clothing": text()}, device)
-    state = State.create(cfg, mcfg, device, total_steps=10 ** 6)
+    state = State.create(cfg, mcfg, ocfg, device, total_steps=10 ** 6)
     model, amp = state.model, cfg.amp and (device.type == "cuda" or cpu_has_bf16())
     context = functools.partial(forward_context, device, cfg.amp)  # as train_step runs the forward
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
           f"batch {b}, images {mcfg.image_size}, text length {t}, bf16 autocast {amp}, "
           f"frozen text layers {mcfg.text_frozen_layers}")
     print(f"{'part (forward + backward)':40s}{'ms / step':>12s}{'share':>8s}")
-    rows = bench_parts(state, batch, mcfg, context)
-    whole = _median_ms(lambda _: train_step(state, batch, mcfg, device, cfg.amp), steps, device)
+    rows = bench_parts(state, batch, ocfg, context)
+    whole = _median_ms(lambda _: train_step(state, batch, ocfg, device, cfg.amp), steps, device)
     for name, (setup, timed) in rows.items():
         ms = _median_ms(timed, steps, device, setup)
         print(f"{name:40s}{ms:12.1f}{ms / whole:8.0%}")
@@ -66,7 +69,7 @@ def bench(cfg: TrainConfig, mcfg: ModelConfig, steps: int = 10) -> None:
           f"{whole / base:.2f}x its encoders")
 
 
-def bench_parts(state: State, batch: dict, mcfg: ModelConfig, autocast) -> dict:
+def bench_parts(state: State, batch: dict, ocfg: ObjectiveConfig, autocast) -> dict:
     """{part: (setup, timed)}: setup() makes the part's inputs (untimed), timed(inputs) runs the
     part's forward and backward -- or, for the optimiser, its step. autocast() is the context of
     every forward (devices.forward_context)."""
@@ -86,7 +89,7 @@ def bench_parts(state: State, batch: dict, mcfg: ModelConfig, autocast) -> dict:
     def model_outputs():
         with autocast():
             out = model(batch)
-        return out, compute_losses(out, batch, mcfg)
+        return out, compute_losses(out, batch, ocfg)
 
     def bdam_inputs():
         with torch.no_grad(), autocast():
@@ -110,7 +113,7 @@ def bench_parts(state: State, batch: dict, mcfg: ModelConfig, autocast) -> dict:
         state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
 
-    texts = [key for key in ("identity", "clothing") if key != "clothing" or mcfg.loss_aln]
+    texts = [key for key in ("identity", "clothing") if key != "clothing" or ocfg.loss_aln]
     rows = {"vision encoder (ViT)": (lambda: None, forward_backward(
                 lambda _: [model.vision(pixel_values=batch["images"]).last_hidden_state])),
             f"text encoder ({len(texts)} texts)": (lambda: None, forward_backward(
@@ -121,8 +124,8 @@ def bench_parts(state: State, batch: dict, mcfg: ModelConfig, autocast) -> dict:
         rows["fusion (S x Q image-text pairs)"] = (fusion_inputs, forward_backward(
             lambda x: [model.fusion_pairs(x[0], x[1], batch["pids"], x[2], x[3])["fusion_scores"]]))
     rows["losses (compute_losses)"] = (lambda: {k: leaf(v) for k, v in model_outputs()[0].items()},
-                                       forward_backward(lambda out: compute_losses(out, batch, mcfg).values()))
-    if mcfg.use_gradnorm:
+                                       forward_backward(lambda out: compute_losses(out, batch, ocfg).values()))
+    if ocfg.use_gradnorm:
         rows["GradNorm's K - 1 extra gradients"] = (model_outputs, gradnorm_extra)
     rows["optimiser (Adam)"] = (gradients, adam)
     return rows
@@ -140,3 +143,18 @@ def _median_ms(timed, steps: int, device, setup=lambda: None) -> float:
         sync()
         times.append(1000 * (time.perf_counter() - start))
     return float(np.median(times[2:]))
+
+
+def main(argv=None) -> int:
+    cfg, mcfg, ocfg, _ = parse_config(argv, "train_bench.py", __doc__.split("\n")[0].strip('"`'))
+    keep_freed_memory()
+    try:
+        bench(cfg, mcfg, ocfg)
+    except EncoderLoadError as err:
+        print(f"train_bench.py: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

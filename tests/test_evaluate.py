@@ -133,7 +133,7 @@ from pictures import (FRAME, FRAME_COLOURS, GAP, TEXT_WIDTH, THUMB, gate_curves,
                       ranked_list_picture, training_curves)
 from retrieval import TwoStage, embed_gallery, embed_texts, fusion_image_reliance, rerank  # noqa: E402
 from encoders import load_tokenizer  # noqa: E402
-from model import ModelConfig, T2IReID  # noqa: E402
+from model import ModelConfig, ObjectiveConfig, T2IReID  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -146,14 +146,14 @@ def tiny_cfg(**overrides) -> ModelConfig:
     """A one-layer everything on 64 x 32 images (P = 8), random BERT on the real vocabulary."""
     shape = dict(image_size=(64, 32), vision_layers=1, vision_width=32, vision_heads=2, text_model="",
                  text_layers=1, text_width=32, text_heads=2, bdam_width=32, bdam_heads=2, bdam_depth=1,
-                 fusion_width=16, fusion_layers=1, embed_dim=16, dropout=0.0, rerank_k=5)
+                 fusion_width=16, fusion_layers=1, embed_dim=16, dropout=0.0)
     return ModelConfig.small(**{**shape, **overrides})
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
     torch.manual_seed(0)
-    return T2IReID(tiny_cfg()).eval()
+    return T2IReID(tiny_cfg(), ObjectiveConfig(rerank_k=5)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -445,13 +445,15 @@ def test_load_run_errors_and_round_trip(tmp_path, tiny_model, capsys):
         load_run(runs_dir=tmp_path / "runs")
     folder = tmp_path / "runs" / "r1"
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({"train": {"data": "synth"},
-                                                    "model": dataclasses.asdict(tiny_model.cfg)}))
+    # as train.py writes it before ObjectiveConfig: the objective's fields in "model"
+    old = {**dataclasses.asdict(tiny_model.cfg), **dataclasses.asdict(tiny_model.objective)}
+    (folder / "config.json").write_text(json.dumps({"train": {"data": "synth"}, "model": old}))
     with pytest.raises(RunError, match="no best.pt or last.pt"):
         load_run(folder)
     torch.save({"model": tiny_model.state_dict(), "step": 3}, folder / "last.pt")
     run = load_run(runs_dir=tmp_path / "runs")
     assert run.checkpoint.name == "last.pt" and run.train == {"data": "synth"}
+    assert (run.model_cfg, run.objective) == (tiny_model.cfg, tiny_model.objective) and run.objective.rerank_k == 5
     for (name, a), b in zip(tiny_model.state_dict().items(), run.model.state_dict().values()):
         assert torch.equal(a, b), name
     assert main(["--run", str(tmp_path / "nowhere")]) == 2
@@ -465,7 +467,8 @@ def test_cli_evaluates_a_run_and_searches_a_folder(tmp_path, tiny_model, tiny_sy
     folder = tmp_path / "run"
     folder.mkdir()
     train = {"data": "synth", "root": str(tiny_synth), "eval_batch": 16, "seed": 0}  # as train.TrainConfig
-    (folder / "config.json").write_text(json.dumps({"train": train, "model": dataclasses.asdict(tiny_model.cfg)}))
+    (folder / "config.json").write_text(json.dumps({"train": train, "model": dataclasses.asdict(tiny_model.cfg),
+                                                    "objective": dataclasses.asdict(tiny_model.objective)}))
     torch.save({"model": tiny_model.state_dict(), "clothing_weight": 0.25}, folder / "best.pt")  # train.py's choice
     (folder / "log.jsonl").write_text("".join(json.dumps({"step": i, "w_img": 0.5 - i / 10, "g_std": 0.1}) + "\n"
                                               for i in range(1, 4)))

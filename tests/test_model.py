@@ -12,7 +12,7 @@ import mamba_triton
 import train
 from encoders import ConvStem, EncoderLoadError, load_tokenizer, load_vision_encoder
 from losses import GradNorm, compute_losses
-from model import ABLATIONS, BDAM, ModelConfig, ResidualMLP, T2IReID
+from model import ABLATIONS, BDAM, ModelConfig, ObjectiveConfig, ResidualMLP, T2IReID, check_pair, replace_fields
 
 
 @pytest.fixture(autouse=True)
@@ -51,12 +51,12 @@ def batch(tiny_synth):
 
 def test_forward_backward_finite_losses_and_a_gradient_on_every_parameter(batch):
     torch.manual_seed(0)
-    cfg = tiny()
-    model = T2IReID(cfg)
-    losses = compute_losses(model(batch), batch, cfg)
-    assert list(losses) == cfg.loss_names() == ["aln", "decouple", "info", "triplet", "fusion"]
+    objective = ObjectiveConfig()
+    model = T2IReID(tiny(), objective)
+    losses = compute_losses(model(batch), batch, objective)
+    assert list(losses) == objective.loss_names() == ["aln", "decouple", "info", "triplet", "fusion"]
     assert all(torch.isfinite(v) for v in losses.values())
-    gradnorm = GradNorm(cfg.loss_names(), cfg.gradnorm_alpha, cfg.weight_reg)
+    gradnorm = GradNorm(objective.loss_names(), objective.gradnorm_alpha, objective.weight_reg)
     stats = gradnorm.backward(losses, model.shared_parameter())
     assert (stats["grad_norms"] > 0).all()  # every loss reaches GradNorm's shared layer
     assert gradnorm.log_weights.grad.abs().sum() > 0
@@ -69,13 +69,12 @@ def test_forward_backward_finite_losses_and_a_gradient_on_every_parameter(batch)
 
 def test_a_few_steps_on_one_batch_drive_the_loss_down(batch):
     torch.manual_seed(0)
-    cfg = tiny()
-    model = T2IReID(cfg)
+    model = T2IReID(tiny())
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     history = []
     for _ in range(8):
         opt.zero_grad()
-        loss = sum(compute_losses(model(batch), batch, cfg).values())
+        loss = sum(compute_losses(model(batch), batch, model.objective).values())
         loss.backward()
         opt.step()
         history.append(loss.item())
@@ -235,12 +234,11 @@ def test_clothing_text_never_reaches_the_identity_path(batch):
     descriptions, stage 1's embeddings, the fusion's scores and every loss but L_aln are the same;
     only the clothing side moves."""
     torch.manual_seed(0)
-    cfg = tiny()
-    model = T2IReID(cfg).eval()
+    model = T2IReID(tiny()).eval()
     swapped = {**batch, "clothing": {k: v.roll(1, dims=0) for k, v in batch["clothing"].items()}}
     with torch.no_grad():
         out, other = model(batch), model(swapped)
-        losses, other_losses = compute_losses(out, batch, cfg), compute_losses(other, swapped, cfg)
+        losses, other_losses = (compute_losses(o, b, model.objective) for o, b in ((out, batch), (other, swapped)))
     for key in ("identity_emb", "image_emb", "fusion_scores"):
         torch.testing.assert_close(out[key], other[key])
     assert not torch.allclose(out["clo_text"], other["clo_text"])
@@ -250,7 +248,7 @@ def test_clothing_text_never_reaches_the_identity_path(batch):
 
 def test_hard_negatives_are_the_most_similar_images_of_other_identities(batch):
     torch.manual_seed(0)
-    model = T2IReID(tiny(fusion_negatives=3)).eval()
+    model = T2IReID(tiny(), ObjectiveConfig(fusion_negatives=3)).eval()
     with torch.no_grad():
         out = model(batch)
     pids = batch["pids"]
@@ -327,7 +325,7 @@ def everything_present(r) -> dict:
             "alignment FFNs": all(isinstance(a, torch.nn.Sequential) for a in (fusion.align_image, fusion.align_text)),
             "every loss, every GradNorm task": list(r.losses) == list(r.gradnorm.tasks) == list(ALL_LOSSES),
             "weights learned": any(w != 1 for w in r.weights),
-            "regulariser": regulariser(r.gradnorm) == pytest.approx(r.cfg.weight_reg * len(ALL_LOSSES))}
+            "regulariser": regulariser(r.gradnorm) == pytest.approx(r.objective.weight_reg * len(ALL_LOSSES))}
 
 
 # What each ablation row changes, as {claim: holds}: a new row of model.ABLATIONS is a KeyError
@@ -369,16 +367,16 @@ def test_every_ablation_row_makes_its_change_and_trains(row, synth_preset, batch
     train.py's (GradNorm and the regulariser are applied there) that moves the vision encoder."""
     torch.manual_seed(0)
     preset = dict(text_frozen_layers=1, fusion_residual=True) if synth_preset else {}
-    cfg = dataclasses.replace(tiny(**preset), **ABLATIONS[row])
-    state = train.State.create(train.TrainConfig(weight_decay=0.0), cfg, torch.device("cpu"), total_steps=1)
+    cfg, objective = replace_fields(tiny(**preset), ObjectiveConfig(), ABLATIONS[row])
+    state = train.State.create(train.TrainConfig(weight_decay=0.0), cfg, objective, torch.device("cpu"), total_steps=1)
     vision = [p.detach().clone() for p in state.model.vision.parameters()]
     out = state.model(batch)
-    losses = compute_losses(out, batch, cfg)
-    assert list(losses) == cfg.loss_names() and all(torch.isfinite(v) for v in losses.values())
+    losses = compute_losses(out, batch, objective)
+    assert list(losses) == objective.loss_names() and all(torch.isfinite(v) for v in losses.values())
     assert "fusion" not in losses or list(losses)[-1] == "fusion"  # GradNorm.backward's subtraction
-    log_row = train.train_step(state, batch, cfg, torch.device("cpu"), amp=False)
+    log_row = train.train_step(state, batch, objective, torch.device("cpu"), amp=False)
     weights = [log_row[f"w_{task}"] for task in state.gradnorm.tasks]
-    r = types.SimpleNamespace(cfg=cfg, model=state.model, out=out, losses=losses, gradnorm=state.gradnorm,
+    r = types.SimpleNamespace(objective=objective, model=state.model, out=out, losses=losses, gradnorm=state.gradnorm,
                               weights=weights)
     claims = ROW_CHECKS[row](r)
     assert all(claims.values()), {claim: holds for claim, holds in claims.items() if not holds}
@@ -387,11 +385,10 @@ def test_every_ablation_row_makes_its_change_and_trains(row, synth_preset, batch
 
 def test_small_configuration_with_minilm_runs(batch):
     torch.manual_seed(0)
-    cfg = ModelConfig.small(image_size=(64, 32))
-    model = T2IReID(cfg).eval()
+    model = T2IReID(ModelConfig.small(image_size=(64, 32))).eval()
     assert model.text.config.hidden_size == 384  # the real all-MiniLM-L6-v2
     with torch.no_grad():
-        losses = compute_losses(model(batch), batch, cfg)
+        losses = compute_losses(model(batch), batch, model.objective)
     assert all(torch.isfinite(v) for v in losses.values())
 
 
@@ -403,12 +400,18 @@ def test_hub_name_offline_fails_with_a_clear_message():
 
 
 def test_config_rejects_inconsistent_switches():
-    with pytest.raises(ValueError, match="loss_aln=False"):
-        tiny(use_bdam=False)
-    with pytest.raises(ValueError, match="loss_fusion=False"):
-        tiny(use_fusion=False)
+    with pytest.raises(ValueError, match="use_bdam=False leaves no clothing feature: set loss_aln=False"):
+        T2IReID(tiny(use_bdam=False))  # the paper's objective trains the clothing stream
+    with pytest.raises(ValueError, match="use_fusion=False: set loss_fusion=False too"):
+        check_pair(tiny(use_fusion=False), ObjectiveConfig())
+    with pytest.raises(ValueError, match="use_fusion=False: set loss_fusion=False too"):
+        replace_fields(tiny(), ObjectiveConfig(), dict(use_fusion=False))  # a row must switch both
+    cfg, objective = replace_fields(tiny(), ObjectiveConfig(), ABLATIONS["w/o fusion"])  # each field to its owner
+    assert cfg.use_fusion is False and objective.loss_fusion is False and not hasattr(cfg, "loss_fusion")
     with pytest.raises(ValueError, match="hsic_kernel"):
-        tiny(hsic_kernel="gaussian")
+        ObjectiveConfig(hsic_kernel="gaussian")
+    with pytest.raises(ValueError, match="every loss is switched off"):
+        ObjectiveConfig(loss_aln=False, loss_decouple=False, loss_info=False, loss_triplet=False, loss_fusion=False)
     with pytest.raises(ValueError, match="bdam_pooling"):
         tiny(bdam_pooling="max")
     with pytest.raises(ValueError, match="conv_stem"):

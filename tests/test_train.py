@@ -1,6 +1,7 @@
 """train.py end to end on a small SynthPEDES: it learns (beats chance by a margin), it resumes
 exactly, it survives Ctrl-C, two processes (DistributedDataParallel, gloo) compute what one
 process computes, and bad runs stop with clear messages."""
+import dataclasses
 import itertools
 import json
 import os
@@ -23,6 +24,7 @@ import evaluate
 import mamba_triton
 import synthpedes
 import train
+import train_bench
 from devices import forward_context
 from encoders import load_tokenizer
 from losses import compute_losses
@@ -47,14 +49,15 @@ def scan_reference(monkeypatch):
 def synth_root(tmp_path_factory):
     """30 identities (18 train / 3 val / 9 test), their descriptions written by train.py itself."""
     root = tmp_path_factory.mktemp("synth")
-    cfg, _, _ = train.parse_config(["--root", str(root), *SYNTH])
+    cfg, *_ = train.parse_config(["--root", str(root), *SYNTH])
     train.prepare_data(cfg)
     return root
 
 
 def config(root, *extra):
-    cfg, mcfg, _ = train.parse_config(["--root", str(root), *SYNTH, *TINY, *extra])
-    return cfg, mcfg
+    """(TrainConfig, ModelConfig, ObjectiveConfig) of the command line, as train.train takes them."""
+    cfg, mcfg, ocfg, _ = train.parse_config(["--root", str(root), *SYNTH, *TINY, *extra])
+    return cfg, mcfg, ocfg
 
 
 def test_training_retrieves_held_out_people_far_above_chance(tmp_path_factory, tmp_path, monkeypatch):
@@ -67,10 +70,10 @@ def test_training_retrieves_held_out_people_far_above_chance(tmp_path_factory, t
     where chance is 1.1 (2026-11-28)."""
     monkeypatch.chdir(tmp_path)
     root = tmp_path_factory.mktemp("synth300")
-    cfg, mcfg, _ = train.parse_config(["--root", str(root), "--synth-train-images", "0", "--epochs", "2",
-                                       "--final-eval", "false"])
-    run = train.train(cfg, mcfg)
-    model = T2IReID(mcfg)
+    cfg, mcfg, ocfg, _ = train.parse_config(["--root", str(root), "--synth-train-images", "0", "--epochs", "2",
+                                             "--final-eval", "false"])
+    run = train.train(cfg, mcfg, ocfg)
+    model = T2IReID(mcfg, ocfg)
     model.load_state_dict(torch.load(run / "best.pt", weights_only=False)["model"])
     test = data.load_dataset("synth", root)
     result = evaluate.evaluate_model(model, test, load_tokenizer(mcfg.text_model), mcfg.image_size,
@@ -87,7 +90,7 @@ def test_training_retrieves_held_out_people_far_above_chance(tmp_path_factory, t
     steps = [row for row in log if "total" in row]
     assert len(steps) == 136 and steps[-1]["total"] < steps[0]["total"]
     # GradNorm's weights stay inside the regulariser's bound, and each step logs w_k and G_k
-    assert all(0.2 <= row[f"w_{t}"] <= 5 and row[f"G_{t}"] >= 0 for row in steps for t in mcfg.loss_names())
+    assert all(0.2 <= row[f"w_{t}"] <= 5 and row[f"G_{t}"] >= 0 for row in steps for t in ocfg.loss_names())
     assert all(0 < row["w_img"] < 1 and row["g_std"] > 0 for row in steps)  # both gates logged
     assert (Path("runs") / "latest").resolve() == run.resolve()
     assert {"last.pt", "best.pt", "config.json"} <= {p.name for p in run.iterdir()}
@@ -105,8 +108,8 @@ def test_random_erasing_reaches_the_training_images_as_the_run_asks(synth_root):
     """--erase-p is what train() trains on: with 1, each image differs from the one with 0 (the
     same seed, so the same flip and crop) in one rectangle, and is 0 throughout it."""
     dataset = data.load_dataset("synth", synth_root)
-    plain = train.training_items(dataset, *config(synth_root, "--erase-p", "0"))
-    erased = train.training_items(dataset, *config(synth_root, "--erase-p", "1"))
+    plain = train.training_items(dataset, *config(synth_root, "--erase-p", "0")[:2])
+    erased = train.training_items(dataset, *config(synth_root, "--erase-p", "1")[:2])
     for i in range(4):
         a, b = plain[(0, i)]["image"], erased[(0, i)]["image"]  # (3, H, W)
         rows, cols = (a != b).any(0).nonzero(as_tuple=True)
@@ -147,8 +150,8 @@ def test_resume_continues_exactly(synth_root, tmp_path, monkeypatch):
     base = ["--epochs", "2", "--p", "4", "--k", "2", "--final-eval", "false", "--checkpoint-every", "1"]
     straight = train.train(*config(synth_root, *base, "--max-steps", "5", "--name", "straight"))
     halves = train.train(*config(synth_root, *base, "--max-steps", "2", "--name", "halves"))
-    cfg, mcfg = config(synth_root, *base, "--max-steps", "5", "--name", "halves")
-    train.train(cfg, mcfg, run=halves)
+    cfg, mcfg, ocfg = config(synth_root, *base, "--max-steps", "5", "--name", "halves")
+    train.train(cfg, mcfg, ocfg, run=halves)
     a = torch.load(straight / "last.pt", weights_only=False)
     b = torch.load(halves / "last.pt", weights_only=False)
     assert a["global_step"] == b["global_step"] == 5
@@ -185,9 +188,9 @@ def ddp_worker(rank: int, port: int, root: str, runs: list) -> None:
 
     train.checkpoint = checkpoint
     for name, steps, resume in runs:
-        cfg, mcfg, _ = train.parse_config(["--root", root, *SYNTH, *DDP, "--name", name,
-                                           "--max-steps", str(steps)])
-        train.train(cfg, mcfg, Path("runs") / name if resume else None)
+        cfg, mcfg, ocfg, _ = train.parse_config(["--root", root, *SYNTH, *DDP, "--name", name,
+                                                 "--max-steps", str(steps)])
+        train.train(cfg, mcfg, ocfg, Path("runs") / name if resume else None)
 
 
 def run_two_processes(root: Path, runs: list, timeout: float = 240) -> None:
@@ -206,7 +209,7 @@ def run_two_processes(root: Path, runs: list, timeout: float = 240) -> None:
             pytest.fail(f"the two processes did not finish in {timeout} s")
 
 
-def chunked_forward(model, chunks: list, rngs: list, mcfg) -> tuple[dict, dict]:
+def chunked_forward(model, chunks: list, rngs: list, ocfg) -> tuple[dict, dict]:
     """What the two processes compute, in one: each chunk (a process's P/N identities) through the
     model with that process's dropout RNG, the outputs and labels concatenated in rank order, the
     losses over the concatenation. Returns (losses, rank 0's buffers): DDP broadcasts rank 0's
@@ -222,17 +225,17 @@ def chunked_forward(model, chunks: list, rngs: list, mcfg) -> tuple[dict, dict]:
     length = max(c["clothing"]["input_ids"].shape[1] for c in chunks)
     ids = [F.pad(c["clothing"]["input_ids"], (0, length - c["clothing"]["input_ids"].shape[1])) for c in chunks]
     labels = {"pids": torch.cat([c["pids"] for c in chunks]), "clothing": {"input_ids": torch.cat(ids)}}
-    return compute_losses(out, labels, mcfg), rank0_buffers
+    return compute_losses(out, labels, ocfg), rank0_buffers
 
 
 def one_process_reference(root: Path, steps: int):
     """train.train's set-up, then `steps` updates on the concatenated chunks: (state, log rows)."""
-    cfg, mcfg = config(root, *DDP)
+    cfg, mcfg, ocfg = config(root, *DDP)
     dataset, tokenizer, cpu = data.load_dataset("synth", root), load_tokenizer(None), torch.device("cpu")
     torch.manual_seed(cfg.seed), np.random.seed(cfg.seed), random.seed(cfg.seed)
     samplers = [data.IdentitySampler([s.pid for s in dataset.train], cfg.p, cfg.k, seed=cfg.seed, rank=r, world=2)
                 for r in range(2)]
-    state = train.State.create(cfg, mcfg, cpu, total_steps=cfg.epochs * len(samplers[0]))
+    state = train.State.create(cfg, mcfg, ocfg, cpu, total_steps=cfg.epochs * len(samplers[0]))
     rngs = [torch.get_rng_state(), torch.manual_seed(cfg.seed * 1_000_003 + 1).get_state()]  # as train.train
     items = train.training_items(dataset, cfg, mcfg)
     train.fill_text_cache(state.model, items.dataset.texts(), tokenizer, mcfg.max_text_len, cpu)
@@ -240,8 +243,8 @@ def one_process_reference(root: Path, steps: int):
     loaders = [train.make_loader(items, sampler, 0, 0, tokenizer, cfg, mcfg.max_text_len) for sampler in samplers]
     rows = []
     for chunks in itertools.islice(zip(*loaders), steps):
-        losses, rank0_buffers = chunked_forward(state.model, chunks, rngs, mcfg)
-        rows.append(train.update(state, losses, mcfg))
+        losses, rank0_buffers = chunked_forward(state.model, chunks, rngs, ocfg)
+        rows.append(train.update(state, losses, ocfg))
         state.model.load_state_dict(rank0_buffers, strict=False)  # after the backward that used them
     return state, rows
 
@@ -320,6 +323,29 @@ def test_ctrl_c_saves_last_and_resume_finishes(synth_root, tmp_path):
     assert torch.load(tmp_path / "runs" / "stopped" / "last.pt", weights_only=False)["epoch"] == 1
 
 
+def test_sigterm_to_the_group_with_workers_stops_quietly(synth_root, tmp_path):
+    """SIGTERM to the whole process group (as `timeout` or a scheduler sends it) of a run with two
+    loader workers, mid-epoch: last.pt saved, the one resume line, exit 130, no traceback -- the
+    workers, in groups of their own, do not die of the signal and are shut down by the run."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = [sys.executable, str(Path(train.__file__)), "--root", str(synth_root), *SYNTH, *TINY,
+            "--workers", "2", "--epochs", "1", "--p", "4", "--k", "2", "--final-eval", "false",
+            "--name", "termed"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    log = tmp_path / "runs" / "termed" / "log.jsonl"
+    deadline = time.time() + 240
+    while not (log.exists() and log.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "killed by signal" not in err, err
+    assert "continue with: python train.py --resume runs/termed" in err
+    saved = torch.load(tmp_path / "runs" / "termed" / "last.pt", weights_only=False)
+    assert saved["global_step"] >= 2 and saved["epoch"] == 0
+
+
 def test_non_finite_loss_stops_with_the_loss_named(synth_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     real = train.compute_losses
@@ -339,23 +365,52 @@ def test_real_benchmark_without_descriptions_names_the_describe_command(tmp_path
     (folder / "reid_raw.json").write_text(json.dumps([{"split": "train", "captions": ["a man"],
                                                         "file_path": "a.jpg", "processed_tokens": [["a", "man"]],
                                                         "id": 1}]))
-    cfg, _, _ = train.parse_config(["--data", "cuhk", "--root", str(tmp_path)])
+    cfg, *_ = train.parse_config(["--data", "cuhk", "--root", str(tmp_path)])
     with pytest.raises(data.DatasetError, match="python describe.py --data cuhk"):
         train.prepare_data(cfg)
 
 
 def test_command_line_types_presets_and_ablations():
-    cfg, mcfg, _ = train.parse_config(["--ablation", "w/o Mamba", "--lr", "2e-4", "--use-gradnorm", "false"])
-    assert cfg.data == "synth" and cfg.lr == 2e-4 and mcfg.fusion_mamba is False and mcfg.use_gradnorm is False
-    assert mcfg.vision_model == ""  # the SynthPEDES preset: a small ViT from its config
-    cfg, mcfg, _ = train.parse_config(["--data", "cuhk"])
+    cfg, mcfg, ocfg, _ = train.parse_config(["--ablation", "w/o Mamba", "--lr", "2e-4", "--use-gradnorm", "false"])
+    assert cfg.data == "synth" and cfg.lr == 2e-4 and mcfg.fusion_mamba is False and ocfg.use_gradnorm is False
+    assert mcfg.vision_model == "" and ocfg.rerank_k == 10  # the SynthPEDES preset: a small ViT, K = 10
+    cfg, mcfg, ocfg, _ = train.parse_config(["--data", "cuhk"])
     assert mcfg.vision_model == "google/vit-base-patch16-224" and mcfg.image_size == (224, 224)
-    assert cfg.lr == 1e-4 and cfg.weight_decay == 1e-3 and mcfg.gradnorm_alpha == 1.5  # Sec. IV-A
+    assert cfg.lr == 1e-4 and cfg.weight_decay == 1e-3 and ocfg.gradnorm_alpha == 1.5  # Sec. IV-A
     for bad in (["--no-such-field", "1"], ["--epochs", "ten"], ["--use-bdam", "maybe"], ["--data", "mnist"]):
         with pytest.raises(SystemExit):
             train.parse_config(bad)
     with pytest.raises(SystemExit):  # a resumed run keeps its saved configuration
         train.parse_config(["--resume", "runs/x", "--lr", "1"])
+
+
+def test_switches_that_contradict_across_configs_are_a_command_line_error(capsys):
+    """use_bdam and use_fusion (ModelConfig) against the losses that need them (ObjectiveConfig):
+    parse_config's error names the fix, from flags and from an ablation row with a flag on top."""
+    for argv, fix in ((["--use-bdam", "false"],
+                       "use_bdam=False leaves no clothing feature: set loss_aln=False, loss_decouple=False"),
+                      (["--ablation", "w/o fusion", "--loss-fusion", "true"],
+                       "use_fusion=False: set loss_fusion=False too")):
+        with pytest.raises(SystemExit):
+            train.parse_config(argv)
+        assert fix in capsys.readouterr().err, argv
+    _, mcfg, ocfg, _ = train.parse_config(["--use-bdam", "false", "--loss-aln", "false", "--loss-decouple", "false"])
+    assert mcfg.use_bdam is False and ocfg.loss_names() == ["info", "triplet", "fusion"]
+
+
+def test_resume_reads_config_json_old_and_new(tmp_path, monkeypatch):
+    """config.json holds "train", "model" and "objective"; a run written before ObjectiveConfig
+    existed has the objective's fields in "model", and --resume splits them out by name."""
+    monkeypatch.chdir(tmp_path)
+    cfg, mcfg, ocfg, _ = train.parse_config(["--ablation", "w/o L_aln", "--rerank-k", "7", "--name", "new"])
+    run, _ = train.start_run(cfg, mcfg, ocfg, None)
+    assert set(json.loads((run / "config.json").read_text())) == {"train", "model", "objective"}
+    assert train.parse_config(["--resume", str(run)])[:3] == (cfg, mcfg, ocfg)
+    old = tmp_path / "runs" / "old"
+    old.mkdir()
+    model = {**dataclasses.asdict(mcfg), **dataclasses.asdict(ocfg)}  # as train.py wrote it before
+    (old / "config.json").write_text(json.dumps({"train": dataclasses.asdict(cfg), "model": model}))
+    assert train.parse_config(["--resume", str(old)])[:3] == (cfg, mcfg, ocfg)
 
 
 def test_both_regimes_train_on_as_many_photographs_per_identity(monkeypatch, tmp_path):
@@ -371,19 +426,19 @@ def test_both_regimes_train_on_as_many_photographs_per_identity(monkeypatch, tmp
         raise Generated  # what was asked for is all this test needs
     monkeypatch.setattr(synthpedes, "ensure_synthpedes", ensure)
     for regime, per_outfit in (("cloth-changing", 16), ("same-clothes", 48)):
-        cfg, _, _ = train.parse_config(["--root", str(tmp_path), "--synth-regime", regime])
+        cfg, *_ = train.parse_config(["--root", str(tmp_path), "--synth-regime", regime])
         with pytest.raises(Generated):
             train.prepare_data(cfg)
         assert asked["regime"] == regime and asked["train_images_per_outfit"] == per_outfit
-    cfg, _, _ = train.parse_config(["--root", str(tmp_path), "--synth-train-images", "0"])
+    cfg, *_ = train.parse_config(["--root", str(tmp_path), "--synth-train-images", "0"])
     with pytest.raises(Generated):
         train.prepare_data(cfg)
     assert asked["train_images_per_outfit"] is None  # as many as the validation and test outfits
 
 
 def test_bench_prints_where_a_training_step_goes(capsys):
-    """`python train.py --bench` (train_bench.py): a row per part, the whole step, the baseline."""
-    assert train.main([*TINY, "--p", "4", "--k", "2", "--bench"]) == 0
+    """`python train_bench.py`: a row per part, the whole step, the baseline."""
+    assert train_bench.main([*TINY, "--p", "4", "--k", "2"]) == 0
     out = capsys.readouterr().out
     for part in ("vision encoder (ViT)", "text encoder (2 texts)", "BDAM", "fusion (S x Q image-text pairs)",
                  "losses (compute_losses)", "GradNorm's K - 1 extra gradients", "optimiser (Adam)"):
