@@ -415,7 +415,7 @@ def test_resume_reads_config_json_old_and_new(tmp_path, monkeypatch):
 
 def test_both_regimes_train_on_as_many_photographs_per_identity(monkeypatch, tmp_path):
     """--synth-train-images counts photographs of each training identity, over its outfits: the
-    preset's 48 are 16 of each of 3 outfits (cloth-changing) or 48 of the one outfit (same-clothes)."""
+    preset's 72 are 24 of each of 3 outfits (cloth-changing) or 72 of the one outfit (same-clothes)."""
     asked = {}
 
     class Generated(Exception):
@@ -425,7 +425,7 @@ def test_both_regimes_train_on_as_many_photographs_per_identity(monkeypatch, tmp
         asked.update(settings)
         raise Generated  # what was asked for is all this test needs
     monkeypatch.setattr(synthpedes, "ensure_synthpedes", ensure)
-    for regime, per_outfit in (("cloth-changing", 16), ("same-clothes", 48)):
+    for regime, per_outfit in (("cloth-changing", 24), ("same-clothes", 72)):
         cfg, *_ = train.parse_config(["--root", str(tmp_path), "--synth-regime", regime])
         with pytest.raises(Generated):
             train.prepare_data(cfg)
