@@ -3,20 +3,25 @@
 SynthPEDES knows who is who and what they wear, so each claim of the paper can be tested under
 control: every row of the claims below is trained with seeds 0, 1, 2 in both regimes
 (cloth-changing and same-clothes) by `train.py`, evaluated on the 90 held-out test identities,
-and compared with the full model by one rule (`verdict`). Each finished run leaves a small JSON
-summary in results/study/runs/; a study that is stopped continues from them (and an interrupted
-run resumes from its last.pt). The table is written to results/study/table.{md,json}.
+and compared with the full model by one rule (`verdict`), on the numbers each claim is about
+(`Claim.reads`): a claim about decoupling (Tables II and V) on the mAP over the person's other
+outfits and Table V's ratios, the others on Rank-1 and mAP. Each finished run leaves a small
+JSON summary in results/study/runs/; a study that is stopped continues from them (and an
+interrupted run resumes from its last.pt). The table is written to results/study/table.{md,json},
+with one picture per regime (effects-<regime>.png: each row's effect, sorted, against the claim).
 
     python study.py                         # everything; prints the time it expects first
-    python study.py --table                 # only rebuild the table from the finished runs
+    python study.py --table                 # only rebuild the table and pictures from the finished runs
     python study.py --hours 2               # the rows that fit in two hours, in the claims' order
     python study.py --rows full "w/o BDAM" --seeds 0 --regimes same-clothes
     python study.py --rows full -- --max-steps 20    # flags after -- go to every train.py run
+    python study.py --rows full "w/o Mamba" --out results/study-4-epochs -- --epochs 4   # a longer study
 
 Tests: pytest tests/test_study.py
 """
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -24,18 +29,36 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from evaluate import robustness_ratios
 from model import ABLATIONS
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "study"
 REGIMES = ("cloth-changing", "same-clothes")
 SEEDS = (0, 1, 2)
+MIN_SEEDS = 3  # no verdict on fewer: the paper reports the mean over seeds 0, 1, 2 (issue 23)
 # train.py fields on top of its SynthPEDES preset: the run length of a study run (README,
 # "Do the paper's claims hold on SynthPEDES?", says what the full model reaches with it)
-# The default run's length, 541 steps: at 203 (18 photographs per identity) the full model reached
-# R1 12.9 / mAP 11.1, against 52.7 / 29.3 at 541 (one run each, 2026-11-28): too short to compare
+# The default run's length (810 steps since 2026-12-05, 541 before): at 203 (18 photographs per
+# identity) the full model reached R1 12.9 / mAP 11.1, against 52.7 / 29.3 at 541 (one run each,
+# 2026-11-28): too short to compare
 STUDY_PRESET = {}
-MINUTES_PER_RUN = 7.5  # the estimate before any run has finished: the default runs here, 2026-11-28
+MINUTES_PER_RUN = 7.5  # the estimate before any run has finished: the default runs here, 2026-12-05
+
+SETTINGS = ("Standard", "Identity-Only", "Clothes-Conflict")  # Table V
+# The numbers of a run that a verdict reads, each per stage: Rank-1 and mAP over all the person's
+# images, the same over the person's other outfits only (evaluate.py's cloth-changing protocol),
+# and Table V's ratios, the Rank-1 that Identity-Only and Clothes-Conflict queries keep of Standard's
+METRICS = {"R1": "Rank-1", "mAP": "mAP", "cross_R1": "Rank-1, other outfits", "cross_mAP": "mAP, other outfits",
+           "Identity-Only": "Identity-Only / Standard", "Clothes-Conflict": "Clothes-Conflict / Standard"}
+CROSS = ("cross_R1", "cross_mAP")  # absent from the summaries written before issue 23
+ALL_IMAGES = ("R1", "mAP")
+DECOUPLING = ("cross_mAP", "Identity-Only", "Clothes-Conflict")  # the decoupled model finds the person, not the clothes
+NOT_TESTABLE = "not testable at this length"
+# What would test the fusion's rows where the full model's stage 2 is within noise of its stage 1:
+# four times the steps (docs/experiments.md, "Four times the steps": about 25 minutes a run here)
+LONGER = ("a 4-epoch run of the full model and of `w/o Mamba`, seeds 0-2, would test them: "
+          "`python study.py --rows full \"w/o Mamba\" --regimes {regime} --out results/study-4-epochs -- --epochs 4`")
 
 
 @dataclass(frozen=True)
@@ -43,19 +66,22 @@ class Claim:
     text: str
     source: str  # where the paper makes it
     rows: tuple  # rows of model.ABLATIONS, each compared with "full"
+    reads: tuple = ALL_IMAGES  # the METRICS its verdict is read from, on the final ranking
+    needs_fusion: bool = False  # it can show only where the full model's fusion changes the ranking
 
 
+ROBUSTNESS_ROWS = ("full", "w/o BDAM", "w/o L_decouple", "w/o L_aln")  # Table V
 CLAIMS = (  # in the order the study runs them
     Claim("BDAM helps; its cross-attention and its gate each help", "Table II",
-          ("w/o BDAM", "w/o cross-attention", "w/o BDAM gate", "shallow BDAM")),
+          ("w/o BDAM", "w/o cross-attention", "w/o BDAM gate", "shallow BDAM"), DECOUPLING),
     Claim("the fusion helps; Mamba beats an MLP of the same depth; its gate and alignment help",
-          "Table III", ("w/o fusion", "w/o Mamba", "w/o fusion gate", "w/o alignment")),
+          "Table III", ("w/o fusion", "w/o Mamba", "w/o fusion gate", "w/o alignment"), needs_fusion=True),
     Claim("each loss helps; GradNorm beats fixed weights", "Table IV",
           ("w/o L_aln", "w/o L_decouple", "w/o L_info", "w/o L_tri", "w/o GradNorm", "w/o weight regulariser")),
+    Claim("the decoupled model keeps its accuracy when the clothing text is wrong", "Table V",
+          ROBUSTNESS_ROWS[1:], DECOUPLING),
 )
-ROBUSTNESS_ROWS = ("full", "w/o BDAM", "w/o L_decouple", "w/o L_aln")  # Table V
-SETTINGS = ("Standard", "Identity-Only", "Clothes-Conflict")
-ALL_ROWS = ("full",) + tuple(row for claim in CLAIMS for row in claim.rows)
+ALL_ROWS = tuple(dict.fromkeys(("full",) + tuple(row for claim in CLAIMS for row in claim.rows)))
 
 
 def slug(row: str) -> str:
@@ -67,15 +93,30 @@ def slug(row: str) -> str:
 # Running: one train.py process per (regime, row, seed); its summary is all the study keeps
 
 
+def table_v_ratios(robustness: dict) -> dict:
+    """{setting: {stage: ratio}}: the Rank-1 of Identity-Only and Clothes-Conflict queries over
+    Standard's, per stage (evaluate.robustness_ratios); {} for a run without Table V."""
+    out = {}
+    for (name, stage), ratio in (robustness_ratios(robustness) if robustness else {}).items():
+        out.setdefault(name, {})[stage] = ratio
+    return out
+
+
 def summarise(results: dict, row: str, regime: str, seed: int, minutes: float) -> dict:
-    """The part of a run's results.json that the table needs: Rank-1 and mAP of both stages (stage
-    2 is None without fusion), of each Table V setting, and the gate statistics (Fig. 5)."""
-    pick = lambda m: None if m is None else {"R1": m["R1"], "mAP": m["mAP"]}  # noqa: E731
+    """The part of a run's results.json that the table needs. Per stage (stage 2 is None without
+    fusion): Rank-1 and mAP over all the person's images and over their other outfits only
+    (cross_R1, cross_mAP: None where no query's person has another outfit, as in the same-clothes
+    regime); the same for each Table V setting, and Table V's ratios; the gates (Fig. 5)."""
+    def pick(m):
+        other = (m or {}).get("cross_outfit") or {}
+        return None if m is None else {"R1": m["R1"], "mAP": m["mAP"], "cross_R1": other.get("R1"),
+                                       "cross_mAP": other.get("mAP")}
     stages = lambda r: {"stage1": pick(r["stage1"]), "stage2": pick(r["stage2"])}  # noqa: E731
+    robustness = {name: stages(r) for name, r in (results.get("robustness") or {}).items()}
     gates = results.get("gates") or {}
     bdam, fusion = gates.get("bdam"), gates.get("fusion")
     return {"row": row, "regime": regime, "seed": seed, "minutes": round(minutes, 2), **stages(results),
-            "robustness": {name: stages(r) for name, r in (results.get("robustness") or {}).items()},
+            "robustness": robustness, "ratios": table_v_ratios(robustness),
             "gates": {"bdam_mean": bdam and bdam["mean"], "bdam_channel_std": bdam and bdam.get("channel_std"),
                       "fusion_w_img": fusion and fusion["mean"]}}
 
@@ -84,9 +125,10 @@ def summary_path(out: Path, regime: str, row: str, seed: int) -> Path:
     return out / "runs" / regime / slug(row) / f"seed{seed}.json"
 
 
-def train_command(regime: str, row: str, seed: int, extra: list) -> tuple[list, Path]:
-    """The train.py command of one run (a resume when it was interrupted) and its run folder."""
-    name = f"study/{regime}/{slug(row)}/seed{seed}"
+def train_command(regime: str, row: str, seed: int, extra: list, out: Path = RESULTS) -> tuple[list, Path]:
+    """The train.py command of one run (a resume when it was interrupted) and its run folder,
+    runs/<out's name>/...: a study written elsewhere (--out results/study-4-epochs) trains its own."""
+    name = f"{out.name}/{regime}/{slug(row)}/seed{seed}"
     run = Path("runs") / name
     if (run / "last.pt").exists():
         return [sys.executable, str(HERE / "train.py"), "--resume", str(run)], run
@@ -98,7 +140,7 @@ def train_command(regime: str, row: str, seed: int, extra: list) -> tuple[list, 
 
 def run_one(regime: str, row: str, seed: int, out: Path, extra: list) -> dict:
     """Train and evaluate one run (its output goes to <run>.log); write and return its summary."""
-    command, run = train_command(regime, row, seed, extra)
+    command, run = train_command(regime, row, seed, extra, out)
     run.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
     if not (run / "results.json").exists():
@@ -155,90 +197,222 @@ def final(summary: dict) -> dict:
     return summary["stage2"] or summary["stage1"]
 
 
+def ratios(summary: dict) -> dict:
+    """Table V's ratios of a run; a summary written before they were kept has them from its Rank-1s."""
+    return summary["ratios"] if "ratios" in summary else table_v_ratios(summary["robustness"])
+
+
+def value(summary: dict, stage: str, metric: str):
+    """One of a run's METRICS at "stage1", "stage2" or "final" (stage 2 where the model has a
+    fusion); None where the run has no such stage or number, or its summary predates it."""
+    stage = ("stage2" if summary["stage2"] else "stage1") if stage == "final" else stage
+    if metric in SETTINGS:
+        return ratios(summary).get(metric, {}).get(stage)
+    return (summary[stage] or {}).get(metric)
+
+
+def predates(summary: dict) -> bool:
+    """Whether a summary was written before the numbers over other outfits were kept (issue 23)."""
+    return CROSS[-1] not in summary["stage1"]
+
+
 def mean_std(values: list) -> tuple:
     """(mean, sample standard deviation); the deviation is None for fewer than two values."""
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def pooled_std(a: list, b: list) -> float:
+    """s = sqrt((s_a^2 + s_b^2) / 2), from the sample standard deviations over seeds."""
+    return ((statistics.stdev(a) ** 2 + statistics.stdev(b) ** 2) / 2) ** 0.5
 
 
 def verdict(full: list, ablated: list) -> str:
     """The claim "the full model beats the ablated row" on one metric, over seeds: with
     d = mean(full) - mean(ablated) and the pooled standard deviation s = sqrt((s_full^2 +
     s_ablated^2) / 2), it *holds* when d > 2 s, is *contradicted* when d < -2 s, and is
-    *within noise* otherwise. Fewer than two seeds on either side: *too few seeds*."""
-    if len(full) < 2 or len(ablated) < 2:
+    *within noise* otherwise. Fewer than MIN_SEEDS (three) seeds on either side: *too few seeds*."""
+    if len(full) < MIN_SEEDS or len(ablated) < MIN_SEEDS:
         return "too few seeds"
-    (m_full, s_full), (m_row, s_row) = mean_std(full), mean_std(ablated)
-    d, s = m_full - m_row, ((s_full ** 2 + s_row ** 2) / 2) ** 0.5
+    d, s = statistics.fmean(full) - statistics.fmean(ablated), pooled_std(full, ablated)
     return "holds" if d > 2 * s else "contradicted" if d < -2 * s else "within noise"
 
 
-def compare(full: list, ablated: list, metric) -> dict:
-    """Mean, std, the difference from the full model and the verdict of one metric."""
-    f, a = [metric(s) for s in full], [metric(s) for s in ablated]
+def combine(verdicts: list) -> str:
+    """One verdict from those of several metrics: *too few seeds* if any is; *mixed* when one
+    holds and another is contradicted; else *holds* or *contradicted* when one metric says so;
+    *within noise* when all are."""
+    if "too few seeds" in verdicts:
+        return "too few seeds"
+    if "holds" in verdicts and "contradicted" in verdicts:
+        return "mixed"
+    return "holds" if "holds" in verdicts else "contradicted" if "contradicted" in verdicts else "within noise"
+
+
+def compare(full: list, ablated: list, read) -> dict | None:
+    """One number (`read`: summary -> number) of a row's runs against the full model's: the row's
+    mean, std and values, the difference of means (row minus full), the verdict's noise band 2 s
+    (None under two seeds) and the verdict. None where a run lacks the number."""
+    f, a = [read(s) for s in full], [read(s) for s in ablated]
+    if not f or not a or None in f + a:
+        return None
     mean, std = mean_std(a)
-    return {"mean": mean, "std": std, "diff": mean - statistics.fmean(f), "verdict": verdict(f, a)}
+    noise = 2 * pooled_std(f, a) if len(f) > 1 and len(a) > 1 else None
+    return {"mean": mean, "std": std, "values": a, "diff": mean - statistics.fmean(f), "noise": noise,
+            "verdict": verdict(f, a)}
+
+
+def fusion_test(full: list) -> dict:
+    """Whether Table III's claims can show at this length: the full model's stage 2 against its
+    stage 1 (verdict(stage 2, stage 1)) on Rank-1, mAP and mAP over other outfits where known.
+    Within noise on every one: *not testable at this length* (a row without the fusion cannot
+    lose what the fusion does not add); else *testable*, or *too few seeds*."""
+    metrics = {}
+    for m in ("R1", "mAP", "cross_mAP"):
+        s2, s1 = [value(s, "stage2", m) for s in full], [value(s, "stage1", m) for s in full]
+        if full and None not in s1 + s2:
+            metrics[m] = {"diff": statistics.fmean(s2) - statistics.fmean(s1), "verdict": verdict(s2, s1)}
+    found = [c["verdict"] for c in metrics.values()]
+    status = ("-" if not found else "too few seeds" if "too few seeds" in found
+              else NOT_TESTABLE if set(found) == {"within noise"} else "testable")
+    return {"status": status, "metrics": metrics}
+
+
+def claim_verdict(claim: Claim, cell: dict, fusion: dict) -> dict:
+    """One claim's verdict on one row, combined from the verdicts of the metrics it reads (each in
+    "from"): *not testable at this length* for a claim about the fusion where fusion_test says so;
+    '-' where the summaries lack its numbers or predate those over other outfits (why: "note")."""
+    if claim.needs_fusion and fusion["status"] == NOT_TESTABLE:
+        return {"verdict": NOT_TESTABLE, "from": {}, "note": "the full model's stage 2 is within noise of its stage 1"}
+    if cell["predates"] and set(claim.reads) & set(CROSS):
+        return {"verdict": "-", "from": {}, "note": "these summaries predate the numbers over other outfits"}
+    read = {m: cell[f"final_{m}"]["verdict"] for m in claim.reads if cell[f"final_{m}"]}
+    if not read:
+        return {"verdict": "-", "from": {}, "note": "none of its numbers in these summaries"}
+    return {"verdict": combine(list(read.values())), "from": read}
+
+
+def row_cell(row: str, full: list, runs: list, fusion: dict) -> dict:
+    """A row of one regime: each metric's mean and std per stage, each against the full model on
+    the final ranking ("final_<metric>", compare), and the verdict of each claim it is in."""
+    cell = {"row": row, "seeds": len(runs), "predates": any(predates(s) for s in runs + full)}
+    for stage in ("stage1", "stage2"):
+        for m in METRICS:
+            values = [value(s, stage, m) for s in runs]
+            cell[f"{stage}_{m}"] = mean_std(values) if None not in values else None
+    for m in METRICS:
+        cell[f"final_{m}"] = compare(full, runs, lambda s, m=m: value(s, "final", m))
+    if row != "full":
+        cell["verdicts"] = {c.source: claim_verdict(c, cell, fusion) for c in CLAIMS if row in c.rows}
+    return cell
 
 
 def aggregate(summaries: list) -> dict:
-    """Per regime: each row against the full model (both stages; the verdict on the final
-    ranking's Rank-1 and mAP), Table V's settings for ROBUSTNESS_ROWS (the verdict on the
-    Clothes-Conflict mAP), and the full model's gates (Fig. 5)."""
+    """Per regime: whether the fusion changes the full model's ranking (fusion_test), each row
+    against the full model (row_cell), Table V's settings for ROBUSTNESS_ROWS (the final mAP of
+    each), and the full model's gates (Fig. 5)."""
     table = {}
     for regime in REGIMES:
         of = {row: [s for s in summaries if s["regime"] == regime and s["row"] == row] for row in ALL_ROWS}
         full = of["full"]
         if not full:
             continue
-        rows = []
-        for row in ALL_ROWS:
-            runs = of[row]
-            if not runs:
-                continue
-            cell = {"row": row, "seeds": len(runs)}
-            for stage in ("stage1", "stage2"):
-                for m in ("R1", "mAP"):
-                    values = [s[stage][m] for s in runs if s[stage]]
-                    cell[f"{stage}_{m}"] = mean_std(values) if values else None
-            for m in ("R1", "mAP"):
-                cell[f"final_{m}"] = compare(full, runs, lambda s, m=m: final(s)[m])
-            rows.append(cell)
+        fusion = fusion_test(full)
+        rows = [row_cell(row, full, of[row], fusion) for row in ALL_ROWS if of[row]]
         robustness = [{"row": row, **{name: compare(full, of[row], lambda s, n=name: final(s["robustness"][n])["mAP"])
                                       for name in SETTINGS}}
                       for row in ROBUSTNESS_ROWS if of[row] and all(s["robustness"] for s in of[row] + full)]
         gates = {key: mean_std([s["gates"][key] for s in full]) for key in ("bdam_mean", "bdam_channel_std",
                                                                              "fusion_w_img")
                  if all(s["gates"][key] is not None for s in full)}
-        table[regime] = {"rows": rows, "robustness": robustness, "gates": gates}
+        table[regime] = {"fusion": fusion, "rows": rows, "robustness": robustness, "gates": gates}
     return table
 
 
-def _pm(value) -> str:
+# ----------------------------------------------------------------------------------------------
+# The table as markdown, and one picture per regime
+
+
+def _pm(value, scale: float = 1.0, digits: int = 1, unit: str = "") -> str:
+    """(mean, std) as "mean ± std" (times `scale`); '-' for None."""
     if value is None:
         return "-"
     mean, std = value
-    return f"{mean:.1f}" + (f" ± {std:.1f}" if std is not None else "")
+    return f"{scale * mean:.{digits}f}" + (f" ± {scale * std:.{digits}f}" if std is not None else "") + unit
+
+
+def _stages(cell: dict, metric: str, **fmt) -> str:
+    """Stage 1 / stage 2 of one metric, each mean ± std."""
+    return " / ".join(_pm(cell[f"{stage}_{metric}"], **fmt) for stage in ("stage1", "stage2"))
+
+
+def _verdicts(cell: dict) -> tuple[str, str]:
+    """(each claim's verdict, the metrics' verdicts it was read from) as two table cells."""
+    if cell["row"] == "full":
+        return "(reference)", ""
+    said, why = [], []
+    for source, v in cell["verdicts"].items():
+        said.append(f"{source}: {v['verdict']}")
+        read = ", ".join(f"{METRICS[m]} {answer}" for m, answer in v["from"].items())
+        why.append(f"{source}: {read or v['note']}")
+    return "; ".join(said), "; ".join(why)
+
+
+def _fusion_line(regime: str, fusion: dict) -> str:
+    """What fusion_test found, in a sentence, and what would test Table III where it cannot."""
+    shown = ", ".join(f"{METRICS[m]} {c['diff']:+.1f} ({c['verdict']})" for m, c in fusion["metrics"].items())
+    said = {NOT_TESTABLE: f"each within noise: Table III's rows are **{NOT_TESTABLE}**; "
+                          + LONGER.format(regime=regime) + ".",
+            "testable": "Table III's rows are testable at this length.",
+            "too few seeds": f"too few seeds ({MIN_SEEDS} needed) to say whether Table III's rows can show."}
+    return f"The fusion, the full model's stage 2 minus stage 1: {shown or '-'}; " + said.get(fusion["status"], "-")
+
+
+def _all_images(rows: list) -> list:
+    out = ["Over all the person's images:", "",
+           "| row | seeds | stage-1 R1 | stage-1 mAP | stage-2 R1 | stage-2 mAP | Δ R1 (final) | Δ mAP (final) |",
+           "|---" * 8 + "|"]
+    for c in rows:
+        out.append(f"| {c['row']} | {c['seeds']} | " + " | ".join(_pm(c[k]) for k in (
+            "stage1_R1", "stage1_mAP", "stage2_R1", "stage2_mAP")) +
+            f" | {c['final_R1']['diff']:+.1f} | {c['final_mAP']['diff']:+.1f} |")
+    return out
+
+
+def _decoupling(rows: list) -> list:
+    out = ["Over the person's other outfits only, Table V's ratios (the Rank-1 kept of Standard's), "
+           "and each claim's verdict:", "",
+           "| row | R1 other outfits (stage 1 / 2) | mAP other outfits (stage 1 / 2) | Identity-Only / Standard "
+           "(1 / 2) | Clothes-Conflict / Standard (1 / 2) | Δ mAP other outfits (final) | verdict | read from |",
+           "|---" * 8 + "|"]
+    for c in rows:
+        diff = c["final_cross_mAP"]
+        out.append(f"| {c['row']} | {_stages(c, 'cross_R1')} | {_stages(c, 'cross_mAP')} | "
+                   f"{_stages(c, 'Identity-Only', scale=100, digits=0, unit='%')} | "
+                   f"{_stages(c, 'Clothes-Conflict', scale=100, digits=0, unit='%')} | "
+                   + (f"{diff['diff']:+.1f}" if diff else "-") + " | " + " | ".join(_verdicts(c)) + " |")
+    return out
+
+
+def _table_v(robustness: list, verdicts: dict) -> list:
+    out = ["", "Table V, final mAP of queries built from the generated descriptions:", "",
+           "| row | " + " | ".join(SETTINGS) + " | Δ Clothes-Conflict | verdict (Table V) |", "|---" * 6 + "|"]
+    for c in robustness:
+        said = "(reference)" if c["row"] == "full" else verdicts[c["row"]].get("Table V", {}).get("verdict", "-")
+        out.append(f"| {c['row']} | " + " | ".join(_pm((c[n]["mean"], c[n]["std"])) for n in SETTINGS)
+                   + f" | {c['Clothes-Conflict']['diff']:+.1f} | {said} |")
+    return out
 
 
 def markdown(table: dict) -> str:
-    """The table as markdown: one section per regime (rows, Table V, Fig. 5)."""
-    out = []
+    """The table as markdown: one section per regime (the fusion, the rows over all images and
+    over other outfits with the verdicts, Table V, Fig. 5, the picture)."""
+    out = [f"Final: stage 2, or stage 1 without a fusion; Δ: row minus full; verdicts by `study.verdict` "
+           f"({MIN_SEEDS} seeds, 2 pooled standard deviations); '-': not in these summaries.", ""]
     for regime, t in table.items():
-        out += [f"### {regime}", "", "| row | seeds | stage-1 R1 | stage-1 mAP | stage-2 R1 | stage-2 mAP | "
-                "Δ R1 (final) | Δ mAP (final) | verdict R1 | verdict mAP |", "|---" * 10 + "|"]
-        for c in t["rows"]:
-            r, m = c["final_R1"], c["final_mAP"]
-            out.append(f"| {c['row']} | {c['seeds']} | " + " | ".join(_pm(c[k]) for k in (
-                "stage1_R1", "stage1_mAP", "stage2_R1", "stage2_mAP")) +
-                f" | {r['diff']:+.1f} | {m['diff']:+.1f} | " + (
-                "(reference) | (reference) |" if c["row"] == "full" else f"{r['verdict']} | {m['verdict']} |"))
+        out += [f"### {regime}", "", _fusion_line(regime, t["fusion"]), ""]
+        out += _all_images(t["rows"]) + [""] + _decoupling(t["rows"])
         if t["robustness"]:
-            out += ["", "Table V, final mAP of queries built from the generated descriptions:", "",
-                    "| row | " + " | ".join(SETTINGS) + " | Δ Clothes-Conflict | verdict |", "|---" * 6 + "|"]
-            for c in t["robustness"]:
-                conflict = c["Clothes-Conflict"]
-                out.append(f"| {c['row']} | " + " | ".join(_pm((c[n]['mean'], c[n]['std'])) for n in SETTINGS)
-                           + f" | {conflict['diff']:+.1f} | "
-                           + ("(reference)" if c["row"] == "full" else conflict["verdict"]) + " |")
+            out += _table_v(t["robustness"], {c["row"]: c.get("verdicts", {}) for c in t["rows"]})
         if t["gates"]:
             g = t["gates"]
             out += ["", "Fig. 5, the full model: " + "; ".join(
@@ -246,17 +420,99 @@ def markdown(table: dict) -> str:
                 for key, name in (("bdam_mean", "BDAM gate g (identity share) mean"),
                                   ("bdam_channel_std", "its per-channel std over images"),
                                   ("fusion_w_img", "fusion W_img mean")) if key in g)]
+        if len(t["rows"]) > 1:
+            out += ["", f"![{regime}: each row's effect against the full model, sorted]({picture_name(regime)})"]
         out.append("")
     return "\n".join(out)
 
 
-def write_table(out: Path) -> Path:
-    """Aggregate every summary under out/runs into out/table.json and out/table.md."""
+def picture_name(regime: str) -> str:
+    return f"effects-{regime}.png"
+
+
+def effect_metrics(rows: list) -> tuple:
+    """The two numbers the picture shows: mAP and Rank-1 over the person's other outfits, or over
+    all images where no row has them (the same-clothes regime, or summaries that predate them)."""
+    cross = any(c["final_cross_mAP"] for c in rows if c["row"] != "full")
+    return ("cross_mAP", "cross_R1") if cross else ("mAP", "R1")
+
+
+def by_effect(rows: list, metric: str) -> list:
+    """The rows other than full, the largest loss against the full model first; rows without
+    the number last, in the study's order."""
+    rows = [c for c in rows if c["row"] != "full"]
+    return sorted(rows, key=lambda c: c[f"final_{metric}"]["diff"] if c[f"final_{metric}"] else math.inf)
+
+
+VERDICT_COLOURS = {"holds": "tab:green", "within noise": "tab:gray", "contradicted": "tab:red",
+                   "too few seeds": "tab:orange"}
+
+
+def _effects_panel(ax, rows: list, metric: str) -> None:
+    """One metric of effects_picture: per row its seeds (ticks), their mean (a dot) and the
+    verdict's noise band (a bar of ± 2 pooled s), coloured by the verdict; the claimed side shaded."""
+    for y, c in enumerate(rows):
+        m = c[f"final_{metric}"]
+        if m is None:
+            ax.annotate("not in these summaries", (0, y), xytext=(4, 0), textcoords="offset points",
+                        va="center", fontsize=8, color="tab:gray")
+            continue
+        colour, full_mean = VERDICT_COLOURS[m["verdict"]], m["mean"] - m["diff"]
+        if m["noise"] is not None:
+            ax.errorbar(m["diff"], y, xerr=m["noise"], fmt="none", ecolor=colour, elinewidth=6, alpha=0.3)
+        ax.plot([v - full_mean for v in m["values"]], [y] * len(m["values"]), "|", color=colour, markersize=10)
+        ax.plot(m["diff"], y, "o", color=colour)
+    low, high = ax.get_xlim()
+    low, high = min(low, -1.0), max(high, 1.0)
+    ax.axvspan(low, 0, color="tab:green", alpha=0.06, linewidth=0)  # the paper: every row scores lower
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlim(low, high)
+    ax.text(0.01, 1.01, "◀ the paper's claim: the row scores lower", transform=ax.transAxes, fontsize=8,
+            color="tab:green")
+    ax.set_xlabel(f"{METRICS[metric]}: row minus full (points, final ranking)")
+
+
+def effects_picture(regime: str, t: dict, path: Path) -> Path | None:
+    """One regime at a glance (issue 23): each row's effect on mAP and Rank-1 over the person's
+    other outfits (effect_metrics), row minus full over seeds, the rows sorted by the mAP effect;
+    the verdict's colour, and each claim's verdict beside the row's name. None without a row to show."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = effect_metrics(t["rows"])
+    rows = by_effect(t["rows"], metrics[0])
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(13, 1.6 + 0.55 * len(rows)), sharey=True)
+    for ax, metric in zip(axes, metrics):
+        _effects_panel(ax, rows, metric)
+    axes[0].set_yticks(range(len(rows)), [f"{c['row']} ({c['seeds']} seeds)\n" + _verdicts(c)[0] for c in rows],
+                       fontsize=8)
+    axes[0].set_ylim(len(rows) - 0.5, -0.5)  # the largest loss on top
+    handles = [plt.Line2D([], [], marker="o", linestyle="", color=colour, label=name)
+               for name, colour in VERDICT_COLOURS.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False,
+               title="dot: mean over seeds; ticks: each seed; bar: ± 2 pooled std (the verdict's noise band)",
+               title_fontsize=8)
+    scope = ("over the person's other outfits" if metrics[0] in CROSS
+             else "over all images (none over other outfits here)")
+    fig.suptitle(f"{regime}: each row against the full model, {scope}", fontsize=11)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_table(out: Path) -> list[Path]:
+    """Aggregate every summary under out/runs into out/table.json, out/table.md and a picture per
+    regime (out/effects-<regime>.png); the paths written."""
     summaries = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*/seed*.json"))]
     table = aggregate(summaries)
     (out / "table.json").write_text(json.dumps(table, indent=1) + "\n")
     (out / "table.md").write_text(markdown(table))
-    return out / "table.md"
+    pictures = [effects_picture(regime, t, out / picture_name(regime)) for regime, t in table.items()]
+    return [out / "table.json", out / "table.md", *[p for p in pictures if p]]
 
 
 def main(argv=None) -> int:
@@ -269,7 +525,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=REGIMES)
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"where summaries and the table go ({RESULTS})")
-    parser.add_argument("--table", action="store_true", help="only aggregate the finished runs")
+    parser.add_argument("--table", action="store_true", help="only rebuild the table and pictures")
     parser.add_argument("--hours", type=float, help="start no run that would end after this many hours")
     args = parser.parse_args(argv)
     if not args.table:
@@ -281,7 +537,8 @@ def main(argv=None) -> int:
         except KeyboardInterrupt:
             print("study.py: stopped; run it again to continue", file=sys.stderr)
             return 130
-    print(f"wrote {write_table(args.out)}")
+    for path in write_table(args.out):
+        print(f"wrote {path}")
     print((args.out / "table.md").read_text())
     return 0
 
