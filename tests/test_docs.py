@@ -61,9 +61,19 @@ def anchors(path: Path) -> set[str]:
     return out
 
 
+def ignored_by_git(where: Path) -> bool:
+    """Whether git would leave this file out of a commit (so a clone would not have it): False
+    outside a git work tree or without git."""
+    try:
+        return subprocess.run(["git", "check-ignore", "-q", str(where)], cwd=where.parent,
+                              capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
 def broken_links(path: Path, root: Path = REPO) -> list[str]:
-    """'file: target (why)' for each relative link of a markdown file that does not resolve
-    (file named relative to `root`)."""
+    """'file: target (why)' for each relative link of a markdown file that does not resolve,
+    in this tree or in a clone of it (file named relative to `root`)."""
     bad = []
     for line in code_and_prose(path.read_text(encoding="utf-8"))[1]:
         for target in LINK.findall(line):
@@ -73,6 +83,8 @@ def broken_links(path: Path, root: Path = REPO) -> list[str]:
             where = (path.parent / file).resolve() if file else path
             if not where.exists():
                 bad.append(f"{path.relative_to(root)}: {target} (no such file)")
+            elif ignored_by_git(where):
+                bad.append(f"{path.relative_to(root)}: {target} (ignored by git: not in a clone)")
             elif anchor and where.suffix == ".md" and anchor not in anchors(where):
                 bad.append(f"{path.relative_to(root)}: {target} (no heading #{anchor})")
     return bad
@@ -97,6 +109,15 @@ def test_broken_links_are_found(tmp_path):
                     "[self](#top) [web](https://example.org/x.md#y) `[code](nowhere.md)`\n\n# Top\n")
     assert broken_links(page, tmp_path) == ["a.md: docs/c.md (no such file)",
                                             "a.md: docs/b.md#three (no heading #three)"]
+
+
+def test_a_link_to_a_file_git_ignores_is_broken(tmp_path):
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / ".gitignore").write_text("*.png\n")
+    (tmp_path / "plot.png").write_bytes(b"")
+    page = tmp_path / "a.md"
+    page.write_text("![plot](plot.png)\n")
+    assert broken_links(page, tmp_path) == ["a.md: plot.png (ignored by git: not in a clone)"]
 
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
