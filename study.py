@@ -162,16 +162,29 @@ def run_one(regime: str, row: str, seed: int, out: Path, extra: list) -> dict:
     return summary
 
 
+def epochs_asked(extra: list) -> int:
+    """The epochs train.py is asked for after `--` (`--epochs N` or `--epochs=N`), else the
+    preset's one: what the time of a run scales with before any run has been timed."""
+    for i, arg in enumerate(extra):
+        if arg == "--epochs" and i + 1 < len(extra):
+            return int(extra[i + 1])
+        if arg.startswith("--epochs="):
+            return int(arg.split("=", 1)[1])
+    return 1
+
+
 def run_study(rows, seeds, regimes, out: Path, extra: list, hours: float | None = None) -> None:
     """Every (row, regime, seed) without a summary, one after another, a line per run; rows come
     first so that a study cut short by `hours` leaves whole rows out, the last ones."""
     plan = [(regime, row, seed) for row in rows for regime in regimes for seed in seeds]
     todo = [p for p in plan if not summary_path(out, *p).exists()]
     done = [json.loads(summary_path(out, *p).read_text()) for p in plan if p not in todo]
-    per_run = statistics.median(s["minutes"] for s in done) if done else MINUTES_PER_RUN
+    epochs = epochs_asked(extra)
+    per_run = statistics.median(s["minutes"] for s in done) if done else MINUTES_PER_RUN * epochs
     print(f"study: {len(plan)} runs, {len(done)} finished (kept in {out / 'runs'}), {len(todo)} to do; "
           f"expected {len(todo) * per_run / 60:.1f} h of CPU time at {per_run:.1f} min per run "
-          f"({'median of the finished runs' if done else 'measured on the README machine'})", flush=True)
+          f"({'median of the finished runs' if done else f'measured on the README machine, x {epochs} epochs'})",
+          flush=True)
     begin = time.time()
     for i, (regime, row, seed) in enumerate(todo, 1):
         spent = (time.time() - begin) / 60

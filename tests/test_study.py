@@ -277,3 +277,21 @@ def test_runs_go_row_by_row_and_hours_leaves_the_last_rows_out(tmp_path, monkeyp
     calls.clear()
     study.run_study(rows + ["w/o fusion", "w/o L_aln"], [0], ["same-clothes"], tmp_path / "b", [], hours=0.0)
     assert calls == [] and "not run: 4 runs of full, w/o BDAM, w/o fusion, w/o L_aln" in capsys.readouterr().out
+
+
+def test_the_first_estimate_scales_with_the_epochs_asked_for(tmp_path, monkeypatch, capsys):
+    # Before any run is timed, a 4-epoch study expects four default runs' time, so --hours 0.4
+    # (24 min) starts none of its 30-minute runs, where the default study starts one of 7.5.
+    assert study.epochs_asked(["--epochs", "4"]) == study.epochs_asked(["--workers", "2", "--epochs=4"]) == 4
+    assert study.epochs_asked(["--workers", "2"]) == 1
+    calls = []
+
+    def fake_run(regime, row, seed, out, extra):
+        calls.append(extra)
+        return summary(row, seed, 40.0, regime=regime)
+
+    monkeypatch.setattr(study, "run_one", fake_run)
+    study.run_study(["full"], [0], ["same-clothes"], tmp_path / "four", ["--epochs", "4"], hours=0.4)
+    assert calls == [] and f"{4 * study.MINUTES_PER_RUN:.1f} min per run" in capsys.readouterr().out
+    study.run_study(["full"], [0], ["same-clothes"], tmp_path / "one", [], hours=0.4)
+    assert calls == [[]] and f"{study.MINUTES_PER_RUN:.1f} min per run" in capsys.readouterr().out
