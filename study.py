@@ -31,6 +31,7 @@ from pathlib import Path
 
 from evaluate import robustness_ratios
 from model import ABLATIONS
+from train import parse_config
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "study"
@@ -163,14 +164,9 @@ def run_one(regime: str, row: str, seed: int, out: Path, extra: list) -> dict:
 
 
 def epochs_asked(extra: list) -> int:
-    """The epochs train.py is asked for after `--` (`--epochs N` or `--epochs=N`), else the
-    preset's one: what the time of a run scales with before any run has been timed."""
-    for i, arg in enumerate(extra):
-        if arg == "--epochs" and i + 1 < len(extra):
-            return int(extra[i + 1])
-        if arg.startswith("--epochs="):
-            return int(arg.split("=", 1)[1])
-    return 1
+    """The epochs a run trains for, as train.py reads the flags after `--` (the SynthPEDES
+    preset's one without `--epochs`): what the time of a run scales with before any is timed."""
+    return parse_config(["--data", "synth", *extra])[0].epochs
 
 
 def run_study(rows, seeds, regimes, out: Path, extra: list, hours: float | None = None) -> None:
