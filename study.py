@@ -518,6 +518,7 @@ def write_table(out: Path) -> list[Path]:
     regime (out/effects-<regime>.png); the paths written."""
     summaries = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*/seed*.json"))]
     table = aggregate(summaries)
+    out.mkdir(parents=True, exist_ok=True)  # a new --out where no run has finished yet
     (out / "table.json").write_text(json.dumps(table, indent=1) + "\n")
     (out / "table.md").write_text(markdown(table))
     pictures = [effects_picture(regime, t, out / picture_name(regime)) for regime, t in table.items()]

@@ -295,3 +295,6 @@ def test_the_first_estimate_scales_with_the_epochs_asked_for(tmp_path, monkeypat
     assert calls == [] and f"{4 * study.MINUTES_PER_RUN:.1f} min per run" in capsys.readouterr().out
     study.run_study(["full"], [0], ["same-clothes"], tmp_path / "one", [], hours=0.4)
     assert calls == [[]] and f"{study.MINUTES_PER_RUN:.1f} min per run" in capsys.readouterr().out
+    # a new --out where --hours let no run start still gets its (empty) table, not a traceback
+    assert study.main(["--out", str(tmp_path / "new"), "--hours", "0", "--", "--epochs", "4"]) == 0
+    assert (tmp_path / "new" / "table.md").exists()
