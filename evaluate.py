@@ -47,7 +47,7 @@ from data import DATASETS, DatasetError, load_dataset
 from encoders import EncoderLoadError, load_tokenizer
 from model import ModelConfig, ObjectiveConfig, T2IReID, load_configs
 from pictures import gate_curves, gate_histograms, ranked_list_picture
-from retrieval import TwoStage, embed_gallery, fusion_image_reliance, query_ranker
+from retrieval import TwoStage, embed_gallery, fusion_image_reliance, query_ranker, rerank
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,22 +265,28 @@ def robustness_metrics(ranker, gallery: list, limit_queries, seed: int, notes: l
 @torch.no_grad()
 def evaluate_model(model: T2IReID, data, tokenizer, image_size, max_len: int, device, batch_size=64,
                    rerank_k=None, robustness=True, progress=True, seed=0, limit_queries=None,
-                   clothing_weight: float = 0.0) -> dict:
-    """Stage 1 and stage 2 on the original captions of `data` (a data.ReIDData), the robustness
-    settings, each also across outfits where the dataset knows them, the gate statistics, and
+                   clothing_weight: float = 0.0, fusion_weight: float | None = None) -> dict:
+    """Stage 1 and stage 2 on the original captions of `data` (a data.ReIDData), Table V in both
+    protocols, each also across outfits where the dataset knows them, the gate statistics, and
     example ranked lists; every value fits in JSON.
 
-    rerank_k: K for stage 2 (default model.objective.rerank_k); 0, or a model without fusion: stage 1 only.
+    rerank_k: K for stage 2 (default model.objective.rerank_k, DEFAULT_RERANK when that is < 0,
+        i.e. chosen on validation by train.py); 0, or a model without fusion: stage 1 only.
+    fusion_weight: a of TwoStage (default the objective's, 1 when < 0).
     limit_queries: rank only the first N queries of each set (a quick check).
     clothing_weight: beta of TwoStage (the run's choice on the validation split: train.py).
+    Table V's protocols: "table_v_as_shipped" (the query split, this beta) and
+    "table_v_whole_text" (each setting's string whole on the identity path, beta 0).
     The model must be on `device`; its train/eval mode is restored on return.
     """
-    was_training, k = model.training, model.objective.rerank_k if rerank_k is None else rerank_k
+    was_training, obj = model.training, model.objective
+    k = rerank_k if rerank_k is not None else obj.rerank_k if obj.rerank_k > 0 else DEFAULT_RERANK
     k = k if model.fusion is not None else 0
+    a = fusion_weight if fusion_weight is not None else obj.fusion_weight if obj.fusion_weight >= 0 else 1.0
     model.eval()
     gallery = embed_gallery(model, [g.image_path for g in data.gallery], image_size, device, batch_size, progress)
     gallery_pids, gallery_outfits = [g.pid for g in data.gallery], [g.outfit for g in data.gallery]
-    ranker = query_ranker(model, gallery, tokenizer, max_len, device, k, clothing_weight, batch_size, progress)
+    ranker = query_ranker(model, gallery, tokenizer, max_len, device, k, clothing_weight, batch_size, progress, a)
     queries = data.queries[:limit_queries]
     texts, pids, fusion_gate = [q.caption for q in queries], [q.pid for q in queries], []
     captions = ranker(texts)
@@ -288,7 +294,8 @@ def evaluate_model(model: T2IReID, data, tokenizer, image_size, max_len: int, de
                                             [q.outfit for q in queries], gallery_outfits)
     bdam_gate = [gallery["gate"].mean(1)] if gallery["gate"] is not None else []  # (G,) per image
     result = dict(dataset=data.name, num_queries=len(texts), num_gallery=len(gallery_pids), rerank_k=k,
-                  clothing_weight=clothing_weight, stage1=stage1, stage2=stage2, robustness=None, notes=[],
+                  fusion_weight=a, clothing_weight=clothing_weight, stage1=stage1, stage2=stage2,
+                  table_v_as_shipped=None, table_v_whole_text=None, notes=[],
                   gates=dict(bdam=gate_summary(bdam_gate, gallery["gate"]), fusion=gate_summary(fusion_gate)),
                   examples=_examples(captions.stage2 if k else captions.stage1, texts, pids, data.gallery, 6, seed))
     only = int(captions.clothing_only.sum()) if captions.clothing_only is not None else 0
@@ -297,21 +304,25 @@ def evaluate_model(model: T2IReID, data, tokenizer, image_size, max_len: int, de
                                "their clothing alone, and stage 2 keeps their stage-1 order")
     result["fusion_image_reliance"] = fusion_image_reliance(captions) if k else None
     if robustness:
-        result["robustness"] = robustness_metrics(ranker, data.gallery, limit_queries, seed, result["notes"],
-                                                  batch_size, progress)
+        whole = query_ranker(model, gallery, tokenizer, max_len, device, k, 0.0, batch_size, progress, a, split=False)
+        for key, rank, notes in (("table_v_as_shipped", ranker, result["notes"]), ("table_v_whole_text", whole, [])):
+            result[key] = robustness_metrics(rank, data.gallery, limit_queries, seed, notes, batch_size, progress)
     model.train(was_training)
     return result
 
 
+DEFAULT_RERANK = 10  # K where the run chose none (an evaluation outside train.py)
 CLOTHING_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)  # the betas choose_clothing_weight tries
+RERANK_KS, FUSION_WEIGHTS = (5, 10, 20), (0.0, 0.25, 0.5, 0.75, 1.0)  # what choose_rerank tries
 
 
 @torch.no_grad()
 def clothing_weight_sweep(model: T2IReID, data, tokenizer, image_size, max_len: int, device, batch_size=64,
                           weights=CLOTHING_WEIGHTS, seed=0, progress=False) -> list[dict]:
     """Stage 1 on `data` (the validation split) for each beta in `weights`: the captions' R1, mAP
-    and cross-outfit mAP, and Table V's Rank-1 for each setting. One row of a model without a
-    clothing stream (beta 0). Every query and image is embedded once; each beta only re-adds."""
+    and cross-outfit mAP, and, for the record, Table V's Rank-1 for each setting. One row of a
+    model without a clothing stream (beta 0). Every query and image is embedded once; each beta
+    only re-adds."""
     was_training = model.training
     model.eval()
     gallery = embed_gallery(model, [g.image_path for g in data.gallery], image_size, device, batch_size, progress)
@@ -335,19 +346,58 @@ def clothing_weight_sweep(model: T2IReID, data, tokenizer, image_size, max_len: 
     return rows
 
 
-def choose_clothing_weight(rows: list[dict], keep: float = 0.9) -> float:
-    """The beta that clothing_weight_sweep's rows favour: among the betas whose Identity-Only
-    and Clothes-Conflict Rank-1 keep at least `keep` of Standard's (Table V's claim: a change of
-    clothes must not cost the person), the best validation mAP across outfits where the dataset
-    knows them (the cloth-changing protocol: what decoupling is for), else the best caption mAP
-    (same-clothes data, CUHK-PEDES); 0 when no beta qualifies."""
-    def robust(row):
-        if "Standard" not in row:
-            return True
-        return min(row["Identity-Only"], row["Clothes-Conflict"]) >= keep * row["Standard"]
-    key = "cross_mAP" if all(row.get("cross_mAP") is not None for row in rows) else "mAP"
-    qualifying = [row for row in rows if robust(row)] or [dict(clothing_weight=0.0, **{key: 0.0})]
-    return max(qualifying, key=lambda row: row[key])["clothing_weight"]
+def selection_key(rows: list[dict]) -> str:
+    """The validation measure a setting is chosen by: mAP over the person's other outfits where
+    the data knows outfits (what decoupling is for), else mAP (same-clothes data, CUHK-PEDES)."""
+    return "cross_mAP" if all(row.get("cross_mAP") is not None for row in rows) else "mAP"
+
+
+def choose_clothing_weight(rows: list[dict]) -> float:
+    """The beta of clothing_weight_sweep's rows with the best validation accuracy (selection_key),
+    the smallest beta on a tie. Table V does not constrain it: Table V reports what the chosen
+    model does with clothing text (a constraint made Table V hold by construction)."""
+    key = selection_key(rows)
+    return max(rows, key=lambda row: (row[key], -row["clothing_weight"]))["clothing_weight"]
+
+
+@torch.no_grad()
+def rerank_sweep(model: T2IReID, data, tokenizer, image_size, max_len: int, device, clothing_weight: float,
+                 batch_size=64, ks=RERANK_KS, weights=FUSION_WEIGHTS, progress=False) -> list[dict]:
+    """Stage 2 on `data` (the validation split) for each K in `ks` and fusion weight a in
+    `weights`: Rank-1, mAP and cross-outfit mAP of the captions. The fusion scores the top max(ks)
+    of each query once; a smaller K re-ranks the first K of those."""
+    was_training = model.training
+    model.eval()
+    gallery = embed_gallery(model, [g.image_path for g in data.gallery], image_size, device, batch_size, progress)
+    gallery_pids, gallery_outfits = [g.pid for g in data.gallery], [g.outfit for g in data.gallery]
+    ranker = query_ranker(model, gallery, tokenizer, max_len, device, max(ks), clothing_weight, batch_size,
+                          progress, fusion_weight=1.0)
+    captions = ranker([q.caption for q in data.queries])
+    step = max(1, 4 * batch_size // max(ks))
+    blocks = [captions.fusion_scores(s, min(s + step, len(data.queries))) for s in range(0, len(data.queries), step)]
+    stage1, candidates, fused = (torch.cat(parts) for parts in zip(*blocks))  # (Q, G), (Q, Kmax), (Q, Kmax)
+    base = stage1.gather(1, candidates)  # (Q, Kmax): s1 with its clothing term
+    rows = []
+    for k in ks:
+        for a in weights:  # fused is the a = 1 score, so a's is base + a (fused - base)
+            scores = base[:, :k] + a * (fused[:, :k] - base[:, :k])  # (Q, K)
+            m = retrieval_metrics(rerank(stage1, candidates[:, :k], scores), [q.pid for q in data.queries],
+                                  gallery_pids, 1024, [q.outfit for q in data.queries], gallery_outfits)
+            rows.append(dict(rerank_k=k, fusion_weight=a, R1=m["R1"], mAP=m["mAP"],
+                             cross_mAP=(m.get("cross_outfit") or {}).get("mAP")))
+    model.train(was_training)
+    return rows
+
+
+def choose_rerank(rows: list[dict]) -> tuple[int, float]:
+    """(K, a) of rerank_sweep's rows: the best validation Rank-1 -- what re-ranking the top K is
+    for -- among the settings whose selection_key measure is no lower than stage 1's (a = 0);
+    ties to the smaller a, then the smaller K."""
+    key = selection_key(rows)
+    floor = max((row[key] for row in rows if row["fusion_weight"] == 0), default=float("-inf"))
+    fair = [row for row in rows if row[key] >= floor - 1e-9]
+    best = max(fair, key=lambda row: (row["R1"], -row["fusion_weight"], -row["rerank_k"]))
+    return best["rerank_k"], best["fusion_weight"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,6 +416,8 @@ class Run:
     model: T2IReID  # weights from best.pt, else last.pt, on the CPU
     checkpoint: Path
     clothing_weight: float = 0.0  # beta: the config's when set, else the run's choice on the validation split
+    rerank_k: int | None = None  # K of stage 2, likewise (None: evaluate_model's default)
+    fusion_weight: float | None = None  # a of stage 2, likewise
 
 
 def load_run(run=None, runs_dir="runs") -> Run:
@@ -395,7 +447,9 @@ def load_run(run=None, runs_dir="runs") -> Run:
     except (KeyError, RuntimeError) as e:
         raise RunError(f"{checkpoint} does not fit {folder / 'config.json'} ({str(e)[:200]})") from None
     beta = objective.clothing_weight if objective.clothing_weight >= 0 else saved.get("clothing_weight") or 0.0
-    return Run(folder, config.get("train", {}), model_cfg, objective, model.eval(), checkpoint, beta)
+    k = objective.rerank_k if objective.rerank_k > 0 else saved.get("rerank_k")
+    a = objective.fusion_weight if objective.fusion_weight >= 0 else saved.get("fusion_weight")
+    return Run(folder, config.get("train", {}), model_cfg, objective, model.eval(), checkpoint, beta, k, a)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,19 +482,22 @@ def robustness_ratios(robustness: dict) -> dict:
 def report(result: dict) -> str:
     """The printed summary of evaluate_model's result."""
     k, stages = result["rerank_k"], ("stage1", "stage2")
-    rows = [("stage 1 (dual encoder)", result["stage1"]), (f"stage 2 (fusion, top {k})", result["stage2"])]
+    a = result.get("fusion_weight", 1.0)
+    rows = [("stage 1 (dual encoder)", result["stage1"]), (f"stage 2 (fusion, top {k}, a {a:g})", result["stage2"])]
     rows += [(f"{label}, other outfits", (m or {}).get("cross_outfit")) for label, m in rows]
     beta = result.get("clothing_weight", 0.0)
     out = [table(f"{result['dataset']}: {result['num_queries']} queries, {result['num_gallery']} images "
                  f"(clothing weight {beta:g})", rows)]
-    if result["robustness"]:
-        rows = [(f"{name:17s} stage {s[-1]}", r[s]) for name, r in result["robustness"].items() for s in stages]
+    for key, what in (("table_v_as_shipped", f"as shipped: the query split, beta {beta:g}"),
+                      ("table_v_whole_text", "whole text: each query whole on the identity path, beta 0")):
+        if not result.get(key):
+            continue
+        rows = [(f"{name:17s} stage {s[-1]}", r[s]) for name, r in result[key].items() for s in stages]
         rows += [(f"{name:17s} stage {s[-1]}, other outfits", (r[s] or {}).get("cross_outfit"))
-                 for name, r in result["robustness"].items() for s in stages]
-        out.append(table("robustness (Table V): queries from the generated descriptions", rows))
-        ratios = robustness_ratios(result["robustness"])
-        out.append("Table V, Rank-1 kept of Standard's: " + "; ".join(
-            f"{name} stage {s[-1]} {100 * ratio:.0f}%" for (name, s), ratio in ratios.items()))
+                 for name, r in result[key].items() for s in stages]
+        out.append(table(f"Table V, {what}", rows))
+        out.append("Rank-1 kept of Standard's: " + "; ".join(
+            f"{name} stage {s[-1]} {100 * ratio:.0f}%" for (name, s), ratio in robustness_ratios(result[key]).items()))
     gates = [(name, result["gates"][key]) for key, name in (("bdam", "BDAM gate g"), ("fusion", "fusion gate W_img"))]
     lines = [f"{name:18s} mean {g['mean']:.3f} +- {g['std']:.3f} over {g['count']} values (Fig. 5)"
              + (f"; per channel, std over images {g['channel_std']:.3f}" if "channel_std" in g else "")
@@ -470,9 +527,10 @@ def search(run: Run, query: str, folder, device, rerank_k, progress=True) -> Pat
                  else "the whole query on the identity path"))
     with torch.no_grad():
         gallery = embed_gallery(model, paths, cfg.image_size, device, progress=progress)
-        k = (run.objective.rerank_k if rerank_k is None else rerank_k) if gallery["tokens"] is not None else 0
+        k = (rerank_k if rerank_k is not None else run.rerank_k or DEFAULT_RERANK) if gallery["tokens"] is not None else 0
+        a = 1.0 if run.fusion_weight is None else run.fusion_weight
         ranker = query_ranker(model, gallery, tokenizer, cfg.max_text_len, device, k, run.clothing_weight,
-                              progress=False)([query])
+                              progress=False, fusion_weight=a)([query])
         scores = (ranker.stage2 if k else ranker.stage1)(0, 1)[0]  # (G,)
     top = scores.topk(min(10, len(paths))).indices.tolist()
     for rank, g in enumerate(top, 1):
@@ -489,9 +547,10 @@ def evaluate_run(run: Run, device, rerank_k=None, limit_queries=None, data=None,
     print(f"data: {name} under {Path(folder).resolve()} ({origin})")
     dataset = load_dataset(name, folder)
     result = evaluate_model(run.model.to(device), dataset, load_tokenizer(cfg.text_model or None), cfg.image_size,
-                            cfg.max_text_len, device, train.get("eval_batch", 64), rerank_k,
-                            seed=train.get("seed", 0), limit_queries=limit_queries,
-                            clothing_weight=run.clothing_weight)
+                            cfg.max_text_len, device, train.get("eval_batch", 64),
+                            run.rerank_k if rerank_k is None else rerank_k, seed=train.get("seed", 0),
+                            limit_queries=limit_queries, clothing_weight=run.clothing_weight,
+                            fusion_weight=run.fusion_weight)
     print(report(result))
     record = dict(run=str(run.folder), checkpoint=run.checkpoint.name, data_root=str(Path(folder).resolve()), **result)
     (run.folder / "metrics.json").write_text(json.dumps(record, indent=1))

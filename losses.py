@@ -143,18 +143,21 @@ def hsic(a: torch.Tensor, b: torch.Tensor, kernel: str = "linear") -> torch.Tens
 # metric learning (Eq. 4)
 
 
-def triplet_loss(feats: torch.Tensor, pids: torch.Tensor, margin: float) -> torch.Tensor:
+def triplet_loss(feats: torch.Tensor, pids: torch.Tensor, margin: float, squared: bool = True) -> torch.Tensor:
     """L_tri (Eq. 4) with batch-hard mining (Hermans et al. 2017).
 
         L_tri = 1/N' sum_a [ max_{p: y_p = y_a, p != a} d(a, p) - min_{n: y_n != y_a} d(a, n) + m ]_+
 
-    d is the Euclidean distance; anchors with no other sample of their identity, or with no
-    sample of another identity, are left out (N' anchors remain).
+    d is the squared Euclidean distance, as Eq. 4 writes ||f_a - f_p||_2^2 (squared=False: the
+    distance itself, Hermans et al.'s choice); anchors with no other sample of their identity, or
+    with no sample of another identity, are left out (N' anchors remain).
 
-    Args: feats (N, D) visual identity features; pids (N,) labels; margin m.
+    Args: feats (N, D) visual identity features; pids (N,) labels; margin m; squared.
     Returns: scalar (0 with a graph when no anchor qualifies).
     """
-    dist = torch.cdist(feats, feats).pow(2).clamp_min(1e-12).sqrt()  # (N, N), no NaN grad at 0
+    dist = (feats[:, None, :] - feats[None, :, :]).pow(2).sum(-1)  # (N, N) squared distances
+    if not squared:
+        dist = dist.clamp_min(1e-12).sqrt()  # no NaN gradient at 0
     same = pids[:, None] == pids[None, :]  # (N, N)
     not_self = ~torch.eye(len(feats), dtype=torch.bool, device=feats.device)
     pos_mask, neg_mask = same & not_self, ~same
@@ -293,7 +296,9 @@ class GradNorm(nn.Module):
         for k, grad in enumerate(grads):
             others += w[k] * grad
         norms = [grad.norm() for grad in grads]
-        weighted = self.network_loss(losses)
+        # losses outside the tasks (a detached fusion loss) train with weight 1; they must not
+        # reach `shared`, or the subtraction below would count them
+        weighted = self.network_loss(losses) + sum(v for k, v in losses.items() if k not in self.tasks)
         weighted.backward()  # the network
         added = torch.zeros_like(shared) if shared.grad is None else shared.grad.detach() - before
         norms.append(((added - others) / w[-1]).norm())
@@ -325,8 +330,8 @@ def compute_losses(out: dict, batch: dict, cfg) -> dict[str, torch.Tensor]:
     info     Eq. 3 on stage-1 similarities, identity descriptions vs images (only the textual
              identity meets the visual identity: DESIGN.md 3.5, the paper's Fig. 2 and 4)
     triplet  Eq. 4 on L2-normalised f_id
-    fusion   Eq. 3 on fusion scores: each text against its image + hard negative images
-             (DESIGN.md 3.1), positives = candidates of the text's identity
+    fusion   Eq. 3 on fusion scores: each text against its Q nearest images by stage 1, its
+             own among them; positives = the candidates of the text's identity
 
     The losses come in the order of cfg.loss_names(), fusion last: GradNorm.backward takes the
     last task's gradient by subtraction, which spares a backward pass through the costliest loss
@@ -346,8 +351,9 @@ def compute_losses(out: dict, batch: dict, cfg) -> dict[str, torch.Tensor]:
         if cfg.loss_info:
             losses["info"] = info_nce(out["identity_emb"] @ out["image_emb"].T, pids, pids, tau)
         if cfg.loss_triplet:
-            losses["triplet"] = triplet_loss(F.normalize(out["f_id"], dim=-1), pids, cfg.triplet_margin)
+            losses["triplet"] = triplet_loss(F.normalize(out["f_id"], dim=-1), pids, cfg.triplet_margin,
+                                             cfg.triplet_squared)
         if cfg.loss_fusion:
-            positives = out["fusion_pids"] == out["fusion_query_pids"][:, None]  # (S, 1+M)
+            positives = out["fusion_pids"] == out["fusion_query_pids"][:, None]  # (S, Q)
             losses["fusion"] = multi_positive_nce(out["fusion_scores"] / tau, positives)
     return losses

@@ -14,7 +14,7 @@ Glossary of dimension letters (paper symbols in brackets):
     T  text tokens;  Dv  ViT width;  Dt  text-encoder width
     D  BDAM width (768 in the paper);  d  fusion width (d_model = 256)
     E  embedding width of the retrieval space
-    S  fusion queries (texts) in a batch;  M  hard negative images per text;  Q = 1 + M
+    S  fusion queries (texts) in a batch;  Q  candidate images per text (its own + Q - 1 nearest)
     n  Mamba state size (d_state = 16)
 
 Run: python model.py   (parameter count of each part, paper and small configurations)
@@ -78,12 +78,8 @@ class ModelConfig:
     # Table III (fusion)
     use_fusion: bool = True  # False: stage 1 only
     fusion_mamba: bool = True  # False: residual MLP layers in place of the Mamba layers
-    fusion_gate: bool = True  # False: fixed weights 0.5 / 0.5
+    fusion_gate: bool = True  # g_fus (B x 2) per pair, as the paper; False: fixed weights 0.5 / 0.5
     fusion_align: bool = True  # False: one linear map in place of the alignment FFN
-    # not in the paper: f_final = the image's stage-1 embedding + the fusion's output, with the
-    # output projection initialised to zero, so that stage 2 starts as stage 1 and learns a
-    # text-conditioned correction of the image embedding (a residual re-ranker)
-    fusion_residual: bool = False
     # not in the paper: BatchNorm on f_id and f_clo before their projections ("BNNeck", Luo et
     # al. 2019); the triplet and HSIC losses then see the normalised features too. A randomly
     # initialised ViT gives pooled features that differ little between images (cosine ~0.96):
@@ -142,18 +138,23 @@ class ModelConfig:
 class ObjectiveConfig:
     """What the network is trained on and how it ranks: the losses of Eq. 1-4
     (losses.compute_losses), their balance by GradNorm (Eq. 5-6, losses.GradNorm) and the
-    retrieval settings of DESIGN 3.1 and 3.5. Paper defaults with their source. T2IReID reads
-    two of them: loss_aln (the clothing projections exist for L_aln alone) and fusion_negatives."""
+    retrieval settings (K, a, beta). Paper defaults with their source. T2IReID reads three of
+    them: loss_aln (the clothing projections exist for L_aln alone), fusion_candidates and
+    fusion_detach."""
 
     # objective (losses.compute_losses) and retrieval
     temperature: float = 0.02  # tau of Eq. 1/3: not stated; IRRA's value
     triplet_margin: float = 0.3  # m of Eq. 4: not stated; Hermans et al. 2017
+    triplet_squared: bool = True  # Eq. 4 as written: squared Euclidean distances
     hsic_kernel: str = "linear"  # Eq. 2 as written; "rbf" as an option
-    fusion_negatives: int = 3  # M hard negative images per text (DESIGN 3.1)
-    rerank_k: int = 32  # K candidates re-ranked by fusion at test time (DESIGN 3.1)
+    # the fusion re-ranker (docs/design.md#1-honest-retrieval-retrieve-then-re-rank)
+    fusion_candidates: int = 8  # Q images per text in training: its own and its Q - 1 nearest by stage 1
+    fusion_detach: bool = True  # the fusion loss trains the fusion alone, never the stage-1 features
+    rerank_k: int = -1  # K candidates re-ranked at test; < 0: chosen on the validation split
+    # a: stage 2 scores a candidate (1 - a) s1 + a s_fus; < 0: chosen on the validation split
+    fusion_weight: float = -1.0
     # beta: a query's clothing part adds beta * cos(f_clo image, clothing text) to its score
-    # (the pair L_aln trains; DESIGN 3.5). < 0: chosen after training on the validation split
-    # (train.choose_clothing_weight), never the test split
+    # (the pair L_aln trains); < 0: chosen on the validation split for accuracy, never on test
     clothing_weight: float = -1.0
     gradnorm_alpha: float = 1.5  # paper (Eq. 6): the strength of the GradNorm loss
     # lambda of Eq. 6, not stated: the weights rest within |log w_k| <= alpha K / (2 lambda),
@@ -174,17 +175,24 @@ class ObjectiveConfig:
             problems.append(f"hsic_kernel must be 'linear' or 'rbf', got {self.hsic_kernel!r}")
         if not self.loss_names():
             problems.append("every loss is switched off")
-        if min(self.fusion_negatives, self.rerank_k) < 1:
-            problems.append("fusion_negatives and rerank_k must be >= 1")
+        if self.fusion_candidates < 2:
+            problems.append("fusion_candidates must be >= 2 (a text's own image and one other)")
+        if self.rerank_k == 0 or self.fusion_weight > 1:
+            problems.append("rerank_k must be >= 1 (or < 0: chosen), fusion_weight <= 1 (or < 0: chosen)")
         if problems:
             raise ValueError("ObjectiveConfig: " + "; ".join(problems))
 
     def loss_names(self) -> list[str]:
-        """The losses switched on, in the order of losses.compute_losses (GradNorm's tasks). The
-        fusion loss, the most expensive, comes last: GradNorm.backward gets the last task's
-        gradient on the shared layer by subtraction, without a backward pass of its own."""
+        """The losses switched on, in the order of losses.compute_losses. The fusion loss, the
+        most expensive, comes last: GradNorm.backward gets the last task's gradient on the shared
+        layer by subtraction, without a backward pass of its own."""
         on = [self.loss_aln, self.loss_decouple, self.loss_info, self.loss_triplet, self.loss_fusion]
         return [name for name, flag in zip(("aln", "decouple", "info", "triplet", "fusion"), on) if flag]
+
+    def balanced_names(self) -> list[str]:
+        """GradNorm's tasks: the losses that reach the shared layer. A detached fusion loss does
+        not (it trains the fusion alone), so it is added to the total with weight 1."""
+        return [name for name in self.loss_names() if not (name == "fusion" and self.fusion_detach)]
 
 
 def check_pair(cfg: ModelConfig, objective: ObjectiveConfig) -> None:
@@ -387,12 +395,13 @@ class ResidualMLP(nn.Module):
 class MambaFusion(nn.Module):
     """(identity tokens of an image, identity feature of a text) -> f_final.
 
-        v_p = FFN_img(tokens_p),  t = FFN_txt(f_id^t)                    (d,)
-        [W_img, W_txt] = softmax(W_g [v_p; t]),  x_p = W_img v_p + W_txt t   per token p
+        v_p = FFN_img(tokens_p),  t = FFN_txt(f_id^t)                     (d,)
+        [W_img, W_txt] = softmax(W_g [mean_p v_p; t])                     g_fus, one pair per row
+        x_p = W_img v_p + W_txt t                                         (W_img + W_txt = 1)
         x = x + Mamba(x)  (fusion_layers times);  f_final = W_o mean_p LN(x)_p   (E,)
-    The visual clothing feature is not used here, on purpose (Sec. III-D). With
-    cfg.fusion_residual, f_final = e_img + W_o mean_p LN(x)_p, e_img the image's stage-1
-    embedding and W_o initialised to zero (ours, not the paper's).
+    The visual clothing feature is not used here, on purpose (Sec. III-D). The gate is
+    instance-level as the paper's g_fus in R^{B x 2}; the token sequence is ours
+    (docs/design.md#2-mamba-needs-a-sequence).
     """
 
     def __init__(self, cfg: ModelConfig, image_width: int, text_width: int):
@@ -404,30 +413,20 @@ class MambaFusion(nn.Module):
         self.layers = nn.ModuleList(block(cfg) for _ in range(cfg.fusion_layers))
         self.norm = nn.LayerNorm(cfg.fusion_width)
         self.proj = nn.Linear(cfg.fusion_width, cfg.embed_dim)
-        self.residual = cfg.fusion_residual
-        if self.residual:
-            nn.init.zeros_(self.proj.weight), nn.init.zeros_(self.proj.bias)
 
-    def forward(self, image_tokens: torch.Tensor, text_features: torch.Tensor,
-                image_emb: torch.Tensor | None = None):
-        """image_tokens (S, P, d) from align_image (cacheable per image), text_features (S, Dt),
-        image_emb (S, E) the images' stage-1 embeddings (read with fusion_residual only)
-        -> f_final (S, E), W_img per token (S, P)."""
+    def forward(self, image_tokens: torch.Tensor, text_features: torch.Tensor):
+        """image_tokens (S, P, d) from align_image (cacheable per image), text_features (S, Dt)
+        -> f_final (S, E), W_img (S,)."""
         v = image_tokens
-        t = self.align_text(text_features)[:, None, :].expand_as(v)  # (S, P, d)
+        t = self.align_text(text_features)  # (S, d)
         if self.gate is None:
-            w = v.new_full((*v.shape[:2], 2), 0.5)  # (S, P, 2)
+            w = v.new_full((len(v), 2), 0.5)  # (S, 2)
         else:
-            w = torch.softmax(self.gate(torch.cat([v, t], dim=-1)), dim=-1)  # (S, P, 2)
-        x = w[..., :1] * v + w[..., 1:] * t  # (S, P, d)
+            w = torch.softmax(self.gate(torch.cat([v.mean(1), t], dim=-1)), dim=-1)  # (S, 2)
+        x = w[:, :1, None] * v + w[:, 1:, None] * t[:, None, :]  # (S, P, d)
         for layer in self.layers:
             x = layer(x)
-        f_final = self.proj(self.norm(x).mean(1))  # (S, E)
-        if self.residual:
-            if image_emb is None:
-                raise ValueError("fusion_residual: pass the images' stage-1 embeddings (image_emb)")
-            f_final = f_final + image_emb
-        return f_final, w[..., 0]  # (S, E), (S, P)
+        return self.proj(self.norm(x).mean(1)), w[:, 0]  # (S, E), (S,)
 
 
 # -----------------------------------------------------------------------------
@@ -439,7 +438,7 @@ class T2IReID(nn.Module):
     gate) / encode_texts. Stage 2: pair_score on encode_images' tokens. Training: forward(batch)
     -> everything losses.compute_losses needs, through the same two methods. `objective` (default
     the paper's) is the one it is trained with: checked against cfg (check_pair), and read for
-    loss_aln, fusion_negatives and, by evaluate.py, rerank_k."""
+    loss_aln, fusion_candidates and fusion_detach, and evaluate.py reads rerank_k and fusion_weight."""
 
     def __init__(self, cfg: ModelConfig, objective: ObjectiveConfig | None = None):
         super().__init__()
@@ -529,29 +528,26 @@ class T2IReID(nn.Module):
         return self.text_embedding(self.text_features(input_ids, attention_mask))
 
     # --- fusion re-ranking (stage 2) --------------------------------------------
-    def pair_score(self, tokens: torch.Tensor, text_features: torch.Tensor, image_emb: torch.Tensor,
-                   query_emb: torch.Tensor | None = None):
+    def pair_score(self, tokens: torch.Tensor, text_features: torch.Tensor, query_emb: torch.Tensor | None = None):
         """The fusion's score of each pair (image s, text s): cos(f_final(image, text), t(text)).
 
-        tokens (S, P, d) aligned (encode_images), text_features (S, Dt), image_emb (S, E) the
-        images' stage-1 embeddings (read with fusion_residual), query_emb (S, E) = t(text) when
-        already computed -> scores (S,), W_img per token (S, P).
+        tokens (S, P, d) aligned (encode_images), text_features (S, Dt), query_emb (S, E) = t(text)
+        when already computed -> scores (S,), W_img (S,).
         """
         if self.fusion is None:
             raise RuntimeError("this model has no fusion module (use_fusion=False): rank with stage 1 only")
-        f_final, w_image = self.fusion(tokens, text_features, image_emb)  # (S, E), (S, P)
+        f_final, w_image = self.fusion(tokens, text_features)  # (S, E), (S,)
         query = self.text_embedding(text_features) if query_emb is None else query_emb  # (S, E)
         return (F.normalize(f_final, dim=-1) * query).sum(-1), w_image
 
     # --- training -----------------------------------------------------------------
     def forward(self, batch: dict) -> dict:
         """batch from data.collate -> the features and scores named in losses.compute_losses,
-        plus the gate values (Fig. 5): bdam_gate (B, D) or None, fusion_gate (S, P)."""
+        plus the gate values (Fig. 5): bdam_gate (B, D) or None, fusion_gate (S,)."""
         images, pids = batch["images"], batch["pids"]
-        # tokens aligned later, in fusion_pairs: dropout draws stay in the order of earlier runs
         img = self.encode_images(images, align=False)
         # only the textual identity meets the visual identity (stage 1 and the fusion; the
-        # paper's Fig. 2 and 4, DESIGN.md 3.5); the clothing text meets f_clo in L_aln alone
+        # paper's Fig. 2 and 4); the clothing text meets f_clo in L_aln alone
         identity = self.text_features(**batch["identity"])  # (B, Dt)
         f_id, f_clo = img["f_id"], img["f_clo"]  # (B, D), (B, D) or None, after the BNNeck
         out = dict(f_id=f_id, f_clo=f_clo, bdam_gate=img["gate"], image_emb=img["emb"],  # (B, E)
@@ -565,32 +561,31 @@ class T2IReID(nn.Module):
         return out
 
     def fusion_pairs(self, tokens, image_emb, pids, texts, text_emb) -> dict:
-        """Score each text against its own image and its M hardest in-batch images of other
-        identities by stage-1 similarity (ALBEF-style hard negatives, DESIGN.md 3.1).
+        """Score each text against the Q in-batch images nearest to it by stage 1, its own image
+        always among them: the task stage 2 does at test, where the top K of a query hold its
+        person's other images (other outfits too) beside look-alikes.
 
         tokens (B, P, D), image_emb (B, E), pids (B,), texts (S, Dt) and text_emb (S, E) with text
-        s describing image s mod B (in training the S = B identity descriptions) -> fusion_scores
-        (S, Q), fusion_pids (S, Q) identities of the candidates, fusion_query_pids (S,),
-        fusion_gate (S, P) W_img on the text's own image.
+        s describing image s mod B -> fusion_scores (S, Q), fusion_pids (S, Q) the candidates'
+        identities (the loss counts every candidate of the text's identity as a positive),
+        fusion_query_pids (S,), fusion_gate (S,) W_img on the text's own image. With
+        objective.fusion_detach every input is detached: the fusion loss cannot move stage 1.
         """
+        if self.objective.fusion_detach:
+            tokens, image_emb, texts, text_emb = (x.detach() for x in (tokens, image_emb, texts, text_emb))
         b, s = len(tokens), len(texts)
-        m = min(self.objective.fusion_negatives, b - 1)
-        query_pids = pids.repeat(s // b)  # (S,)
-        sim = (text_emb @ image_emb.T).detach()  # (S, B) stage-1 similarity
-        sim = sim.masked_fill(query_pids[:, None] == pids[None, :], float("-inf"))
-        # a text with fewer than M other identities in the batch gets images of its own identity
-        # as extra candidates; fusion_pids marks them, and the loss counts them as positives
-        hard = sim.topk(m, dim=1).indices  # (S, M)
+        q = min(self.objective.fusion_candidates, b)
         own = torch.arange(s, device=pids.device) % b  # (S,)
-        candidates = torch.cat([own[:, None], hard], dim=1)  # (S, Q)
+        sim = (text_emb @ image_emb.T).detach()  # (S, B) stage-1 similarity
+        sim[torch.arange(s, device=pids.device), own] = float("inf")  # the own image comes first
+        candidates = sim.topk(q, dim=1).indices  # (S, Q)
         aligned = self.fusion.align_image(tokens)  # (B, P, d)
         scores, w_image = self.pair_score(aligned[candidates.flatten()],  # (S * Q, P, d)
-                                          texts.repeat_interleave(m + 1, dim=0),  # (S * Q, Dt)
-                                          image_emb[candidates.flatten()],  # (S * Q, E)
-                                          text_emb.repeat_interleave(m + 1, dim=0))  # (S * Q, E) t(query)
-        scores = scores.view(s, m + 1)  # (S, Q)
-        return dict(fusion_scores=scores, fusion_pids=pids[candidates], fusion_query_pids=query_pids,
-                    fusion_gate=w_image.view(s, m + 1, -1)[:, 0].detach())  # (S, P) on the own image
+                                          texts.repeat_interleave(q, dim=0),  # (S * Q, Dt)
+                                          text_emb.repeat_interleave(q, dim=0))  # (S * Q, E) t(query)
+        return dict(fusion_scores=scores.view(s, q), fusion_pids=pids[candidates],
+                    fusion_query_pids=pids.repeat(s // b),
+                    fusion_gate=w_image.view(s, q)[:, 0].detach())  # (S,) on the own image
 
     def shared_parameter(self) -> nn.Parameter:
         """The last layer that every loss passes through, for GradNorm's norms (Eq. 5): the BDAM

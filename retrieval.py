@@ -73,14 +73,20 @@ def embed_texts(model: T2IReID, tokenizer, texts: list, max_len: int, device, ba
 
 
 def embed_queries(model: T2IReID, tokenizer, texts: list, max_len: int, device, batch_size=64,
-                  progress=True) -> dict:
+                  progress=True, split=True) -> dict:
     """Search queries, each split into its identity and clothing parts by the lexicon of the
     rules backend (lexicon.split_query, DESIGN 3.5): the identity part meets the visual identity
     (stage 1 and the fusion), the clothing part the clothing stream. A query that names no
     identity trait ranks by its clothing part alone (`clothing_only`); where the model has no
     clothing stream, or the query names no clothing either, by the whole query on the identity
     path. Returns dict(emb (Q, E), feats (Q, Dt): the identity side; clo (Q, E), zero rows for
-    queries that name no clothing, or None without a clothing stream; clothing_only (Q,) bool)."""
+    queries that name no clothing, or None without a clothing stream; clothing_only (Q,) bool).
+    split=False: each query whole on the identity path, no clothing side (Table V's whole-text
+    protocol: does the model itself ignore clothing words?)."""
+    if not split:
+        emb, feats = embed_texts(model, tokenizer, texts, max_len, device, batch_size, progress)
+        return dict(emb=emb, feats=feats, clo=None, clothing_only=torch.zeros(len(texts), dtype=torch.bool,
+                                                                             device=emb.device))
     parts = [lexicon.split_query(text) for text in texts]  # (identity, clothing, names_identity)
     stream = model.clothing_text_proj is not None
     only = [stream and not named and bool(clothing) for _, clothing, named in parts]
@@ -114,7 +120,8 @@ class TwoStage:
     """Queries (embeddings and text features) against a gallery (embeddings and cached tokens).
 
     A query's score of an image is its identity score (stage 1: cosine of the identity
-    embeddings; stage 2: the fusion's pair score) plus clothing_weight times the cosine of the
+    embeddings s1; stage 2, for the top K: (1 - a) s1 + a s_fus, s_fus the fusion's pair score)
+    plus clothing_weight times the cosine of the
     query's clothing part with the image's clothing embedding (zero for a query that names no
     clothing). A query that names no identity trait (clothing_only) scores by its clothing alone,
     and stage 2 keeps its stage-1 order: it has no identity for the fusion to compare."""
@@ -130,6 +137,7 @@ class TwoStage:
     gallery_clo: torch.Tensor | None = None  # (G, E)
     clothing_weight: float = 0.0  # beta
     clothing_only: torch.Tensor | None = None  # (Q,) bool
+    fusion_weight: float = 1.0  # a: a candidate's stage-2 identity score is (1 - a) s1 + a s_fus
 
     def clothing(self, start: int, end: int) -> torch.Tensor | None:
         """Rows start:end of the clothing cosine (n, G), or None without a clothing side."""
@@ -152,24 +160,25 @@ class TwoStage:
 
     def fusion_scores(self, start: int, end: int, swap: torch.Tensor | None = None):
         """Rows start:end -> stage-1 scores (n, G), each query's top K candidates (n, K) and their
-        fusion scores (n, K). swap, a permutation of the K: candidate j is scored with the image
-        tokens of candidate swap[j] (its own stage-1 embedding kept), for fusion_image_reliance."""
+        stage-2 scores (n, K): (1 - a) s1 + a s_fus on the identity side, plus the clothing term
+        as in stage 1 (a = fusion_weight). swap, a permutation of the K: candidate j is scored
+        with the image tokens of candidate swap[j], for fusion_image_reliance."""
         scores = self.stage1(start, end)  # (n, G)
         k = min(self.k, scores.shape[1])
         candidates = scores.topk(k, dim=1).indices  # (n, K)
         seen = candidates if swap is None else candidates[:, swap]  # whose tokens each candidate gets
         tokens = self.tokens[seen.flatten().cpu()].to(scores.device, torch.float32)  # (n K, P, d)
         texts = self.query_feats[start:end].repeat_interleave(k, dim=0)  # (n K, Dt)
-        emb = self.gallery_emb[candidates.flatten()]  # (n K, E)
-        fusion, w_image = self.model.pair_score(tokens, texts, emb)  # (n K,), (n K, P)
+        queries = self.query_emb[start:end].repeat_interleave(k, dim=0)  # (n K, E)
+        fusion, w_image = self.model.pair_score(tokens, texts, queries)  # (n K,), (n K,)
         if self.gates is not None:
-            self.gates.append(w_image.float().mean(1).cpu())  # (n K,)
+            self.gates.append(w_image.float().cpu())  # (n K,)
         fusion = fusion.view(-1, k).float()  # (n, K)
-        if self.query_clo is not None and self.gallery_clo is not None:  # the candidates' clothing cosines
-            clothing = (self.query_clo[start:end, None, :] * self.gallery_clo[candidates]).sum(-1)  # (n, K)
-            fusion = fusion + self.clothing_weight * clothing
-            fusion = torch.where(self.clothing_only[start:end, None], scores.gather(1, candidates), fusion)
-        return scores, candidates, fusion
+        identity = (self.query_emb[start:end, None, :] * self.gallery_emb[candidates]).sum(-1)  # (n, K) s1
+        combined = scores.gather(1, candidates) + self.fusion_weight * (fusion - identity)  # (n, K)
+        if self.clothing_only is not None:  # no identity to fuse: the stage-1 order
+            combined = torch.where(self.clothing_only[start:end, None], scores.gather(1, candidates), combined)
+        return scores, candidates, combined
 
 
 def fusion_image_reliance(ranker: TwoStage, queries: int = 200, batch: int = 50) -> dict | None:
@@ -196,10 +205,12 @@ def fusion_image_reliance(ranker: TwoStage, queries: int = 200, batch: int = 50)
 
 
 def query_ranker(model: T2IReID, gallery: dict, tokenizer, max_len: int, device, k: int, clothing_weight: float,
-                 batch_size=64, progress=True):
-    """texts -> a TwoStage of those queries (split by embed_queries) against an embedded gallery."""
+                 batch_size=64, progress=True, fusion_weight: float = 1.0, split: bool = True):
+    """texts -> a TwoStage of those queries (split by embed_queries unless split=False) against an
+    embedded gallery."""
     def ranker(texts: list) -> TwoStage:
-        q = embed_queries(model, tokenizer, texts, max_len, device, batch_size, progress)
+        q = embed_queries(model, tokenizer, texts, max_len, device, batch_size, progress, split)
         return TwoStage(model, q["emb"], q["feats"], gallery["emb"], gallery["tokens"], k, query_clo=q["clo"],
-                        gallery_clo=gallery["clo"], clothing_weight=clothing_weight, clothing_only=q["clothing_only"])
+                        gallery_clo=gallery["clo"], clothing_weight=clothing_weight if split else 0.0,
+                        clothing_only=q["clothing_only"], fusion_weight=fusion_weight)
     return ranker

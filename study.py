@@ -107,17 +107,22 @@ def summarise(results: dict, row: str, regime: str, seed: int, minutes: float) -
     """The part of a run's results.json that the table needs. Per stage (stage 2 is None without
     fusion): Rank-1 and mAP over all the person's images and over their other outfits only
     (cross_R1, cross_mAP: None where no query's person has another outfit, as in the same-clothes
-    regime); the same for each Table V setting, and Table V's ratios; the gates (Fig. 5)."""
+    regime); the same for each Table V setting and Table V's ratios, in both protocols (as shipped,
+    whole text); the retrieval settings chosen on validation (beta, K, a); the gates (Fig. 5)."""
     def pick(m):
         other = (m or {}).get("cross_outfit") or {}
         return None if m is None else {"R1": m["R1"], "mAP": m["mAP"], "cross_R1": other.get("R1"),
                                        "cross_mAP": other.get("mAP")}
     stages = lambda r: {"stage1": pick(r["stage1"]), "stage2": pick(r["stage2"])}  # noqa: E731
-    robustness = {name: stages(r) for name, r in (results.get("robustness") or {}).items()}
+    shipped = results.get("table_v_as_shipped", results.get("robustness"))  # the key before 2026-12-07
+    robustness = {name: stages(r) for name, r in (shipped or {}).items()}
+    whole = {name: stages(r) for name, r in (results.get("table_v_whole_text") or {}).items()}
     gates = results.get("gates") or {}
     bdam, fusion = gates.get("bdam"), gates.get("fusion")
     return {"row": row, "regime": regime, "seed": seed, "minutes": round(minutes, 2), **stages(results),
             "robustness": robustness, "ratios": table_v_ratios(robustness),
+            "robustness_whole_text": whole, "ratios_whole_text": table_v_ratios(whole),
+            "retrieval": {key: results.get(key) for key in ("clothing_weight", "rerank_k", "fusion_weight")},
             "gates": {"bdam_mean": bdam and bdam["mean"], "bdam_channel_std": bdam and bdam.get("channel_std"),
                       "fusion_w_img": fusion and fusion["mean"]}}
 

@@ -95,10 +95,10 @@ def presets(dataset: str) -> tuple[TrainConfig, ModelConfig, ObjectiveConfig]:
         # only hides the traits that its caption names (README, design decision 10)
         train = TrainConfig(data="synth", epochs=1, p=16, k=2, lr=1e-3, pretrained_lr_scale=0.1,
                             warmup_steps=20, synth_train_images=72, erase_p=0.0)
-        # MiniLM's bottom 5 layers frozen and cached; the fusion re-ranks as a residual on stage 1;
-        # a BatchNorm before the BDAM gate, without which the gate gives every image the same g
-        model = ModelConfig.small(max_text_len=48, text_frozen_layers=5, fusion_residual=True, bdam_gate_norm=True)
-        objective = ObjectiveConfig(fusion_negatives=1, rerank_k=10, temperature=0.07)
+        # MiniLM's bottom 5 layers frozen and cached; a BatchNorm before the BDAM gate, without
+        # which the gate gives every image the same g
+        model = ModelConfig.small(max_text_len=48, text_frozen_layers=5, bdam_gate_norm=True)
+        objective = ObjectiveConfig(temperature=0.07)
         return train, model, objective
     return TrainConfig(data=dataset), ModelConfig(), ObjectiveConfig()
 
@@ -269,7 +269,7 @@ class State:
         model = T2IReID(mcfg, ocfg).to(device)
         text_attention_for(model.text, torch.device(device))
         reg = ocfg.weight_reg if ocfg.use_weight_reg else 0.0
-        gradnorm = GradNorm(ocfg.loss_names(), alpha=ocfg.gradnorm_alpha, reg_lambda=reg).to(device)
+        gradnorm = GradNorm(ocfg.balanced_names(), alpha=ocfg.gradnorm_alpha, reg_lambda=reg).to(device)
         pretrained = [encoder for encoder, name in ((model.vision, mcfg.vision_model), (model.text, mcfg.text_model))
                       if name]  # "" = built from its config with random weights
         slow = {id(p) for encoder in pretrained for p in encoder.parameters()}
@@ -578,17 +578,20 @@ def end_epoch(state: State, val, tokenizer, cfg: TrainConfig, mcfg: ModelConfig,
 
 def final_evaluation(model: T2IReID, run: Path, dataset, val, tokenizer, cfg: TrainConfig,
                      mcfg: ModelConfig, ocfg: ObjectiveConfig, device) -> None:
-    """best.pt on the test split: both stages and the robustness settings -> results.json. The
-    clothing weight beta is the config's, or (when < 0) chosen first on `val`, the validation
-    split (None: ICFG-PEDES has none)."""
+    """best.pt on the test split: both stages and Table V -> results.json. The retrieval settings
+    (beta, then K and the fusion weight a) are the config's, or (when < 0) chosen first on `val`,
+    the validation split (None: ICFG-PEDES has none)."""
     best = torch.load(run / "best.pt", map_location=device, weights_only=False)
     model.load_state_dict(best["model"])
     beta, sweep = choose_clothing_weight(model, val, tokenizer, cfg, mcfg, ocfg, device)
-    if best.get("clothing_weight") != beta:
-        save({**best, "clothing_weight": beta}, run / "best.pt")  # evaluate.py reads it from there
+    k, a, rerank_rows = choose_rerank(model, val, tokenizer, cfg, mcfg, ocfg, device, beta)
+    chosen = dict(clothing_weight=beta, rerank_k=k, fusion_weight=a)
+    if any(best.get(key) != value for key, value in chosen.items()):
+        save({**best, **chosen}, run / "best.pt")  # evaluate.py reads them from there
     results = evaluate.evaluate_model(model, dataset, tokenizer, mcfg.image_size, mcfg.max_text_len,
-                                      device, batch_size=cfg.eval_batch, clothing_weight=beta)
-    results["clothing_weight_sweep"] = sweep
+                                      device, batch_size=cfg.eval_batch, clothing_weight=beta,
+                                      rerank_k=k, fusion_weight=a)
+    results.update(clothing_weight_sweep=sweep, rerank_sweep=rerank_rows)
     (run / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     print(evaluate.report(results))
     print(f"wrote {run / 'results.json'}; pictures: python evaluate.py --run {run}")
@@ -596,10 +599,9 @@ def final_evaluation(model: T2IReID, run: Path, dataset, val, tokenizer, cfg: Tr
 
 def choose_clothing_weight(model: T2IReID, val, tokenizer, cfg: TrainConfig, mcfg: ModelConfig,
                            ocfg: ObjectiveConfig, device):
-    """beta, the weight of a query's clothing part (DESIGN 3.5): the config's when >= 0; else the
-    best validation mAP (across outfits where they are known) among the betas whose Table V
-    Rank-1 ratios stay >= 90% (evaluate.choose_clothing_weight), or 0 without a validation
-    split. Returns (beta, the validation sweep as rows, or None)."""
+    """beta, the weight of a query's clothing part: the config's when >= 0; else the one with the
+    best validation accuracy (evaluate.choose_clothing_weight: mAP across outfits where they are
+    known, else mAP), or 0 without a validation split. Returns (beta, the sweep's rows, or None)."""
     if ocfg.clothing_weight >= 0:
         return ocfg.clothing_weight, None
     if val is None:  # ICFG-PEDES has no validation split: the test split is never used to choose
@@ -607,7 +609,7 @@ def choose_clothing_weight(model: T2IReID, val, tokenizer, cfg: TrainConfig, mcf
     rows = evaluate.clothing_weight_sweep(model, val, tokenizer, mcfg.image_size, mcfg.max_text_len, device,
                                           cfg.eval_batch, seed=cfg.seed)
     beta = evaluate.choose_clothing_weight(rows)
-    print("clothing weight beta on the validation split (stage 1; Table V Rank-1 of each setting):")
+    print("clothing weight beta on the validation split (stage 1; Table V Rank-1 of each setting, for the record):")
     for row in rows:
         cross = f"{row['cross_mAP']:6.2f}" if row.get("cross_mAP") is not None else "     -"
         settings = "  ".join(f"{name} {row[name]:5.1f}" for name in ("Standard", "Identity-Only", "Clothes-Conflict")
@@ -615,6 +617,25 @@ def choose_clothing_weight(model: T2IReID, val, tokenizer, cfg: TrainConfig, mcf
         print(f"  beta {row['clothing_weight']:4.2f}: R1 {row['R1']:5.2f}  mAP {row['mAP']:5.2f}  "
               f"other outfits mAP {cross}  {settings}" + ("   <- chosen" if row["clothing_weight"] == beta else ""))
     return beta, rows
+
+
+def choose_rerank(model: T2IReID, val, tokenizer, cfg: TrainConfig, mcfg: ModelConfig, ocfg: ObjectiveConfig,
+                  device, beta: float):
+    """K and the fusion weight a of stage 2: the config's where >= 0, else chosen on the validation
+    split by evaluate.choose_rerank (the defaults K 10, a 1 without one). Returns (K, a, rows or None)."""
+    fixed_k, fixed_a = ocfg.rerank_k if ocfg.rerank_k > 0 else None, ocfg.fusion_weight if ocfg.fusion_weight >= 0 else None
+    if model.fusion is None or val is None or (fixed_k and fixed_a is not None):
+        return fixed_k or evaluate.DEFAULT_RERANK, 1.0 if fixed_a is None else fixed_a, None
+    rows = evaluate.rerank_sweep(model, val, tokenizer, mcfg.image_size, mcfg.max_text_len, device, beta,
+                                 cfg.eval_batch, ks=(fixed_k,) if fixed_k else evaluate.RERANK_KS,
+                                 weights=(fixed_a,) if fixed_a is not None else evaluate.FUSION_WEIGHTS)
+    k, a = evaluate.choose_rerank(rows)
+    print("stage 2 on the validation split: K candidates, a = the fusion's share of their score")
+    for row in rows:
+        cross = f"{row['cross_mAP']:6.2f}" if row.get("cross_mAP") is not None else "     -"
+        print(f"  K {row['rerank_k']:3d}  a {row['fusion_weight']:4.2f}: R1 {row['R1']:5.2f}  mAP {row['mAP']:5.2f}  "
+              f"other outfits mAP {cross}" + ("   <- chosen" if (row["rerank_k"], row["fusion_weight"]) == (k, a) else ""))
+    return k, a, rows
 
 
 def main(argv=None) -> int:

@@ -127,11 +127,14 @@ def test_hsic_rejects_unknown_kernel():
         hsic(torch.randn(4, 2), torch.randn(4, 2), kernel="gauss")
 
 
-def test_triplet_batch_hard_matches_brute_force():
+@pytest.mark.parametrize("squared", [True, False])
+def test_triplet_batch_hard_matches_brute_force(squared):
+    """Eq. 4 with squared distances (as written), and with the distances themselves."""
     torch.manual_seed(5)
     feats = torch.randn(9, 5)
     pids = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3])  # identity 3 has no positive: not an anchor
     margin = 0.5
+    d = lambda i, j: float((feats[i] - feats[j]).norm()) ** (2 if squared else 1)  # noqa: E731
     terms = []
     for a in range(9):
         pos = [p for p in range(9) if pids[p] == pids[a] and p != a]
@@ -139,11 +142,9 @@ def test_triplet_batch_hard_matches_brute_force():
         if not pos:
             continue
         # brute force over all (p, n): the hardest triplet gives the largest hinge
-        hinge = max(
-            float((feats[a] - feats[p]).norm() - (feats[a] - feats[n]).norm() + margin) for p in pos for n in neg
-        )
+        hinge = max(d(a, p) - d(a, n) + margin for p in pos for n in neg)
         terms.append(max(hinge, 0.0))
-    assert triplet_loss(feats, pids, margin).item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+    assert triplet_loss(feats, pids, margin, squared).item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
 
 
 def test_triplet_without_valid_anchor_is_zero_with_grad():
@@ -306,7 +307,7 @@ def fake_outputs(b=6, e=8, q=3, seed=6):
 
 def test_compute_losses_applies_each_equation_to_its_outputs():
     out, batch = fake_outputs()
-    cfg = SimpleNamespace(temperature=0.1, hsic_kernel="linear", triplet_margin=0.3, loss_aln=True,
+    cfg = SimpleNamespace(temperature=0.1, hsic_kernel="linear", triplet_margin=0.3, triplet_squared=True, loss_aln=True,
                           loss_decouple=True, loss_info=True, loss_triplet=True, loss_fusion=True)
     got = compute_losses(out, batch, cfg)
     pids, outfit = batch["pids"], torch.tensor([0, 0, 1, 1, 1, 1])
