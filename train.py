@@ -372,7 +372,7 @@ def update(state: State, losses: dict[str, torch.Tensor], ocfg: ObjectiveConfig)
     if bad:
         raise TrainingError(f"loss {', '.join(f'{k} = {v}' for k, v in bad.items())} at step "
                             f"{state.global_step + 1} (epoch {state.epoch + 1}); lower --lr or turn "
-                            f"--amp off; last.pt still holds the last good state")
+                            f"--amp off{not_float32(state.model)}; last.pt still holds the last good state")
     if ocfg.use_gradnorm:
         stats = state.gradnorm.backward(losses, state.model.shared_parameter(),
                                         reduce=mean_over_processes if world() > 1 else None)
@@ -390,6 +390,18 @@ def update(state: State, losses: dict[str, torch.Tensor], ocfg: ObjectiveConfig)
     return {**values, "total": stats["total"].detach().item(),
             **{f"w_{task}": w for task, w in zip(state.gradnorm.tasks, weights)},
             **{f"G_{task}": g for task, g in zip(state.gradnorm.tasks, norms)}}
+
+
+def not_float32(model: torch.nn.Module) -> str:
+    """The trained parameters that are not float32, for the error of a non-finite loss ("; the
+    model holds float16 parameters (N tensors): names"), or "": Adam on half-precision weights
+    overflows, which is why encoders.py loads every encoder in float32."""
+    held = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            held.setdefault(str(p.dtype).removeprefix("torch."), []).append(name)
+    return "".join(f"; the model holds {dtype} parameters ({len(names)} tensors): {', '.join(names[:4])}"
+                   + (", ..." if len(names) > 4 else "") for dtype, names in held.items())
 
 
 class StopRequest:

@@ -4,6 +4,7 @@ process computes, and bad runs stop with clear messages."""
 import dataclasses
 import itertools
 import json
+import math
 import os
 import random
 import signal
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +20,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from transformers import BertConfig, BertModel, ViTConfig, ViTModel
 
 import data
+import devices
 import evaluate
 import mamba_triton
 import synthpedes
@@ -355,8 +359,54 @@ def test_non_finite_loss_stops_with_the_loss_named(synth_root, tmp_path, monkeyp
         return {**losses, "triplet": losses["triplet"] * float("nan")}
 
     monkeypatch.setattr(train, "compute_losses", broken)
-    with pytest.raises(train.TrainingError, match="loss triplet = nan at step 1"):
+    with pytest.raises(train.TrainingError, match=r"loss triplet = nan at step 1 \(epoch 1\); lower --lr or "
+                                                  r"turn --amp off; last.pt"):  # float32: no dtype named
         train.train(*config(synth_root, "--p", "4", "--k", "2", "--max-steps", "1"))
+
+
+def half_precision_encoders(folder: Path) -> tuple[Path, Path]:
+    """A one-layer BERT (with the offline tokenizer beside it) and a one-layer ViT on 32 x 32
+    images, saved in float16 as many hub checkpoints are: (vit folder, bert folder)."""
+    tokenizer = load_tokenizer()
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    bert = BertModel(BertConfig(vocab_size=len(tokenizer), **small), add_pooling_layer=False)
+    vit = ViTModel(ViTConfig(image_size=32, patch_size=16, **small), add_pooling_layer=False)
+    for model, name in ((vit, "vit"), (bert, "bert")):
+        model.half().save_pretrained(folder / name)
+    tokenizer.save_pretrained(folder / "bert")
+    return folder / "vit", folder / "bert"
+
+
+def test_half_precision_checkpoints_load_in_float32_and_train_under_autocast(synth_root, tmp_path, monkeypatch):
+    """Encoders saved in float16 load in float32 (transformers 5 keeps a checkpoint's dtype
+    unless told): Adam on fp16 weights under bf16 autocast turned the text tower to NaN at step 2
+    on an H200 (DESIGN section 6). One step under bf16 autocast on the CPU stays finite."""
+    vit, bert = half_precision_encoders(tmp_path)
+    cfg, mcfg, ocfg = config(synth_root, "--vision-model", str(vit), "--text-model", str(bert),
+                             "--image-size", "32,32", "--conv-stem", "false", "--text-frozen-layers", "0",
+                             "--p", "4", "--k", "2")
+    state = train.State.create(cfg, mcfg, ocfg, torch.device("cpu"), total_steps=2)
+    dtypes = {name: p.dtype for name, p in state.model.named_parameters() if p.dtype != torch.float32}
+    assert not dtypes, dtypes
+    assert state.model.text.embeddings.word_embeddings.weight.shape[1] == 32  # the saved BERT, not another
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: True)  # bf16 autocast, as on a GPU
+    items = train.training_items(data.load_dataset("synth", synth_root), cfg, mcfg)
+    sampler = data.IdentitySampler([s.pid for s in items.dataset.samples], cfg.p, cfg.k, seed=0)
+    tokenizer = load_tokenizer(str(bert))
+    for batch in itertools.islice(train.make_loader(items, sampler, 0, 0, tokenizer, cfg, mcfg.max_text_len), 2):
+        row = train.train_step(state, batch, ocfg, torch.device("cpu"), amp=True)
+        assert all(math.isfinite(row[name]) for name in ocfg.loss_names()), row
+    assert all(torch.isfinite(p).all() for p in state.model.parameters())
+
+
+def test_non_finite_loss_names_half_precision_parameters():
+    """The error of a non-finite loss names the parameters that are not float32, the usual cause."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[0].half()
+    state = types.SimpleNamespace(model=model, global_step=4, epoch=0)
+    with pytest.raises(train.TrainingError, match=r"loss info = nan at step 5 .*float16 parameters "
+                                                  r"\(2 tensors\): 0\.weight, 0\.bias"):
+        train.update(state, {"info": torch.tensor(float("nan"))}, None)
 
 
 def test_real_benchmark_without_descriptions_names_the_describe_command(tmp_path):
