@@ -350,6 +350,18 @@ def choose_clothing_weight(rows: list[dict], keep: float = 0.9) -> float:
     return max(qualifying, key=lambda row: row[key])["clothing_weight"]
 
 
+def sweep_report(rows: list[dict], chosen: float) -> str:
+    """clothing_weight_sweep's rows as printed lines, the chosen beta marked."""
+    lines = ["clothing weight beta on the validation split (stage 1; Table V Rank-1 of each setting):"]
+    for row in rows:
+        cross = f"{row['cross_mAP']:6.2f}" if row.get("cross_mAP") is not None else "     -"
+        settings = "  ".join(f"{name} {row[name]:5.1f}" for name in ("Standard", "Identity-Only", "Clothes-Conflict")
+                             if name in row)
+        lines.append(f"  beta {row['clothing_weight']:4.2f}: R1 {row['R1']:5.2f}  mAP {row['mAP']:5.2f}  other "
+                     f"outfits mAP {cross}  {settings}" + ("   <- chosen" if row["clothing_weight"] == chosen else ""))
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------
 # Runs written by train.py
 

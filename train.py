@@ -25,9 +25,7 @@ import json
 import math
 import os
 import random
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +39,8 @@ import data
 import evaluate
 import synthpedes
 from devices import forward_context, keep_freed_memory, text_attention_for
-from distributed import any_process, from_rank0, gather_batch, init_distributed, mean_over_processes, rank, world
+from distributed import (StopRequest, any_process, from_rank0, gather_batch, init_distributed, leave_process_group,
+                         mean_over_processes, rank, world)
 from encoders import EncoderLoadError, load_tokenizer
 from losses import GradNorm, compute_losses
 from model import ABLATIONS, ModelConfig, ObjectiveConfig, T2IReID, load_configs, replace_fields
@@ -223,14 +222,6 @@ def make_loader(items: SeededItems, sampler: data.IdentitySampler, epoch: int, s
                                        generator=torch.Generator().manual_seed(cfg.seed))
 
 
-def leave_process_group(worker_id: int) -> None:
-    """A loader worker moves to a process group of its own, so that Ctrl-C or a SIGTERM to the
-    run's group (a scheduler's, `timeout`'s) reaches the main process alone: it finishes the step,
-    saves last.pt and shuts the workers down itself. Left in the group, a worker dies of the
-    signal and the loader's shutdown raises "DataLoader worker ... is killed by signal"."""
-    os.setpgid(0, 0)
-
-
 def loader_workers(workers: int, device: str) -> int:
     """--workers as given, or for -1: none on a CPU, where the cores are busy with the step
     itself, and on a GPU the cores less one for the main process (at most 8), so that decoding
@@ -401,33 +392,7 @@ def not_float32(model: torch.nn.Module) -> str:
         if p.requires_grad and p.dtype != torch.float32:
             held.setdefault(str(p.dtype).removeprefix("torch."), []).append(name)
     return "".join(f"; the model holds {dtype} parameters ({len(names)} tensors): {', '.join(names[:4])}"
-                   + (", ..." if len(names) > 4 else "") for dtype, names in held.items())
-
-
-class StopRequest:
-    """Ctrl-C or SIGTERM: finish the current step, save last.pt, and stop. A second Ctrl-C
-    interrupts at once (last.pt then holds the previous checkpoint)."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is not threading.main_thread():
-            return self  # signal handlers can only be set from the main thread
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self.handle)
-        return self
-
-    def handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step; saving last.pt (Ctrl-C again to quit at once)", file=sys.stderr)
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+                   + ", ..." * (len(names) > 4) for dtype, names in held.items())
 
 
 def run_epoch(state: State, loader, cfg: TrainConfig, ocfg: ObjectiveConfig, device, run: Path,
@@ -619,13 +584,7 @@ def choose_clothing_weight(model: T2IReID, val, tokenizer, cfg: TrainConfig, mcf
     rows = evaluate.clothing_weight_sweep(model, val, tokenizer, mcfg.image_size, mcfg.max_text_len, device,
                                           cfg.eval_batch, seed=cfg.seed)
     beta = evaluate.choose_clothing_weight(rows)
-    print("clothing weight beta on the validation split (stage 1; Table V Rank-1 of each setting):")
-    for row in rows:
-        cross = f"{row['cross_mAP']:6.2f}" if row.get("cross_mAP") is not None else "     -"
-        settings = "  ".join(f"{name} {row[name]:5.1f}" for name in ("Standard", "Identity-Only", "Clothes-Conflict")
-                             if name in row)
-        print(f"  beta {row['clothing_weight']:4.2f}: R1 {row['R1']:5.2f}  mAP {row['mAP']:5.2f}  "
-              f"other outfits mAP {cross}  {settings}" + ("   <- chosen" if row["clothing_weight"] == beta else ""))
+    print(evaluate.sweep_report(rows, beta))
     return beta, rows
 
 
