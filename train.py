@@ -191,6 +191,21 @@ def prepare_data(cfg: TrainConfig) -> None:
             f"--root {cfg.root} --backend rules")
 
 
+def load_splits(cfg: TrainConfig) -> tuple[data.ReIDData, data.ReIDData | None]:
+    """The training and test splits, and the validation split or None where there is none
+    (ICFG-PEDES, or a converted file with no "val" records: the last epoch is then best.pt, beta
+    the config's or 0, as one line says). No test records is an error before training starts."""
+    dataset, val = data.load_dataset(cfg.data, cfg.root), data.load_validation(cfg.data, cfg.root)
+    file = data.annotation_file(cfg.data, cfg.root)
+    if cfg.final_eval and not dataset.gallery:
+        raise data.DatasetError(f'{file}: no "test" records, which the final evaluation needs: '
+                                f'add them, or pass --final-eval false')
+    if val is None and rank() == 0:
+        print(f'{file}: no validation split (no "val" records): best.pt is the last epoch and the clothing '
+              f'weight beta the config\'s or 0', file=sys.stderr)
+    return dataset, val
+
+
 class SeededItems(torch.utils.data.Dataset):
     """Item (epoch, i) of a TrainSet, its augmentation drawn from a generator seeded by
     (seed, epoch, i): the batches of a resumed run are the batches it would have seen, with any
@@ -496,8 +511,7 @@ def train(cfg: TrainConfig, mcfg: ModelConfig, ocfg: ObjectiveConfig, run: Path 
         prepare_data(cfg)
     if world() > 1:
         dist.barrier()  # the data rank 0 may have just written
-    dataset = data.load_dataset(cfg.data, cfg.root)
-    val = data.load_dataset(cfg.data, cfg.root, eval_split="val") if cfg.data != "icfg" else None
+    dataset, val = load_splits(cfg)
     tokenizer = load_tokenizer(mcfg.text_model or None)  # "" = random BERT, same vocabulary
     torch.manual_seed(cfg.seed), np.random.seed(cfg.seed), random.seed(cfg.seed)
     try:
@@ -557,7 +571,7 @@ def final_evaluation(model: T2IReID, run: Path, dataset, val, tokenizer, cfg: Tr
                      mcfg: ModelConfig, ocfg: ObjectiveConfig, device) -> None:
     """best.pt on the test split: both stages and the robustness settings -> results.json. The
     clothing weight beta is the config's, or (when < 0) chosen first on `val`, the validation
-    split (None: ICFG-PEDES has none)."""
+    split (None: the dataset has none, load_splits)."""
     best = torch.load(run / "best.pt", map_location=device, weights_only=False)
     model.load_state_dict(best["model"])
     beta, sweep = choose_clothing_weight(model, val, tokenizer, cfg, mcfg, ocfg, device)
@@ -579,7 +593,7 @@ def choose_clothing_weight(model: T2IReID, val, tokenizer, cfg: TrainConfig, mcf
     split. Returns (beta, the validation sweep as rows, or None)."""
     if ocfg.clothing_weight >= 0:
         return ocfg.clothing_weight, None
-    if val is None:  # ICFG-PEDES has no validation split: the test split is never used to choose
+    if val is None:  # no validation split (load_splits): the test split is never used to choose
         return 0.0, None
     rows = evaluate.clothing_weight_sweep(model, val, tokenizer, mcfg.image_size, mcfg.max_text_len, device,
                                           cfg.eval_batch, seed=cfg.seed)

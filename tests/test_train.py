@@ -420,6 +420,48 @@ def test_real_benchmark_without_descriptions_names_the_describe_command(tmp_path
         train.prepare_data(cfg)
 
 
+# The real benchmarks' presets with tiny encoders built from their configs (no hub)
+CUHK_TINY = [*TINY, "--data", "cuhk", "--vision-model", "", "--text-model", "", "--text-layers", "1",
+             "--text-width", "32", "--text-heads", "2", "--p", "4", "--k", "2"]
+
+
+def converted_cuhk(synth_root: Path, root: Path, splits: tuple) -> Path:
+    """SynthPEDES's records of `splits` as a researcher's CUHK-PEDES conversion: reid_raw.json with
+    CUHK-PEDES's fields only, the images and descriptions.jsonl beside it. Returns the file."""
+    source, folder = synth_root / "SynthPEDES", root / "CUHK-PEDES"
+    folder.mkdir(parents=True)
+    (folder / "imgs").symlink_to(source / "imgs", target_is_directory=True)
+    (folder / "descriptions.jsonl").write_text((source / "descriptions.jsonl").read_text())
+    keep = ("split", "captions", "file_path", "processed_tokens", "id")
+    records = [{key: r[key] for key in keep} for r in json.loads((source / "reid_raw.json").read_text())
+               if r["split"] in splits]
+    (folder / "reid_raw.json").write_text(json.dumps(records))
+    return folder / "reid_raw.json"
+
+
+def test_a_dataset_without_val_records_trains_as_icfg_pedes_does(synth_root, tmp_path, monkeypatch, capsys):
+    """A CUHK-PEDES-format file with train and test records but no "val": one line at the start
+    says so, the last epoch is best.pt, beta is 0, and the final evaluation is written (it once
+    died there, in the clothing weight's sweep over an empty validation split)."""
+    monkeypatch.chdir(tmp_path)
+    annotations = converted_cuhk(synth_root, tmp_path / "data", ("train", "test"))
+    assert train.main(["--root", str(tmp_path / "data"), *CUHK_TINY, "--max-steps", "3", "--name", "noval"]) == 0
+    err = capsys.readouterr().err
+    assert f"{annotations}: no validation split (no \"val\" records)" in err and "Traceback" not in err
+    results = json.loads((tmp_path / "runs" / "noval" / "results.json").read_text())
+    assert results["clothing_weight"] == 0.0 and results["clothing_weight_sweep"] is None
+    assert results["num_gallery"] == 54
+
+
+def test_a_dataset_without_test_records_is_refused_before_training(synth_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    annotations = converted_cuhk(synth_root, tmp_path / "data", ("train", "val"))
+    assert train.main(["--root", str(tmp_path / "data"), *CUHK_TINY, "--max-steps", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"train.py: error: {annotations}: no \"test\" records") and "--final-eval false" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "runs").exists()  # refused before the run began
+
+
 def test_command_line_types_presets_and_ablations():
     cfg, mcfg, ocfg, _ = train.parse_config(["--ablation", "w/o Mamba", "--lr", "2e-4", "--use-gradnorm", "false"])
     assert cfg.data == "synth" and cfg.lr == 2e-4 and mcfg.fusion_mamba is False and ocfg.use_gradnorm is False
