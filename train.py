@@ -4,8 +4,10 @@ Paper Sec. IV-A (Adam, lr 1e-4, weight decay 1e-3, cosine annealing, GradNorm al
 decisions of DESIGN.md section 3: stage-1 InfoNCE plus the fusion InfoNCE over hard negatives,
 GradNorm weights learned from the GradNorm loss alone. Each run writes runs/<name>/:
 config.json (the resolved configuration), log.jsonl (one line per step: the losses, GradNorm's
-weights, the gates' g_std and w_img), last.pt, best.pt (best stage-1 Rank-1 on the validation
-split) and results.json (test evaluation); runs/latest points at the newest run.
+weights, the gates' g_std and w_img; one per validation), last.pt and best.pt (best stage-1
+Rank-1 on the validation split; each carries the configuration, so `python evaluate.py
+--checkpoint FILE` needs nothing beside it) and results.json (test evaluation); runs/latest
+points at the newest run.
 
     python train.py                                  # SynthPEDES on a CPU, all offline
     python train.py --data cuhk                      # CUHK-PEDES, the paper's encoders, one GPU
@@ -269,6 +271,7 @@ class State:
     global_step: int = 0
     best: float = -1.0  # best validation Rank-1 so far
     ddp: torch.nn.Module | None = None  # the model under DistributedDataParallel (torchrun)
+    config: dict | None = None  # run_config: config.json's dict, in every checkpoint
 
     @classmethod
     def create(cls, cfg: TrainConfig, mcfg: ModelConfig, ocfg: ObjectiveConfig, device, total_steps: int) -> "State":
@@ -294,7 +297,7 @@ class State:
             return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-        return cls(model, gradnorm, optimizer, weight_optimizer, schedule)
+        return cls(model, gradnorm, optimizer, weight_optimizer, schedule, config=run_config(cfg, mcfg, ocfg))
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs; with several processes a collective (every process
@@ -307,8 +310,8 @@ class State:
             dist.all_gather_object(rng_ranks, rng)
         parts = ("model", "gradnorm", "optimizer", "weight_optimizer", "schedule")
         counters = ("epoch", "step_in_epoch", "global_step", "best")
-        return {**{p: getattr(self, p).state_dict() for p in parts},
-                **{c: getattr(self, c) for c in counters}, "rng": rng_ranks[0], "rng_ranks": rng_ranks}
+        return {**{p: getattr(self, p).state_dict() for p in parts}, **{c: getattr(self, c) for c in counters},
+                "rng": rng_ranks[0], "rng_ranks": rng_ranks, "config": self.config}
 
     def load_state_dict(self, saved: dict) -> None:
         """Every process reads the same last.pt and takes its own RNG. Resumed with another
@@ -342,6 +345,12 @@ def checkpoint(state: State, path: Path) -> None:
     saved = state.state_dict()
     if rank() == 0:
         save(saved, path)
+
+
+def save_best(state: State, score: float | None, path: Path) -> None:
+    """best.pt: the weights, their epoch and validation Rank-1, and the run's configuration, so
+    that the file alone is a model (`python evaluate.py --checkpoint best.pt`)."""
+    save({"model": state.model.state_dict(), "epoch": state.epoch, "val_R1": score, "config": state.config}, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -484,14 +493,18 @@ def start_run(cfg: TrainConfig, mcfg: ModelConfig, ocfg: ObjectiveConfig, run: P
     if not resume:
         run = Path("runs") / (cfg.name or f"{cfg.data}-{time.strftime('%Y%m%d-%H%M%S')}")
         run.mkdir(parents=True, exist_ok=True)
-        config = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(mcfg),
-                  "objective": dataclasses.asdict(ocfg)}
-        (run / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (run / "config.json").write_text(json.dumps(run_config(cfg, mcfg, ocfg), indent=2) + "\n")
     latest = run.parent / "latest"
     if latest.is_symlink() or not latest.exists():
         latest.unlink(missing_ok=True)
         latest.symlink_to(run.resolve(), target_is_directory=True)
     return run, resume
+
+
+def run_config(cfg: TrainConfig, mcfg: ModelConfig, ocfg: ObjectiveConfig) -> dict:
+    """The resolved configuration as config.json holds it (tuples as lists), and every checkpoint."""
+    return json.loads(json.dumps({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(mcfg),
+                                  "objective": dataclasses.asdict(ocfg)}))
 
 
 def trim_log(path: Path, last_step: int) -> None:
@@ -551,7 +564,7 @@ def train(cfg: TrainConfig, mcfg: ModelConfig, ocfg: ObjectiveConfig, run: Path 
     if rank() > 0:
         return run
     if not (run / "best.pt").exists():  # stopped by max_steps before the first epoch ended
-        save({"model": state.model.state_dict(), "epoch": state.epoch, "val_R1": None}, run / "best.pt")
+        save_best(state, None, run / "best.pt")
     if cfg.final_eval:
         final_evaluation(state.model, run, dataset, val, tokenizer, cfg, mcfg, ocfg, device)
     return run
@@ -564,7 +577,7 @@ def end_epoch(state: State, val, tokenizer, cfg: TrainConfig, mcfg: ModelConfig,
     log.write(json.dumps({"step": state.global_step, "epoch": state.epoch, "val_R1": score}) + "\n")
     if score is None or score > state.best:  # no validation split: the last epoch is the best
         state.best = state.best if score is None else score
-        save({"model": state.model.state_dict(), "epoch": state.epoch, "val_R1": score}, run / "best.pt")
+        save_best(state, score, run / "best.pt")
 
 
 def final_evaluation(model: T2IReID, run: Path, dataset, val, tokenizer, cfg: TrainConfig,

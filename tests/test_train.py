@@ -462,6 +462,40 @@ def test_a_dataset_without_test_records_is_refused_before_training(synth_root, t
     assert len(err.splitlines()) == 1 and not (tmp_path / "runs").exists()  # refused before the run began
 
 
+def test_evaluate_reads_a_checkpoint_alone_with_the_configuration_it_carries(synth_root, tmp_path, monkeypatch,
+                                                                           capsys):
+    """best.pt and last.pt carry config.json's dict: `evaluate.py --checkpoint runs/NAME/best.pt`
+    prints what `--run runs/NAME` prints, and the file copied alone elsewhere gives the same metrics."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--root", str(synth_root), *SYNTH, *TINY, "--p", "4", "--k", "2", "--max-steps", "2"]
+    assert train.main([*argv, "--name", "ckpt", "--final-eval", "false"]) == 0
+    run = tmp_path / "runs" / "ckpt"
+    config = json.loads((run / "config.json").read_text())
+    assert all(torch.load(run / name, weights_only=False)["config"] == config for name in ("best.pt", "last.pt"))
+    capsys.readouterr()
+    quick = ["--device", "cpu", "--limit-queries", "8", "--rerank-k", "3"]
+    printed, metrics = {}, {}
+    for how, where in (("--run", run), ("--checkpoint", run / "best.pt")):
+        assert evaluate.main([how, str(where), *quick]) == 0
+        printed[how], metrics[how] = capsys.readouterr().out, json.loads((run / "metrics.json").read_text())
+    assert printed["--run"] == printed["--checkpoint"] and "stage 1 (dual encoder)" in printed["--run"]
+    assert metrics["--run"] == metrics["--checkpoint"]
+    alone = tmp_path / "elsewhere" / "model.pt"
+    alone.parent.mkdir()
+    alone.write_bytes((run / "best.pt").read_bytes())
+    assert evaluate.main(["--checkpoint", str(alone), *quick]) == 0
+    moved = json.loads((alone.parent / "metrics.json").read_text())
+    assert {k: v for k, v in moved.items() if k not in ("run", "checkpoint")} == \
+           {k: v for k, v in metrics["--run"].items() if k not in ("run", "checkpoint")}
+    bare = tmp_path / "bare" / "best.pt"  # as checkpoints were before they carried their configuration
+    bare.parent.mkdir()
+    torch.save({"model": torch.load(alone, weights_only=False)["model"]}, bare)
+    capsys.readouterr()
+    assert evaluate.main(["--checkpoint", str(bare), *quick]) == 2
+    err = capsys.readouterr().err
+    assert f"{bare} carries no configuration and has no config.json beside it" in err and len(err.splitlines()) == 1
+
+
 def test_command_line_types_presets_and_ablations():
     cfg, mcfg, ocfg, _ = train.parse_config(["--ablation", "w/o Mamba", "--lr", "2e-4", "--use-gradnorm", "false"])
     assert cfg.data == "synth" and cfg.lr == 2e-4 and mcfg.fusion_mamba is False and ocfg.use_gradnorm is False
