@@ -15,8 +15,8 @@ Implements the evaluation of Sec. IV of the paper with the decisions of DESIGN s
 * Table V's robustness settings built from the generated descriptions of the test images:
   Standard (identity + clothing), Identity-Only, Clothes-Conflict (identity + the clothing of
   another test image, a fixed seeded derangement);
-* Fig. 5's gate statistics, a ranked-list picture, the gate histograms, and the gates and
-  GradNorm's task weights over training (from the run's log);
+* Fig. 5's gate statistics, a ranked-list picture, the gate histograms, the gates and
+  GradNorm's task weights over training, and training at a glance (from the run's log);
 * whether the fusion reads the image at all (`fusion_image_reliance`: its scores with each
   candidate's image tokens swapped for another's), which W_img alone cannot say.
 
@@ -24,7 +24,7 @@ Read top to bottom: metrics, robustness, the whole evaluation, runs, command lin
 stages themselves are retrieval.py, the pictures pictures.py.
 
     python evaluate.py                          # newest run: tables, metrics.json, ranked_list.png, gates.png,
-                                                #   gates_over_training.png
+                                                #   gates_over_training.png, training_curves.png
     python evaluate.py --run runs/NAME --limit-queries 200 --rerank-k 10
     python evaluate.py --checkpoint runs/NAME/best.pt   # a checkpoint wherever it lies: the same tables
     python evaluate.py --data synth --root data-real   # the run's model on other data (default: the run's)
@@ -48,7 +48,7 @@ import lexicon
 from data import DATASETS, DatasetError, load_dataset
 from encoders import EncoderLoadError, load_tokenizer
 from model import ModelConfig, ObjectiveConfig, T2IReID, load_configs
-from pictures import gate_curves, gate_histograms, ranked_list_picture
+from pictures import gate_curves, gate_histograms, ranked_list_picture, read_log, training_picture
 from retrieval import TwoStage, embed_gallery, fusion_image_reliance, query_ranker
 
 
@@ -537,9 +537,9 @@ def evaluate_run(run: Run, device, rerank_k=None, limit_queries=None, data=None,
     ex = result["examples"]
     pictures = [ranked_list_picture(ex["queries"], ex["paths"], ex["correct"], run.folder / "ranked_list.png"),
                 gate_histograms(result["gates"], run.folder / "gates.png")]
-    log = run.folder / "log.jsonl"
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
-    pictures += [p for p in [gate_curves(rows, run.folder / "gates_over_training.png")] if p]
+    rows = read_log(run.folder / "log.jsonl")  # none beside a checkpoint copied alone
+    pictures += [p for p in [gate_curves(rows, run.folder / "gates_over_training.png"),
+                             training_picture(rows, run.folder / "training_curves.png")] if p]
     for path in [run.folder / "metrics.json", *pictures]:
         print(f"wrote {path}")
     return result

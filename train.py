@@ -6,8 +6,9 @@ GradNorm weights learned from the GradNorm loss alone. Each run writes runs/<nam
 config.json (the resolved configuration), log.jsonl (one line per step: the losses, GradNorm's
 weights, the gates' g_std and w_img; one per validation), last.pt and best.pt (best stage-1
 Rank-1 on the validation split; each carries the configuration, so `python evaluate.py
---checkpoint FILE` needs nothing beside it) and results.json (test evaluation); runs/latest
-points at the newest run.
+--checkpoint FILE` needs nothing beside it), training_curves.png (each task's loss, the task
+weights and the validation Rank-1 over training) and results.json (test evaluation);
+runs/latest points at the newest run.
 
     python train.py                                  # SynthPEDES on a CPU, all offline
     python train.py --data cuhk                      # CUHK-PEDES, the paper's encoders, one GPU
@@ -46,6 +47,7 @@ from distributed import (StopRequest, any_process, from_rank0, gather_batch, ini
 from encoders import EncoderLoadError, load_tokenizer
 from losses import GradNorm, compute_losses
 from model import ABLATIONS, ModelConfig, ObjectiveConfig, T2IReID, load_configs, replace_fields
+from pictures import read_log, training_picture
 
 # ----------------------------------------------------------------------------------------------
 # Configuration
@@ -563,6 +565,8 @@ def train(cfg: TrainConfig, mcfg: ModelConfig, ocfg: ObjectiveConfig, run: Path 
         raise KeyboardInterrupt(f"stopped at step {state.global_step}; continue with: {again} --resume {run}")
     if rank() > 0:
         return run
+    if picture := training_picture(read_log(run / "log.jsonl"), run / "training_curves.png"):
+        print(f"wrote {picture}")
     if not (run / "best.pt").exists():  # stopped by max_steps before the first epoch ended
         save_best(state, None, run / "best.pt")
     if cfg.final_eval:

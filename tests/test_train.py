@@ -33,6 +33,7 @@ from devices import forward_context
 from encoders import load_tokenizer
 from losses import compute_losses
 from model import T2IReID
+from pictures import read_log, training_figure
 
 # A model small enough to train in seconds on a CPU: 2-layer ViT on 64 x 32 images (P = 8), the
 # pretrained all-MiniLM-L6-v2 text encoder (real words carry meaning from the first step).
@@ -136,6 +137,10 @@ def test_final_evaluation_writes_both_stages_and_robustness(synth_root, tmp_path
     assert betas == list(evaluate.CLOTHING_WEIGHTS) and results["clothing_weight"] in betas
     assert torch.load(run / "best.pt", weights_only=False)["clothing_weight"] == results["clothing_weight"]
     assert evaluate.load_run(run).clothing_weight == results["clothing_weight"]
+    # training at a glance: a line for each task's loss, written by train.py itself
+    tasks = config(synth_root)[2].loss_names()
+    assert [line.get_label() for line in training_figure(read_log(run / "log.jsonl")).axes[0].get_lines()] == tasks
+    assert (run / "training_curves.png").is_file()
 
 
 def test_loader_workers_from_the_cores(monkeypatch):
@@ -454,6 +459,7 @@ def test_a_dataset_without_val_records_trains_as_icfg_pedes_does(synth_root, tmp
 
 
 def test_a_dataset_without_test_records_is_refused_before_training(synth_root, tmp_path, monkeypatch, capsys):
+    """No "test" records: one line naming the file and the fix, before any run folder is made."""
     monkeypatch.chdir(tmp_path)
     annotations = converted_cuhk(synth_root, tmp_path / "data", ("train", "val"))
     assert train.main(["--root", str(tmp_path / "data"), *CUHK_TINY, "--max-steps", "3"]) == 2
