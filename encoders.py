@@ -9,7 +9,8 @@ checkpoint was saved in: autocast does the rest. `ModelConfig` (model.py) names 
 empty name builds one from the config's shape fields with random weights. Dimension letters as in
 model.py.
 
-Tests: pytest tests/test_model.py tests/test_data.py -k "tokenizer or encoder or stem or frozen"
+Tests: pytest tests/test_model.py tests/test_data.py -k "tokenizer or encoder or stem or frozen";
+pytest tests/test_train.py -k half_precision (float16 checkpoints load in float32)
 """
 import os
 import socket
