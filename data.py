@@ -86,6 +86,11 @@ def _source(name: str) -> Source:
     return SOURCES[name]
 
 
+def annotation_file(name: str, root="data") -> Path:
+    """A dataset's annotation file (reid_raw.json, ICFG-PEDES.json, data_captions.json)."""
+    return Path(root) / _source(name).folder / _source(name).annotation
+
+
 def descriptions_file(name: str, root="data") -> Path:
     """Where describe.py writes the identity/clothing descriptions of a dataset."""
     return Path(root) / _source(name).folder / "descriptions.jsonl"
@@ -117,9 +122,8 @@ def _check_record(record, i: int, path: Path, src: Source) -> dict:
 
 def read_annotations(name: str, root="data") -> Annotations:
     """Read and validate a dataset's annotation file (images are checked by load_dataset)."""
-    src = _source(name)
-    folder = Path(root) / src.folder
-    path = folder / src.annotation
+    src, path = _source(name), annotation_file(name, root)
+    folder = path.parent
     if not path.is_file():
         raise DatasetError(f"{src.folder} not found: expected {path} and images under "
                            f"{folder / 'imgs'}/. {src.obtain} {folder}/ (or pass --root).")
@@ -238,6 +242,15 @@ def load_dataset(name: str, root="data", descriptions=True, eval_split="test") -
             data.gallery.append(GalleryImage(path, r["id"], *texts, outfit))
             data.queries += [Query(c, r["id"], outfit) for c in r["captions"]]
     return data
+
+
+def load_validation(name: str, root="data") -> ReIDData | None:
+    """The validation split (load_dataset's eval_split="val"), or None where there is none:
+    ICFG-PEDES, or an annotation file with no "val" records (a researcher's conversion)."""
+    if "val" not in _source(name).splits:
+        return None
+    val = load_dataset(name, root, eval_split="val")
+    return val if val.gallery else None
 
 
 def load_image(path) -> Image.Image:

@@ -1,14 +1,20 @@
-"""Several processes (torchrun): DistributedDataParallel over the P x K identity batch.
+"""Several processes (torchrun): DistributedDataParallel over the P x K identity batch; and a
+run's processes stopped cleanly by Ctrl-C or SIGTERM.
 
 Each process takes P/N whole identities of the batch (data.IdentitySampler); the losses see the
 global batch, gathered from every process (README, design decision 12). With one process all of
-this is a no-op. Used by train.py:
+this is a no-op. A stop request (`StopRequest`) ends the run after a whole step, on every process
+alike, and the data loader's workers keep out of the signal's way (`leave_process_group`). Used
+by train.py:
 
     torchrun --nproc_per_node 4 train.py --data cuhk
 
-Test: pytest tests/test_train.py -k processes   (two gloo processes against one)
+Test: pytest tests/test_train.py -k "processes or ctrl_c or sigterm"
 """
 import os
+import signal
+import sys
+import threading
 
 import torch
 import torch.distributed as dist
@@ -94,3 +100,41 @@ def gather_batch(out: dict, batch: dict) -> tuple[dict, dict]:
     dist.all_reduce(length, op=dist.ReduceOp.MAX)
     ids = F.pad(ids, (0, int(length) - ids.shape[1]))  # [PAD] is 0, as data.tokenize pads
     return out, {"pids": GatherRows.apply(batch["pids"]), "clothing": {"input_ids": GatherRows.apply(ids)}}
+
+
+# ----------------------------------------------------------------------------------------------
+# Stopping: Ctrl-C or SIGTERM ends a run after a whole step, on every process alike
+
+
+def leave_process_group(worker_id: int) -> None:
+    """A loader worker moves to a process group of its own, so that Ctrl-C or a SIGTERM to the
+    run's group (a scheduler's, `timeout`'s) reaches the main process alone: it finishes the step,
+    saves last.pt and shuts the workers down itself. Left in the group, a worker dies of the
+    signal and the loader's shutdown raises "DataLoader worker ... is killed by signal"."""
+    os.setpgid(0, 0)
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM: finish the current step, save last.pt, and stop. A second Ctrl-C
+    interrupts at once (last.pt then holds the previous checkpoint)."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signal handlers can only be set from the main thread
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step; saving last.pt (Ctrl-C again to quit at once)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

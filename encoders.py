@@ -4,10 +4,13 @@ whose bottom layers are frozen and cached.
 Every pretrained load -- ViT, BERT, the tokenizer, describe.py's style encoder -- goes through
 `load_pretrained`: a local folder, else the local Hugging Face cache, else the hub, but only
 when one TCP connection to it succeeds (DESIGN section 6: fail fast and say what to pass, never
-retry for half a minute). `ModelConfig` (model.py) names the encoders; an empty name builds one
-from the config's shape fields with random weights. Dimension letters as in model.py.
+retry for half a minute). Every model loads in float32 (`dtype=torch.float32`), whatever dtype its
+checkpoint was saved in: autocast does the rest. `ModelConfig` (model.py) names the encoders; an
+empty name builds one from the config's shape fields with random weights. Dimension letters as in
+model.py.
 
-Tests: pytest tests/test_model.py tests/test_data.py -k "tokenizer or encoder or stem or frozen"
+Tests: pytest tests/test_model.py tests/test_data.py -k "tokenizer or encoder or stem or frozen";
+pytest tests/test_train.py -k half_precision (float16 checkpoints load in float32)
 """
 import os
 import socket
@@ -69,7 +72,9 @@ def _from_pretrained(model_class, name_or_path: str, **kwargs):
 def load_pretrained(model_class, name_or_path: str, field: str, **kwargs):
     """`model_class.from_pretrained` (a model or a tokenizer) from a local folder, the HF cache,
     or the hub; fails at once with a message naming the setting to change (`field`) when none
-    of them has the weights: a hub load is tried only when one TCP connection succeeds."""
+    of them has the weights: a hub load is tried only when one TCP connection succeeds. A model
+    is loaded with `dtype=torch.float32`: transformers 5 keeps a checkpoint's fp16/bf16 dtype
+    otherwise, and Adam on fp16 weights under bf16 autocast went to NaN (DESIGN section 6)."""
     folder = Path(name_or_path).expanduser()
     if folder.is_dir():
         return _from_pretrained(model_class, str(folder), **kwargs)
@@ -106,7 +111,8 @@ def load_tokenizer(name_or_path: str | None = None):
 def load_vision_encoder(cfg) -> ViTModel:
     """ViT without its pooler: images (B, 3, H, W) -> last_hidden_state (B, 1 + P, Dv)."""
     if cfg.vision_model:
-        return load_pretrained(ViTModel, cfg.vision_model, "vision_model", add_pooling_layer=False)
+        return load_pretrained(ViTModel, cfg.vision_model, "vision_model", add_pooling_layer=False,
+                               dtype=torch.float32)
     config = ViTConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.vision_width,
                        num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
                        intermediate_size=4 * cfg.vision_width)
@@ -146,7 +152,8 @@ class ConvStem(nn.Sequential):
 def load_text_encoder(cfg) -> BertModel:
     """BERT without its pooler: tokens (B, T) -> last_hidden_state (B, T, Dt)."""
     if cfg.text_model:
-        return load_pretrained(BertModel, cfg.text_model, "text_model", add_pooling_layer=False)
+        return load_pretrained(BertModel, cfg.text_model, "text_model", add_pooling_layer=False,
+                               dtype=torch.float32)
     config = BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.text_width,
                         num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
                         intermediate_size=4 * cfg.text_width, max_position_embeddings=max(512, cfg.max_text_len))

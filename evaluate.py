@@ -15,8 +15,8 @@ Implements the evaluation of Sec. IV of the paper with the decisions of DESIGN s
 * Table V's robustness settings built from the generated descriptions of the test images:
   Standard (identity + clothing), Identity-Only, Clothes-Conflict (identity + the clothing of
   another test image, a fixed seeded derangement);
-* Fig. 5's gate statistics, a ranked-list picture, the gate histograms, and the gates and
-  GradNorm's task weights over training (from the run's log);
+* Fig. 5's gate statistics, a ranked-list picture, the gate histograms, the gates and
+  GradNorm's task weights over training, and training at a glance (from the run's log);
 * whether the fusion reads the image at all (`fusion_image_reliance`: its scores with each
   candidate's image tokens swapped for another's), which W_img alone cannot say.
 
@@ -24,8 +24,9 @@ Read top to bottom: metrics, robustness, the whole evaluation, runs, command lin
 stages themselves are retrieval.py, the pictures pictures.py.
 
     python evaluate.py                          # newest run: tables, metrics.json, ranked_list.png, gates.png,
-                                                #   gates_over_training.png
+                                                #   gates_over_training.png, training_curves.png
     python evaluate.py --run runs/NAME --limit-queries 200 --rerank-k 10
+    python evaluate.py --checkpoint runs/NAME/best.pt   # a checkpoint wherever it lies: the same tables
     python evaluate.py --data synth --root data-real   # the run's model on other data (default: the run's)
     python evaluate.py --query "a tall man with short grey hair" --gallery DIR   # writes search.png
     pytest tests/test_evaluate.py
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import random
 import sys
 from dataclasses import dataclass
@@ -46,7 +48,7 @@ import lexicon
 from data import DATASETS, DatasetError, load_dataset
 from encoders import EncoderLoadError, load_tokenizer
 from model import ModelConfig, ObjectiveConfig, T2IReID, load_configs
-from pictures import gate_curves, gate_histograms, ranked_list_picture
+from pictures import gate_curves, gate_histograms, ranked_list_picture, read_log, training_picture
 from retrieval import TwoStage, embed_gallery, fusion_image_reliance, query_ranker, rerank
 
 
@@ -400,6 +402,29 @@ def choose_rerank(rows: list[dict]) -> tuple[int, float]:
     return best["rerank_k"], best["fusion_weight"]
 
 
+def rerank_report(rows: list[dict], chosen: tuple[int, float]) -> str:
+    """rerank_sweep's rows as printed lines, the chosen (K, a) marked."""
+    lines = ["stage 2 on the validation split: K candidates, a = the fusion's share of their score"]
+    for row in rows:
+        cross = f"{row['cross_mAP']:6.2f}" if row.get("cross_mAP") is not None else "     -"
+        lines.append(f"  K {row['rerank_k']:3d}  a {row['fusion_weight']:4.2f}: R1 {row['R1']:5.2f}  mAP {row['mAP']:5.2f}"
+                     f"  other outfits mAP {cross}" + ("   <- chosen" if (row["rerank_k"], row["fusion_weight"]) == chosen
+                                                        else ""))
+    return "\n".join(lines)
+
+
+def sweep_report(rows: list[dict], chosen: float) -> str:
+    """clothing_weight_sweep's rows as printed lines, the chosen beta marked."""
+    lines = ["clothing weight beta on the validation split (stage 1; Table V Rank-1 of each setting, for the record):"]
+    for row in rows:
+        cross = f"{row['cross_mAP']:6.2f}" if row.get("cross_mAP") is not None else "     -"
+        settings = "  ".join(f"{name} {row[name]:5.1f}" for name in ("Standard", "Identity-Only", "Clothes-Conflict")
+                             if name in row)
+        lines.append(f"  beta {row['clothing_weight']:4.2f}: R1 {row['R1']:5.2f}  mAP {row['mAP']:5.2f}  other "
+                     f"outfits mAP {cross}  {settings}" + ("   <- chosen" if row["clothing_weight"] == chosen else ""))
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------
 # Runs written by train.py
 
@@ -409,8 +434,8 @@ class RunError(Exception):
 
 @dataclass
 class Run:
-    folder: Path
-    train: dict  # config.json's "train" section
+    folder: Path  # the checkpoint's folder: metrics.json and the pictures go there
+    train: dict  # the configuration's "train" section
     model_cfg: ModelConfig
     objective: ObjectiveConfig
     model: T2IReID  # weights from best.pt, else last.pt, on the CPU
@@ -418,10 +443,12 @@ class Run:
     clothing_weight: float = 0.0  # beta: the config's when set, else the run's choice on the validation split
     rerank_k: int | None = None  # K of stage 2, likewise (None: evaluate_model's default)
     fusion_weight: float | None = None  # a of stage 2, likewise
+    config_file: Path | None = None  # where the configuration came from: the checkpoint, or config.json
 
 
 def load_run(run=None, runs_dir="runs") -> Run:
-    """A run folder written by train.py (default: runs/latest, else the newest run under runs/)."""
+    """A run folder written by train.py (default: runs/latest, else the newest run under runs/):
+    its best.pt, else its last.pt (load_checkpoint)."""
     hint = "train a model first with `python train.py`"
     if run is None:
         configs = sorted(Path(runs_dir).glob("*/config.json"), key=lambda p: p.stat().st_mtime)
@@ -430,26 +457,49 @@ def load_run(run=None, runs_dir="runs") -> Run:
         latest = Path(runs_dir) / "latest"
         run = latest.resolve() if (latest / "config.json").is_file() else configs[-1].parent
     folder = Path(run)
-    if not (folder / "config.json").is_file():
-        raise RunError(f"{folder} is not a run folder (no config.json): {hint}, or pass --run runs/NAME.")
     checkpoint = next((folder / n for n in ("best.pt", "last.pt") if (folder / n).is_file()), None)
+    if checkpoint is None and not (folder / "config.json").is_file():
+        raise RunError(f"{folder} is not a run folder (no config.json, no best.pt): {hint}, or pass --run runs/NAME.")
     if checkpoint is None:
         raise RunError(f"{folder} has no best.pt or last.pt (stopped before its first checkpoint): {hint}.")
-    config = json.loads((folder / "config.json").read_text())
+    return load_checkpoint(checkpoint)
+
+
+def load_checkpoint(path) -> Run:
+    """A best.pt or last.pt wherever it lies, with the configuration it carries (train.py stores
+    config.json's dict in each, under "config"), else the config.json beside it (a checkpoint
+    written before they carried it)."""
+    path = Path(path)
+    fix = "pass a best.pt or last.pt that train.py wrote"
+    if not path.is_file():
+        raise RunError(f"{path}: no such file; {fix}.")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:  # not a torch file, or cut short
+        raise RunError(f"{path}: not a checkpoint torch can read ({str(e)[:100]}); {fix}.") from None
+    if not isinstance(saved, dict) or "model" not in saved:
+        raise RunError(f"{path}: no model weights in it; {fix}.")
+    config_file = path if saved.get("config") else path.parent / "config.json"
+    if config_file == path:
+        config = saved["config"]
+    elif config_file.is_file():
+        config = json.loads(config_file.read_text())
+    else:
+        raise RunError(f"{path} carries no configuration and has no config.json beside it: copy the run's "
+                       f"config.json next to it (train.py writes it in the run folder), or use --run runs/NAME.")
     try:  # a run written before ObjectiveConfig keeps its fields in "model" (load_configs)
         model_cfg, objective = load_configs(config)
     except (KeyError, TypeError, ValueError) as e:
-        raise RunError(f"{folder / 'config.json'}: bad 'model' or 'objective' section ({e}); rerun train.py.") from None
+        raise RunError(f"{config_file}: bad 'model' or 'objective' section ({e}); rerun train.py.") from None
     model = T2IReID(model_cfg, objective)
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
     try:
         model.load_state_dict(saved["model"])
-    except (KeyError, RuntimeError) as e:
-        raise RunError(f"{checkpoint} does not fit {folder / 'config.json'} ({str(e)[:200]})") from None
+    except RuntimeError as e:
+        raise RunError(f"{path} does not fit {config_file} ({str(e)[:200]})") from None
     beta = objective.clothing_weight if objective.clothing_weight >= 0 else saved.get("clothing_weight") or 0.0
     k = objective.rerank_k if objective.rerank_k > 0 else saved.get("rerank_k")
     a = objective.fusion_weight if objective.fusion_weight >= 0 else saved.get("fusion_weight")
-    return Run(folder, config.get("train", {}), model_cfg, objective, model.eval(), checkpoint, beta, k, a)
+    return Run(path.parent, config.get("train", {}), model_cfg, objective, model.eval(), path, beta, k, a, config_file)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -543,7 +593,7 @@ def evaluate_run(run: Run, device, rerank_k=None, limit_queries=None, data=None,
     given); prints where the data came from and the tables, writes metrics.json and pictures."""
     train, cfg = run.train, run.model_cfg
     name, folder = data or train.get("data", "synth"), root or train.get("root", "data")
-    origin = "given on the command line" if data or root else f"from {run.folder / 'config.json'}"
+    origin = "given on the command line" if data or root else f"from {run.config_file}"
     print(f"data: {name} under {Path(folder).resolve()} ({origin})")
     dataset = load_dataset(name, folder)
     result = evaluate_model(run.model.to(device), dataset, load_tokenizer(cfg.text_model or None), cfg.image_size,
@@ -557,9 +607,9 @@ def evaluate_run(run: Run, device, rerank_k=None, limit_queries=None, data=None,
     ex = result["examples"]
     pictures = [ranked_list_picture(ex["queries"], ex["paths"], ex["correct"], run.folder / "ranked_list.png"),
                 gate_histograms(result["gates"], run.folder / "gates.png")]
-    log = run.folder / "log.jsonl"
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
-    pictures += [p for p in [gate_curves(rows, run.folder / "gates_over_training.png")] if p]
+    rows = read_log(run.folder / "log.jsonl")  # none beside a checkpoint copied alone
+    pictures += [p for p in [gate_curves(rows, run.folder / "gates_over_training.png"),
+                             training_picture(rows, run.folder / "training_curves.png")] if p]
     for path in [run.folder / "metrics.json", *pictures]:
         print(f"wrote {path}")
     return result
@@ -568,6 +618,8 @@ def evaluate_run(run: Run, device, rerank_k=None, limit_queries=None, data=None,
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", help="run folder (default: runs/latest, else the newest under runs/)")
+    parser.add_argument("--checkpoint", help="a best.pt or last.pt wherever it lies, with the configuration it "
+                                             "carries (else the config.json beside it); in place of --run")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="where to run (default: auto, a CUDA GPU if there is one)")
     parser.add_argument("--data", choices=DATASETS, help="dataset (default: the run's, from its config.json)")
@@ -582,6 +634,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if (args.query is None) != (args.gallery is None):
         parser.error("--query and --gallery go together")
+    if args.run and args.checkpoint:
+        parser.error("--run and --checkpoint name the same thing: give one")
     if args.query is not None and not lexicon.WORD_RE.search(args.query):
         parser.error(f"--query {args.query!r} has no words: describe the person, "
                      "e.g. --query 'a tall man with short grey hair in a red jacket'")
@@ -596,7 +650,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     try:
-        run = load_run(args.run)
+        run = load_checkpoint(args.checkpoint) if args.checkpoint else load_run(args.run)
         if args.clothing_weight is not None:
             run.clothing_weight = args.clothing_weight
         print(f"run {run.folder} ({run.checkpoint.name}), device {device}, clothing weight {run.clothing_weight:g}")

@@ -58,8 +58,10 @@ _ENCODERS = {}
 
 
 def load_style_encoder(name_or_path):
-    """CLIP's text encoder by hub name or folder (encoders.load_pretrained: folder, cache, hub);
-    'minilm' (or a failed load, with a notice): the offline all-MiniLM-L6-v2. Cached per process."""
+    """CLIP's text encoder by hub name or folder (encoders.load_pretrained: folder, cache, hub),
+    in float32 as every encoder; 'minilm' (or a failed load, with a notice): the offline
+    all-MiniLM-L6-v2. Cached per process."""
+    import torch
     import transformers
     from encoders import OFFLINE_TEXT_MODEL, EncoderLoadError, load_pretrained
     if name_or_path in _ENCODERS:
@@ -67,12 +69,13 @@ def load_style_encoder(name_or_path):
     if name_or_path == "minilm":
         _ENCODERS["minilm"] = StyleEncoder(
             "minilm", "all-MiniLM-L6-v2", load_pretrained(transformers.AutoTokenizer, OFFLINE_TEXT_MODEL, "minilm"),
-            load_pretrained(transformers.AutoModel, OFFLINE_TEXT_MODEL, "minilm"))
+            load_pretrained(transformers.AutoModel, OFFLINE_TEXT_MODEL, "minilm", dtype=torch.float32))
         return _ENCODERS["minilm"]
     try:
         _ENCODERS[name_or_path] = StyleEncoder(
             "clip", name_or_path, load_pretrained(transformers.CLIPTokenizer, name_or_path, "style_encoder"),
-            load_pretrained(transformers.CLIPTextModelWithProjection, name_or_path, "style_encoder"))
+            load_pretrained(transformers.CLIPTextModelWithProjection, name_or_path, "style_encoder",
+                            dtype=torch.float32))
     except (EncoderLoadError, OSError, ValueError):
         print(f"style encoder: could not load CLIP '{name_or_path}' (not a folder, not cached, "
               "hub unreachable); using the offline all-MiniLM-L6-v2. Pass --style-encoder "

@@ -4,8 +4,11 @@ Paper Sec. IV-A (Adam, lr 1e-4, weight decay 1e-3, cosine annealing, GradNorm al
 decisions of DESIGN.md section 3: stage-1 InfoNCE plus the fusion InfoNCE over hard negatives,
 GradNorm weights learned from the GradNorm loss alone. Each run writes runs/<name>/:
 config.json (the resolved configuration), log.jsonl (one line per step: the losses, GradNorm's
-weights, the gates' g_std and w_img), last.pt, best.pt (best stage-1 Rank-1 on the validation
-split) and results.json (test evaluation); runs/latest points at the newest run.
+weights, the gates' g_std and w_img; one per validation), last.pt and best.pt (best stage-1
+Rank-1 on the validation split; each carries the configuration, so `python evaluate.py
+--checkpoint FILE` needs nothing beside it), training_curves.png (each task's loss, the task
+weights and the validation Rank-1 over training) and results.json (test evaluation);
+runs/latest points at the newest run.
 
     python train.py                                  # SynthPEDES on a CPU, all offline
     python train.py --data cuhk                      # CUHK-PEDES, the paper's encoders, one GPU
@@ -25,9 +28,7 @@ import json
 import math
 import os
 import random
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,10 +42,12 @@ import data
 import evaluate
 import synthpedes
 from devices import forward_context, keep_freed_memory, text_attention_for
-from distributed import any_process, from_rank0, gather_batch, init_distributed, mean_over_processes, rank, world
+from distributed import (StopRequest, any_process, from_rank0, gather_batch, init_distributed, leave_process_group,
+                         mean_over_processes, rank, world)
 from encoders import EncoderLoadError, load_tokenizer
 from losses import GradNorm, compute_losses
 from model import ABLATIONS, ModelConfig, ObjectiveConfig, T2IReID, load_configs, replace_fields
+from pictures import read_log, training_picture
 
 # ----------------------------------------------------------------------------------------------
 # Configuration
@@ -192,6 +195,21 @@ def prepare_data(cfg: TrainConfig) -> None:
             f"--root {cfg.root} --backend rules")
 
 
+def load_splits(cfg: TrainConfig) -> tuple[data.ReIDData, data.ReIDData | None]:
+    """The training and test splits, and the validation split or None where there is none
+    (ICFG-PEDES, or a converted file with no "val" records: the last epoch is then best.pt, beta
+    the config's or 0, as one line says). No test records is an error before training starts."""
+    dataset, val = data.load_dataset(cfg.data, cfg.root), data.load_validation(cfg.data, cfg.root)
+    file = data.annotation_file(cfg.data, cfg.root)
+    if cfg.final_eval and not dataset.gallery:
+        raise data.DatasetError(f'{file}: no "test" records, which the final evaluation needs: '
+                                f'add them, or pass --final-eval false')
+    if val is None and rank() == 0:
+        print(f'{file}: no validation split (no "val" records): best.pt is the last epoch and the clothing '
+              f'weight beta the config\'s or 0', file=sys.stderr)
+    return dataset, val
+
+
 class SeededItems(torch.utils.data.Dataset):
     """Item (epoch, i) of a TrainSet, its augmentation drawn from a generator seeded by
     (seed, epoch, i): the batches of a resumed run are the batches it would have seen, with any
@@ -221,14 +239,6 @@ def make_loader(items: SeededItems, sampler: data.IdentitySampler, epoch: int, s
                                        num_workers=loader_workers(cfg.workers, cfg.device),
                                        pin_memory=torch.cuda.is_available(), worker_init_fn=leave_process_group,
                                        generator=torch.Generator().manual_seed(cfg.seed))
-
-
-def leave_process_group(worker_id: int) -> None:
-    """A loader worker moves to a process group of its own, so that Ctrl-C or a SIGTERM to the
-    run's group (a scheduler's, `timeout`'s) reaches the main process alone: it finishes the step,
-    saves last.pt and shuts the workers down itself. Left in the group, a worker dies of the
-    signal and the loader's shutdown raises "DataLoader worker ... is killed by signal"."""
-    os.setpgid(0, 0)
 
 
 def loader_workers(workers: int, device: str) -> int:
@@ -263,6 +273,7 @@ class State:
     global_step: int = 0
     best: float = -1.0  # best validation Rank-1 so far
     ddp: torch.nn.Module | None = None  # the model under DistributedDataParallel (torchrun)
+    config: dict | None = None  # run_config: config.json's dict, in every checkpoint
 
     @classmethod
     def create(cls, cfg: TrainConfig, mcfg: ModelConfig, ocfg: ObjectiveConfig, device, total_steps: int) -> "State":
@@ -288,7 +299,7 @@ class State:
             return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-        return cls(model, gradnorm, optimizer, weight_optimizer, schedule)
+        return cls(model, gradnorm, optimizer, weight_optimizer, schedule, config=run_config(cfg, mcfg, ocfg))
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs; with several processes a collective (every process
@@ -301,8 +312,8 @@ class State:
             dist.all_gather_object(rng_ranks, rng)
         parts = ("model", "gradnorm", "optimizer", "weight_optimizer", "schedule")
         counters = ("epoch", "step_in_epoch", "global_step", "best")
-        return {**{p: getattr(self, p).state_dict() for p in parts},
-                **{c: getattr(self, c) for c in counters}, "rng": rng_ranks[0], "rng_ranks": rng_ranks}
+        return {**{p: getattr(self, p).state_dict() for p in parts}, **{c: getattr(self, c) for c in counters},
+                "rng": rng_ranks[0], "rng_ranks": rng_ranks, "config": self.config}
 
     def load_state_dict(self, saved: dict) -> None:
         """Every process reads the same last.pt and takes its own RNG. Resumed with another
@@ -336,6 +347,12 @@ def checkpoint(state: State, path: Path) -> None:
     saved = state.state_dict()
     if rank() == 0:
         save(saved, path)
+
+
+def save_best(state: State, score: float | None, path: Path) -> None:
+    """best.pt: the weights, their epoch and validation Rank-1, and the run's configuration, so
+    that the file alone is a model (`python evaluate.py --checkpoint best.pt`)."""
+    save({"model": state.model.state_dict(), "epoch": state.epoch, "val_R1": score, "config": state.config}, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,7 +389,7 @@ def update(state: State, losses: dict[str, torch.Tensor], ocfg: ObjectiveConfig)
     if bad:
         raise TrainingError(f"loss {', '.join(f'{k} = {v}' for k, v in bad.items())} at step "
                             f"{state.global_step + 1} (epoch {state.epoch + 1}); lower --lr or turn "
-                            f"--amp off; last.pt still holds the last good state")
+                            f"--amp off{not_float32(state.model)}; last.pt still holds the last good state")
     if ocfg.use_gradnorm:
         stats = state.gradnorm.backward(losses, state.model.shared_parameter(),
                                         reduce=mean_over_processes if world() > 1 else None)
@@ -392,30 +409,16 @@ def update(state: State, losses: dict[str, torch.Tensor], ocfg: ObjectiveConfig)
             **{f"G_{task}": g for task, g in zip(state.gradnorm.tasks, norms)}}
 
 
-class StopRequest:
-    """Ctrl-C or SIGTERM: finish the current step, save last.pt, and stop. A second Ctrl-C
-    interrupts at once (last.pt then holds the previous checkpoint)."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is not threading.main_thread():
-            return self  # signal handlers can only be set from the main thread
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self.handle)
-        return self
-
-    def handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step; saving last.pt (Ctrl-C again to quit at once)", file=sys.stderr)
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+def not_float32(model: torch.nn.Module) -> str:
+    """The trained parameters that are not float32, for the error of a non-finite loss ("; the
+    model holds float16 parameters (N tensors): names"), or "": Adam on half-precision weights
+    overflows, which is why encoders.py loads every encoder in float32."""
+    held = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            held.setdefault(str(p.dtype).removeprefix("torch."), []).append(name)
+    return "".join(f"; the model holds {dtype} parameters ({len(names)} tensors): {', '.join(names[:4])}"
+                   + ", ..." * (len(names) > 4) for dtype, names in held.items())
 
 
 def run_epoch(state: State, loader, cfg: TrainConfig, ocfg: ObjectiveConfig, device, run: Path,
@@ -492,14 +495,18 @@ def start_run(cfg: TrainConfig, mcfg: ModelConfig, ocfg: ObjectiveConfig, run: P
     if not resume:
         run = Path("runs") / (cfg.name or f"{cfg.data}-{time.strftime('%Y%m%d-%H%M%S')}")
         run.mkdir(parents=True, exist_ok=True)
-        config = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(mcfg),
-                  "objective": dataclasses.asdict(ocfg)}
-        (run / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (run / "config.json").write_text(json.dumps(run_config(cfg, mcfg, ocfg), indent=2) + "\n")
     latest = run.parent / "latest"
     if latest.is_symlink() or not latest.exists():
         latest.unlink(missing_ok=True)
         latest.symlink_to(run.resolve(), target_is_directory=True)
     return run, resume
+
+
+def run_config(cfg: TrainConfig, mcfg: ModelConfig, ocfg: ObjectiveConfig) -> dict:
+    """The resolved configuration as config.json holds it (tuples as lists), and every checkpoint."""
+    return json.loads(json.dumps({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(mcfg),
+                                  "objective": dataclasses.asdict(ocfg)}))
 
 
 def trim_log(path: Path, last_step: int) -> None:
@@ -519,8 +526,7 @@ def train(cfg: TrainConfig, mcfg: ModelConfig, ocfg: ObjectiveConfig, run: Path 
         prepare_data(cfg)
     if world() > 1:
         dist.barrier()  # the data rank 0 may have just written
-    dataset = data.load_dataset(cfg.data, cfg.root)
-    val = data.load_dataset(cfg.data, cfg.root, eval_split="val") if cfg.data != "icfg" else None
+    dataset, val = load_splits(cfg)
     tokenizer = load_tokenizer(mcfg.text_model or None)  # "" = random BERT, same vocabulary
     torch.manual_seed(cfg.seed), np.random.seed(cfg.seed), random.seed(cfg.seed)
     try:
@@ -559,8 +565,10 @@ def train(cfg: TrainConfig, mcfg: ModelConfig, ocfg: ObjectiveConfig, run: Path 
         raise KeyboardInterrupt(f"stopped at step {state.global_step}; continue with: {again} --resume {run}")
     if rank() > 0:
         return run
+    if picture := training_picture(read_log(run / "log.jsonl"), run / "training_curves.png"):
+        print(f"wrote {picture}")
     if not (run / "best.pt").exists():  # stopped by max_steps before the first epoch ended
-        save({"model": state.model.state_dict(), "epoch": state.epoch, "val_R1": None}, run / "best.pt")
+        save_best(state, None, run / "best.pt")
     if cfg.final_eval:
         final_evaluation(state.model, run, dataset, val, tokenizer, cfg, mcfg, ocfg, device)
     return run
@@ -573,14 +581,14 @@ def end_epoch(state: State, val, tokenizer, cfg: TrainConfig, mcfg: ModelConfig,
     log.write(json.dumps({"step": state.global_step, "epoch": state.epoch, "val_R1": score}) + "\n")
     if score is None or score > state.best:  # no validation split: the last epoch is the best
         state.best = state.best if score is None else score
-        save({"model": state.model.state_dict(), "epoch": state.epoch, "val_R1": score}, run / "best.pt")
+        save_best(state, score, run / "best.pt")
 
 
 def final_evaluation(model: T2IReID, run: Path, dataset, val, tokenizer, cfg: TrainConfig,
                      mcfg: ModelConfig, ocfg: ObjectiveConfig, device) -> None:
     """best.pt on the test split: both stages and Table V -> results.json. The retrieval settings
     (beta, then K and the fusion weight a) are the config's, or (when < 0) chosen first on `val`,
-    the validation split (None: ICFG-PEDES has none)."""
+    the validation split (None: the dataset has none, load_splits)."""
     best = torch.load(run / "best.pt", map_location=device, weights_only=False)
     model.load_state_dict(best["model"])
     beta, sweep = choose_clothing_weight(model, val, tokenizer, cfg, mcfg, ocfg, device)
@@ -604,18 +612,12 @@ def choose_clothing_weight(model: T2IReID, val, tokenizer, cfg: TrainConfig, mcf
     known, else mAP), or 0 without a validation split. Returns (beta, the sweep's rows, or None)."""
     if ocfg.clothing_weight >= 0:
         return ocfg.clothing_weight, None
-    if val is None:  # ICFG-PEDES has no validation split: the test split is never used to choose
+    if val is None:  # no validation split (load_splits): the test split is never used to choose
         return 0.0, None
     rows = evaluate.clothing_weight_sweep(model, val, tokenizer, mcfg.image_size, mcfg.max_text_len, device,
                                           cfg.eval_batch, seed=cfg.seed)
     beta = evaluate.choose_clothing_weight(rows)
-    print("clothing weight beta on the validation split (stage 1; Table V Rank-1 of each setting, for the record):")
-    for row in rows:
-        cross = f"{row['cross_mAP']:6.2f}" if row.get("cross_mAP") is not None else "     -"
-        settings = "  ".join(f"{name} {row[name]:5.1f}" for name in ("Standard", "Identity-Only", "Clothes-Conflict")
-                             if name in row)
-        print(f"  beta {row['clothing_weight']:4.2f}: R1 {row['R1']:5.2f}  mAP {row['mAP']:5.2f}  "
-              f"other outfits mAP {cross}  {settings}" + ("   <- chosen" if row["clothing_weight"] == beta else ""))
+    print(evaluate.sweep_report(rows, beta))
     return beta, rows
 
 
@@ -630,11 +632,7 @@ def choose_rerank(model: T2IReID, val, tokenizer, cfg: TrainConfig, mcfg: ModelC
                                  cfg.eval_batch, ks=(fixed_k,) if fixed_k else evaluate.RERANK_KS,
                                  weights=(fixed_a,) if fixed_a is not None else evaluate.FUSION_WEIGHTS)
     k, a = evaluate.choose_rerank(rows)
-    print("stage 2 on the validation split: K candidates, a = the fusion's share of their score")
-    for row in rows:
-        cross = f"{row['cross_mAP']:6.2f}" if row.get("cross_mAP") is not None else "     -"
-        print(f"  K {row['rerank_k']:3d}  a {row['fusion_weight']:4.2f}: R1 {row['R1']:5.2f}  mAP {row['mAP']:5.2f}  "
-              f"other outfits mAP {cross}" + ("   <- chosen" if (row["rerank_k"], row["fusion_weight"]) == (k, a) else ""))
+    print(evaluate.rerank_report(rows, (k, a)))
     return k, a, rows
 
 

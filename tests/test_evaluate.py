@@ -130,7 +130,8 @@ import mamba_triton  # noqa: E402
 from evaluate import (RunError, choose_clothing_weight, choose_rerank, derangement, evaluate_model,  # noqa: E402
                       gate_summary, load_run, main, report, robustness_metrics, robustness_queries, robustness_ratios)
 from pictures import (FRAME, FRAME_COLOURS, GAP, TEXT_WIDTH, THUMB, gate_curves, gate_histograms,  # noqa: E402
-                      ranked_list_picture, training_curves)
+                      ranked_list_picture, read_log, running_mean, training_curves, training_figure,
+                      training_picture)
 import retrieval  # noqa: E402
 from retrieval import TwoStage, embed_gallery, embed_texts, fusion_image_reliance, query_ranker, rerank  # noqa: E402
 from encoders import load_tokenizer  # noqa: E402
@@ -478,6 +479,42 @@ def test_gate_curves_size_and_skip(tmp_path):
     assert not (tmp_path / "old.png").exists()
 
 
+def test_running_mean_by_hand():
+    assert running_mean([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
+    assert running_mean([1.0, 2.0, 6.0], 3) == [1.0, 1.5, 3.0] and running_mean([5.0], 1) == [5.0]
+
+
+def test_training_figure_draws_the_logged_losses_weights_and_validation(tmp_path):
+    """A fabricated log.jsonl of 100 steps (two tasks; validation after steps 50 and 100): one
+    smoothed line per task's loss, one per task weight (and the 0.2 and 5 bounds), one point per
+    validation; the figure is written as a PNG; a log with no training step draws nothing."""
+    rows = [{"step": i, "epoch": (i - 1) // 50, "info": 4.0 - i / 50, "triplet": 0.3 + (i % 2) / 10, "total": 5.0,
+             "w_info": 1.0 + i / 200, "w_triplet": 1.0 - i / 200, "G_info": 1.0} for i in range(1, 101)]
+    rows.insert(50, {"step": 50, "epoch": 1, "val_R1": 12.5})
+    rows.append({"step": 100, "epoch": 2, "val_R1": 20.0})
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    fig = training_figure(read_log(log))
+    losses, weights, val = fig.axes
+    assert [line.get_label() for line in losses.get_lines()] == ["info", "triplet"]  # not "total"
+    triplet = losses.get_lines()[1]
+    assert list(triplet.get_xdata()) == list(range(1, 101))
+    assert triplet.get_ydata()[1:] == pytest.approx([0.35] * 99)  # the running mean of 2 steps smooths it out
+    assert "running mean of 2 steps" in losses.get_title() and losses.get_yscale() == "log"
+    assert [line.get_label() for line in weights.get_lines()][:2] == ["info", "triplet"]
+    assert len(weights.get_lines()) == 4 and weights.get_lines()[1].get_ydata()[-1] == pytest.approx(0.5)
+    (points,) = val.get_lines()
+    assert list(points.get_xdata()) == [50, 100] and list(points.get_ydata()) == [12.5, 20.0]
+    assert val.get_title() == "validation Rank-1 (best 20.0 at step 100)"
+    steps = [row for row in rows if "val_R1" not in row]
+    for log_rows, why in ((steps, "no validation yet"), (steps + [{"step": 100, "val_R1": None}], "no validation split")):
+        panel = training_figure(log_rows).axes[2]
+        assert not panel.get_lines() and why in panel.texts[0].get_text()
+    assert Image.open(training_picture(read_log(log), tmp_path / "curves.png")).size == (1350, 340)
+    assert training_picture([{"step": 50, "epoch": 1, "val_R1": 1.0}], tmp_path / "none.png") is None
+    assert read_log(tmp_path / "missing.jsonl") == [] and not (tmp_path / "none.png").exists()
+
+
 def test_load_run_errors_and_round_trip(tmp_path, tiny_model, capsys):
     with pytest.raises(RunError, match="python train.py"):
         load_run(runs_dir=tmp_path / "runs")
@@ -521,6 +558,7 @@ def test_cli_evaluates_a_run_and_searches_a_folder(tmp_path, tiny_model, tiny_sy
     assert Image.open(folder / "ranked_list.png").size[1] == 6 * (THUMB[0] + 2 * FRAME + GAP)
     assert Image.open(folder / "gates.png").size == (900, 320)
     assert Image.open(folder / "gates_over_training.png").size == (1350, 320)
+    assert not (folder / "training_curves.png").exists()  # the log holds no loss to draw
     images = data.read_annotations("synth", tiny_synth).image_dir
     assert main(["--run", str(folder), "--query", "a tall man with short grey hair", "--gallery", str(images)]) == 0
     ranked = [line.split()[-1] for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]

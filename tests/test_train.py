@@ -4,6 +4,7 @@ process computes, and bad runs stop with clear messages."""
 import dataclasses
 import itertools
 import json
+import math
 import os
 import random
 import signal
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +20,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from transformers import BertConfig, BertModel, ViTConfig, ViTModel
 
 import data
+import devices
 import evaluate
 import mamba_triton
 import synthpedes
@@ -29,6 +33,7 @@ from devices import forward_context
 from encoders import load_tokenizer
 from losses import compute_losses
 from model import T2IReID
+from pictures import read_log, training_figure
 
 # A model small enough to train in seconds on a CPU: 2-layer ViT on 64 x 32 images (P = 8), the
 # pretrained all-MiniLM-L6-v2 text encoder (real words carry meaning from the first step).
@@ -140,6 +145,10 @@ def test_final_evaluation_writes_both_stages_and_robustness(synth_root, tmp_path
     assert betas == list(evaluate.CLOTHING_WEIGHTS) and results["clothing_weight"] in betas
     assert torch.load(run / "best.pt", weights_only=False)["clothing_weight"] == results["clothing_weight"]
     assert evaluate.load_run(run).clothing_weight == results["clothing_weight"]
+    # training at a glance: a line for each task's loss, written by train.py itself
+    tasks = config(synth_root)[2].loss_names()
+    assert [line.get_label() for line in training_figure(read_log(run / "log.jsonl")).axes[0].get_lines()] == tasks
+    assert (run / "training_curves.png").is_file()
 
 
 def test_loader_workers_from_the_cores(monkeypatch):
@@ -363,8 +372,54 @@ def test_non_finite_loss_stops_with_the_loss_named(synth_root, tmp_path, monkeyp
         return {**losses, "triplet": losses["triplet"] * float("nan")}
 
     monkeypatch.setattr(train, "compute_losses", broken)
-    with pytest.raises(train.TrainingError, match="loss triplet = nan at step 1"):
+    with pytest.raises(train.TrainingError, match=r"loss triplet = nan at step 1 \(epoch 1\); lower --lr or "
+                                                  r"turn --amp off; last.pt"):  # float32: no dtype named
         train.train(*config(synth_root, "--p", "4", "--k", "2", "--max-steps", "1"))
+
+
+def half_precision_encoders(folder: Path) -> tuple[Path, Path]:
+    """A one-layer BERT (with the offline tokenizer beside it) and a one-layer ViT on 32 x 32
+    images, saved in float16 as many hub checkpoints are: (vit folder, bert folder)."""
+    tokenizer = load_tokenizer()
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    bert = BertModel(BertConfig(vocab_size=len(tokenizer), **small), add_pooling_layer=False)
+    vit = ViTModel(ViTConfig(image_size=32, patch_size=16, **small), add_pooling_layer=False)
+    for model, name in ((vit, "vit"), (bert, "bert")):
+        model.half().save_pretrained(folder / name)
+    tokenizer.save_pretrained(folder / "bert")
+    return folder / "vit", folder / "bert"
+
+
+def test_half_precision_checkpoints_load_in_float32_and_train_under_autocast(synth_root, tmp_path, monkeypatch):
+    """Encoders saved in float16 load in float32 (transformers 5 keeps a checkpoint's dtype
+    unless told): Adam on fp16 weights under bf16 autocast turned the text tower to NaN at step 2
+    on an H200 (DESIGN section 6). One step under bf16 autocast on the CPU stays finite."""
+    vit, bert = half_precision_encoders(tmp_path)
+    cfg, mcfg, ocfg = config(synth_root, "--vision-model", str(vit), "--text-model", str(bert),
+                             "--image-size", "32,32", "--conv-stem", "false", "--text-frozen-layers", "0",
+                             "--p", "4", "--k", "2")
+    state = train.State.create(cfg, mcfg, ocfg, torch.device("cpu"), total_steps=2)
+    dtypes = {name: p.dtype for name, p in state.model.named_parameters() if p.dtype != torch.float32}
+    assert not dtypes, dtypes
+    assert state.model.text.embeddings.word_embeddings.weight.shape[1] == 32  # the saved BERT, not another
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: True)  # bf16 autocast, as on a GPU
+    items = train.training_items(data.load_dataset("synth", synth_root), cfg, mcfg)
+    sampler = data.IdentitySampler([s.pid for s in items.dataset.samples], cfg.p, cfg.k, seed=0)
+    tokenizer = load_tokenizer(str(bert))
+    for batch in itertools.islice(train.make_loader(items, sampler, 0, 0, tokenizer, cfg, mcfg.max_text_len), 2):
+        row = train.train_step(state, batch, ocfg, torch.device("cpu"), amp=True)
+        assert all(math.isfinite(row[name]) for name in ocfg.loss_names()), row
+    assert all(torch.isfinite(p).all() for p in state.model.parameters())
+
+
+def test_non_finite_loss_names_half_precision_parameters():
+    """The error of a non-finite loss names the parameters that are not float32, the usual cause."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[0].half()
+    state = types.SimpleNamespace(model=model, global_step=4, epoch=0)
+    with pytest.raises(train.TrainingError, match=r"loss info = nan at step 5 .*float16 parameters "
+                                                  r"\(2 tensors\): 0\.weight, 0\.bias"):
+        train.update(state, {"info": torch.tensor(float("nan"))}, None)
 
 
 def test_real_benchmark_without_descriptions_names_the_describe_command(tmp_path):
@@ -376,6 +431,83 @@ def test_real_benchmark_without_descriptions_names_the_describe_command(tmp_path
     cfg, *_ = train.parse_config(["--data", "cuhk", "--root", str(tmp_path)])
     with pytest.raises(data.DatasetError, match="python describe.py --data cuhk"):
         train.prepare_data(cfg)
+
+
+# The real benchmarks' presets with tiny encoders built from their configs (no hub)
+CUHK_TINY = [*TINY, "--data", "cuhk", "--vision-model", "", "--text-model", "", "--text-layers", "1",
+             "--text-width", "32", "--text-heads", "2", "--p", "4", "--k", "2"]
+
+
+def converted_cuhk(synth_root: Path, root: Path, splits: tuple) -> Path:
+    """SynthPEDES's records of `splits` as a researcher's CUHK-PEDES conversion: reid_raw.json with
+    CUHK-PEDES's fields only, the images and descriptions.jsonl beside it. Returns the file."""
+    source, folder = synth_root / "SynthPEDES", root / "CUHK-PEDES"
+    folder.mkdir(parents=True)
+    (folder / "imgs").symlink_to(source / "imgs", target_is_directory=True)
+    (folder / "descriptions.jsonl").write_text((source / "descriptions.jsonl").read_text())
+    keep = ("split", "captions", "file_path", "processed_tokens", "id")
+    records = [{key: r[key] for key in keep} for r in json.loads((source / "reid_raw.json").read_text())
+               if r["split"] in splits]
+    (folder / "reid_raw.json").write_text(json.dumps(records))
+    return folder / "reid_raw.json"
+
+
+def test_a_dataset_without_val_records_trains_as_icfg_pedes_does(synth_root, tmp_path, monkeypatch, capsys):
+    """A CUHK-PEDES-format file with train and test records but no "val": one line at the start
+    says so, the last epoch is best.pt, beta is 0, and the final evaluation is written (it once
+    died there, in the clothing weight's sweep over an empty validation split)."""
+    monkeypatch.chdir(tmp_path)
+    annotations = converted_cuhk(synth_root, tmp_path / "data", ("train", "test"))
+    assert train.main(["--root", str(tmp_path / "data"), *CUHK_TINY, "--max-steps", "3", "--name", "noval"]) == 0
+    err = capsys.readouterr().err
+    assert f"{annotations}: no validation split (no \"val\" records)" in err and "Traceback" not in err
+    results = json.loads((tmp_path / "runs" / "noval" / "results.json").read_text())
+    assert results["clothing_weight"] == 0.0 and results["clothing_weight_sweep"] is None
+    assert results["num_gallery"] == 54
+
+
+def test_a_dataset_without_test_records_is_refused_before_training(synth_root, tmp_path, monkeypatch, capsys):
+    """No "test" records: one line naming the file and the fix, before any run folder is made."""
+    monkeypatch.chdir(tmp_path)
+    annotations = converted_cuhk(synth_root, tmp_path / "data", ("train", "val"))
+    assert train.main(["--root", str(tmp_path / "data"), *CUHK_TINY, "--max-steps", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"train.py: error: {annotations}: no \"test\" records") and "--final-eval false" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "runs").exists()  # refused before the run began
+
+
+def test_evaluate_reads_a_checkpoint_alone_with_the_configuration_it_carries(synth_root, tmp_path, monkeypatch,
+                                                                           capsys):
+    """best.pt and last.pt carry config.json's dict: `evaluate.py --checkpoint runs/NAME/best.pt`
+    prints what `--run runs/NAME` prints, and the file copied alone elsewhere gives the same metrics."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--root", str(synth_root), *SYNTH, *TINY, "--p", "4", "--k", "2", "--max-steps", "2"]
+    assert train.main([*argv, "--name", "ckpt", "--final-eval", "false"]) == 0
+    run = tmp_path / "runs" / "ckpt"
+    config = json.loads((run / "config.json").read_text())
+    assert all(torch.load(run / name, weights_only=False)["config"] == config for name in ("best.pt", "last.pt"))
+    capsys.readouterr()
+    quick = ["--device", "cpu", "--limit-queries", "8", "--rerank-k", "3"]
+    printed, metrics = {}, {}
+    for how, where in (("--run", run), ("--checkpoint", run / "best.pt")):
+        assert evaluate.main([how, str(where), *quick]) == 0
+        printed[how], metrics[how] = capsys.readouterr().out, json.loads((run / "metrics.json").read_text())
+    assert printed["--run"] == printed["--checkpoint"] and "stage 1 (dual encoder)" in printed["--run"]
+    assert metrics["--run"] == metrics["--checkpoint"]
+    alone = tmp_path / "elsewhere" / "model.pt"
+    alone.parent.mkdir()
+    alone.write_bytes((run / "best.pt").read_bytes())
+    assert evaluate.main(["--checkpoint", str(alone), *quick]) == 0
+    moved = json.loads((alone.parent / "metrics.json").read_text())
+    assert {k: v for k, v in moved.items() if k not in ("run", "checkpoint")} == \
+           {k: v for k, v in metrics["--run"].items() if k not in ("run", "checkpoint")}
+    bare = tmp_path / "bare" / "best.pt"  # as checkpoints were before they carried their configuration
+    bare.parent.mkdir()
+    torch.save({"model": torch.load(alone, weights_only=False)["model"]}, bare)
+    capsys.readouterr()
+    assert evaluate.main(["--checkpoint", str(bare), *quick]) == 2
+    err = capsys.readouterr().err
+    assert f"{bare} carries no configuration and has no config.json beside it" in err and len(err.splitlines()) == 1
 
 
 def test_command_line_types_presets_and_ablations():
