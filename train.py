@@ -41,6 +41,7 @@ from tqdm import tqdm
 import data
 import evaluate
 import synthpedes
+import tuning
 from devices import forward_context, keep_freed_memory, text_attention_for
 from distributed import (StopRequest, any_process, from_rank0, gather_batch, init_distributed, leave_process_group,
                          mean_over_processes, rank, world)
@@ -591,8 +592,8 @@ def final_evaluation(model: T2IReID, run: Path, dataset, val, tokenizer, cfg: Tr
     the validation split (None: the dataset has none, load_splits)."""
     best = torch.load(run / "best.pt", map_location=device, weights_only=False)
     model.load_state_dict(best["model"])
-    beta, sweep = choose_clothing_weight(model, val, tokenizer, cfg, mcfg, ocfg, device)
-    k, a, rerank_rows = choose_rerank(model, val, tokenizer, cfg, mcfg, ocfg, device, beta)
+    beta, sweep = tuning.choose_clothing_weight(model, val, tokenizer, mcfg, ocfg, device, cfg.eval_batch, cfg.seed)
+    k, a, rerank_rows = tuning.choose_rerank(model, val, tokenizer, mcfg, ocfg, device, cfg.eval_batch, beta)
     chosen = dict(clothing_weight=beta, rerank_k=k, fusion_weight=a)
     if any(best.get(key) != value for key, value in chosen.items()):
         save({**best, **chosen}, run / "best.pt")  # evaluate.py reads them from there
@@ -603,37 +604,6 @@ def final_evaluation(model: T2IReID, run: Path, dataset, val, tokenizer, cfg: Tr
     (run / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     print(evaluate.report(results))
     print(f"wrote {run / 'results.json'}; pictures: python evaluate.py --run {run}")
-
-
-def choose_clothing_weight(model: T2IReID, val, tokenizer, cfg: TrainConfig, mcfg: ModelConfig,
-                           ocfg: ObjectiveConfig, device):
-    """beta, the weight of a query's clothing part: the config's when >= 0; else the one with the
-    best validation accuracy (evaluate.choose_clothing_weight: mAP across outfits where they are
-    known, else mAP), or 0 without a validation split. Returns (beta, the sweep's rows, or None)."""
-    if ocfg.clothing_weight >= 0:
-        return ocfg.clothing_weight, None
-    if val is None:  # no validation split (load_splits): the test split is never used to choose
-        return 0.0, None
-    rows = evaluate.clothing_weight_sweep(model, val, tokenizer, mcfg.image_size, mcfg.max_text_len, device,
-                                          cfg.eval_batch, seed=cfg.seed)
-    beta = evaluate.choose_clothing_weight(rows)
-    print(evaluate.sweep_report(rows, beta))
-    return beta, rows
-
-
-def choose_rerank(model: T2IReID, val, tokenizer, cfg: TrainConfig, mcfg: ModelConfig, ocfg: ObjectiveConfig,
-                  device, beta: float):
-    """K and the fusion weight a of stage 2: the config's where >= 0, else chosen on the validation
-    split by evaluate.choose_rerank (the defaults K 10, a 1 without one). Returns (K, a, rows or None)."""
-    fixed_k, fixed_a = ocfg.rerank_k if ocfg.rerank_k > 0 else None, ocfg.fusion_weight if ocfg.fusion_weight >= 0 else None
-    if model.fusion is None or val is None or (fixed_k and fixed_a is not None):
-        return fixed_k or evaluate.DEFAULT_RERANK, 1.0 if fixed_a is None else fixed_a, None
-    rows = evaluate.rerank_sweep(model, val, tokenizer, mcfg.image_size, mcfg.max_text_len, device, beta,
-                                 cfg.eval_batch, ks=(fixed_k,) if fixed_k else evaluate.RERANK_KS,
-                                 weights=(fixed_a,) if fixed_a is not None else evaluate.FUSION_WEIGHTS)
-    k, a = evaluate.choose_rerank(rows)
-    print(evaluate.rerank_report(rows, (k, a)))
-    return k, a, rows
 
 
 def main(argv=None) -> int:

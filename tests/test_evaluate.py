@@ -127,7 +127,8 @@ from PIL import Image  # noqa: E402
 import data  # noqa: E402
 import lexicon  # noqa: E402
 import mamba_triton  # noqa: E402
-from evaluate import (RunError, choose_clothing_weight, choose_rerank, derangement, evaluate_model,  # noqa: E402
+from tuning import choose_from_sweep as choose_clothing_weight, choose_k_and_a as choose_rerank  # noqa: E402
+from evaluate import (RunError, derangement, evaluate_model,  # noqa: E402
                       gate_summary, load_run, main, report, robustness_metrics, robustness_queries, robustness_ratios)
 from pictures import (FRAME, FRAME_COLOURS, GAP, TEXT_WIDTH, THUMB, gate_curves, gate_histograms,  # noqa: E402
                       ranked_list_picture, read_log, running_mean, training_curves, training_figure,

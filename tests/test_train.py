@@ -28,6 +28,7 @@ import evaluate
 import mamba_triton
 import synthpedes
 import train
+import tuning
 import train_bench
 from devices import forward_context
 from encoders import load_tokenizer
@@ -136,13 +137,13 @@ def test_final_evaluation_writes_both_stages_and_robustness(synth_root, tmp_path
             assert all(0 <= m[c] <= 100 for c in ("R1", "R5", "R10", "mAP", "mINP"))
     # the fusion weight a chosen on the validation split after beta, at the K that TINY fixes
     tried = {(row["rerank_k"], row["fusion_weight"]) for row in results["rerank_sweep"]}
-    assert tried == {(8, a) for a in evaluate.FUSION_WEIGHTS}
+    assert tried == {(8, a) for a in tuning.FUSION_WEIGHTS}
     assert (results["rerank_k"], results["fusion_weight"]) in tried
     run_back = evaluate.load_run(run)
     assert (run_back.rerank_k, run_back.fusion_weight) == (results["rerank_k"], results["fusion_weight"])
     # beta chosen on the validation split (one row per beta tried), kept in best.pt for evaluate.py
     betas = [row["clothing_weight"] for row in results["clothing_weight_sweep"]]
-    assert betas == list(evaluate.CLOTHING_WEIGHTS) and results["clothing_weight"] in betas
+    assert betas == list(tuning.CLOTHING_WEIGHTS) and results["clothing_weight"] in betas
     assert torch.load(run / "best.pt", weights_only=False)["clothing_weight"] == results["clothing_weight"]
     assert evaluate.load_run(run).clothing_weight == results["clothing_weight"]
     # training at a glance: a line for each task's loss, written by train.py itself
