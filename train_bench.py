@@ -41,10 +41,11 @@ def bench(cfg: TrainConfig, mcfg: ModelConfig, ocfg: ObjectiveConfig, steps: int
     batch = to_device({"images": torch.randn(b, 3, *mcfg.image_size, generator=g),
                        "pids": torch.arange(b) // cfg.k, "identity": text(), "clothing": text()}, device)
     state = State.create(cfg, mcfg, ocfg, device, total_steps=10 ** 6)
-    model, amp = state.model, cfg.amp and (device.type == "cuda" or cpu_has_bf16())
+    model = state.model
+    amp = cfg.amp if device.type == "cuda" or (cfg.amp == "bf16" and cpu_has_bf16()) else "off"  # as forward_context
     context = functools.partial(forward_context, device, cfg.amp)  # as train_step runs the forward
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
-          f"batch {b}, images {mcfg.image_size}, text length {t}, bf16 autocast {amp}, "
+          f"batch {b}, images {mcfg.image_size}, text length {t}, autocast {amp}, "
           f"frozen text layers {mcfg.text_frozen_layers}")
     print(f"{'part (forward + backward)':40s}{'ms / step':>12s}{'share':>8s}")
     rows = bench_parts(state, batch, ocfg, context)

@@ -446,3 +446,49 @@ def test_bench_prints_where_a_training_step_goes(capsys):
     whole = next(line for line in out.splitlines() if line.startswith("whole training step"))
     assert float(whole.split()[3]) > 0 and "images / s" in whole
     assert "baseline: ViT + text encoder (2 texts) alone" in out
+
+
+def test_amp_flag_takes_bf16_fp16_off_and_old_configs_true_false(tmp_path, monkeypatch, capsys):
+    """--amp bf16 | fp16 | off; true / false, the flag and config.json of runs from before fp16,
+    read as bf16 / off; anything else is a one-line command-line error."""
+    assert [train.parse_config(["--amp", v])[0].amp for v in ("fp16", "off", "true", "false")] == [
+        "fp16", "off", "bf16", "off"]
+    assert train.parse_config([])[0].amp == "bf16" and train.parse_config([])[0].grad_checkpoint is False
+    assert train.parse_config(["--grad-checkpoint", "true"])[0].grad_checkpoint is True
+    with pytest.raises(SystemExit):
+        train.parse_config(["--amp", "fp8"])
+    assert "amp must be bf16, fp16 or off" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    cfg, mcfg, ocfg, _ = train.parse_config(["--name", "old"])
+    run, _ = train.start_run(cfg, mcfg, ocfg, None)
+    saved = json.loads((run / "config.json").read_text())
+    for old, mode in ((True, "bf16"), (False, "off")):
+        (run / "config.json").write_text(json.dumps({**saved, "train": {**saved["train"], "amp": old}}))
+        assert train.parse_config(["--resume", str(run)])[0].amp == mode
+
+
+def test_update_with_a_loss_scale_is_the_unscaled_update(synth_root):
+    """train.update with a GradScaler (--amp fp16; a CPU one at scale 1024 here, fp32 numbers):
+    the same network parameters, GradNorm weights and log row as without one, and the scaler's
+    state in last.pt's dict."""
+    cfg, mcfg, ocfg = config(synth_root, "--p", "4", "--k", "2", "--dropout", "0")
+    dataset = data.load_dataset("synth", synth_root)
+    sampler = data.IdentitySampler([s.pid for s in dataset.train], cfg.p, cfg.k, seed=0)
+    loader = train.make_loader(train.training_items(dataset, cfg, mcfg), sampler, 0, 0,
+                               load_tokenizer(mcfg.text_model or None), cfg, mcfg.max_text_len)
+    batch = next(iter(loader))
+    results = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=1024.0)):
+        torch.manual_seed(0)
+        state = train.State.create(cfg, mcfg, ocfg, torch.device("cpu"), total_steps=10)
+        state.scaler = scaler
+        with forward_context(torch.device("cpu"), "off"):
+            losses = compute_losses(state.model(batch), batch, ocfg)
+        row = train.update(state, losses, ocfg)
+        results.append((row, [p.detach().clone() for p in state.model.parameters()], state.gradnorm.weights()))
+    (row, params, weights), (row_s, params_s, weights_s) = results
+    assert row.keys() == row_s.keys() and all(row_s[k] == pytest.approx(row[k], rel=1e-5, abs=1e-7) for k in row)
+    torch.testing.assert_close(weights_s, weights, rtol=1e-5, atol=1e-7)
+    for got, want in zip(params_s, params):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert state.state_dict()["scaler"]["scale"] == 1024.0
