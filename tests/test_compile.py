@@ -1,6 +1,6 @@
 """The Triton kernels compile for real GPUs, checked on a CPU: forward and backward, sequential
-(mamba_triton.py) and chunked (mamba_chunked.py, six launches), sm_80 and sm_90, fp32 and bf16,
-with no optional input, each one alone, and all of them.
+(mamba_triton.py) and chunked (mamba_chunked.py, six launches), sm_75, sm_80, sm_86 and sm_90,
+fp32 and bf16, with no optional input, each one alone, and all of them.
 
 test_mamba_triton.py checks what the kernels compute, in Triton's interpreter; a kernel that
 passes there can still be refused by the GPU backend (an op it lacks, a layout it rejects, more
@@ -8,7 +8,7 @@ registers than a thread has). `triton.compile` with a GPUTarget runs the whole p
 ptxas, which the triton wheel ships, without a GPU. A spill is reported as a warning, not a
 failure: the kernel still runs, only slower.
 
-Run: pytest tests/test_compile.py   (192 compilations, about 80 s of one core)
+Run: pytest tests/test_compile.py   (384 compilations, about 160 s of one core)
 The table: python mamba_compile.py
 """
 import itertools

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch import nn
 
 import data
 import evaluate
@@ -492,3 +493,37 @@ def test_update_with_a_loss_scale_is_the_unscaled_update(synth_root):
     for got, want in zip(params_s, params):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert state.state_dict()["scaler"]["scale"] == 1024.0
+
+
+def test_memory_estimator_counts_a_linear_layers_saved_input_by_dtype():
+    """train_bench.saved_for_backward by hand: nn.Linear(8, 4) on a (5, 8) input keeps its input
+    for the weight's gradient, 5 x 8 x 4 = 160 bytes in fp32 (the weight is a parameter: not
+    counted). Under bf16 autocast it keeps the input's bf16 copy, 80 bytes; when the input needs
+    a gradient too, also the weight's bf16 copy (4 x 8 x 2 = 64 bytes: a copy, not the parameter).
+    A tensor saved twice counts once."""
+    layer = nn.Linear(8, 4)
+    x = torch.randn(5, 8)
+    saved = train_bench.saved_for_backward(lambda: layer(x), list(layer.parameters()))
+    assert saved == [(160, torch.float32, None)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert train_bench.saved_for_backward(lambda: layer(x), list(layer.parameters())) == [(80, torch.bfloat16, None)]
+        saved = train_bench.saved_for_backward(lambda: layer(x.requires_grad_()), list(layer.parameters()))
+    assert sorted(n for n, _, _ in saved) == [64, 80] and {d for _, d, _ in saved} == {torch.bfloat16}
+    y = torch.randn(6, requires_grad=True)
+    assert train_bench.saved_for_backward(lambda: y * y) == [(24, torch.float32, None)]  # y saved twice
+    # the layer whose forward saved it (where a checkpointed layer's recomputation would hold it)
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+    saved = train_bench.saved_for_backward(lambda: net(x) * 2, list(net.parameters()), layers=[net[1]])
+    assert sorted((n, where) for n, _, where in saved) == [(160, None), (160, 0)]
+
+
+def test_memory_table_of_a_tiny_model(capsys):
+    """python train_bench.py --memory's table on the tests' tiny model: checkpointing keeps less
+    per image, bf16 autocast keeps bf16 activations, and each estimate is fixed + batch x per image."""
+    cfg, mcfg, ocfg = config(Path("unused"))
+    result = train_bench.memory_table(mcfg, ocfg, batches=(32, 64), measured=4)
+    out = capsys.readouterr().out
+    assert "bf16 autocast, checkpointed" in out and "bfloat16" in out and "largest batch in 24 GiB" in out
+    for amp in ("bf16", "off"):
+        assert result[amp, True][1] < result[amp, False][1] and result[amp, True][0] == result[amp, False][0]
+    assert result["bf16", False][1] < result["off", False][1]
