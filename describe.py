@@ -301,8 +301,9 @@ def print_estimate(todo, labels, clusters, image_dir, cfg):
     answer = round(2 * 1.3 * sum(words) / len(words)) + 12   # 1.3 tokens a word, JSON around it
     e = estimate_run(chars, sizes, answer, cfg)
     p_in, p_out = prices(cfg.model, cfg.price_in, cfg.price_out)
-    cost = (f"${e['cost']:.2f} at ${p_in} / ${p_out} per 1M prompt / answer tokens "
-            f"({'as given' if min(cfg.price_in, cfg.price_out) >= 0 else f'list prices as of {PRICES_DATE}, check your provider'})"
+    source = ("as given" if min(cfg.price_in, cfg.price_out) >= 0
+              else f"list prices as of {PRICES_DATE}, check your provider")
+    cost = (f"${e['cost']:.4f} at ${p_in} / ${p_out} per 1M prompt / answer tokens ({source})"
             if e["cost"] is not None else "unknown: pass --price-in and --price-out (USD per 1M tokens)")
     print(f"estimate for {cfg.model}: {e['requests']} requests (one per image; re-asks of invalid answers "
           f"come on top); {e['prompt_tokens']:,} prompt tokens ({e['text_tokens']:,} text at "
