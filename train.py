@@ -12,6 +12,7 @@ split) and results.json (test evaluation); runs/latest points at the newest run.
     python train.py --ablation "w/o Mamba"           # a row of Tables II-IV (model.ABLATIONS)
     python train.py --use-bdam false --loss-aln false --loss-decouple false   # any field
     python train.py --resume runs/NAME               # continue exactly where it stopped
+    python train.py --data cuhk --amp fp16 --grad-checkpoint true  # a GPU without bf16, short of memory
     python train_bench.py                            # step time of the model vs its encoders
     torchrun --nproc_per_node 4 train.py --data cuhk # 4 GPUs (DistributedDataParallel, README)
 
