@@ -45,15 +45,17 @@ def test_compile_table_names_spills_and_failures(capsys):
     rows = [dict(kernel=k, arch=a, dtype=d, inputs=i, ptxas="12.8", registers=100,
                  spill_stores=0, spill_loads=0, seconds=0.5, error=None)
             for k, a, d, i in VARIANTS]
-    rows[0].update(registers=255, spill_stores=64, spill_loads=32)   # forward, sm_80, fp32, none
-    rows[VARIANTS.index(("backward", 90, "bf16", "all"))].update(
+    rows[VARIANTS.index(("forward", 80, "fp32", "none"))].update(registers=255, spill_stores=64, spill_loads=32)
+    rows[VARIANTS.index(("backward", 75, "bf16", "all"))].update(   # a card without bf16 refusing it
         registers=None, spill_stores=None, spill_loads=None, error="PTXASError: ptxas fatal")
     mc.print_compile_table(rows)
     out = capsys.readouterr().out
-    first_row = next(line for line in out.splitlines() if line.startswith("forward   sm_80  fp32"))
-    assert first_row.split()[3] == "255*"
+    row = next(line for line in out.splitlines() if line.startswith("forward   sm_80  fp32"))
+    assert row.split()[3] == "255*"
+    row = next(line for line in out.splitlines() if line.startswith("backward  sm_75  bf16"))
+    assert row.split()[-1] == "FAILED" and row.split()[3] == "100"
     assert ("SPILLS: forward kernel, sm_80, fp32, inputs none: 64 bytes stored to and 32 bytes "
             "loaded from local memory per thread") in out
-    assert ("FAILED to compile: backward kernel, sm_90, bf16, inputs all:\n"
+    assert ("FAILED to compile: backward kernel, sm_75, bf16, inputs all:\n"
             "PTXASError: ptxas fatal") in out
     assert f"{len(rows) - 1} of {len(rows)} variants compiled" in out and "; 1 spill." in out
