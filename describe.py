@@ -27,6 +27,11 @@ top to bottom:
    images, retries failed ones, and repairs a line cut short by a kill, so nothing is lost or
    duplicated. Images left failed: exit status 1.
 
+Before the first request the openai backend prints its estimate: requests, prompt and answer
+tokens (images by the tile rule), the cost at the model's list price (PRICES, or --price-in /
+--price-out) and the time at --workers concurrent requests; then it asks to go on (y/N), or,
+without a terminal, needs --yes.
+
 Run:   python describe.py                          # offline: SynthPEDES + rules backend
        OPENAI_API_KEY=... python describe.py --data cuhk --backend openai --model gpt-4o-mini
        python describe.py --backend openai --base-url http://localhost:8000/v1 --dry-run
@@ -36,6 +41,7 @@ import argparse
 import base64
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -224,22 +230,98 @@ class OpenAIBackend:
         return response.choices[0].message.content if response.choices else ""
 
 
-# USD per million (input, output) tokens, OpenAI list prices (openai.com/api/pricing, 2025);
-# check your provider's current prices, or pass --price-in / --price-out.
+# ----------------------------------------------------------------------------------------------
+# What a run will cost, printed before its first request: requests, tokens, dollars, time.
+
+# USD per million (input, output) tokens, OpenAI list prices (openai.com/api/pricing) as of
+# PRICES_DATE; check your provider's current prices, or pass --price-in / --price-out.
+PRICES_DATE = "2025-06"
 PRICES = {"gpt-4o": (2.50, 10.00), "gpt-4o-mini": (0.15, 0.60), "gpt-4.1": (2.00, 8.00),
           "gpt-4.1-mini": (0.40, 1.60), "gpt-4.1-nano": (0.10, 0.40),
           "gpt-4-turbo": (10.00, 30.00)}
 
 
-def estimate_cost(model, prompt_tokens, completion_tokens, price_in=-1.0, price_out=-1.0):
-    """Dollars, or None when the model is not in PRICES and no prices were given."""
+# Image tokens of the tile rule (OpenAI's vision guide, detail "high", which "auto" picks for
+# these images): (base, per 512-px tile); gpt-4o-mini counts more tokens at a lower price.
+TILE_TOKENS = {"gpt-4o-mini": (2833, 5667), "": (85, 170)}
+CHARS_PER_TOKEN = 4   # English text, roughly (no tokenizer is installed for the estimate)
+
+
+def prices(model, price_in=-1.0, price_out=-1.0):
+    """USD per 1M (prompt, completion) tokens: the flags where given (>= 0), else PRICES for the
+    longest model name that `model` starts with; None where neither says."""
     known = [name for name in PRICES if model.startswith(name)]
     default = PRICES[max(known, key=len)] if known else (None, None)
-    p_in = price_in if price_in >= 0 else default[0]
-    p_out = price_out if price_out >= 0 else default[1]
+    return (price_in if price_in >= 0 else default[0]), (price_out if price_out >= 0 else default[1])
+
+
+def estimate_cost(model, prompt_tokens, completion_tokens, price_in=-1.0, price_out=-1.0):
+    """Dollars, or None when the model is not in PRICES and no prices were given."""
+    p_in, p_out = prices(model, price_in, price_out)
     if p_in is None or p_out is None:
         return None
     return (prompt_tokens * p_in + completion_tokens * p_out) / 1e6
+
+
+def image_tokens(width, height, model=""):
+    """Prompt tokens of one image by the tile rule: scaled down to fit 2048 x 2048, then down
+    until its shorter side is at most 768, then base + per_tile * (512-px tiles). An estimate:
+    providers other than OpenAI, and newer models, count images their own way."""
+    scale = min(1.0, 2048 / max(width, height))
+    scale *= min(1.0, 768 / (min(width, height) * scale))
+    base, per_tile = TILE_TOKENS[max((n for n in TILE_TOKENS if model.startswith(n)), key=len)]
+    return base + per_tile * math.ceil(width * scale / 512) * math.ceil(height * scale / 512)
+
+
+def estimate_run(prompt_chars, image_sizes, answer_tokens, cfg):
+    """The run's estimate: one request per image (re-asks after an invalid answer come on top);
+    prompt tokens = the prompt text at CHARS_PER_TOKEN + the image's tiles; answer_tokens each;
+    the cost at the model's prices; the time at cfg.workers concurrent requests of
+    cfg.request_seconds each."""
+    text = sum(math.ceil(n / CHARS_PER_TOKEN) for n in prompt_chars)
+    images = sum(image_tokens(w, h, cfg.model) for w, h in image_sizes)
+    requests = len(image_sizes)
+    return dict(requests=requests, text_tokens=text, image_tokens=images, prompt_tokens=text + images,
+                completion_tokens=answer_tokens * requests,
+                cost=estimate_cost(cfg.model, text + images, answer_tokens * requests, cfg.price_in, cfg.price_out),
+                seconds=math.ceil(requests / cfg.workers) * cfg.request_seconds)
+
+
+def print_estimate(todo, labels, clusters, image_dir, cfg):
+    """The estimate of the requests `todo` will make (estimate_run), from each image's size and
+    prompt and the captions' length (an answer is two texts about as long as a caption)."""
+    from PIL import Image
+    sizes, chars = [], []
+    for record, label in zip(todo, labels):
+        with Image.open(Path(image_dir) / record["file_path"]) as image:
+            sizes.append(image.size)
+        messages = build_messages(clusters[label].prompt, "")
+        chars.append(len(messages[0]["content"]) + len(messages[1]["content"][0]["text"]))
+    words = [len(c.split()) for r in todo for c in r["captions"]] or [30]
+    answer = round(2 * 1.3 * sum(words) / len(words)) + 12   # 1.3 tokens a word, JSON around it
+    e = estimate_run(chars, sizes, answer, cfg)
+    p_in, p_out = prices(cfg.model, cfg.price_in, cfg.price_out)
+    source = ("as given" if min(cfg.price_in, cfg.price_out) >= 0
+              else f"list prices as of {PRICES_DATE}, check your provider")
+    cost = (f"${e['cost']:.4f} at ${p_in} / ${p_out} per 1M prompt / answer tokens ({source})"
+            if e["cost"] is not None else "unknown: pass --price-in and --price-out (USD per 1M tokens)")
+    print(f"estimate for {cfg.model}: {e['requests']} requests (one per image; re-asks of invalid answers "
+          f"come on top); {e['prompt_tokens']:,} prompt tokens ({e['text_tokens']:,} text at "
+          f"{CHARS_PER_TOKEN} characters a token, {e['image_tokens']:,} image: the 512-px tile rule, an "
+          f"estimate) and {e['completion_tokens']:,} answer tokens; cost {cost}; time "
+          f"{e['seconds'] / 60:.1f} min at {cfg.workers} concurrent requests of {cfg.request_seconds:g} s")
+    return e
+
+
+def confirm(cfg):
+    """Go on only when the user says so: --yes, or 'y' at the terminal's prompt. DescribeError
+    without a terminal (a script or a job must pass --yes) and on any other answer."""
+    if cfg.yes:
+        return
+    if not sys.stdin.isatty():
+        raise DescribeError("no terminal to confirm the estimate above: pass --yes to send the requests")
+    if input("send these requests? [y/N] ").strip().lower() not in ("y", "yes"):
+        raise DescribeError("stopped before the first request; nothing was sent")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,6 +402,8 @@ class DescribeConfig:
     max_words: int = _option(100, "longest valid description, in words")
     price_in: float = _option(-1.0, "USD per 1M prompt tokens (default: the PRICES table)")
     price_out: float = _option(-1.0, "USD per 1M completion tokens")
+    request_seconds: float = _option(5.0, "seconds one request takes, for the time estimate")
+    yes: bool = _option(False, "send the requests without asking (needed without a terminal)")
     # The paper embeds captions with CLIP's text encoder (here ViT-B/16's); offline, MiniLM.
     style_encoder: str = _option("openai/clip-vit-base-patch16", "CLIP hub name or folder for "
                                  "style embeddings ('minilm': the offline encoder)")
@@ -417,9 +501,13 @@ def run(cfg):
         clusters, labels, report = style_clusters(annotations.records, todo, cfg, out.parent,
                                                   save=not cfg.dry_run)
         print_clusters(clusters, report)
+        if cfg.backend == "openai":   # before the first request: what the run will cost
+            print_estimate(todo, labels, clusters, annotations.image_dir, cfg)
         if cfg.dry_run:
             print_dry_run(todo, labels, clusters, annotations.image_dir)
             return summary
+        if cfg.backend == "openai":
+            confirm(cfg)
         writer = JsonlWriter(out)
         try:
             summary = describe_images(todo, labels, clusters, backend, annotations.image_dir,
@@ -496,6 +584,7 @@ def parse_args(argv=None):
     cfg = DescribeConfig(**vars(parser.parse_args(argv)))
     for name, ok in [("limit", cfg.limit >= 0), ("workers", cfg.workers >= 1),
                      ("max_retries", cfg.max_retries >= 0), ("style_sample", cfg.style_sample >= 2),
+                     ("request_seconds", cfg.request_seconds > 0),
                      ("validation_retries", cfg.validation_retries >= 0),
                      ("min_style_share", 0 < cfg.min_style_share < 1),
                      ("min_words", 1 <= cfg.min_words <= cfg.max_words)]:

@@ -1,15 +1,20 @@
-"""How a training step runs on the machine at hand: bf16 where the hardware multiplies it, the
-attention kernel on a CPU, dropout's random numbers on a CPU, and malloc's treatment of large
-blocks. None changes the model; `python train_bench.py` measures what they buy
-(docs/benchmarks.md).
+"""How a training step runs on the machine at hand: bf16 where the hardware multiplies it, fp16
+with a loss scale on GPUs without bf16, the attention kernel on a CPU, dropout's random numbers on
+a CPU, malloc's treatment of large blocks, and activation checkpointing where memory is short.
+None changes the model; `python train_bench.py` measures what they buy and what the step holds
+in memory (docs/benchmarks.md).
+
+Tests: pytest tests/test_devices.py
 """
 import contextlib
 import ctypes
+import functools
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
 
 def cpu_has_bf16() -> bool:
@@ -36,16 +41,49 @@ def keep_freed_memory() -> None:
     libc.mallopt(-1, 2 ** 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap
 
 
-def forward_context(device: torch.device, amp: bool) -> contextlib.ExitStack:
-    """How a training forward runs: bf16 autocast where `amp` and the device multiplies bf16 (a
-    GPU, or cpu_has_bf16()); on a CPU, attention by its plain matrix products. PyTorch's fused
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}  # TrainConfig.amp
+
+
+def amp_mode(value) -> str:
+    """TrainConfig.amp as bf16 | fp16 | off; true / false (the flag and config.json of runs from
+    before fp16 existed) read as bf16 / off. ValueError for anything else."""
+    old = {"true": "bf16", "1": "bf16", "yes": "bf16", "false": "off", "0": "off", "no": "off"}
+    mode = old.get(str(value).lower(), str(value).lower())
+    if mode not in AMP_DTYPES:
+        raise ValueError(f"amp must be bf16, fp16 or off (true/false: bf16/off), got {value!r}")
+    return mode
+
+
+def grad_scaler(device: torch.device, amp) -> torch.amp.GradScaler | None:
+    """fp16 autocast on a GPU needs its loss scaled (fp16's smallest normal number is 6e-5: small
+    gradients flush to zero): a GradScaler, which train.update applies and losses.GradNorm takes
+    into account. None for bf16 (fp32's exponent range), off, or a CPU (fp16 runs as fp32 there)."""
+    return torch.amp.GradScaler(device.type) if amp_mode(amp) == "fp16" and device.type == "cuda" else None
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    """optimizer.step(); with a GradScaler, its step (.grad unscaled first; an inf or nan skips the
+    step) and its update (the scale lowered after a skip, raised after a run of good steps)."""
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+
+
+def forward_context(device: torch.device, amp) -> contextlib.ExitStack:
+    """How a training forward runs: autocast to `amp` (bf16 | fp16 | off, amp_mode) where the
+    device multiplies it: fp16 and bf16 on a GPU, bf16 on a CPU with cpu_has_bf16() (elsewhere a
+    CPU runs fp32); on a CPU, attention by its plain matrix products. PyTorch's fused
     CPU attention kernel is slow at these lengths: on two cores its backward took half of the
     text layer's time (`python train.py --bench`, docs/benchmarks.md). The attention is the same
     arithmetic either way; bf16 rounds the products as a GPU run does (the losses, the GradNorm
     weights and the scan stay fp32). The backward follows the forward's choices."""
     stack = contextlib.ExitStack()
-    on = amp and (device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()))
-    stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16, enabled=on))
+    dtype = AMP_DTYPES[amp_mode(amp)]
+    on = dtype is not None and (device.type == "cuda" or (device.type == "cpu" and dtype is torch.bfloat16
+                                                          and cpu_has_bf16()))
+    stack.enter_context(torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=on))
     if device.type == "cpu":
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
     return stack
@@ -78,3 +116,30 @@ def text_attention_for(text_encoder: nn.Module, device: torch.device) -> None:
     The same product either way. On a GPU the fused SDPA kernels stay."""
     if device.type == "cpu":
         text_encoder.config._attn_implementation = "eager"
+
+
+def checkpoint_activations(model: nn.Module) -> None:
+    """Activation checkpointing (TrainConfig.grad_checkpoint) of a model.T2IReID: every layer of
+    the ViT, of the text encoder and of BDAM keeps only its inputs for the backward, which runs
+    the layer's forward again (torch.utils.checkpoint, use_reentrant=False; the RNG state is
+    restored, so dropout draws the same mask). The Hugging Face encoders by their own switch, on
+    their layers' forward: the trainable text layers that model.text_features runs itself above
+    frozen ones (encoders.run_bert_layers) are covered too. BDAM's layers by wrapping their
+    forward. Costs about one more forward of these layers per step; what it saves:
+    `python train_bench.py --memory`."""
+    kwargs = {"use_reentrant": False}
+    for encoder in (model.vision, model.text):
+        encoder.config.use_cache = False  # a key-value cache is for generation, and checkpointing refuses it
+        if hasattr(encoder, "activation_checkpointing_enable"):  # its name since transformers 5.x
+            encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    for layer in model.bdam.layers if model.bdam is not None else ():
+        layer.forward = functools.partial(_recomputed, layer.forward)
+
+
+def _recomputed(forward, *args):
+    """forward(*args) with its activations recomputed in the backward, when one will run."""
+    if torch.is_grad_enabled() and forward.__self__.training:
+        return checkpoint(forward, *args, use_reentrant=False)
+    return forward(*args)

@@ -266,7 +266,7 @@ class GradNorm(nn.Module):
             norms.append(torch.zeros((), device=shared.device) if grad is None else grad.norm())
         return torch.stack(norms)
 
-    def backward(self, losses: dict[str, torch.Tensor], shared: torch.Tensor, reduce=None) -> dict:
+    def backward(self, losses: dict[str, torch.Tensor], shared: torch.Tensor, reduce=None, scale=1.0) -> dict:
         """Fill .grad: the network's from sum_k w_k L_k, s_k's from alpha L_grad + lambda sum_k s_k^2
         (Eq. 5-6). Returns the stats: G_k, their targets r_k G_ref, w_k, L_total, L_grad.
 
@@ -276,7 +276,14 @@ class GradNorm(nn.Module):
         ObjectiveConfig.loss_names(), which puts the fusion loss last: it is the most expensive, the
         only one that runs the Mamba fusion (over S x Q pairs). The result is exact for any order
         (w_last > 0); only the cost depends on it, and __init__ refuses a fusion task that is not
-        last. The loss must not be scaled (no fp16 GradScaler; bf16 needs none).
+        last.
+
+        Under fp16 autocast, `scale` is the GradScaler's factor (train.update; 1 otherwise): every
+        backward runs on scale * loss, so that small fp16 gradients do not flush to zero. The
+        network's .grad is left scaled, for the scaler's step to unscale; the gradients on W are
+        divided by scale here, before the subtraction and the norms, so that G_k, L_grad and the
+        weights are those of the unscaled losses. When a scaled gradient overflowed (a norm is inf
+        or nan) the weights get no gradient: the scaler skips the network's step, Adam the weights'.
 
         Under DistributedDataParallel, `reduce` averages a tensor over the processes (train.py
         passes an all-reduce). DDP averages what backward() accumulates in .grad, but not what
@@ -288,8 +295,8 @@ class GradNorm(nn.Module):
         before = torch.zeros_like(shared) if shared.grad is None else shared.grad.detach().clone()
         grads = []
         for loss in self._tasks(losses)[:-1]:
-            (grad,) = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
-            grads.append(torch.zeros_like(shared) if grad is None else grad)
+            (grad,) = torch.autograd.grad(loss * scale, shared, retain_graph=True, allow_unused=True)
+            grads.append(torch.zeros_like(shared) if grad is None else grad / scale)
         if reduce is not None and grads:
             grads = list(reduce(torch.stack(grads)))  # (K - 1, *W.shape), averaged over processes
         others = torch.zeros_like(shared)
@@ -299,9 +306,11 @@ class GradNorm(nn.Module):
         # losses outside the tasks (a detached fusion loss) train with weight 1; they must not
         # reach `shared`, or the subtraction below would count them
         weighted = self.network_loss(losses) + sum(v for k, v in losses.items() if k not in self.tasks)
-        weighted.backward()  # the network
-        added = torch.zeros_like(shared) if shared.grad is None else shared.grad.detach() - before
+        (weighted * scale).backward()  # the network
+        added = torch.zeros_like(shared) if shared.grad is None else (shared.grad.detach() - before) / scale
         norms.append(((added - others) / w[-1]).norm())
+        if not torch.isfinite(torch.stack(norms)).all():  # fp16 overflow: this step is skipped
+            return {"total": weighted.detach(), "grad_norms": torch.stack(norms).detach()}
         l_grad, stats = self.gradnorm_loss(losses, torch.stack(norms))
         weight_loss = self.alpha * l_grad + self.regulariser()
         (grad_s,) = torch.autograd.grad(weight_loss, self.log_weights)  # only s_k sees these

@@ -415,10 +415,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     TRITON_INTERPRET=1). Elsewhere the CPU scan of mamba_triton.py, whatever chunked says.
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    kernels_run = u.is_cuda or (mt._INTERPRET and u.device.type == "cpu")
     if chunked is None:
         chunked = u.is_cuda and chunked_is_faster(*u.shape)
-    if not (kernels_run and chunked):
+    if not (chunked and u.dtype != torch.float16 and mt.kernels_run(u)):  # fp16: the sequential kernels in fp32
         return mt.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                  return_last_state)
     out, last_state = ChunkedScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)

@@ -8,6 +8,9 @@ the registers per thread and the bytes spilled to local memory. The launches com
 ones SelectiveScanFn makes (mamba_triton._fwd_launch, _bwd_launch) and ChunkedScanFn makes
 (mamba_chunked._fwd_launches, _bwd_launches), not a second copy.
 
+A variant that does not compile (bf16 on sm_75, were Triton to refuse it) is a FAILED cell of
+the table, not a crash. At run time mamba_triton.kernel_refusal decides which cards run them.
+
 Run:  python mamba_compile.py    the table
 Test: pytest tests/test_compile.py
 """
@@ -27,7 +30,7 @@ import mamba_chunked
 from mamba_triton import (BLOCK_D, CHUNK, _INTERPRET, _bwd_launch, _fwd_launch, _layout, _scan_bwd_kernel,
                           _scan_fwd_kernel)
 
-COMPILE_ARCHS = (80, 90)                        # sm_80 (A100), sm_90 (H100, H200)
+COMPILE_ARCHS = (75, 80, 86, 90)  # sm_75 (T4: no bf16), sm_80 (A100), sm_86 (A10, RTX 30xx), sm_90 (H100, H200)
 COMPILE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 COMPILE_INPUTS = {"none": (), "D": ("D",), "z": ("z",), "delta_bias": ("delta_bias",),
                   "softplus": ("softplus",), "all": ("D", "z", "delta_bias", "softplus")}

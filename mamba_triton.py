@@ -4,12 +4,12 @@ Read this file top to bottom, as a ladder: the equations, here; (2) a sequential
 reference written from them, and the same scan for CPUs with its backward written out; (3) the
 forward kernel; (4) the backward kernel, which recomputes states from checkpoints; (5) the
 autograd function that joins them; (6) the dispatch: Triton on CUDA tensors (or on CPU under
-TRITON_INTERPRET=1, as the tests run), the CPU scan otherwise; (7) the Mamba block; (8) the check
-against the reference. The next rung is mamba_chunked.py: the same scan in two passes over
+TRITON_INTERPRET=1, as the tests run), the CPU scan otherwise and on cards the kernels do not
+run on; (7) the Mamba block; (8) the check against the reference. The next rung is mamba_chunked.py: the same scan in two passes over
 segments of the sequence, built from this file's pieces, for batches too small to fill a GPU, with
 the dispatch that chooses it or this file's kernels (the block here stays on the sequential ones,
 as mamba_chunked imports this file). Beside it: mamba_bench.py times the scans and the block on a
-GPU; mamba_compile.py compiles the kernels for sm_80 and sm_90 on a machine without a GPU, with
+GPU; mamba_compile.py compiles the kernels for sm_75 to sm_90 on a machine without a GPU, with
 the registers and spills of each kernel.
 
 The selective scan (Gu & Dao, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces",
@@ -42,7 +42,7 @@ Sasha Rush's "Mamba: The Hard Way" (srush.github.io/annotated-mamba/hard.html) f
 
 Run:  python mamba_triton.py     errors of the output and every gradient against the reference
       python mamba_bench.py      timings on a GPU
-      python mamba_compile.py    cubin for sm_80, sm_90 on the CPU: registers, spills
+      python mamba_compile.py    cubin for sm_75, sm_80, sm_86, sm_90 on the CPU: registers, spills
 Test: pytest tests/test_mamba_triton.py   (CPU, kernels in the Triton interpreter)
       pytest tests/test_compile.py        (CPU, kernels compiled for GPU targets by ptxas)
 """
@@ -491,16 +491,49 @@ class SelectiveScanFn(torch.autograd.Function):
 # 6. Dispatch: the Triton kernels on CUDA (or on CPU in the interpreter), the CPU scan otherwise
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once: kernels are decorated at import
+_NOTICES = set()                                          # each refusal is printed once
+
+
+def kernel_refusal(device, dtype):
+    """Why the Triton kernels cannot run on this CUDA device for inputs of `dtype`; "" if they
+    can. Triton compiles for compute capability 7.5 and up; the bf16 kernels compile for sm_75
+    too (mamba_compile.py) but are run only where the card has bf16 (8.0 and up): no card
+    below that has run them."""
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (7, 5):
+        return f"compute capability {major}.{minor} is below Triton's 7.5"
+    if dtype == torch.bfloat16 and major < 8:
+        return f"bf16 kernels need compute capability 8.0 (this card: {major}.{minor}); --amp fp16 does not"
+    return ""
+
+
+def kernels_run(u):
+    """Whether the Triton kernels take u: on CUDA where kernel_refusal has nothing to say (else
+    a one-line notice, once, and the PyTorch scan), on the CPU only in the interpreter."""
+    if not u.is_cuda:
+        return _INTERPRET and u.device.type == "cpu"
+    why = kernel_refusal(u.device, u.dtype)
+    if why and why not in _NOTICES:
+        _NOTICES.add(why)
+        print(f"mamba_triton: {why}: the selective scan runs in PyTorch (selective_scan_cpu), "
+              f"slower", file=sys.stderr)
+    return not why
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False):
-    """The selective scan; same arguments and results as `selective_scan_ref`."""
+    """The selective scan; same arguments and results as `selective_scan_ref`. fp16 inputs
+    (--amp fp16) run the fp32 kernels: the kernels are built for fp32 and bf16, and keep an fp32
+    state whatever the input."""
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    if not (u.is_cuda or (_INTERPRET and u.device.type == "cpu")):
+    if not kernels_run(u):
         return selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                   return_last_state)
+    dtype_in = u.dtype
+    if dtype_in == torch.float16:
+        u, delta, B, C, z = (t.float() if t is not None else None for t in (u, delta, B, C, z))
     out, last_state = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    out = out.to(dtype_in)
     return (out, last_state) if return_last_state else out
 
 

@@ -15,6 +15,7 @@ runs/latest points at the newest run.
     python train.py --ablation "w/o Mamba"           # a row of Tables II-IV (model.ABLATIONS)
     python train.py --use-bdam false --loss-aln false --loss-decouple false   # any field
     python train.py --resume runs/NAME               # continue exactly where it stopped
+    python train.py --data cuhk --amp fp16 --grad-checkpoint true  # a GPU without bf16, short of memory
     python train_bench.py                            # step time of the model vs its encoders
     torchrun --nproc_per_node 4 train.py --data cuhk # 4 GPUs (DistributedDataParallel, README)
 
@@ -42,7 +43,8 @@ import data
 import evaluate
 import synthpedes
 import tuning
-from devices import forward_context, keep_freed_memory, text_attention_for
+from devices import (amp_mode, checkpoint_activations, forward_context, grad_scaler, keep_freed_memory, optimizer_step,
+                     text_attention_for)
 from distributed import (StopRequest, any_process, from_rank0, gather_batch, init_distributed, leave_process_group,
                          mean_over_processes, rank, world)
 from encoders import EncoderLoadError, load_tokenizer
@@ -73,12 +75,16 @@ class TrainConfig:
     eval_batch: int = 128
     workers: int = -1  # data loader processes; -1: 0 on a CPU (the cores train), else the cores less one, at most 8
     device: str = "auto"  # auto | cpu | cuda
-    amp: bool = True  # bf16 autocast on a GPU, and on a CPU that multiplies bf16 (devices.cpu_has_bf16)
+    amp: str = "bf16"  # bf16 | fp16 (a GPU without bf16; with a GradScaler) | off: autocast (devices.forward_context)
+    grad_checkpoint: bool = False  # recompute each ViT, text and BDAM layer in the backward (devices.checkpoint_activations)
     seed: int = 0  # the paper reports the mean over seeds 0, 1, 2
     synth_ids: int = 300  # SynthPEDES identities (synthpedes.SynthConfig)
     synth_regime: str = "cloth-changing"  # or same-clothes
     synth_train_images: int = 0  # photographs of each training identity, over its outfits (0: as val/test)
     final_eval: bool = True  # evaluate on the test split at the end (results.json)
+
+    def __post_init__(self):
+        self.amp = amp_mode(self.amp)  # true / false, as runs before fp16 saved it: bf16 / off
 
 
 def presets(dataset: str) -> tuple[TrainConfig, ModelConfig, ObjectiveConfig]:
@@ -275,11 +281,14 @@ class State:
     best: float = -1.0  # best validation Rank-1 so far
     ddp: torch.nn.Module | None = None  # the model under DistributedDataParallel (torchrun)
     config: dict | None = None  # run_config: config.json's dict, in every checkpoint
+    scaler: torch.amp.GradScaler | None = None  # --amp fp16 on a GPU (devices.grad_scaler)
 
     @classmethod
     def create(cls, cfg: TrainConfig, mcfg: ModelConfig, ocfg: ObjectiveConfig, device, total_steps: int) -> "State":
         model = T2IReID(mcfg, ocfg).to(device)
         text_attention_for(model.text, torch.device(device))
+        if cfg.grad_checkpoint:
+            checkpoint_activations(model)
         reg = ocfg.weight_reg if ocfg.use_weight_reg else 0.0
         gradnorm = GradNorm(ocfg.balanced_names(), alpha=ocfg.gradnorm_alpha, reg_lambda=reg).to(device)
         pretrained = [encoder for encoder, name in ((model.vision, mcfg.vision_model), (model.text, mcfg.text_model))
@@ -300,7 +309,8 @@ class State:
             return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-        return cls(model, gradnorm, optimizer, weight_optimizer, schedule, config=run_config(cfg, mcfg, ocfg))
+        return cls(model, gradnorm, optimizer, weight_optimizer, schedule, config=run_config(cfg, mcfg, ocfg),
+                   scaler=grad_scaler(torch.device(device), cfg.amp))
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs; with several processes a collective (every process
@@ -311,7 +321,7 @@ class State:
         rng_ranks = [rng] * world()
         if world() > 1:
             dist.all_gather_object(rng_ranks, rng)
-        parts = ("model", "gradnorm", "optimizer", "weight_optimizer", "schedule")
+        parts = ("model", "gradnorm", "optimizer", "weight_optimizer", "schedule") + ("scaler",) * bool(self.scaler)
         counters = ("epoch", "step_in_epoch", "global_step", "best")
         return {**{p: getattr(self, p).state_dict() for p in parts}, **{c: getattr(self, c) for c in counters},
                 "rng": rng_ranks[0], "rng_ranks": rng_ranks, "config": self.config}
@@ -319,7 +329,7 @@ class State:
     def load_state_dict(self, saved: dict) -> None:
         """Every process reads the same last.pt and takes its own RNG. Resumed with another
         number of processes, the batches and weights go on exactly, the dropout masks do not."""
-        for part in ("model", "gradnorm", "optimizer", "weight_optimizer", "schedule"):
+        for part in ("model", "gradnorm", "optimizer", "weight_optimizer", "schedule") + ("scaler",) * bool(self.scaler):
             getattr(self, part).load_state_dict(saved[part])
         for counter in ("epoch", "step_in_epoch", "global_step", "best"):
             setattr(self, counter, saved[counter])
@@ -360,7 +370,7 @@ def save_best(state: State, score: float | None, path: Path) -> None:
 # One step, one epoch
 
 
-def train_step(state: State, batch: dict, ocfg: ObjectiveConfig, device, amp: bool) -> dict:
+def train_step(state: State, batch: dict, ocfg: ObjectiveConfig, device, amp: str) -> dict:
     """Forward, the named losses over the global batch, one update (the log row)."""
     batch = to_device(batch, device)
     with forward_context(device, amp):
@@ -391,13 +401,15 @@ def update(state: State, losses: dict[str, torch.Tensor], ocfg: ObjectiveConfig)
         raise TrainingError(f"loss {', '.join(f'{k} = {v}' for k, v in bad.items())} at step "
                             f"{state.global_step + 1} (epoch {state.epoch + 1}); lower --lr or turn "
                             f"--amp off{not_float32(state.model)}; last.pt still holds the last good state")
+    shared = state.model.shared_parameter()
+    # fp16: every backward runs on the losses times the GradScaler's factor (1 otherwise)
+    scale = state.scaler.scale(torch.ones((), device=shared.device)).squeeze() if state.scaler else 1.0
     if ocfg.use_gradnorm:
-        stats = state.gradnorm.backward(losses, state.model.shared_parameter(),
-                                        reduce=mean_over_processes if world() > 1 else None)
+        stats = state.gradnorm.backward(losses, shared, mean_over_processes if world() > 1 else None, scale)
     else:  # every weight stays 1
         stats = {"total": sum(losses.values())}
-        stats["total"].backward()
-    state.optimizer.step()
+        (stats["total"] * scale).backward()
+    optimizer_step(state.optimizer, state.scaler)
     state.schedule.step()
     state.optimizer.zero_grad(set_to_none=True)
     if ocfg.use_gradnorm:

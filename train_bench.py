@@ -1,25 +1,30 @@
 """`python train_bench.py`: where a training step's time goes, part by part, and the whole
 step against its two encoders alone (docs/design.md, decision 8). It takes train.py's flags and
-times train.py's State and train_step; train.py does not import it.
+times train.py's State and train_step; train.py does not import it. `--memory`: what a training
+step holds in memory, with and without --grad-checkpoint, estimated on the CPU (no GPU needed).
 
     python train_bench.py                        # SynthPEDES preset on this machine
     python train_bench.py --data synth --device cuda
     python train_bench.py --data cuhk --p 32 --device cuda   # the paper's encoders, batch 128
+    python train_bench.py --memory               # the paper's configuration (--data cuhk), batch 32-128
 
-Test: pytest tests/test_train.py -k bench
+Test: pytest tests/test_train.py -k "bench or memory"
 """
 import dataclasses
 import functools
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
 
+import mamba_triton
 from losses import compute_losses
-from model import ModelConfig, ObjectiveConfig
-from devices import cpu_has_bf16, forward_context, keep_freed_memory
+from model import BDAMLayer, ModelConfig, ObjectiveConfig, T2IReID
+from devices import Dropout, checkpoint_activations, cpu_has_bf16, forward_context, keep_freed_memory
 from encoders import EncoderLoadError
 from train import State, TrainConfig, parse_config, pick_device, to_device, train_step
 
@@ -41,10 +46,11 @@ def bench(cfg: TrainConfig, mcfg: ModelConfig, ocfg: ObjectiveConfig, steps: int
     batch = to_device({"images": torch.randn(b, 3, *mcfg.image_size, generator=g),
                        "pids": torch.arange(b) // cfg.k, "identity": text(), "clothing": text()}, device)
     state = State.create(cfg, mcfg, ocfg, device, total_steps=10 ** 6)
-    model, amp = state.model, cfg.amp and (device.type == "cuda" or cpu_has_bf16())
+    model = state.model
+    amp = cfg.amp if device.type == "cuda" or (cfg.amp == "bf16" and cpu_has_bf16()) else "off"  # as forward_context
     context = functools.partial(forward_context, device, cfg.amp)  # as train_step runs the forward
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
-          f"batch {b}, images {mcfg.image_size}, text length {t}, bf16 autocast {amp}, "
+          f"batch {b}, images {mcfg.image_size}, text length {t}, autocast {amp}, "
           f"frozen text layers {mcfg.text_frozen_layers}")
     print(f"{'part (forward + backward)':40s}{'ms / step':>12s}{'share':>8s}")
     rows = bench_parts(state, batch, ocfg, context)
@@ -145,10 +151,131 @@ def _median_ms(timed, steps: int, device, setup=lambda: None) -> float:
     return float(np.median(times[2:]))
 
 
+# ----------------------------------------------------------------------------------------------
+# Memory: the tensors autograd keeps for the backward, counted on the CPU, scaled to the batch
+
+
+def saved_for_backward(forward, parameters=(), layers=()) -> list[tuple[int, torch.dtype, int | None]]:
+    """Run forward() with gradients on and list what autograd keeps for its backward: (bytes,
+    dtype, the index in `layers` of the module whose forward saved it, or None) per storage. A
+    storage saved twice, or through two views, counts once; `parameters` do not count (they are
+    counted as parameters). Under non-reentrant checkpointing a checkpointed layer saves only its
+    inputs (torch.utils.checkpoint saves them outside the layer, where these hooks see them)."""
+    skip = {p.untyped_storage().data_ptr() for p in parameters}
+    saved, current = {}, [None]
+
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        if key not in skip and key not in saved:
+            saved[key] = (t.untyped_storage().nbytes(), t.dtype, current[0])
+        return t
+    hooks = [h for i, layer in enumerate(layers)
+             for h in (layer.register_forward_pre_hook(lambda *_, i=i: current.__setitem__(0, i)),
+                       layer.register_forward_hook(lambda *_: current.__setitem__(0, None)))]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            kept = forward()  # noqa: F841  (the graph, and what it saved, live until the count is done)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return list(saved.values())
+
+
+def step_memory(mcfg: ModelConfig, ocfg: ObjectiveConfig, amp: str, checkpointed: bool, batch: int) -> dict:
+    """What one training forward of a `batch` keeps for its backward (random weights, random
+    inputs, on the CPU, as a GPU runs it: autocast to bf16 for amp bf16, PyTorch's SDPA in the
+    encoders, nn.Dropout's mask in BDAM, the scan's saved tensors as the Triton kernels keep them): {"kept": bytes after the forward, "by_dtype", "layer":
+    the most one layer saves -- what a checkpointed layer holds again while its backward runs}."""
+    torch.manual_seed(0)
+    model = T2IReID(mcfg, ocfg).train()
+    if checkpointed:
+        checkpoint_activations(model)
+    layers = [m for m in model.modules() if isinstance(m, (GradientCheckpointingLayer, BDAMLayer))]  # ViT, BERT, BDAM
+    text = lambda: {"input_ids": torch.randint(1000, 30000, (batch, mcfg.max_text_len)),  # noqa: E731
+                    "attention_mask": torch.ones(batch, mcfg.max_text_len, dtype=torch.long)}
+    inputs = {"images": torch.randn(batch, 3, *mcfg.image_size), "pids": torch.arange(batch) // 2,
+              "identity": text(), "clothing": text()}
+
+    def forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp != "off"), \
+                mock.patch.object(Dropout, "forward", torch.nn.Dropout.forward), \
+                mock.patch.object(mamba_triton, "selective_scan", _KernelSaves.scan):  # as on a GPU
+            return compute_losses(model(inputs), inputs, ocfg)
+    saved = saved_for_backward(forward, list(model.parameters()), layers)
+    by_dtype = {}
+    for nbytes, dtype, _ in saved:
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
+    per_layer = [sum(n for n, _, where in saved if where == i) for i in range(len(layers))]
+    return {"kept": sum(by_dtype.values()), "by_dtype": by_dtype, "layer": max(per_layer, default=0)}
+
+
+class _KernelSaves(torch.autograd.Function):
+    """The selective scan as the Triton kernels keep it for the backward (SelectiveScanFn: the
+    inputs and an fp32 state every CHUNK steps), where the CPU scan keeps every state; the output
+    is the CPU scan's. For the memory count only: it has no backward."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        b, d, l = u.shape
+        ckpt = u.new_empty(b, -(-l // mamba_triton.CHUNK), A.shape[1], d, dtype=torch.float32)
+        ctx.save_for_backward(u, delta, z, A, B, C, D, delta_bias, ckpt)
+        return mamba_triton.selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+    @staticmethod
+    def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+        return _KernelSaves.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+def memory_table(mcfg: ModelConfig, ocfg: ObjectiveConfig, batches=(32, 64, 128), measured: int = 4,
+                 memories=(24, 80)) -> dict:
+    """Print the estimate of a training step's memory at each batch, amp bf16 and off, with and
+    without activation checkpointing; returns {(amp, checkpointed): (fixed bytes, bytes per image)}.
+
+    fixed: fp32 weights, gradients and Adam's two moments of the trained parameters (16 bytes
+    each), 4 bytes per frozen one. Per image: the saved activations of a batch of `measured`
+    (step_memory), divided by it (they grow linearly with the batch: each image brings its texts
+    and its 1 + M fusion pairs; only the B x B similarity matrices do not), checkpointed: plus one
+    layer's activations, recomputed in its backward. Not counted: the CUDA context and the caching
+    allocator's slack (leave 1-2 GB), the gradients in flight during the backward (a few of one
+    layer's outputs), the autocast weight copies outside the forward."""
+    model = T2IReID(mcfg, ocfg)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    fixed = 16 * trained + 4 * (sum(p.numel() for p in model.parameters()) - trained)
+    gib, rows, result = 2 ** 30, {}, {}
+    print(f"memory of a training step: images {mcfg.image_size}, text length {mcfg.max_text_len}, {trained:,} "
+          f"trained parameters: weights + gradients + Adam (fp32) {fixed / gib:.2f} GiB; activations measured "
+          f"at batch {measured} on the CPU (torch.autograd.graph.saved_tensors_hooks), scaled linearly")
+    for amp in ("bf16", "off"):
+        for checkpointed in (False, True):
+            m = step_memory(mcfg, ocfg, amp, checkpointed, measured)
+            per_image = (m["kept"] + checkpointed * m["layer"]) / measured
+            result[amp, checkpointed] = (fixed, per_image)
+            shares = ", ".join(f"{str(d).replace('torch.', '')} {n / m['kept']:.0%}" for d, n in m["by_dtype"].items())
+            name = f"{'bf16 autocast' if amp == 'bf16' else 'fp32'}, {'checkpointed' if checkpointed else 'plain'}"
+            fits = ", ".join(f"{g} GiB: {int((g * gib - fixed - gib) // per_image)}" for g in memories)  # 1 GiB: CUDA
+            rows[name] = [fixed + b * per_image for b in batches]
+            print(f"  {name}: {per_image / 2 ** 20:.1f} MiB per image ({shares}); largest batch in {fits}")
+    print(f"{'estimated GiB at batch':32s}" + "".join(f"{b:>8d}" for b in batches))
+    for name, values in rows.items():
+        print(f"{name:32s}" + "".join(f"{v / gib:8.1f}" for v in values))
+    return result
+
+
 def main(argv=None) -> int:
-    cfg, mcfg, ocfg, _ = parse_config(argv, "train_bench.py", __doc__.split("\n")[0].strip('"`'))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    memory = "--memory" in argv
+    if memory and "--data" not in argv:  # the paper's configuration unless another is asked for
+        argv += ["--data", "cuhk"]
+    cfg, mcfg, ocfg, _ = parse_config([a for a in argv if a != "--memory"], "train_bench.py",
+                                      "where a training step's time goes (train.py's flags); --memory: what "
+                                      "it holds in memory, estimated on the CPU (default --data cuhk)")
     keep_freed_memory()
     try:
+        if memory:
+            local = lambda name: name if name and Path(name).is_dir() else ""  # noqa: E731  (shapes only)
+            memory_table(dataclasses.replace(mcfg, vision_model=local(mcfg.vision_model),
+                                             text_model=local(mcfg.text_model)), ocfg)
+            return 0
         bench(cfg, mcfg, ocfg)
     except EncoderLoadError as err:
         print(f"train_bench.py: error: {err}", file=sys.stderr)

@@ -124,7 +124,7 @@ def descriptions(root):
 def run_openai(root, url, *extra):
     return describe.main(["--root", str(root), "--backend", "openai",
                           "--base-url", url, "--style-encoder", "minilm",
-                          "--timeout", "10", *extra])
+                          "--timeout", "10", "--yes", *extra])
 
 
 def lines(path):
@@ -303,6 +303,30 @@ def test_cost_estimate():
     assert describe.estimate_cost("my-local-llava", 2e6, 1e6, 1.0, 3.0) == pytest.approx(5.0)
 
 
+@pytest.mark.parametrize("size, model, tokens", [
+    ((1024, 1024), "gpt-4o", 765),         # OpenAI's example: down to 768 x 768, 4 tiles: 85 + 4 x 170
+    ((2048, 4096), "gpt-4o", 1105),        # OpenAI's example: 1024 x 2048, then 768 x 1536, 6 tiles
+    ((64, 128), "gpt-4o", 255),            # a SynthPEDES-sized crop: never scaled up, 1 tile
+    ((600, 200), "gpt-4.1", 85 + 2 * 170),   # 2 x 1 tiles
+    ((64, 128), "gpt-4o-mini-2024-07-18", 2833 + 5667)])
+def test_image_tokens_by_the_tile_rule(size, model, tokens):
+    assert describe.image_tokens(*size, model) == tokens
+
+
+def test_estimate_by_hand():
+    """Two images, 1024 x 1024 and 64 x 128 (765 + 255 image tokens), prompts of 400 and 403
+    characters (100 + 101 tokens at 4 a token), 50 answer tokens each, gpt-4o at $2.50 / $10.00
+    per 1M: (1,221 x 2.50 + 100 x 10.00) / 1e6 = $0.0040525; 2 workers at 5 s: one round, 5 s."""
+    cfg = describe.DescribeConfig(model="gpt-4o", workers=2, request_seconds=5.0)
+    e = describe.estimate_run([400, 403], [(1024, 1024), (64, 128)], 50, cfg)
+    assert (e["requests"], e["text_tokens"], e["image_tokens"], e["prompt_tokens"], e["completion_tokens"]) == (
+        2, 201, 1020, 1221, 100)
+    assert e["cost"] == pytest.approx(0.0040525) and e["seconds"] == 5.0
+    cfg = describe.DescribeConfig(model="my-llava", workers=1, request_seconds=3.0, price_in=1.0, price_out=2.0)
+    e = describe.estimate_run([400] * 3, [(64, 128)] * 3, 10, cfg)
+    assert e["cost"] == pytest.approx((3 * (100 + 255) * 1.0 + 30 * 2.0) / 1e6) and e["seconds"] == 9.0
+
+
 def test_load_progress_repairs_a_killed_file(tmp_path):
     out = tmp_path / "descriptions.jsonl"
     ok = [{"file_path": f"a/{i}.png", "identity": "x y", "clothing": "z w"} for i in range(3)]
@@ -475,8 +499,9 @@ def test_killed_run_resumes_without_loss_or_duplicates(synth_root, tmp_path, cha
     env = dict(os.environ, OPENAI_API_KEY=KEY, HF_HUB_OFFLINE="1")
     cmd = [sys.executable, str(REPO / "describe.py"), "--root", str(synth_root),
            "--backend", "openai", "--base-url", server.url, "--style-encoder", "minilm",
-           "--limit", "16", "--workers", "2"]
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+           "--limit", "16", "--workers", "2", "--yes"]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 90
     while time.time() < deadline and proc.poll() is None:
         if out.exists() and out.read_text().count("\n") >= 4:
@@ -496,3 +521,52 @@ def test_killed_run_resumes_without_loss_or_duplicates(synth_root, tmp_path, cha
     assert sorted(r["file_path"] for r in final) == sorted(expected)          # no loss, no dups
     assert final[:len(first)] == first                                        # kept as written
     assert all(file_tag(synth_root, r["file_path"]) in r["identity"] for r in final)
+
+
+class Terminal:
+    """A stdin that is a terminal and answers `reply` to the prompt."""
+    def __init__(self, reply):
+        self.reply = reply
+
+    def isatty(self):
+        return True
+
+    def readline(self):
+        return self.reply + "\n"
+
+
+def run_asking(root, url, stdin, monkeypatch, *extra):
+    """describe.main with the openai backend, without --yes, `stdin` as the terminal or not."""
+    monkeypatch.setattr(sys, "stdin", stdin)
+    return describe.main(["--root", str(root), "--backend", "openai", "--base-url", url,
+                          "--style-encoder", "minilm", "--timeout", "10", "--limit", "3", *extra])
+
+
+def test_estimate_prints_first_and_nothing_is_sent_without_yes(synth_root, chat, monkeypatch, capsys):
+    """No terminal and no --yes: the estimate, a one-line error naming --yes, and the server saw
+    no request; at a terminal, anything but y also sends nothing."""
+    import io
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    server = chat(good)
+    assert run_asking(synth_root, server.url, io.StringIO(), monkeypatch) == 2
+    printed = capsys.readouterr()
+    assert "estimate for gpt-4o-mini: 3 requests" in printed.out
+    assert "list prices as of" in printed.out and "check your provider" in printed.out
+    assert "the 512-px tile rule, an estimate" in printed.out and "at 8 concurrent requests of 5 s" in printed.out
+    assert printed.err.strip() == ("describe.py: error: no terminal to confirm the estimate above: pass --yes "
+                                   "to send the requests")
+    assert not server.requests and not descriptions(synth_root).exists()
+    assert run_asking(synth_root, server.url, Terminal("n"), monkeypatch) == 2
+    assert "stopped before the first request" in capsys.readouterr().err and not server.requests
+
+
+def test_estimate_then_yes_at_the_terminal_or_the_flag_proceeds(synth_root, chat, monkeypatch, capsys):
+    import io
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    server = chat(good)
+    assert run_asking(synth_root, server.url, Terminal("y"), monkeypatch) == 0
+    out = capsys.readouterr().out
+    assert out.index("estimate for gpt-4o-mini") < out.index("described 3") and len(server.requests) == 3
+    assert run_asking(synth_root, server.url, io.StringIO(), monkeypatch, "--limit", "5", "--yes",
+                      "--price-in", "1", "--price-out", "2") == 0
+    assert "estimate for gpt-4o-mini: 2 requests" in capsys.readouterr().out and len(server.requests) == 5

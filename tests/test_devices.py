@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from devices import Dropout
+import devices
+from devices import Dropout, amp_mode
 from model import Attention
 
 
@@ -64,3 +65,40 @@ def test_attention_is_multihead_attention_written_out(cross):
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert isinstance(layer.attn, nn.MultiheadAttention)  # the state-dict names stay
+
+
+def test_amp_reads_bf16_fp16_off_and_the_old_true_false():
+    assert [amp_mode(v) for v in ("bf16", "FP16", "off", True, False, "true", "false")] == [
+        "bf16", "fp16", "off", "bf16", "off", "bf16", "off"]
+    with pytest.raises(ValueError, match="amp must be bf16, fp16 or off"):
+        amp_mode("fp8")
+
+
+@pytest.mark.parametrize("amp, has_bf16, dtype", [("bf16", True, torch.bfloat16), ("bf16", False, None),
+                                                  ("fp16", True, None), ("off", True, None)])
+def test_autocast_on_a_cpu_is_bf16_where_it_multiplies_bf16_and_never_fp16(monkeypatch, amp, has_bf16, dtype):
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: has_bf16)
+    with devices.forward_context(torch.device("cpu"), amp):
+        y = nn.Linear(4, 4)(torch.randn(2, 4))
+    assert y.dtype == (dtype or torch.float32)
+    assert devices.grad_scaler(torch.device("cpu"), amp) is None   # a CPU never runs fp16
+
+
+def test_optimizer_step_with_a_scaler_is_the_unscaled_step_and_skips_overflow():
+    """devices.optimizer_step under a GradScaler (CPU here, scale 1024): the same parameters as a
+    plain step on the unscaled loss; an inf gradient skips the step and halves the scale."""
+    results = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=1024.0)):
+        torch.manual_seed(0)
+        layer = nn.Linear(4, 3)
+        optimizer = torch.optim.Adam(layer.parameters(), lr=0.1)
+        loss = layer(torch.randn(5, 4)).square().mean()
+        (scaler.scale(loss) if scaler else loss).backward()
+        devices.optimizer_step(optimizer, scaler)
+        results.append([p.detach().clone() for p in layer.parameters()])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    before = [p.detach().clone() for p in layer.parameters()]
+    layer.weight.grad = torch.full_like(layer.weight, float("inf"))
+    devices.optimizer_step(optimizer, scaler)
+    assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters())) and scaler.get_scale() == 512.0

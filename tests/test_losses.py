@@ -334,3 +334,43 @@ def test_gradnorm_wants_the_fusion_loss_last():
     with pytest.raises(ValueError, match="fusion loss must be the last task"):
         GradNorm(["fusion", "info"])
     GradNorm(["info", "fusion"]), GradNorm(["info", "triplet"])  # fusion last, or no fusion
+
+
+def three_task_losses(shared, toy_losses):
+    """The toy's two tasks and a third whose gradient on W GradNorm gets by subtraction."""
+    l = toy_losses()
+    return {**l, "c": 0.01 * shared.weight.pow(2).sum() + l["a"] * l["b"] / 100}
+
+
+@pytest.mark.parametrize("scale", [1024.0, torch.tensor(65536.0)])
+def test_gradnorm_on_scaled_losses_matches_the_unscaled_computation(scale):
+    """fp16's GradScaler (train.update): every backward runs on scale * loss. The norms G_k, the
+    weights' gradient and the stats are those of the unscaled losses (to float rounding: a power
+    of two scales exactly); the network's .grad is scale times the unscaled one, for the scaler's
+    step to divide. The scale is applied by hand, as GradScaler does on a GPU; a CPU has no fp16
+    autocast to need it."""
+    results = []
+    for s in (1.0, scale):
+        shared, heads, toy_losses = toy_problem(seed=3)
+        gn = GradNorm(["a", "b", "c"], alpha=1.5, reg_lambda=0.1)
+        with torch.no_grad():
+            gn.log_weights.copy_(torch.tensor([0.2, -0.1, 0.4]))
+        stats = gn.backward(three_task_losses(shared, toy_losses), shared.weight, scale=s)
+        grads = [p.grad / s for p in [*shared.parameters(), *heads.parameters()]]
+        results.append((stats, gn.log_weights.grad.clone(), grads))
+    (plain, plain_s, plain_grads), (scaled, scaled_s, scaled_grads) = results
+    for key in ("grad_norms", "targets", "weights", "total", "gradnorm_loss"):
+        torch.testing.assert_close(scaled[key], plain[key], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(scaled_s, plain_s, rtol=1e-5, atol=1e-7)
+    for got, want in zip(scaled_grads, plain_grads):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+
+
+def test_gradnorm_skips_the_weights_when_a_scaled_gradient_overflows():
+    """An fp16 step whose scaled gradients overflow: GradScaler skips the network's step, and
+    GradNorm leaves the weights without a gradient (Adam skips them) and their L(0) unset."""
+    shared, heads, toy_losses = toy_problem(seed=3)
+    gn = GradNorm(["a", "b", "c"], alpha=1.5, reg_lambda=0.1)
+    stats = gn.backward(three_task_losses(shared, toy_losses), shared.weight, scale=float("inf"))
+    assert not torch.isfinite(stats["grad_norms"]).all() and gn.log_weights.grad is None
+    assert torch.isnan(gn.initial_losses).all()

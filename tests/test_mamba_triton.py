@@ -3,6 +3,7 @@
 Run: pytest tests/test_mamba_triton.py   (conftest.py switches Triton to its CPU interpreter)
 """
 import math
+import types
 
 import pytest
 import torch
@@ -268,3 +269,38 @@ def test_selective_scan_dispatches_to_the_cpu_scan_without_the_interpreter(monke
     out = mt.selective_scan(*(x[k] for k in NAMES), delta_softplus=True)
     assert type(out.grad_fn).__name__ != "SelectiveScanFnBackward"
     assert torch.equal(out, mt.selective_scan_cpu(*(x[k] for k in NAMES), delta_softplus=True))
+
+
+@pytest.mark.parametrize("capability, dtype, runs", [
+    ((6, 1), torch.float32, False), ((7, 0), torch.float32, False),   # below Triton's 7.5
+    ((7, 5), torch.float32, True), ((7, 5), torch.float16, True),     # T4: fp32 (fp16 as fp32)
+    ((7, 5), torch.bfloat16, False), ((8, 0), torch.bfloat16, True), ((9, 0), torch.bfloat16, True)])
+def test_kernels_run_only_on_cards_that_take_them(monkeypatch, capsys, capability, dtype, runs):
+    """The dispatch on a CUDA tensor, with the card's compute capability monkeypatched: the
+    kernels where they run, else the PyTorch scan with a one-line notice, printed once."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(mt, "_NOTICES", set())
+    u = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=dtype)  # a CUDA tensor's face
+    assert (mt.kernel_refusal(u.device, dtype) == "") == runs
+    assert mt.kernels_run(u) == runs and mt.kernels_run(u) == runs
+    notice = capsys.readouterr().err
+    if runs:
+        assert notice == ""
+    else:
+        assert notice.count("\n") == 1 and notice.startswith("mamba_triton: ")
+        assert "runs in PyTorch (selective_scan_cpu)" in notice and f"{capability[0]}.{capability[1]}" in notice
+
+
+def test_fp16_inputs_run_the_fp32_kernels():
+    """--amp fp16 hands the scan fp16 inputs: the kernels take them as fp32 (interpreter here), and
+    the output and every gradient, back in fp16, match the kernel on the same numbers in fp32 to
+    fp16's rounding (rtol 2e-3, atol 2e-3)."""
+    half = make_inputs(2, 5, 7, 4, dtype=torch.float16)
+    full = {k: v.detach().float().requires_grad_() for k, v in half.items()}
+    results = []
+    for x in (half, full):
+        out, last = mt.selective_scan(*(x[k] for k in NAMES), delta_softplus=True, return_last_state=True)
+        assert type(out.grad_fn).__name__ != "_ScanCPUBackward" and out.dtype == x["u"].dtype
+        results.append([out, *torch.autograd.grad(out.float().sum() + last.sum(), [x[k] for k in NAMES])])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got.float(), want.to(got.dtype).float(), rtol=2e-3, atol=2e-3)

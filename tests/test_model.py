@@ -448,3 +448,32 @@ def test_images_of_the_wrong_size_are_a_clear_error():
     model = T2IReID(tiny())
     with pytest.raises(ValueError, match="image_size"):
         model.encode_images(torch.randn(1, 3, 128, 64))
+
+
+@pytest.mark.parametrize("frozen", [0, 1])
+def test_activation_checkpointing_gives_the_same_losses_and_gradients(batch, frozen):
+    """--grad-checkpoint (devices.checkpoint_activations): the ViT's, the text encoder's and
+    BDAM's layers recomputed in the backward give the same losses and the same gradient on every
+    parameter, dropout on (0.1, the same seed: the recomputation restores the RNG state), with
+    and without frozen text layers (model.text_features runs the layers above them itself).
+    Tolerances: fp32, the same arithmetic in the same order; 1e-6 relative, 1e-7 absolute."""
+    from devices import checkpoint_activations
+    objective, results = ObjectiveConfig(), []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = T2IReID(tiny(dropout=0.1, text_frozen_layers=frozen), objective).train()
+        if checkpointed:
+            checkpoint_activations(model)
+        torch.manual_seed(1)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            losses = compute_losses(model(batch), batch, objective)
+        sum(losses.values()).backward()
+        results.append((losses, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, sum(saved)))
+    (plain, plain_grads, plain_saved), (ckpt, ckpt_grads, ckpt_saved) = results
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-6, atol=1e-7)
+    assert ckpt_grads.keys() == plain_grads.keys() and len(plain_grads) > 50
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-6, atol=1e-7, msg=name)
+    assert ckpt_saved < 0.6 * plain_saved  # the layers' activations were not kept

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch import nn
 from transformers import BertConfig, BertModel, ViTConfig, ViTModel
 
 import data
@@ -587,3 +588,83 @@ def test_bench_prints_where_a_training_step_goes(capsys):
     whole = next(line for line in out.splitlines() if line.startswith("whole training step"))
     assert float(whole.split()[3]) > 0 and "images / s" in whole
     assert "baseline: ViT + text encoder (2 texts) alone" in out
+
+
+def test_amp_flag_takes_bf16_fp16_off_and_old_configs_true_false(tmp_path, monkeypatch, capsys):
+    """--amp bf16 | fp16 | off; true / false, the flag and config.json of runs from before fp16,
+    read as bf16 / off; anything else is a one-line command-line error."""
+    assert [train.parse_config(["--amp", v])[0].amp for v in ("fp16", "off", "true", "false")] == [
+        "fp16", "off", "bf16", "off"]
+    assert train.parse_config([])[0].amp == "bf16" and train.parse_config([])[0].grad_checkpoint is False
+    assert train.parse_config(["--grad-checkpoint", "true"])[0].grad_checkpoint is True
+    with pytest.raises(SystemExit):
+        train.parse_config(["--amp", "fp8"])
+    assert "amp must be bf16, fp16 or off" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    cfg, mcfg, ocfg, _ = train.parse_config(["--name", "old"])
+    run, _ = train.start_run(cfg, mcfg, ocfg, None)
+    saved = json.loads((run / "config.json").read_text())
+    for old, mode in ((True, "bf16"), (False, "off")):
+        (run / "config.json").write_text(json.dumps({**saved, "train": {**saved["train"], "amp": old}}))
+        assert train.parse_config(["--resume", str(run)])[0].amp == mode
+
+
+def test_update_with_a_loss_scale_is_the_unscaled_update(synth_root):
+    """train.update with a GradScaler (--amp fp16; a CPU one at scale 1024 here, fp32 numbers):
+    the same network parameters, GradNorm weights and log row as without one, and the scaler's
+    state in last.pt's dict."""
+    cfg, mcfg, ocfg = config(synth_root, "--p", "4", "--k", "2", "--dropout", "0")
+    dataset = data.load_dataset("synth", synth_root)
+    sampler = data.IdentitySampler([s.pid for s in dataset.train], cfg.p, cfg.k, seed=0)
+    loader = train.make_loader(train.training_items(dataset, cfg, mcfg), sampler, 0, 0,
+                               load_tokenizer(mcfg.text_model or None), cfg, mcfg.max_text_len)
+    batch = next(iter(loader))
+    results = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=1024.0)):
+        torch.manual_seed(0)
+        state = train.State.create(cfg, mcfg, ocfg, torch.device("cpu"), total_steps=10)
+        state.scaler = scaler
+        with forward_context(torch.device("cpu"), "off"):
+            losses = compute_losses(state.model(batch), batch, ocfg)
+        row = train.update(state, losses, ocfg)
+        results.append((row, [p.detach().clone() for p in state.model.parameters()], state.gradnorm.weights()))
+    (row, params, weights), (row_s, params_s, weights_s) = results
+    assert row.keys() == row_s.keys() and all(row_s[k] == pytest.approx(row[k], rel=1e-5, abs=1e-7) for k in row)
+    torch.testing.assert_close(weights_s, weights, rtol=1e-5, atol=1e-7)
+    for got, want in zip(params_s, params):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert state.state_dict()["scaler"]["scale"] == 1024.0
+
+
+def test_memory_estimator_counts_a_linear_layers_saved_input_by_dtype():
+    """train_bench.saved_for_backward by hand: nn.Linear(8, 4) on a (5, 8) input keeps its input
+    for the weight's gradient, 5 x 8 x 4 = 160 bytes in fp32 (the weight is a parameter: not
+    counted). Under bf16 autocast it keeps the input's bf16 copy, 80 bytes; when the input needs
+    a gradient too, also the weight's bf16 copy (4 x 8 x 2 = 64 bytes: a copy, not the parameter).
+    A tensor saved twice counts once."""
+    layer = nn.Linear(8, 4)
+    x = torch.randn(5, 8)
+    saved = train_bench.saved_for_backward(lambda: layer(x), list(layer.parameters()))
+    assert saved == [(160, torch.float32, None)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert train_bench.saved_for_backward(lambda: layer(x), list(layer.parameters())) == [(80, torch.bfloat16, None)]
+        saved = train_bench.saved_for_backward(lambda: layer(x.requires_grad_()), list(layer.parameters()))
+    assert sorted(n for n, _, _ in saved) == [64, 80] and {d for _, d, _ in saved} == {torch.bfloat16}
+    y = torch.randn(6, requires_grad=True)
+    assert train_bench.saved_for_backward(lambda: y * y) == [(24, torch.float32, None)]  # y saved twice
+    # the layer whose forward saved it (where a checkpointed layer's recomputation would hold it)
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+    saved = train_bench.saved_for_backward(lambda: net(x) * 2, list(net.parameters()), layers=[net[1]])
+    assert sorted((n, where) for n, _, where in saved) == [(160, None), (160, 0)]
+
+
+def test_memory_table_of_a_tiny_model(capsys):
+    """python train_bench.py --memory's table on the tests' tiny model: checkpointing keeps less
+    per image, bf16 autocast keeps bf16 activations, and each estimate is fixed + batch x per image."""
+    cfg, mcfg, ocfg = config(Path("unused"))
+    result = train_bench.memory_table(mcfg, ocfg, batches=(32, 64), measured=4)
+    out = capsys.readouterr().out
+    assert "bf16 autocast, checkpointed" in out and "bfloat16" in out and "largest batch in 24 GiB" in out
+    for amp in ("bf16", "off"):
+        assert result[amp, True][1] < result[amp, False][1] and result[amp, True][0] == result[amp, False][0]
+    assert result["bf16", False][1] < result["off", False][1]
