@@ -568,8 +568,7 @@ class T2IReID(nn.Module):
         tokens (B, P, D), image_emb (B, E), pids (B,), texts (S, Dt) and text_emb (S, E) with text
         s describing image s mod B -> fusion_scores (S, Q), fusion_pids (S, Q) the candidates'
         identities (the loss counts every candidate of the text's identity as a positive),
-        fusion_query_pids (S,), fusion_stage1 (S, Q) the candidates' stage-1 cosines, fusion_gate
-        (S,) W_img on the text's own image. With
+        fusion_query_pids (S,), fusion_gate (S,) W_img on the text's own image. With
         objective.fusion_detach every input is detached: the fusion loss cannot move stage 1.
         """
         if self.objective.fusion_detach:
@@ -578,15 +577,14 @@ class T2IReID(nn.Module):
         q = min(self.objective.fusion_candidates, b)
         own = torch.arange(s, device=pids.device) % b  # (S,)
         sim = (text_emb @ image_emb.T).detach()  # (S, B) stage-1 similarity
-        first = sim.clone()
-        first[torch.arange(s, device=pids.device), own] = float("inf")  # the own image comes first
-        candidates = first.topk(q, dim=1).indices  # (S, Q)
+        sim[torch.arange(s, device=pids.device), own] = float("inf")  # the own image comes first
+        candidates = sim.topk(q, dim=1).indices  # (S, Q)
         aligned = self.fusion.align_image(tokens)  # (B, P, d)
         scores, w_image = self.pair_score(aligned[candidates.flatten()],  # (S * Q, P, d)
                                           texts.repeat_interleave(q, dim=0),  # (S * Q, Dt)
                                           text_emb.repeat_interleave(q, dim=0))  # (S * Q, E) t(query)
         return dict(fusion_scores=scores.view(s, q), fusion_pids=pids[candidates],
-                    fusion_query_pids=pids.repeat(s // b), fusion_stage1=sim.gather(1, candidates),
+                    fusion_query_pids=pids.repeat(s // b),
                     fusion_gate=w_image.view(s, q)[:, 0].detach())  # (S,) on the own image
 
     def shared_parameter(self) -> nn.Parameter:
