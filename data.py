@@ -2,7 +2,7 @@
 
 Read top to bottom:
 1. Readers for CUHK-PEDES (Li et al., CVPR 2017), ICFG-PEDES (Ding et al., 2021, SSAN),
-   RSTPReid (Zhu et al., ACM MM 2021, DSSL) and SynthPEDES (`synthpedes.py` writes it in the
+   RSTPReid (Zhu et al., ACM MM 2021, DSSL) and SynthPEDES (`synthetic/synthpedes.py` writes it in the
    CUHK-PEDES format) in their exact on-disk formats (DESIGN section 5), joined with the
    identity/clothing descriptions that `describe.py` writes (paper Sec. III-A); the one reader
    of `descriptions.jsonl`, which describe.py's resume uses too.
@@ -11,7 +11,7 @@ Read top to bottom:
    loss (paper Eq. 4) needs.
 
 Run:  python data.py --data cuhk      check (decode every image) and summarise a benchmark in data/
-      python data.py --data synth     the same for SynthPEDES (made by `python synthpedes.py`)
+      python data.py --data synth     the same for SynthPEDES (made by `python -m synthetic.synthpedes`)
 Test: pytest tests/test_data.py
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import lexicon
+from helpers import lexicon
 
 SPLITS = ("train", "val", "test")
 
@@ -66,7 +66,7 @@ SOURCES = {
                    "RSTPReid (Zhu et al., ACM MM 2021) is released on request: see "
                    "https://github.com/NjtechCVLab/RSTPReid-Dataset; put data_captions.json and imgs/ in"),
     "synth": Source("SynthPEDES", "reid_raw.json", "file_path", SPLITS,
-                    "SynthPEDES is generated here: run `python synthpedes.py "
+                    "SynthPEDES is generated here: run `python -m synthetic.synthpedes "
                     "[--root ROOT]`, which writes"),
 }
 DATASETS = tuple(SOURCES)  # the --data choices; synth (the default) first

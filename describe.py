@@ -13,7 +13,7 @@ top to bottom:
    the skeletons with a text encoder (CLIP's when one loads, else the offline all-MiniLM-L6-v2),
    DBSCAN (Ester et al. 1996) with the eps of the k-distance curve whose clustering has the best
    silhouette, noise points to the nearest cluster. The clusters are cached beside the output
-   (`styles.py`; the word lists and the skeleton mask are in `lexicon.py`).
+   (`helpers/styles.py`; the word lists and the skeleton mask are in `helpers/lexicon.py`).
 3. A style prompt per cluster, plus two content prompts (identity, clothing).
 4. A backend answers: `openai` sends the image (base64 data URL) and the prompts to any
    OpenAI-compatible chat endpoint and asks for JSON; `rules` (offline, no key) splits the
@@ -50,10 +50,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import data
-import synthpedes
-from lexicon import (PERSON_NOUNS, WORD_RE, body_words, garment_words, gender_word, is_fragment, rules_describe,
+from synthetic import synthpedes
+from helpers.lexicon import (PERSON_NOUNS, WORD_RE, body_words, garment_words, gender_word, is_fragment, rules_describe,
                      word_category)
-from styles import print_clusters, style_clusters
+from helpers.styles import print_clusters, style_clusters
 
 
 class DescribeError(Exception):

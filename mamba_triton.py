@@ -5,11 +5,11 @@ reference written from them, and the same scan for CPUs with its backward writte
 forward kernel; (4) the backward kernel, which recomputes states from checkpoints; (5) the
 autograd function that joins them; (6) the dispatch: Triton on CUDA tensors (or on CPU under
 TRITON_INTERPRET=1, as the tests run), the CPU scan otherwise and on cards the kernels do not
-run on; (7) the Mamba block; (8) the check against the reference. The next rung is mamba_chunked.py: the same scan in two passes over
+run on; (7) the Mamba block; (8) the check against the reference. The next rung is tools/mamba_chunked.py: the same scan in two passes over
 segments of the sequence, built from this file's pieces, for batches too small to fill a GPU, with
 the dispatch that chooses it or this file's kernels (the block here stays on the sequential ones,
-as mamba_chunked imports this file). Beside it: mamba_bench.py times the scans and the block on a
-GPU; mamba_compile.py compiles the kernels for sm_75 to sm_90 on a machine without a GPU, with
+as mamba_chunked imports this file). Beside it: tools/mamba_bench.py times the scans and the block on a
+GPU; tools/mamba_compile.py compiles the kernels for sm_75 to sm_90 on a machine without a GPU, with
 the registers and spills of each kernel.
 
 The selective scan (Gu & Dao, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces",
@@ -41,8 +41,8 @@ gradients also flow through the returned last state. References: the official co
 Sasha Rush's "Mamba: The Hard Way" (srush.github.io/annotated-mamba/hard.html) for the ladder.
 
 Run:  python mamba_triton.py     errors of the output and every gradient against the reference
-      python mamba_bench.py      timings on a GPU
-      python mamba_compile.py    cubin for sm_75, sm_80, sm_86, sm_90 on the CPU: registers, spills
+      python -m tools.mamba_bench      timings on a GPU
+      python -m tools.mamba_compile    cubin for sm_75, sm_80, sm_86, sm_90 on the CPU: registers, spills
 Test: pytest tests/test_mamba_triton.py   (CPU, kernels in the Triton interpreter)
       pytest tests/test_compile.py        (CPU, kernels compiled for GPU targets by ptxas)
 """
@@ -497,7 +497,7 @@ _NOTICES = set()                                          # each refusal is prin
 def kernel_refusal(device, dtype):
     """Why the Triton kernels cannot run on this CUDA device for inputs of `dtype`; "" if they
     can. Triton compiles for compute capability 7.5 and up; the bf16 kernels compile for sm_75
-    too (mamba_compile.py) but are run only where the card has bf16 (8.0 and up): no card
+    too (tools/mamba_compile.py) but are run only where the card has bf16 (8.0 and up): no card
     below that has run them."""
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (7, 5):

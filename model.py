@@ -3,7 +3,7 @@
 Paper: "Disentangling Identity from Transient Attributes: A Semantically-Supervised Decoupling
 Framework for Robust Person Re-Identification", Sec. III-C (BDAM) and III-D (Mamba fusion).
 Read bottom-up: config, BDAM, fusion, the model (the ViT and BERT encoders and their weights
-are in encoders.py). The model serves the protocol of DESIGN.md section 3.1: stage 1 embeds
+are in helpers/encoders.py). The model serves the protocol of DESIGN.md section 3.1: stage 1 embeds
 images and texts separately (the gallery once, each query once, cosine similarity); stage 2
 re-ranks a query's top-K images with the fusion module, which scores (image, text) *pairs*, so it
 cannot leak the text into its own target.
@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from devices import Dropout
-from encoders import OFFLINE_TEXT_MODEL, FrozenTextPrefix, load_text_encoder, load_vision_encoder, run_bert_layers
+from helpers.devices import Dropout
+from helpers.encoders import OFFLINE_TEXT_MODEL, FrozenTextPrefix, load_text_encoder, load_vision_encoder, run_bert_layers
 from mamba_triton import Mamba
 
 

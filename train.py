@@ -16,7 +16,7 @@ runs/latest points at the newest run.
     python train.py --use-bdam false --loss-aln false --loss-decouple false   # any field
     python train.py --resume runs/NAME               # continue exactly where it stopped
     python train.py --data cuhk --amp fp16 --grad-checkpoint true  # a GPU without bf16, short of memory
-    python train_bench.py                            # step time of the model vs its encoders
+    python -m tools.train_bench                            # step time of the model vs its encoders
     torchrun --nproc_per_node 4 train.py --data cuhk # 4 GPUs (DistributedDataParallel, README)
 
 Every field of TrainConfig, model.ModelConfig and model.ObjectiveConfig is a flag (`--field-name value`).
@@ -41,16 +41,15 @@ from tqdm import tqdm
 
 import data
 import evaluate
-import synthpedes
-import tuning
-from devices import (amp_mode, checkpoint_activations, forward_context, grad_scaler, keep_freed_memory, optimizer_step,
+from synthetic import synthpedes
+from helpers.devices import (amp_mode, checkpoint_activations, forward_context, grad_scaler, keep_freed_memory, optimizer_step,
                      text_attention_for)
-from distributed import (StopRequest, any_process, from_rank0, gather_batch, init_distributed, leave_process_group,
+from helpers.distributed import (StopRequest, any_process, from_rank0, gather_batch, init_distributed, leave_process_group,
                          mean_over_processes, rank, world)
-from encoders import EncoderLoadError, load_tokenizer
+from helpers.encoders import EncoderLoadError, load_tokenizer
 from losses import GradNorm, compute_losses
 from model import ABLATIONS, ModelConfig, ObjectiveConfig, T2IReID, load_configs, replace_fields
-from pictures import read_log, training_picture
+from helpers.pictures import read_log, training_picture
 
 # ----------------------------------------------------------------------------------------------
 # Configuration
@@ -131,7 +130,7 @@ def _parse_value(text: str, kind):
 def parse_config(argv=None, prog=None,
                  description=None) -> tuple[TrainConfig, ModelConfig, ObjectiveConfig, argparse.Namespace]:
     """Flags: every field of TrainConfig, ModelConfig and ObjectiveConfig, --ablation ROW, --resume
-    DIR (also train_bench.py's). The dataset's preset comes first, then the ablation row, then the
+    DIR (also tools/train_bench.py's). The dataset's preset comes first, then the ablation row, then the
     fields."""
     parser = argparse.ArgumentParser(prog=prog, description=description or __doc__.split("\n")[0])
     parser.add_argument("--resume", default="", help="a run folder to continue")
@@ -425,7 +424,7 @@ def update(state: State, losses: dict[str, torch.Tensor], ocfg: ObjectiveConfig)
 def not_float32(model: torch.nn.Module) -> str:
     """The trained parameters that are not float32, for the error of a non-finite loss ("; the
     model holds float16 parameters (N tensors): names"), or "": Adam on half-precision weights
-    overflows, which is why encoders.py loads every encoder in float32."""
+    overflows, which is why helpers/encoders.py loads every encoder in float32."""
     held = {}
     for name, p in model.named_parameters():
         if p.requires_grad and p.dtype != torch.float32:
@@ -604,8 +603,8 @@ def final_evaluation(model: T2IReID, run: Path, dataset, val, tokenizer, cfg: Tr
     the validation split (None: the dataset has none, load_splits)."""
     best = torch.load(run / "best.pt", map_location=device, weights_only=False)
     model.load_state_dict(best["model"])
-    beta, sweep = tuning.choose_clothing_weight(model, val, tokenizer, mcfg, ocfg, device, cfg.eval_batch, cfg.seed)
-    k, a, rerank_rows = tuning.choose_rerank(model, val, tokenizer, mcfg, ocfg, device, cfg.eval_batch, beta)
+    beta, sweep = evaluate.choose_clothing_weight(model, val, tokenizer, mcfg, ocfg, device, cfg.eval_batch, cfg.seed)
+    k, a, rerank_rows = evaluate.choose_rerank(model, val, tokenizer, mcfg, ocfg, device, cfg.eval_batch, beta)
     chosen = dict(clothing_weight=beta, rerank_k=k, fusion_weight=a)
     if any(best.get(key) != value for key, value in chosen.items()):
         save({**best, **chosen}, run / "best.pt")  # evaluate.py reads them from there

@@ -19,7 +19,7 @@ def tiny_synth(tmp_path_factory):
     """A tiny SynthPEDES (24 ids: 14 train / 2 val / 8 test, cloth-changing, 2 outfits x 2
     images each, 64x32 images, 2 captions per image), generated once per test session.
     Returns the data root: `data.load_dataset("synth", root)` / `read_annotations("synth", root)`."""
-    import synthpedes
+    from synthetic import synthpedes
 
     root = tmp_path_factory.mktemp("data")
     synthpedes.generate_synthpedes(root, num_ids=24, outfits_per_id=2, images_per_outfit=2,

@@ -1,5 +1,5 @@
 """The Triton kernels compile for real GPUs, checked on a CPU: forward and backward, sequential
-(mamba_triton.py) and chunked (mamba_chunked.py, six launches), sm_75, sm_80, sm_86 and sm_90,
+(mamba_triton.py) and chunked (tools/mamba_chunked.py, six launches), sm_75, sm_80, sm_86 and sm_90,
 fp32 and bf16, with no optional input, each one alone, and all of them.
 
 test_mamba_triton.py checks what the kernels compute, in Triton's interpreter; a kernel that
@@ -9,14 +9,14 @@ ptxas, which the triton wheel ships, without a GPU. A spill is reported as a war
 failure: the kernel still runs, only slower.
 
 Run: pytest tests/test_compile.py   (384 compilations, about 160 s of one core)
-The table: python mamba_compile.py
+The table: python -m tools.mamba_compile
 """
 import itertools
 import warnings
 
 import pytest
 
-import mamba_compile as mc
+from tools import mamba_compile as mc
 
 VARIANTS = list(itertools.product(mc.COMPILE_KERNELS, mc.COMPILE_ARCHS, mc.COMPILE_DTYPES,
                                   mc.COMPILE_INPUTS))

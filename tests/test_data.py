@@ -1,4 +1,4 @@
-"""Tests for render.py, synthpedes.py and data.py: SynthPEDES (traits visible in the pixels,
+"""Tests for synthetic/render.py, synthetic/synthpedes.py and data.py: SynthPEDES (traits visible in the pixels,
 clothing independent of identity, captions, determinism, splits, its command line), the three
 benchmark readers and their errors, transforms, tokenizer, batches and the P x K identity sampler."""
 import dataclasses
@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 import data
-import lexicon
-import render
-import synthpedes
-from encoders import OFFLINE_TEXT_MODEL, EncoderLoadError, load_tokenizer
+from helpers import lexicon
+from synthetic import render
+from synthetic import synthpedes
+from helpers.encoders import OFFLINE_TEXT_MODEL, EncoderLoadError, load_tokenizer
 
 PLAIN = {"top": "tank top", "top_colour": "red", "pattern": "plain", "bottom": "trousers",
          "bottom_colour": "blue", "shoes": "sneakers", "shoes_colour": "white", "bag": "none",
@@ -326,7 +326,7 @@ def test_descriptions_are_joined_by_file_path(tmp_path):
 @pytest.mark.parametrize("name, words", [("cuhk", ["CUHK-PEDES/reid_raw.json", "request"]),
                                          ("icfg", ["ICFG-PEDES/ICFG-PEDES.json", "SSAN"]),
                                          ("rstp", ["RSTPReid/data_captions.json", "request"]),
-                                         ("synth", ["python synthpedes.py"])])
+                                         ("synth", ["python -m synthetic.synthpedes"])])
 def test_missing_dataset_says_where_and_how(tmp_path, name, words):
     with pytest.raises(data.DatasetError) as e:
         data.load_dataset(name, tmp_path)

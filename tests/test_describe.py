@@ -21,10 +21,10 @@ import pytest
 
 import data
 import describe
-import lexicon
-import styles
-import render
-import synthpedes
+from helpers import lexicon
+from helpers import styles
+from synthetic import render
+from synthetic import synthpedes
 
 KEY = "sk-test-NEVER-PRINT-4242"
 REPO = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""devices.py: the CPU dropout against nn.Dropout's contract, and the attention BDAM writes out
+"""helpers/devices.py: the CPU dropout against nn.Dropout's contract, and the attention BDAM writes out
 against nn.MultiheadAttention itself.
 Run: pytest tests/test_devices.py
 """
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-import devices
-from devices import Dropout, amp_mode
+from helpers import devices
+from helpers.devices import Dropout, amp_mode
 from model import Attention
 
 

@@ -135,6 +135,8 @@ def readme_commands() -> dict[str, list[list[str]]]:
         words = shlex.split(line.strip().removeprefix("$ "), comments=True)
         while words and re.fullmatch(r"\w+=\S*", words[0]):
             words.pop(0)
+        if len(words) >= 3 and words[:2] == ["python", "-m"]:  # python -m tools.study: tools/study.py
+            words = ["python", words[2].replace(".", "/") + ".py", *words[3:]]
         if len(words) >= 2 and words[0] == "python" and words[1].endswith(".py"):
             args = out.setdefault(words[1], [])
             if words[2:] not in args:
@@ -186,9 +188,9 @@ def test_the_readme_shows_commands():
 
 @pytest.mark.parametrize("script", sorted(COMMANDS))
 def test_readme_command_parses(script):
-    assert (REPO / script).is_file(), f"README.md shows `python {script}`: no such file at the repo root"
+    assert (REPO / script).is_file(), f"README.md shows `python {script}` (or its -m form): no such file"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", DRIVER, script.removesuffix(".py"), json.dumps(COMMANDS[script])],
+    run = subprocess.run([sys.executable, "-c", DRIVER, script.removesuffix(".py").replace("/", "."), json.dumps(COMMANDS[script])],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, f"{script} does not import:\n{run.stderr[-3000:]}"
     results = json.loads(run.stdout.splitlines()[-1])

@@ -1,4 +1,4 @@
-"""evaluate.py, retrieval.py and pictures.py: metrics against hand-worked examples and a naive
+"""evaluate.py, helpers/retrieval.py and helpers/pictures.py: metrics against hand-worked examples and a naive
 per-query loop, the query split on hand-worked captions, the two stages against the model
 scoring each pair, the pictures, the command line."""
 import pytest
@@ -125,17 +125,17 @@ from pathlib import Path  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import data  # noqa: E402
-import lexicon  # noqa: E402
+from helpers import lexicon  # noqa: E402
 import mamba_triton  # noqa: E402
-from tuning import choose_from_sweep as choose_clothing_weight, choose_k_and_a as choose_rerank  # noqa: E402
+from evaluate import choose_from_sweep as choose_clothing_weight, choose_k_and_a as choose_rerank  # noqa: E402
 from evaluate import (RunError, derangement, evaluate_model,  # noqa: E402
                       gate_summary, load_run, main, report, robustness_metrics, robustness_queries, robustness_ratios)
-from pictures import (FRAME, FRAME_COLOURS, GAP, TEXT_WIDTH, THUMB, gate_curves, gate_histograms,  # noqa: E402
+from helpers.pictures import (FRAME, FRAME_COLOURS, GAP, TEXT_WIDTH, THUMB, gate_curves, gate_histograms,  # noqa: E402
                       ranked_list_picture, read_log, running_mean, training_curves, training_figure,
                       training_picture)
-import retrieval  # noqa: E402
-from retrieval import TwoStage, embed_gallery, embed_texts, fusion_image_reliance, query_ranker, rerank  # noqa: E402
-from encoders import load_tokenizer  # noqa: E402
+from helpers import retrieval  # noqa: E402
+from helpers.retrieval import TwoStage, embed_gallery, embed_texts, fusion_image_reliance, query_ranker, rerank  # noqa: E402
+from helpers.encoders import load_tokenizer  # noqa: E402
 from model import ModelConfig, ObjectiveConfig, T2IReID  # noqa: E402
 
 

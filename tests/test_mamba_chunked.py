@@ -1,4 +1,4 @@
-"""Tests for mamba_chunked.py: the chunked kernels (Triton interpreter on CPU) against the
+"""Tests for tools/mamba_chunked.py: the chunked kernels (Triton interpreter on CPU) against the
 reference, output, last state and every gradient; the dispatch between chunked and sequential.
 
 Small chunks (chunk 2 to 4 steps, a segment of 1 to 3 chunks) give several segments, and so every
@@ -8,7 +8,7 @@ Run: pytest tests/test_mamba_chunked.py
 import pytest
 import torch
 
-import mamba_chunked as mc
+from tools import mamba_chunked as mc
 import mamba_triton as mt
 from test_mamba_triton import BF16_TOL, FP32_TOL, NAMES, OPTIONS, make_inputs, reference, run
 

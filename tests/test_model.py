@@ -10,7 +10,7 @@ import torch
 import data
 import mamba_triton
 import train
-from encoders import ConvStem, EncoderLoadError, load_tokenizer, load_vision_encoder
+from helpers.encoders import ConvStem, EncoderLoadError, load_tokenizer, load_vision_encoder
 from losses import GradNorm, compute_losses
 from model import ABLATIONS, BDAM, ModelConfig, ObjectiveConfig, ResidualMLP, T2IReID, check_pair, replace_fields
 
@@ -457,7 +457,7 @@ def test_activation_checkpointing_gives_the_same_losses_and_gradients(batch, fro
     parameter, dropout on (0.1, the same seed: the recomputation restores the RNG state), with
     and without frozen text layers (model.text_features runs the layers above them itself).
     Tolerances: fp32, the same arithmetic in the same order; 1e-6 relative, 1e-7 absolute."""
-    from devices import checkpoint_activations
+    from helpers.devices import checkpoint_activations
     objective, results = ObjectiveConfig(fusion_candidates=2), []  # the fusion's pairs are not checkpointed
     for checkpointed in (False, True):
         torch.manual_seed(0)

@@ -11,9 +11,9 @@ import pytest
 
 import data
 import describe
-import lexicon
-import styles
-import synthpedes
+from helpers import lexicon
+from helpers import styles
+from synthetic import synthpedes
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""study.py: the verdict rule and the aggregation on made-up run results (the numbers over other
+"""tools/study.py: the verdict rule and the aggregation on made-up run results (the numbers over other
 outfits, Table V's ratios, the 'not testable' rule for the fusion, summaries written before
 those were kept, the picture), and the command itself on a tiny configuration (two real train.py
 runs, then a restart that trains nothing)."""
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import study
+from tools import study
 from test_train import SYNTH, TINY
 
 
@@ -60,7 +60,7 @@ def results(s1, s2=None, cross=None, kept=(1.0, 1.0)):
 
 
 def run(row, seed, *args, regime="cloth-changing", **kwargs):
-    """A made-up run as study.py keeps it now: summarise on results(*args, **kwargs)."""
+    """A made-up run as tools/study.py keeps it now: summarise on results(*args, **kwargs)."""
     return study.summarise(results(*args, **kwargs), row, regime, seed, 1.0)
 
 
@@ -167,7 +167,7 @@ def test_fusion_rows_are_not_testable_when_stage_2_is_within_noise_of_stage_1():
     assert mamba_cell["verdicts"]["Table III"]["verdict"] == "not testable at this length"
     text = study.markdown({"cloth-changing": table})
     assert "Table III's rows are **not testable at this length**" in text
-    assert ('a 4-epoch run of the full model and of `w/o Mamba`, seeds 0-2, would test them: `python study.py '
+    assert ('a 4-epoch run of the full model and of `w/o Mamba`, seeds 0-2, would test them: `python -m tools.study '
             '--rows full "w/o Mamba" --regimes cloth-changing --out results/study-4-epochs -- --epochs 4`') in text
     assert "| Table III: not testable at this length | Table III: the full model's stage 2 is within noise" in text
     # a fusion that adds 10 points makes the rows testable; two seeds of the full model: no verdict either way

@@ -24,18 +24,17 @@ from torch import nn
 from transformers import BertConfig, BertModel, ViTConfig, ViTModel
 
 import data
-import devices
+from helpers import devices
 import evaluate
 import mamba_triton
-import synthpedes
+from synthetic import synthpedes
 import train
-import tuning
-import train_bench
-from devices import forward_context
-from encoders import load_tokenizer
+from tools import train_bench
+from helpers.devices import forward_context
+from helpers.encoders import load_tokenizer
 from losses import compute_losses
 from model import T2IReID
-from pictures import read_log, training_figure
+from helpers.pictures import read_log, training_figure
 
 # A model small enough to train in seconds on a CPU: 2-layer ViT on 64 x 32 images (P = 8), the
 # pretrained all-MiniLM-L6-v2 text encoder (real words carry meaning from the first step).
@@ -138,13 +137,13 @@ def test_final_evaluation_writes_both_stages_and_robustness(synth_root, tmp_path
             assert all(0 <= m[c] <= 100 for c in ("R1", "R5", "R10", "mAP", "mINP"))
     # the fusion weight a chosen on the validation split after beta, at the K that TINY fixes
     tried = {(row["rerank_k"], row["fusion_weight"]) for row in results["rerank_sweep"]}
-    assert tried == {(8, a) for a in tuning.FUSION_WEIGHTS}
+    assert tried == {(8, a) for a in evaluate.FUSION_WEIGHTS}
     assert (results["rerank_k"], results["fusion_weight"]) in tried
     run_back = evaluate.load_run(run)
     assert (run_back.rerank_k, run_back.fusion_weight) == (results["rerank_k"], results["fusion_weight"])
     # beta chosen on the validation split (one row per beta tried), kept in best.pt for evaluate.py
     betas = [row["clothing_weight"] for row in results["clothing_weight_sweep"]]
-    assert betas == list(tuning.CLOTHING_WEIGHTS) and results["clothing_weight"] in betas
+    assert betas == list(evaluate.CLOTHING_WEIGHTS) and results["clothing_weight"] in betas
     assert torch.load(run / "best.pt", weights_only=False)["clothing_weight"] == results["clothing_weight"]
     assert evaluate.load_run(run).clothing_weight == results["clothing_weight"]
     # training at a glance: a line for each task's loss, written by train.py itself
@@ -579,7 +578,7 @@ def test_both_regimes_train_on_as_many_photographs_per_identity(monkeypatch, tmp
 
 
 def test_bench_prints_where_a_training_step_goes(capsys):
-    """`python train_bench.py`: a row per part, the whole step, the baseline."""
+    """`python -m tools.train_bench`: a row per part, the whole step, the baseline."""
     assert train_bench.main([*TINY, "--p", "4", "--k", "2"]) == 0
     out = capsys.readouterr().out
     for part in ("vision encoder (ViT)", "text encoder (2 texts)", "BDAM", "fusion (S x Q image-text pairs)",
@@ -659,7 +658,7 @@ def test_memory_estimator_counts_a_linear_layers_saved_input_by_dtype():
 
 
 def test_memory_table_of_a_tiny_model(capsys):
-    """python train_bench.py --memory's table on the tests' tiny model: checkpointing keeps less
+    """python -m tools.train_bench --memory's table on the tests' tiny model: checkpointing keeps less
     per image, bf16 autocast keeps bf16 activations, and each estimate is fixed + batch x per image."""
     cfg, mcfg, ocfg = config(Path("unused"))
     result = train_bench.memory_table(mcfg, ocfg, batches=(32, 64), measured=4)

@@ -1,7 +1,7 @@
 """How a training step runs on the machine at hand: bf16 where the hardware multiplies it, fp16
 with a loss scale on GPUs without bf16, the attention kernel on a CPU, dropout's random numbers on
 a CPU, malloc's treatment of large blocks, and activation checkpointing where memory is short.
-None changes the model; `python train_bench.py` measures what they buy and what the step holds
+None changes the model; `python -m tools.train_bench` measures what they buy and what the step holds
 in memory (docs/benchmarks.md).
 
 Tests: pytest tests/test_devices.py
@@ -112,7 +112,7 @@ def text_attention_for(text_encoder: nn.Module, device: torch.device) -> None:
     """On a CPU, the Hugging Face text encoder computes its attention by its own "eager" path
     (matmul, additive padding mask, softmax, matmul) rather than through PyTorch's SDPA: with a
     mask, the math kernel that forward_context picks there also checks every row for full
-    masking and selects, 0.9x the text layer's time without that (`python train_bench.py`).
+    masking and selects, 0.9x the text layer's time without that (`python -m tools.train_bench`).
     The same product either way. On a GPU the fused SDPA kernels stay."""
     if device.type == "cpu":
         text_encoder.config._attn_implementation = "eager"
@@ -126,7 +126,7 @@ def checkpoint_activations(model: nn.Module) -> None:
     their layers' forward: the trainable text layers that model.text_features runs itself above
     frozen ones (encoders.run_bert_layers) are covered too. BDAM's layers by wrapping their
     forward. Costs about one more forward of these layers per step; what it saves:
-    `python train_bench.py --memory`."""
+    `python -m tools.train_bench --memory`."""
     kwargs = {"use_reentrant": False}
     for encoder in (model.vision, model.text):
         encoder.config.use_cache = False  # a key-value cache is for generation, and checkpointing refuses it

@@ -10,12 +10,12 @@ JSON summary in results/study/runs/; a study that is stopped continues from them
 interrupted run resumes from its last.pt). The table is written to results/study/table.{md,json},
 with one picture per regime (effects-<regime>.png: each row's effect, sorted, against the claim).
 
-    python study.py                         # everything; prints the time it expects first
-    python study.py --table                 # only rebuild the table and pictures from the finished runs
-    python study.py --hours 2               # the rows that fit in two hours, in the claims' order
-    python study.py --rows full "w/o BDAM" --seeds 0 --regimes same-clothes
-    python study.py --rows full -- --max-steps 20    # flags after -- go to every train.py run
-    python study.py --rows full "w/o Mamba" --out results/study-4-epochs -- --epochs 4   # a longer study
+    python -m tools.study                         # everything; prints the time it expects first
+    python -m tools.study --table                 # only rebuild the table and pictures from the finished runs
+    python -m tools.study --hours 2               # the rows that fit in two hours, in the claims' order
+    python -m tools.study --rows full "w/o BDAM" --seeds 0 --regimes same-clothes
+    python -m tools.study --rows full -- --max-steps 20    # flags after -- go to every train.py run
+    python -m tools.study --rows full "w/o Mamba" --out results/study-4-epochs -- --epochs 4   # a longer study
 
 Tests: pytest tests/test_study.py
 """
@@ -33,7 +33,7 @@ from evaluate import robustness_ratios
 from model import ABLATIONS
 from train import parse_config
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent  # the repository root, where train.py is
 RESULTS = HERE / "results" / "study"
 REGIMES = ("cloth-changing", "same-clothes")
 SEEDS = (0, 1, 2)
@@ -59,7 +59,7 @@ NOT_TESTABLE = "not testable at this length"
 # What would test the fusion's rows where the full model's stage 2 is within noise of its stage 1:
 # four times the steps (docs/experiments.md, "Four times the steps": about 25 minutes a run here)
 LONGER = ("a 4-epoch run of the full model and of `w/o Mamba`, seeds 0-2, would test them: "
-          "`python study.py --rows full \"w/o Mamba\" --regimes {regime} --out results/study-4-epochs -- --epochs 4`")
+          "`python -m tools.study --rows full \"w/o Mamba\" --regimes {regime} --out results/study-4-epochs -- --epochs 4`")
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ def run_one(regime: str, row: str, seed: int, out: Path, extra: list) -> dict:
                 raise
         if code != 0:
             raise RuntimeError(f"{' '.join(command)} failed (exit {code}); its output is in "
-                               f"{run.with_suffix('.log')}. Rerun study.py to continue from there.")
+                               f"{run.with_suffix('.log')}. Rerun tools/study.py to continue from there.")
     results = json.loads((run / "results.json").read_text())
     summary = summarise(results, row, regime, seed, (time.time() - start) / 60)
     path = summary_path(out, regime, row, seed)
@@ -547,10 +547,10 @@ def main(argv=None) -> int:
         try:
             run_study(args.rows, args.seeds, args.regimes, args.out, extra, args.hours)
         except RuntimeError as err:
-            print(f"study.py: error: {err}", file=sys.stderr)
+            print(f"tools/study.py: error: {err}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            print("study.py: stopped; run it again to continue", file=sys.stderr)
+            print("tools/study.py: stopped; run it again to continue", file=sys.stderr)
             return 130
     for path in write_table(args.out):
         print(f"wrote {path}")

@@ -1,13 +1,13 @@
-"""The selective scan and the Mamba block timed on a GPU: `python mamba_bench.py`.
+"""The selective scan and the Mamba block timed on a GPU: `python -m tools.mamba_bench`.
 
 Three tables, measured in one run beside the device's copy bandwidth: the Triton scan (forward,
 and forward + backward) against the PyTorch reference at L 197 to 16,384 in fp32 and bf16, with
 the share of the copy bandwidth that its least DRAM traffic reaches; the sequential kernels
-against the chunked ones (mamba_chunked.py) at batch 1 to 64, with the one that
+against the chunked ones (tools/mamba_chunked.py) at batch 1 to 64, with the one that
 mamba_chunked.chunked_is_faster picks; and one Mamba block against one Transformer encoder layer
-of the same width. The scans themselves are mamba_triton.py and mamba_chunked.py; their checks
+of the same width. The scans themselves are mamba_triton.py and tools/mamba_chunked.py; their checks
 against the reference are `python mamba_triton.py` and tests/test_mamba_chunked.py, their
-compilation for sm_80 / sm_90 without a GPU `python mamba_compile.py`.
+compilation for sm_80 / sm_90 without a GPU `python -m tools.mamba_compile`.
 """
 import sys
 
@@ -15,7 +15,7 @@ import torch
 import triton
 from torch import nn
 
-import mamba_chunked
+from tools import mamba_chunked
 from mamba_triton import BLOCK_D, CHUNK, Mamba, random_inputs, selective_scan, selective_scan_ref
 
 
@@ -120,7 +120,7 @@ def _bench_blocks(do_bench, batch=8):
 def bench():
     """Copy bandwidth, then the scan and the blocks, all measured in this run."""
     if not torch.cuda.is_available():
-        raise SystemExit("mamba_bench.py needs a CUDA GPU and found none. "
+        raise SystemExit("tools/mamba_bench.py needs a CUDA GPU and found none. "
                          "Run `python mamba_triton.py` for the check against the reference.")
     from triton.testing import do_bench
     src = torch.empty(2 ** 28, device="cuda")                        # 1 GiB

@@ -1,12 +1,12 @@
-"""`python train_bench.py`: where a training step's time goes, part by part, and the whole
+"""`python -m tools.train_bench`: where a training step's time goes, part by part, and the whole
 step against its two encoders alone (docs/design.md, decision 8). It takes train.py's flags and
 times train.py's State and train_step; train.py does not import it. `--memory`: what a training
 step holds in memory, with and without --grad-checkpoint, estimated on the CPU (no GPU needed).
 
-    python train_bench.py                        # SynthPEDES preset on this machine
-    python train_bench.py --data synth --device cuda
-    python train_bench.py --data cuhk --p 32 --device cuda   # the paper's encoders, batch 128
-    python train_bench.py --memory               # the paper's configuration (--data cuhk), batch 32-128
+    python -m tools.train_bench                        # SynthPEDES preset on this machine
+    python -m tools.train_bench --data synth --device cuda
+    python -m tools.train_bench --data cuhk --p 32 --device cuda   # the paper's encoders, batch 128
+    python -m tools.train_bench --memory               # the paper's configuration (--data cuhk), batch 32-128
 
 Test: pytest tests/test_train.py -k "bench or memory"
 """
@@ -24,8 +24,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 import mamba_triton
 from losses import compute_losses
 from model import BDAMLayer, ModelConfig, ObjectiveConfig, T2IReID
-from devices import Dropout, checkpoint_activations, cpu_has_bf16, forward_context, keep_freed_memory
-from encoders import EncoderLoadError
+from helpers.devices import Dropout, checkpoint_activations, cpu_has_bf16, forward_context, keep_freed_memory
+from helpers.encoders import EncoderLoadError
 from train import State, TrainConfig, parse_config, pick_device, to_device, train_step
 
 
@@ -266,7 +266,7 @@ def main(argv=None) -> int:
     memory = "--memory" in argv
     if memory and "--data" not in argv:  # the paper's configuration unless another is asked for
         argv += ["--data", "cuhk"]
-    cfg, mcfg, ocfg, _ = parse_config([a for a in argv if a != "--memory"], "train_bench.py",
+    cfg, mcfg, ocfg, _ = parse_config([a for a in argv if a != "--memory"], "tools/train_bench.py",
                                       "where a training step's time goes (train.py's flags); --memory: what "
                                       "it holds in memory, estimated on the CPU (default --data cuhk)")
     keep_freed_memory()
@@ -278,7 +278,7 @@ def main(argv=None) -> int:
             return 0
         bench(cfg, mcfg, ocfg)
     except EncoderLoadError as err:
-        print(f"train_bench.py: error: {err}", file=sys.stderr)
+        print(f"tools/train_bench.py: error: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,4 +1,4 @@
-"""The selective-scan kernels of mamba_triton.py and mamba_chunked.py compiled for real GPUs on a
+"""The selective-scan kernels of mamba_triton.py and tools/mamba_chunked.py compiled for real GPUs on a
 machine without one.
 
 The interpreter cannot tell whether a kernel compiles for a real card (an op the backend lacks,
@@ -11,7 +11,7 @@ ones SelectiveScanFn makes (mamba_triton._fwd_launch, _bwd_launch) and ChunkedSc
 A variant that does not compile (bf16 on sm_75, were Triton to refuse it) is a FAILED cell of
 the table, not a crash. At run time mamba_triton.kernel_refusal decides which cards run them.
 
-Run:  python mamba_compile.py    the table
+Run:  python -m tools.mamba_compile    the table
 Test: pytest tests/test_compile.py
 """
 import io
@@ -26,7 +26,7 @@ from contextlib import redirect_stdout
 import torch
 import triton
 
-import mamba_chunked
+from tools import mamba_chunked
 from mamba_triton import (BLOCK_D, CHUNK, _INTERPRET, _bwd_launch, _fwd_launch, _layout, _scan_bwd_kernel,
                           _scan_fwd_kernel)
 
@@ -34,9 +34,9 @@ COMPILE_ARCHS = (75, 80, 86, 90)  # sm_75 (T4: no bf16), sm_80 (A100), sm_86 (A1
 COMPILE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 COMPILE_INPUTS = {"none": (), "D": ("D",), "z": ("z",), "delta_bias": ("delta_bias",),
                   "softplus": ("softplus",), "all": ("D", "z", "delta_bias", "softplus")}
-COMPILE_SHAPE = dict(b=64, d=512, l=197, n=16)  # the benchmark's shape (mamba_bench.py)
+COMPILE_SHAPE = dict(b=64, d=512, l=197, n=16)  # the benchmark's shape (tools/mamba_bench.py)
 # The sequential kernels, then the chunked scan's six launches in the order they run: forward
-# pass 1, carry, pass 2; backward pass 1, carry in reverse, pass 2 (mamba_chunked.py).
+# pass 1, carry, pass 2; backward pass 1, carry in reverse, pass 2 (tools/mamba_chunked.py).
 COMPILE_KERNELS = ("forward", "backward", "seg_end", "seg_carry", "seg_out", "seg_adj",
                    "rev_carry", "seg_grad")
 
@@ -114,9 +114,9 @@ def compile_kernels():
     runs in a fresh Python without it."""
     if _INTERPRET:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        code = "import json, mamba_compile; print(json.dumps(mamba_compile.compile_kernels()))"
+        code = "import json; from tools import mamba_compile; print(json.dumps(mamba_compile.compile_kernels()))"
         run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                             text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+                             text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         if run.returncode != 0:
             raise RuntimeError(f"compile_kernels in a subprocess failed:\n{run.stderr}")
         return json.loads(run.stdout.splitlines()[-1])
@@ -147,7 +147,7 @@ def compile_kernels():
 
 
 def print_compile_table(rows):
-    """The table of `python mamba_compile.py`: registers per thread of every variant, a *
+    """The table of `python -m tools.mamba_compile`: registers per thread of every variant, a *
     where it spills; then, in words, every variant that spills or failed to compile."""
     cell = {(r["kernel"], r["arch"], r["dtype"], r["inputs"]): r for r in rows}
     ptxas = ", ".join(f"{version} for sm_{arch}"
@@ -156,7 +156,7 @@ def print_compile_table(rows):
           f"them: batch {COMPILE_SHAPE['b']}, channels {COMPILE_SHAPE['d']}, L "
           f"{COMPILE_SHAPE['l']}, N {COMPILE_SHAPE['n']}.\nRegisters per thread (of 255) with no "
           f"optional input, each one alone, and all; * spills to local memory.\nseg_* and "
-          f"rev_carry: the chunked scan's launches (mamba_chunked.py), in the order they run.")
+          f"rev_carry: the chunked scan's launches (tools/mamba_chunked.py), in the order they run.")
     print(f"{'kernel':9s} {'target':6s} {'dtype':5s}"
           + "".join(f"{inputs:>11s}" for inputs in COMPILE_INPUTS))
     for kernel in COMPILE_KERNELS:

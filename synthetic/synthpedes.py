@@ -3,7 +3,7 @@
 DESIGN section 4. Identity traits (gender presentation, height, build, skin tone, hair colour and
 style, glasses, beard; 8,100 combinations) are drawn once per identity; outfits (top, pattern,
 bottom, shoes, bag, hat, scarf) from their own random stream; nuisance (viewpoint, stride, scale,
-position, clutter, light, occluders) per image. `render.py` draws the pixels. Each image gets two
+position, clutter, light, occluders) per image. `synthetic/render.py` draws the pixels. Each image gets two
 captions in two of five annotator styles that differ in form, not content, or
 (`--captions realistic`) in two of four styles written like real annotators: lower-case token
 streams, typos, run-ons, no body mentioned, captions that disagree. Written in the CUHK-PEDES
@@ -13,9 +13,9 @@ Read top to bottom: random streams (identities, outfits, nuisance), captions (pl
 realistic), generation, agreement of any identity / clothing descriptions with the truth, the
 command line.
 
-Run:  python synthpedes.py                     generate (if missing), summarise, draw a contact sheet
-      python synthpedes.py --root data-real --captions realistic   real annotators' captions
-      python synthpedes.py --bench             generation rate (images/s)
+Run:  python -m synthetic.synthpedes                     generate (if missing), summarise, draw a contact sheet
+      python -m synthetic.synthpedes --root data-real --captions realistic   real annotators' captions
+      python -m synthetic.synthpedes --bench             generation rate (images/s)
 Test: pytest tests/test_data.py
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from data import Annotations, DatasetError, load_image, report, run_command
-from render import (BAGS, BOTTOMS, BUILDS, COLOURS, GENDERS, HAIR_COLOURS, HAIR_STYLES, HATS, HEIGHTS,
+from synthetic.render import (BAGS, BOTTOMS, BUILDS, COLOURS, GENDERS, HAIR_COLOURS, HAIR_STYLES, HATS, HEIGHTS,
                     PATTERNS, SHOE_COLOURS, SHOES, SKIN_TONES, TOPS, VIEWS, render_person)
 
 
@@ -444,7 +444,7 @@ def ensure_synthpedes(root="data", progress=True, overwrite=False, **kwargs) -> 
                          for k, v in asdict(cfg).items() if v is not None)
         raise DatasetError(f"{folder} holds a SynthPEDES made with other settings: {diff}. It is "
                            f"kept, with its descriptions. Use another --root, or replace both with "
-                           f"`python synthpedes.py --root {root} {flags} --overwrite`.")
+                           f"`python -m synthetic.synthpedes --root {root} {flags} --overwrite`.")
     if progress:
         print(f"generating SynthPEDES in {folder}" + (" (replacing one made with other settings, "
               "and its descriptions)" if holds_dataset(folder) else ""), file=sys.stderr)

@@ -4,7 +4,7 @@ The attribute words of pedestrian captions (CUHK-PEDES / ICFG-PEDES / RSTPReid w
 SynthPEDES's) are used three times by `describe.py` (paper Sec. III-B): to mask captions into
 *style skeletons* before style clustering (DESIGN 3.7, after HAM), to split captions into
 identity and clothing clauses (the offline `rules` backend, DESIGN 3.8), and to validate that
-neither description leaks into the other; retrieval.py splits each search query with it too
+neither description leaks into the other; helpers/retrieval.py splits each search query with it too
 (`split_query`). Read top to bottom: word lookup (plural, possessive, hyphenated and one-typo
 forms), skeletons, the splitter; the word lists themselves are the appendix at the bottom.
 

@@ -7,7 +7,7 @@ bottom: the vocabulary (every value and its colour or size), the body layout in 
 (`body_layout`, and `body_regions`, where each trait must show so that tests can check the
 pixels), the pen, one function per body part, `render_person`.
 
-`synthpedes.py` draws the values (identity traits once per person, outfits, nuisance) and
+`synthetic/synthpedes.py` draws the values (identity traits once per person, outfits, nuisance) and
 writes the dataset; this file only draws pixels (DESIGN section 4).
 
 Test: pytest tests/test_data.py -k "region or height or build or gender or hair or glasses"
@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 # ----------------------------------------------------------------------------------------------
-# Vocabulary: the values a pedestrian can take. Identity traits are fixed per identity (synthpedes.py
+# Vocabulary: the values a pedestrian can take. Identity traits are fixed per identity (synthetic/synthpedes.py
 # draws them once per person); clothing changes per outfit.
 
 GENDERS = ("woman", "man")  # gender *presentation*: shoulder/hip shape, beard only for "man"

@@ -29,7 +29,7 @@ batch x channel blocks. Segments are as many as fill PROGRAMS programs, which al
 backward's scratch memory (CHUNK states per program).
 
 Run:  python mamba_triton.py     the sequential kernels against the reference
-      python mamba_bench.py      timings on a GPU, sequential against chunked
+      python -m tools.mamba_bench      timings on a GPU, sequential against chunked
 Test: pytest tests/test_mamba_chunked.py   (CPU, kernels in the Triton interpreter)
       pytest tests/test_compile.py         (CPU, every kernel compiled for sm_80, sm_90)
 """
@@ -42,7 +42,7 @@ from mamba_triton import (BLOCK_D, CHUNK, NUM_STAGES, NUM_WARPS, _check_inputs, 
                           _layout, _like, _load_step, _recompute_chunk)
 
 # Programs that fill a GPU: 132 SMs (H100) x 16 resident one-warp programs, about as many as
-# the registers allow. A guess, to be checked by mamba_bench.py's table of both scans.
+# the registers allow. A guess, to be checked by tools/mamba_bench.py's table of both scans.
 PROGRAMS = 2048
 
 # ------------------------------------------------------------------------------------------------
@@ -299,7 +299,7 @@ def _segments(batch, d_blocks, n_chunks, seg_chunks=None):
 
 
 # Each pass's launches are built in one place, as [(kernel, grid, arguments, keywords)] in the
-# order they run: ChunkedScanFn runs them, mamba_compile.py compiles exactly the same ones.
+# order they run: ChunkedScanFn runs them, tools/mamba_compile.py compiles exactly the same ones.
 
 def _fwd_launches(u, delta, z, A, B, C, D, delta_bias, softplus, chunk, block_d, seg_chunks):
     """The forward's three launches; outputs (out, ckpt, dtsum) and seg_chunks, allocated and
@@ -392,7 +392,7 @@ class ChunkedScanFn(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------------
 # 4. Dispatch: chunked where it is faster, else mamba_triton.selective_scan
 #
-# The rule, a guess until mamba_bench.py's table of both scans confirms it: the sequential kernel
+# The rule, a guess until tools/mamba_bench.py's table of both scans confirms it: the sequential kernel
 # runs batch x channel blocks one-warp programs, each a chain of dependent steps as long as L. Its
 # speed is one step's latency times L as long as too few programs run to hide it, so it is slow
 # where those programs fill a quarter of PROGRAMS or less. The chunked scan then splits the

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lexicon import mask_style
+from helpers.lexicon import mask_style
 
 # ----------------------------------------------------------------------------------------------
 # Style embeddings: the CLIP text encoder (the paper's choice) when its weights load, else the
@@ -63,7 +63,7 @@ def load_style_encoder(name_or_path):
     all-MiniLM-L6-v2. Cached per process."""
     import torch
     import transformers
-    from encoders import OFFLINE_TEXT_MODEL, EncoderLoadError, load_pretrained
+    from helpers.encoders import OFFLINE_TEXT_MODEL, EncoderLoadError, load_pretrained
     if name_or_path in _ENCODERS:
         return _ENCODERS[name_or_path]
     if name_or_path == "minilm":

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-import lexicon
+from helpers import lexicon
 from data import eval_transform, load_image, tokenize
 from model import T2IReID
 

@@ -141,7 +141,7 @@ class ConvStem(nn.Sequential):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # channels last, weights and activations: oneDNN's convolutions (forward and backward)
-        # take 0.7x the time of the default layout on a CPU (`python train_bench.py`)
+        # take 0.7x the time of the default layout on a CPU (`python -m tools.train_bench`)
         return super().forward(images.contiguous(memory_format=torch.channels_last))
 
     @property
