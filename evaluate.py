@@ -1,32 +1,20 @@
-"""Evaluation: retrieval metrics, two-stage retrieval, robustness settings, pictures.
+"""Evaluation: retrieval metrics, two-stage retrieval, robustness settings (paper Sec. IV).
 
-Implements the evaluation of Sec. IV of the paper with the decisions of DESIGN section 3:
+Read top to bottom, with the decisions of docs/design.md#1-honest-retrieval-retrieve-then-re-rank,
+docs/design.md#5-text-side-only-identity-text-meets-the-identity-path and
+docs/design.md#6-robustness-table-v:
+* metrics: the community protocol (IRRA): every test caption a query, every test image in the
+  gallery, Rank-1/5/10, mAP and mINP; where outfits are known, also the cloth-changing protocol
+  (the query's own outfit leaves the gallery);
+* Table V's settings, built from the test images' generated descriptions;
+* the whole evaluation: stage 1 (dual encoder) and stage 2 (the fusion re-ranks each query's top
+  K; helpers/retrieval.py), Fig. 5's gates, whether the fusion reads the image;
+* the retrieval settings (beta, K, a), chosen on the validation split, written to results.json;
+* runs written by train.py, and the command line (pictures: helpers/pictures.py).
 
-* the community protocol (IRRA, Jiang & Ye, CVPR 2023): every test caption is a query, every
-  test image is in the gallery, all images of the query's identity are positives; Rank-1/5/10,
-  mAP and mINP in percent (`retrieval_metrics`, computed in chunks of queries); and, where the
-  dataset knows outfits, the cloth-changing protocol of PRCC and LTCC on the same rankings: the
-  query's own-outfit images leave the gallery, only the person's other outfits count;
-* each query split into its identity and clothing parts (`embed_queries`, DESIGN 3.5): the
-  identity part meets the visual identity, the clothing part the clothing stream with the
-  run's weight beta (chosen on the validation split: `clothing_weight_sweep`);
-* stage 1 (dual encoder: gallery from images alone, queries from text alone, cosine) and
-  stage 2 (the Mamba fusion module re-scores each query's top-K stage-1 candidates);
-* Table V's robustness settings built from the generated descriptions of the test images:
-  Standard (identity + clothing), Identity-Only, Clothes-Conflict (identity + the clothing of
-  another test image, a fixed seeded derangement);
-* Fig. 5's gate statistics, a ranked-list picture, the gate histograms, the gates and
-  GradNorm's task weights over training, and training at a glance (from the run's log);
-* whether the fusion reads the image at all (`fusion_image_reliance`: its scores with each
-  candidate's image tokens swapped for another's), which W_img alone cannot say.
-
-Read top to bottom: metrics, robustness, the whole evaluation, runs, command line; the two
-stages themselves are helpers/retrieval.py, the pictures helpers/pictures.py.
-
-    python evaluate.py                          # newest run: tables, metrics.json, ranked_list.png, gates.png,
-                                                #   gates_over_training.png, training_curves.png
+    python evaluate.py                          # newest run: tables, metrics.json and pictures
     python evaluate.py --run runs/NAME --limit-queries 200 --rerank-k 10
-    python evaluate.py --checkpoint runs/NAME/best.pt   # a checkpoint wherever it lies: the same tables
+    python evaluate.py --checkpoint runs/NAME/best.pt   # a checkpoint wherever it lies
     python evaluate.py --data synth --root data-real   # the run's model on other data (default: the run's)
     python evaluate.py --query "a tall man with short grey hair" --gallery DIR   # writes search.png
     pytest tests/test_evaluate.py
@@ -34,8 +22,8 @@ stages themselves are helpers/retrieval.py, the pictures helpers/pictures.py.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import pickle
 import random
 import sys
 from dataclasses import dataclass
@@ -44,12 +32,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from helpers import lexicon
 from data import DATASETS, DatasetError, load_dataset
+from helpers import lexicon
 from helpers.encoders import EncoderLoadError, load_tokenizer
-from model import ModelConfig, ObjectiveConfig, T2IReID, load_configs
 from helpers.pictures import gate_curves, gate_histograms, ranked_list_picture, read_log, training_picture
+from helpers.reports import gate_summary, report, rerank_report, sweep_report
+from helpers.runs import RunError, find_checkpoint, read_saved
 from helpers.retrieval import TwoStage, embed_gallery, fusion_image_reliance, query_ranker, rerank
+from model import ModelConfig, T2IReID
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,7 +83,7 @@ def _summary(first: torch.Tensor, ap: torch.Tensor, inp: torch.Tensor) -> dict:
 
 def retrieval_metrics(similarity, query_pids, gallery_pids, chunk_size: int = 1024,
                       query_outfits=None, gallery_outfits=None) -> dict:
-    """Rank-1/5/10, mAP and mINP in percent (the IRRA protocol, DESIGN section 5).
+    """Rank-1/5/10, mAP and mINP in percent (the IRRA protocol).
 
     Args:
         similarity: (Q, G) tensor of query-gallery scores, or a callable
@@ -140,7 +130,7 @@ def retrieval_metrics(similarity, query_pids, gallery_pids, chunk_size: int = 10
 
 
 # ----------------------------------------------------------------------------------------------
-# Robustness settings (Table V, DESIGN 3.6)
+# Robustness settings (Table V, docs/design.md#6-robustness-table-v)
 
 def derangement(pids: list, seed: int) -> list[int]:
     """A seeded permutation with no fixed point: partner[i] != i, and partner[i] has another
@@ -213,24 +203,6 @@ def metrics_of_both_stages(ranker: TwoStage, pids, gallery_pids, batch_size=64, 
         ranker.gates = None
 
 
-def gate_summary(values: list, channels: torch.Tensor | None = None, bins: int = 40) -> dict | None:
-    """mean, std, count and a histogram over [0, 1] of gate values (sigmoid / softmax outputs).
-
-    channels (N, D), the gate of each image per channel: adds channel_std, the standard deviation
-    over the N images of each channel's gate, averaged over the D channels. The per-image mean
-    over channels can stay put while every channel moves from image to image; channel_std is
-    0 only for a gate that does not look at the image."""
-    if not values:
-        return None
-    values = torch.cat(values).float()
-    hist = torch.histc(values, bins=bins, min=0.0, max=1.0)
-    out = dict(mean=values.mean().item(), std=values.std().item() if len(values) > 1 else 0.0,
-               count=len(values), hist=[int(c) for c in hist])
-    if channels is not None and len(channels) > 1:
-        out["channel_std"] = channels.float().std(0).mean().item()
-    return out
-
-
 def _examples(rows, texts: list, query_pids: list, gallery: list, count: int, seed: int) -> dict:
     """`count` seeded queries with their top-10 paths and whether each is of the query's identity."""
     pick = sorted(torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed))[:count].tolist())
@@ -272,19 +244,16 @@ def evaluate_model(model: T2IReID, data, tokenizer, image_size, max_len: int, de
     protocols, each also across outfits where the dataset knows them, the gate statistics, and
     example ranked lists; every value fits in JSON.
 
-    rerank_k: K for stage 2 (default model.objective.rerank_k, DEFAULT_RERANK when that is < 0,
-        i.e. chosen on validation by train.py); 0, or a model without fusion: stage 1 only.
-    fusion_weight: a of TwoStage (default the objective's, 1 when < 0).
+    rerank_k: K for stage 2 (default DEFAULT_RERANK); 0, or a model without fusion: stage 1 only.
+    fusion_weight: a of TwoStage (default 1).  clothing_weight: beta of TwoStage.
     limit_queries: rank only the first N queries of each set (a quick check).
-    clothing_weight: beta of TwoStage (the run's choice on the validation split: train.py).
     Table V's protocols: "table_v_as_shipped" (the query split, this beta) and
     "table_v_whole_text" (each setting's string whole on the identity path, beta 0).
     The model must be on `device`; its train/eval mode is restored on return.
     """
-    was_training, obj = model.training, model.objective
-    k = rerank_k if rerank_k is not None else obj.rerank_k if obj.rerank_k > 0 else DEFAULT_RERANK
-    k = k if model.fusion is not None else 0
-    a = fusion_weight if fusion_weight is not None else obj.fusion_weight if obj.fusion_weight >= 0 else 1.0
+    was_training = model.training
+    k = (DEFAULT_RERANK if rerank_k is None else rerank_k) if model.fusion is not None else 0
+    a = 1.0 if fusion_weight is None else fusion_weight
     model.eval()
     gallery = embed_gallery(model, [g.image_path for g in data.gallery], image_size, device, batch_size, progress)
     gallery_pids, gallery_outfits = [g.pid for g in data.gallery], [g.outfit for g in data.gallery]
@@ -313,118 +282,72 @@ def evaluate_model(model: T2IReID, data, tokenizer, image_size, max_len: int, de
     return result
 
 
-DEFAULT_RERANK = 10  # K where the run chose none (an evaluation outside train.py)
 # ----------------------------------------------------------------------------------------------
-# Runs written by train.py
+# The retrieval settings: beta, then stage 2's K and a, chosen on the validation split
 
-class RunError(Exception):
-    """A run folder or checkpoint that cannot be used; the message says what to do."""
-
-
-@dataclass
-class Run:
-    folder: Path  # the checkpoint's folder: metrics.json and the pictures go there
-    train: dict  # the configuration's "train" section
-    model_cfg: ModelConfig
-    objective: ObjectiveConfig
-    model: T2IReID  # weights from best.pt, else last.pt, on the CPU
-    checkpoint: Path
-    clothing_weight: float = 0.0  # beta: the config's when set, else the run's choice on the validation split
-    rerank_k: int | None = None  # K of stage 2, likewise (None: evaluate_model's default)
-    fusion_weight: float | None = None  # a of stage 2, likewise
-    config_file: Path | None = None  # where the configuration came from: the checkpoint, or config.json
-
-
-def load_run(run=None, runs_dir="runs") -> Run:
-    """A run folder written by train.py (default: runs/latest, else the newest run under runs/):
-    its best.pt, else its last.pt (load_checkpoint)."""
-    hint = "train a model first with `python train.py`"
-    if run is None:
-        configs = sorted(Path(runs_dir).glob("*/config.json"), key=lambda p: p.stat().st_mtime)
-        if not configs:
-            raise RunError(f"no runs under {Path(runs_dir).resolve()}: {hint}.")
-        latest = Path(runs_dir) / "latest"
-        run = latest.resolve() if (latest / "config.json").is_file() else configs[-1].parent
-    folder = Path(run)
-    checkpoint = next((folder / n for n in ("best.pt", "last.pt") if (folder / n).is_file()), None)
-    if checkpoint is None and not (folder / "config.json").is_file():
-        raise RunError(f"{folder} is not a run folder (no config.json, no best.pt): {hint}, or pass --run runs/NAME.")
-    if checkpoint is None:
-        raise RunError(f"{folder} has no best.pt or last.pt (stopped before its first checkpoint): {hint}.")
-    return load_checkpoint(checkpoint)
-
-
-def load_checkpoint(path) -> Run:
-    """A best.pt or last.pt wherever it lies, with the configuration it carries (train.py stores
-    config.json's dict in each, under "config"), else the config.json beside it (a checkpoint
-    written before they carried it)."""
-    path = Path(path)
-    fix = "pass a best.pt or last.pt that train.py wrote"
-    if not path.is_file():
-        raise RunError(f"{path}: no such file; {fix}.")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:  # not a torch file, or cut short
-        raise RunError(f"{path}: not a checkpoint torch can read ({str(e)[:100]}); {fix}.") from None
-    if not isinstance(saved, dict) or "model" not in saved:
-        raise RunError(f"{path}: no model weights in it; {fix}.")
-    config_file = path if saved.get("config") else path.parent / "config.json"
-    if config_file == path:
-        config = saved["config"]
-    elif config_file.is_file():
-        config = json.loads(config_file.read_text())
-    else:
-        raise RunError(f"{path} carries no configuration and has no config.json beside it: copy the run's "
-                       f"config.json next to it (train.py writes it in the run folder), or use --run runs/NAME.")
-    try:  # a run written before ObjectiveConfig keeps its fields in "model" (load_configs)
-        model_cfg, objective = load_configs(config)
-    except (KeyError, TypeError, ValueError) as e:
-        raise RunError(f"{config_file}: bad 'model' or 'objective' section ({e}); rerun train.py.") from None
-    model = T2IReID(model_cfg, objective)
-    try:
-        model.load_state_dict(saved["model"])
-    except RuntimeError as e:
-        raise RunError(f"{path} does not fit {config_file} ({str(e)[:200]})") from None
-    beta = objective.clothing_weight if objective.clothing_weight >= 0 else saved.get("clothing_weight") or 0.0
-    k = objective.rerank_k if objective.rerank_k > 0 else saved.get("rerank_k")
-    a = objective.fusion_weight if objective.fusion_weight >= 0 else saved.get("fusion_weight")
-    return Run(path.parent, config.get("train", {}), model_cfg, objective, model.eval(), path, beta, k, a, config_file)
-
-
-# ----------------------------------------------------------------------------------------------
-# The retrieval settings chosen on the validation split: beta, then stage 2's K and a
-
+DEFAULT_RERANK = 10  # K where none was chosen
 CLOTHING_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)  # the betas choose_from_sweep tries
 RERANK_KS, FUSION_WEIGHTS = (5, 10, 20), (0.0, 0.25, 0.5, 0.75, 1.0)  # what choose_k_and_a tries
 
 
+@dataclass
+class RetrievalConfig:
+    """Retrieval's fields: how a query scores an image. < 0: chosen on the validation split after
+    training (choose_settings), never on the test split."""
+
+    clothing_weight: float = -1.0  # beta of docs/design.md#5-text-side-only-identity-text-meets-the-identity-path
+    rerank_k: int = -1  # K of docs/design.md#1-honest-retrieval-retrieve-then-re-rank
+    fusion_weight: float = -1.0  # a: stage 2 scores a candidate (1 - a) s1 + a s_fus
+
+    def __post_init__(self):
+        if self.rerank_k == 0 or self.fusion_weight > 1:
+            raise ValueError("RetrievalConfig: rerank_k must be >= 1 (or < 0: chosen), fusion_weight <= 1 "
+                             "(or < 0: chosen)")
+
+
 @torch.no_grad()
-def clothing_weight_sweep(model: T2IReID, data, tokenizer, image_size, max_len: int, device, batch_size=64,
-                          weights=CLOTHING_WEIGHTS, seed=0, progress=False) -> list[dict]:
-    """Stage 1 on `data` (the validation split) for each beta in `weights`: the captions' R1, mAP
-    and cross-outfit mAP, and, for the record, Table V's Rank-1 for each setting. One row of a
-    model without a clothing stream (beta 0). Every query and image is embedded once; each beta
-    only re-adds."""
-    was_training = model.training
-    model.eval()
-    gallery = embed_gallery(model, [g.image_path for g in data.gallery], image_size, device, batch_size, progress)
-    gallery_pids, gallery_outfits = [g.pid for g in data.gallery], [g.outfit for g in data.gallery]
-    ranker = query_ranker(model, gallery, tokenizer, max_len, device, 0, 0.0, batch_size, progress)
+def clothing_weight_sweep(model: T2IReID, data, gallery: dict, tokenizer, device, batch_size=64,
+                          weights=CLOTHING_WEIGHTS, seed=0) -> list[dict]:
+    """Stage 1 on `data` (the validation split; `gallery` its embed_gallery) for each beta: the
+    captions' R1, mAP and cross-outfit mAP, and, for the record, Table V's Rank-1 of each setting.
+    Every query is embedded once; each beta only re-adds."""
+    cfg, pids, outfits = model.cfg, [g.pid for g in data.gallery], [g.outfit for g in data.gallery]
+    ranker = query_ranker(model, gallery, tokenizer, cfg.max_text_len, device, 0, 0.0, batch_size, False)
     captions = ranker([q.caption for q in data.queries])
     built = robustness_queries(data.gallery, seed)
     settings = {name: ranker(texts) for name, texts in built[0].items()} if built else {}
     rows = []
     for beta in weights if gallery["clo"] is not None else (0.0,):
-        row = dict(clothing_weight=beta)
         for ranked in (captions, *settings.values()):
             ranked.clothing_weight = beta
-        m = retrieval_metrics(captions.stage1, [q.pid for q in data.queries], gallery_pids, 1024,
-                              [q.outfit for q in data.queries], gallery_outfits)
-        row.update(R1=m["R1"], mAP=m["mAP"], cross_mAP=(m.get("cross_outfit") or {}).get("mAP"))
-        for name, ranked in settings.items():
-            row[name] = retrieval_metrics(ranked.stage1, built[1], gallery_pids)["R1"]
-        rows.append(row)
-    model.train(was_training)
+        m = retrieval_metrics(captions.stage1, [q.pid for q in data.queries], pids, 1024,
+                              [q.outfit for q in data.queries], outfits)
+        rows.append(dict(clothing_weight=beta, R1=m["R1"], mAP=m["mAP"],
+                         cross_mAP=(m.get("cross_outfit") or {}).get("mAP"),
+                         **{name: retrieval_metrics(r.stage1, built[1], pids)["R1"] for name, r in settings.items()}))
+    return rows
+
+
+@torch.no_grad()
+def rerank_sweep(model: T2IReID, data, gallery: dict, tokenizer, device, clothing_weight: float,
+                 batch_size=64, ks=RERANK_KS, weights=FUSION_WEIGHTS) -> list[dict]:
+    """Stage 2 on `data` (the validation split) for each K in `ks` and a in `weights`: the
+    captions' Rank-1, mAP and cross-outfit mAP. The fusion scores the top max(ks) once."""
+    pids, outfits = [g.pid for g in data.gallery], [g.outfit for g in data.gallery]
+    captions = query_ranker(model, gallery, tokenizer, model.cfg.max_text_len, device, max(ks), clothing_weight,
+                            batch_size, False, fusion_weight=1.0)([q.caption for q in data.queries])
+    step = max(1, 4 * batch_size // max(ks))
+    blocks = [captions.fusion_scores(s, min(s + step, len(data.queries))) for s in range(0, len(data.queries), step)]
+    stage1, candidates, fused = (torch.cat(parts) for parts in zip(*blocks))  # (Q, G), (Q, Kmax), (Q, Kmax)
+    base = stage1.gather(1, candidates)  # (Q, Kmax): s1 with its clothing term
+    rows = []
+    for k in ks:
+        for a in weights:  # fused is the a = 1 score, so a's is base + a (fused - base)
+            scores = base[:, :k] + a * (fused[:, :k] - base[:, :k])  # (Q, K)
+            m = retrieval_metrics(rerank(stage1, candidates[:, :k], scores), [q.pid for q in data.queries],
+                                  pids, 1024, [q.outfit for q in data.queries], outfits)
+            rows.append(dict(rerank_k=k, fusion_weight=a, R1=m["R1"], mAP=m["mAP"],
+                             cross_mAP=(m.get("cross_outfit") or {}).get("mAP")))
     return rows
 
 
@@ -435,46 +358,15 @@ def selection_key(rows: list[dict]) -> str:
 
 
 def choose_from_sweep(rows: list[dict]) -> float:
-    """The beta of clothing_weight_sweep's rows with the best validation accuracy (selection_key),
-    the smallest beta on a tie. Table V does not constrain it: Table V reports what the chosen
-    model does with clothing text (a constraint made Table V hold by construction)."""
+    """The beta with the best validation accuracy (selection_key), the smallest on a tie; Table V
+    does not constrain it (docs/design.md#6-robustness-table-v)."""
     key = selection_key(rows)
     return max(rows, key=lambda row: (row[key], -row["clothing_weight"]))["clothing_weight"]
 
 
-@torch.no_grad()
-def rerank_sweep(model: T2IReID, data, tokenizer, image_size, max_len: int, device, clothing_weight: float,
-                 batch_size=64, ks=RERANK_KS, weights=FUSION_WEIGHTS, progress=False) -> list[dict]:
-    """Stage 2 on `data` (the validation split) for each K in `ks` and fusion weight a in
-    `weights`: Rank-1, mAP and cross-outfit mAP of the captions. The fusion scores the top max(ks)
-    of each query once; a smaller K re-ranks the first K of those."""
-    was_training = model.training
-    model.eval()
-    gallery = embed_gallery(model, [g.image_path for g in data.gallery], image_size, device, batch_size, progress)
-    gallery_pids, gallery_outfits = [g.pid for g in data.gallery], [g.outfit for g in data.gallery]
-    ranker = query_ranker(model, gallery, tokenizer, max_len, device, max(ks), clothing_weight, batch_size,
-                          progress, fusion_weight=1.0)
-    captions = ranker([q.caption for q in data.queries])
-    step = max(1, 4 * batch_size // max(ks))
-    blocks = [captions.fusion_scores(s, min(s + step, len(data.queries))) for s in range(0, len(data.queries), step)]
-    stage1, candidates, fused = (torch.cat(parts) for parts in zip(*blocks))  # (Q, G), (Q, Kmax), (Q, Kmax)
-    base = stage1.gather(1, candidates)  # (Q, Kmax): s1 with its clothing term
-    rows = []
-    for k in ks:
-        for a in weights:  # fused is the a = 1 score, so a's is base + a (fused - base)
-            scores = base[:, :k] + a * (fused[:, :k] - base[:, :k])  # (Q, K)
-            m = retrieval_metrics(rerank(stage1, candidates[:, :k], scores), [q.pid for q in data.queries],
-                                  gallery_pids, 1024, [q.outfit for q in data.queries], gallery_outfits)
-            rows.append(dict(rerank_k=k, fusion_weight=a, R1=m["R1"], mAP=m["mAP"],
-                             cross_mAP=(m.get("cross_outfit") or {}).get("mAP")))
-    model.train(was_training)
-    return rows
-
-
 def choose_k_and_a(rows: list[dict]) -> tuple[int, float]:
-    """(K, a) of rerank_sweep's rows: the best validation Rank-1 -- what re-ranking the top K is
-    for -- among the settings whose selection_key measure is no lower than stage 1's (a = 0);
-    ties to the smaller a, then the smaller K."""
+    """(K, a): the best validation Rank-1 among the settings whose selection_key measure is no
+    lower than stage 1's (a = 0); ties to the smaller a, then the smaller K."""
     key = selection_key(rows)
     floor = max((row[key] for row in rows if row["fusion_weight"] == 0), default=float("-inf"))
     fair = [row for row in rows if row[key] >= floor - 1e-9]
@@ -482,120 +374,102 @@ def choose_k_and_a(rows: list[dict]) -> tuple[int, float]:
     return best["rerank_k"], best["fusion_weight"]
 
 
-def rerank_report(rows: list[dict], chosen: tuple[int, float]) -> str:
-    """rerank_sweep's rows as printed lines, the chosen (K, a) marked."""
-    lines = ["stage 2 on the validation split: K candidates, a = the fusion's share of their score"]
-    for row in rows:
-        cross = f"{row['cross_mAP']:6.2f}" if row.get("cross_mAP") is not None else "     -"
-        lines.append(f"  K {row['rerank_k']:3d}  a {row['fusion_weight']:4.2f}: R1 {row['R1']:5.2f}  mAP {row['mAP']:5.2f}"
-                     f"  other outfits mAP {cross}" + ("   <- chosen" if (row["rerank_k"], row["fusion_weight"]) == chosen
-                                                        else ""))
-    return "\n".join(lines)
+def choose_settings(model: T2IReID, val, tokenizer, settings: RetrievalConfig, device, batch_size=64,
+                    seed=0) -> tuple[RetrievalConfig, dict]:
+    """beta, then K and a: the config's where >= 0, else chosen on `val` (None without a
+    validation split: beta 0, K 10, a 1). Returns them and the sweeps' rows for results.json."""
+    beta, k, a = settings.clothing_weight, settings.rerank_k, settings.fusion_weight
+    sweeps = dict(clothing_weight_sweep=None, rerank_sweep=None)
+    if val is not None and (beta < 0 or (model.fusion is not None and min(k, a) < 0)):
+        was_training = model.training
+        model.eval()
+        gallery = embed_gallery(model, [g.image_path for g in val.gallery], model.cfg.image_size, device,
+                                batch_size, False)
+        if beta < 0:
+            rows = sweeps["clothing_weight_sweep"] = clothing_weight_sweep(model, val, gallery, tokenizer, device,
+                                                                           batch_size, seed=seed)
+            beta = choose_from_sweep(rows)
+            print(sweep_report(rows, beta))
+        if model.fusion is not None and min(k, a) < 0:
+            rows = sweeps["rerank_sweep"] = rerank_sweep(model, val, gallery, tokenizer, device, beta, batch_size,
+                                                         (k,) if k > 0 else RERANK_KS, (a,) if a >= 0 else FUSION_WEIGHTS)
+            k, a = choose_k_and_a(rows)
+            print(rerank_report(rows, (k, a)))
+        model.train(was_training)
+    return RetrievalConfig(max(beta, 0.0), k if k > 0 else DEFAULT_RERANK, a if a >= 0 else 1.0), sweeps
 
 
-def sweep_report(rows: list[dict], chosen: float) -> str:
-    """clothing_weight_sweep's rows as printed lines, the chosen beta marked."""
-    lines = ["clothing weight beta on the validation split (stage 1; Table V Rank-1 of each setting, for the record):"]
-    for row in rows:
-        cross = f"{row['cross_mAP']:6.2f}" if row.get("cross_mAP") is not None else "     -"
-        settings = "  ".join(f"{name} {row[name]:5.1f}" for name in ("Standard", "Identity-Only", "Clothes-Conflict")
-                             if name in row)
-        lines.append(f"  beta {row['clothing_weight']:4.2f}: R1 {row['R1']:5.2f}  mAP {row['mAP']:5.2f}  other "
-                     f"outfits mAP {cross}  {settings}" + ("   <- chosen" if row["clothing_weight"] == chosen else ""))
-    return "\n".join(lines)
+def evaluate_and_save(model: T2IReID, dataset, val, tokenizer, settings: RetrievalConfig, device, folder: Path,
+                      batch_size=64, seed=0) -> dict:
+    """A trained model's test evaluation (train.py's last step): the settings left open chosen on
+    `val`, then both stages and Table V on the test split -> folder/results.json, whose settings
+    `python evaluate.py --run` uses."""
+    chosen, sweeps = choose_settings(model, val, tokenizer, settings, device, batch_size, seed)
+    results = evaluate_model(model, dataset, tokenizer, model.cfg.image_size, model.cfg.max_text_len, device,
+                             batch_size, chosen.rerank_k, seed=seed, clothing_weight=chosen.clothing_weight,
+                             fusion_weight=chosen.fusion_weight)
+    results.update(sweeps)
+    (folder / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(report(results))
+    print(f"wrote {folder / 'results.json'}; pictures: python evaluate.py --run {folder}")
+    return results
 
 
-def choose_clothing_weight(model: T2IReID, val, tokenizer, mcfg: ModelConfig, ocfg: ObjectiveConfig, device,
-                           batch_size: int, seed: int):
-    """beta: the config's when >= 0; else the one with the best validation accuracy
-    (choose_from_sweep), or 0 without a validation split. Returns (beta, the sweep's rows or None)."""
-    if ocfg.clothing_weight >= 0:
-        return ocfg.clothing_weight, None
-    if val is None:  # no validation split (train.load_splits): the test split is never used to choose
-        return 0.0, None
-    rows = clothing_weight_sweep(model, val, tokenizer, mcfg.image_size, mcfg.max_text_len, device, batch_size,
-                                 seed=seed)
-    beta = choose_from_sweep(rows)
-    print(sweep_report(rows, beta))
-    return beta, rows
+# ----------------------------------------------------------------------------------------------
+# Runs written by train.py
+
+@dataclass
+class Run:
+    folder: Path  # the checkpoint's folder: metrics.json and the pictures go there
+    train: dict  # the configuration's "train" section
+    model_cfg: ModelConfig
+    model: T2IReID  # weights from best.pt, else last.pt, on the CPU
+    checkpoint: Path
+    settings: RetrievalConfig  # the config's, else those results.json says were chosen, else beta 0, K 10, a 1
+    config_file: Path | None = None  # where the configuration came from: the checkpoint, or config.json
 
 
-def choose_rerank(model: T2IReID, val, tokenizer, mcfg: ModelConfig, ocfg: ObjectiveConfig, device,
-                  batch_size: int, beta: float):
-    """K and a: the config's where >= 0, else chosen on the validation split by choose_k_and_a
-    (K 10, a 1 without one). Returns (K, a, the sweep's rows or None)."""
-    fixed_k = ocfg.rerank_k if ocfg.rerank_k > 0 else None
-    fixed_a = ocfg.fusion_weight if ocfg.fusion_weight >= 0 else None
-    if model.fusion is None or val is None or (fixed_k and fixed_a is not None):
-        return fixed_k or DEFAULT_RERANK, 1.0 if fixed_a is None else fixed_a, None
-    rows = rerank_sweep(model, val, tokenizer, mcfg.image_size, mcfg.max_text_len, device, beta, batch_size,
-                        ks=(fixed_k,) if fixed_k else RERANK_KS,
-                        weights=(fixed_a,) if fixed_a is not None else FUSION_WEIGHTS)
-    k, a = choose_k_and_a(rows)
-    print(rerank_report(rows, (k, a)))
-    return k, a, rows
+def config_of(cls, *sections: dict):
+    """A config dataclass from the fields of `sections` that it owns, later sections winning."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for section in sections for k, v in section.items() if k in names})
+
+
+def load_run(run=None, runs_dir="runs") -> Run:
+    """A run folder written by train.py (default: runs/latest, else the newest under runs/): its
+    best.pt, else its last.pt."""
+    return load_checkpoint(find_checkpoint(run, runs_dir))
+
+
+def load_checkpoint(path) -> Run:
+    """A best.pt or last.pt wherever it lies, with its configuration (read_saved) and the
+    retrieval settings results.json beside it holds for those the configuration left open."""
+    path = Path(path)
+    saved, config, config_file = read_saved(path)
+    try:  # runs written before the losses had their own config keep fusion fields in "objective"
+        model_cfg = config_of(ModelConfig, config.get("objective", {}), config["model"])
+        settings = config_of(RetrievalConfig, config.get("objective", {}), config.get("retrieval", {}))
+    except (KeyError, TypeError, ValueError) as e:
+        raise RunError(f"{config_file}: bad 'model' or 'retrieval' section ({e}); rerun train.py.") from None
+    model = T2IReID(model_cfg)
+    try:
+        model.load_state_dict(saved["model"])
+    except RuntimeError as e:
+        raise RunError(f"{path} does not fit {config_file} ({str(e)[:200]})") from None
+    results = path.parent / "results.json"
+    chosen = json.loads(results.read_text()) if results.is_file() else {}
+    for name, value in dataclasses.asdict(settings).items():
+        if value < 0 and chosen.get(name) is not None:
+            setattr(settings, name, chosen[name])
+    settings = RetrievalConfig(max(settings.clothing_weight, 0.0), settings.rerank_k if settings.rerank_k > 0 else
+                               DEFAULT_RERANK, settings.fusion_weight if settings.fusion_weight >= 0 else 1.0)
+    return Run(path.parent, config.get("train", {}), model_cfg, model.eval(), path, settings, config_file)
 
 
 # ----------------------------------------------------------------------------------------------
 # Command line
 
-COLUMNS = ("R1", "R5", "R10", "mAP", "mINP")
-
-
-def table(title: str, rows: list) -> str:
-    """rows of (label, metrics dict or None) -> an aligned text table."""
-    width = max(len(label) for label, _ in rows) + 2
-    lines = [title, " " * width + "".join(f"{c:>8s}" for c in COLUMNS)]
-    for label, m in rows:
-        if m is not None:
-            lines.append(f"{label:{width}s}" + "".join(f"{m[c]:8.2f}" for c in COLUMNS))
-    return "\n".join(lines)
-
-
-def robustness_ratios(robustness: dict) -> dict:
-    """Table V's ratios: Identity-Only and Clothes-Conflict Rank-1 over Standard's, per stage."""
-    out = {}
-    for name in ("Identity-Only", "Clothes-Conflict"):
-        for stage in ("stage1", "stage2"):
-            standard, other = robustness["Standard"][stage], robustness[name][stage]
-            if standard and other and standard["R1"] > 0:
-                out[(name, stage)] = other["R1"] / standard["R1"]
-    return out
-
-
-def report(result: dict) -> str:
-    """The printed summary of evaluate_model's result."""
-    k, stages = result["rerank_k"], ("stage1", "stage2")
-    a = result.get("fusion_weight", 1.0)
-    rows = [("stage 1 (dual encoder)", result["stage1"]), (f"stage 2 (fusion, top {k}, a {a:g})", result["stage2"])]
-    rows += [(f"{label}, other outfits", (m or {}).get("cross_outfit")) for label, m in rows]
-    beta = result.get("clothing_weight", 0.0)
-    out = [table(f"{result['dataset']}: {result['num_queries']} queries, {result['num_gallery']} images "
-                 f"(clothing weight {beta:g})", rows)]
-    for key, what in (("table_v_as_shipped", f"as shipped: the query split, beta {beta:g}"),
-                      ("table_v_whole_text", "whole text: each query whole on the identity path, beta 0")):
-        if not result.get(key):
-            continue
-        rows = [(f"{name:17s} stage {s[-1]}", r[s]) for name, r in result[key].items() for s in stages]
-        rows += [(f"{name:17s} stage {s[-1]}, other outfits", (r[s] or {}).get("cross_outfit"))
-                 for name, r in result[key].items() for s in stages]
-        out.append(table(f"Table V, {what}", rows))
-        out.append("Rank-1 kept of Standard's: " + "; ".join(
-            f"{name} stage {s[-1]} {100 * ratio:.0f}%" for (name, s), ratio in robustness_ratios(result[key]).items()))
-    gates = [(name, result["gates"][key]) for key, name in (("bdam", "BDAM gate g"), ("fusion", "fusion gate W_img"))]
-    lines = [f"{name:18s} mean {g['mean']:.3f} +- {g['std']:.3f} over {g['count']} values (Fig. 5)"
-             + (f"; per channel, std over images {g['channel_std']:.3f}" if "channel_std" in g else "")
-             for name, g in gates if g is not None]
-    reliance = result.get("fusion_image_reliance")
-    if reliance:
-        lines.append(f"{'fusion vs image':18s} each top-{reliance['k']} candidate scored with the next one's image "
-                     f"tokens: scores move {reliance['change']:.3f} of their spread, rank correlation "
-                     f"{reliance['spearman']:.3f} (0 and 1: the fusion ignores the image)")
-    out.append("\n".join(lines))
-    return "\n\n".join(out + [f"note: {n}" for n in result["notes"]])
-
-
-def search(run: Run, query: str, folder, device, rerank_k, progress=True) -> Path:
+def search(run: Run, query: str, folder, device, progress=True) -> Path:
     """Rank the .png/.jpg images under `folder` for `query`; writes search.png in the run folder."""
     folder = Path(folder)
     paths = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
@@ -611,10 +485,9 @@ def search(run: Run, query: str, folder, device, rerank_k, progress=True) -> Pat
                  else "the whole query on the identity path"))
     with torch.no_grad():
         gallery = embed_gallery(model, paths, cfg.image_size, device, progress=progress)
-        k = (rerank_k if rerank_k is not None else run.rerank_k or DEFAULT_RERANK) if gallery["tokens"] is not None else 0
-        a = 1.0 if run.fusion_weight is None else run.fusion_weight
-        ranker = query_ranker(model, gallery, tokenizer, cfg.max_text_len, device, k, run.clothing_weight,
-                              progress=False, fusion_weight=a)([query])
+        k = run.settings.rerank_k if gallery["tokens"] is not None else 0
+        ranker = query_ranker(model, gallery, tokenizer, cfg.max_text_len, device, k, run.settings.clothing_weight,
+                              progress=False, fusion_weight=run.settings.fusion_weight)([query])
         scores = (ranker.stage2 if k else ranker.stage1)(0, 1)[0]  # (G,)
     top = scores.topk(min(10, len(paths))).indices.tolist()
     for rank, g in enumerate(top, 1):
@@ -622,7 +495,7 @@ def search(run: Run, query: str, folder, device, rerank_k, progress=True) -> Pat
     return ranked_list_picture([query], [[paths[g] for g in top]], None, run.folder / "search.png")
 
 
-def evaluate_run(run: Run, device, rerank_k=None, limit_queries=None, data=None, root=None) -> dict:
+def evaluate_run(run: Run, device, limit_queries=None, data=None, root=None) -> dict:
     """evaluate_model on the test split of the run's dataset (or of `data` under `root`, when
     given); prints where the data came from and the tables, writes metrics.json and pictures."""
     train, cfg = run.train, run.model_cfg
@@ -631,10 +504,9 @@ def evaluate_run(run: Run, device, rerank_k=None, limit_queries=None, data=None,
     print(f"data: {name} under {Path(folder).resolve()} ({origin})")
     dataset = load_dataset(name, folder)
     result = evaluate_model(run.model.to(device), dataset, load_tokenizer(cfg.text_model or None), cfg.image_size,
-                            cfg.max_text_len, device, train.get("eval_batch", 64),
-                            run.rerank_k if rerank_k is None else rerank_k, seed=train.get("seed", 0),
-                            limit_queries=limit_queries, clothing_weight=run.clothing_weight,
-                            fusion_weight=run.fusion_weight)
+                            cfg.max_text_len, device, train.get("eval_batch", 64), run.settings.rerank_k,
+                            seed=train.get("seed", 0), limit_queries=limit_queries,
+                            clothing_weight=run.settings.clothing_weight, fusion_weight=run.settings.fusion_weight)
     print(report(result))
     record = dict(run=str(run.folder), checkpoint=run.checkpoint.name, data_root=str(Path(folder).resolve()), **result)
     (run.folder / "metrics.json").write_text(json.dumps(record, indent=1))
@@ -658,11 +530,12 @@ def main(argv=None) -> int:
                         help="where to run (default: auto, a CUDA GPU if there is one)")
     parser.add_argument("--data", choices=DATASETS, help="dataset (default: the run's, from its config.json)")
     parser.add_argument("--root", help="data root (default: the run's, from its config.json)")
-    parser.add_argument("--rerank-k", type=int, help="K for stage 2 (default: the model's rerank_k; 0: stage 1 only)")
+    parser.add_argument("--rerank-k", type=int, help="K for stage 2 (default: the run's; 0: stage 1 only)")
+    parser.add_argument("--fusion-weight", type=float, help="a, the fusion's share of a candidate's score (default: the run's)")
     parser.add_argument("--limit-queries", type=int, help="rank only the first N queries of each set (default: all)")
     parser.add_argument("--clothing-weight", type=float,
                         help="beta, the weight of a query's clothing part (default: the run's, chosen on the "
-                             "validation split after training)")
+                             "validation split after training: results.json)")
     parser.add_argument("--query", help="a description to search --gallery with")
     parser.add_argument("--gallery", help="a folder of your own images (.png/.jpg, searched recursively)")
     args = parser.parse_args(argv)
@@ -679,19 +552,22 @@ def main(argv=None) -> int:
         parser.error("--device cuda: this machine has no CUDA GPU (or torch is a CPU build); use --device cpu")
     if args.rerank_k is not None and args.rerank_k < 0:
         parser.error("--rerank-k must be >= 0 (0: stage 1 only)")
+    if args.fusion_weight is not None and not 0 <= args.fusion_weight <= 1:
+        parser.error("--fusion-weight must be in [0, 1]")
     if args.limit_queries is not None and args.limit_queries < 1:
         parser.error("--limit-queries must be >= 1")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     try:
         run = load_checkpoint(args.checkpoint) if args.checkpoint else load_run(args.run)
-        if args.clothing_weight is not None:
-            run.clothing_weight = args.clothing_weight
-        print(f"run {run.folder} ({run.checkpoint.name}), device {device}, clothing weight {run.clothing_weight:g}")
+        for name in ("clothing_weight", "rerank_k", "fusion_weight"):  # the command line over the run's
+            if getattr(args, name) is not None:
+                setattr(run.settings, name, getattr(args, name))
+        print(f"run {run.folder} ({run.checkpoint.name}), device {device}, {run.settings}")
         if args.query is not None:
-            print(f"wrote {search(run, args.query, args.gallery, device, args.rerank_k)}")
+            print(f"wrote {search(run, args.query, args.gallery, device)}")
             return 0
-        evaluate_run(run, device, args.rerank_k, args.limit_queries, args.data, args.root)
+        evaluate_run(run, device, args.limit_queries, args.data, args.root)
     except (DatasetError, RunError, EncoderLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -15,18 +15,59 @@ Framework for Robust Person Re-Identification", Sec. III (the objective, Eq. 1-6
 of `model.T2IReID.forward`; train.py feeds its dict to `GradNorm.backward`.
 
 Where this code departs from the letter of the paper, the docstring says so and why (see also
-DESIGN.md section 3). References: Gretton et al. 2005 (HSIC), Hermans et al. 2017 (batch-hard
+docs/design.md#design-decisions). References: Gretton et al. 2005 (HSIC), Hermans et al. 2017 (batch-hard
 triplet), Chen et al. 2018 (GradNorm, arXiv:1711.02257), Khosla et al. 2020 (multi-positive
 contrastive loss).
 
 Tests: pytest tests/test_losses.py
 """
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+# -----------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class LossConfig:
+    """The losses' fields: Eq. 1-4 and their balance by GradNorm (Eq. 5-6); paper defaults with their source."""
+
+    temperature: float = 0.02  # tau of Eq. 1/3: not stated; IRRA's value
+    triplet_margin: float = 0.3  # m of Eq. 4: not stated; Hermans et al. 2017
+    triplet_squared: bool = True  # Eq. 4 as written: squared Euclidean distances
+    hsic_kernel: str = "linear"  # Eq. 2 as written; "rbf" as an option
+    gradnorm_alpha: float = 1.5  # paper (Eq. 6): the strength of the GradNorm loss
+    weight_reg: float = 2.5  # lambda of Eq. 6, not stated: |log w_k| <= alpha K / (2 lambda) (GradNorm.bound)
+    # Table IV (losses)
+    loss_aln: bool = True  # Eq. 1
+    loss_decouple: bool = True  # Eq. 2
+    loss_info: bool = True  # Eq. 3, stage 1
+    loss_triplet: bool = True  # Eq. 4
+    loss_fusion: bool = True  # Eq. 3 on the fusion scores (docs/design.md#1-honest-retrieval-retrieve-then-re-rank)
+    use_gradnorm: bool = True  # Eq. 5; False: all weights 1
+    use_weight_reg: bool = True  # the lambda term of Eq. 6
+
+    def __post_init__(self):
+        if self.hsic_kernel not in ("linear", "rbf"):
+            raise ValueError(f"LossConfig: hsic_kernel must be 'linear' or 'rbf', got {self.hsic_kernel!r}")
+        if not self.loss_names():
+            raise ValueError("LossConfig: every loss is switched off")
+
+    def loss_names(self) -> list[str]:
+        """The losses switched on, in the order of compute_losses, the fusion's last."""
+        on = [self.loss_aln, self.loss_decouple, self.loss_info, self.loss_triplet, self.loss_fusion]
+        return [name for name, flag in zip(("aln", "decouple", "info", "triplet", "fusion"), on) if flag]
+
+    def balanced_names(self, fusion_detach: bool) -> list[str]:
+        """GradNorm's tasks: the losses that reach the shared layer; a detached fusion loss
+        (ModelConfig.fusion_detach) trains the fusion alone and joins the total with weight 1."""
+        return [name for name in self.loss_names() if not (name == "fusion" and fusion_detach)]
 
 
 # -----------------------------------------------------------------------------
@@ -330,14 +371,14 @@ def same_rows(token_ids: torch.Tensor) -> torch.Tensor:
 
 
 def compute_losses(out: dict, batch: dict, cfg) -> dict[str, torch.Tensor]:
-    """The named losses switched on in `cfg` (a model.ObjectiveConfig), from `T2IReID.forward`.
+    """The named losses switched on in `cfg` (a LossConfig), from `T2IReID.forward`.
 
     aln      Eq. 1 on the visual clothing feature vs the clothing description (identical
              descriptions are positives of each other)
     decouple Eq. 2 on L2-normalised f_id and f_clo (normalised so that the loss cannot be won
              by shrinking the features)
     info     Eq. 3 on stage-1 similarities, identity descriptions vs images (only the textual
-             identity meets the visual identity: DESIGN.md 3.5, the paper's Fig. 2 and 4)
+             identity meets the visual identity: docs/design.md#5-text-side-only-identity-text-meets-the-identity-path)
     triplet  Eq. 4 on L2-normalised f_id
     fusion   Eq. 3 on fusion scores: each text against its Q nearest images by stage 1, its
              own among them; positives = the candidates of the text's identity

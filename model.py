@@ -3,7 +3,8 @@
 Paper: "Disentangling Identity from Transient Attributes: A Semantically-Supervised Decoupling
 Framework for Robust Person Re-Identification", Sec. III-C (BDAM) and III-D (Mamba fusion).
 Read bottom-up: config, BDAM, fusion, the model (the ViT and BERT encoders and their weights
-are in helpers/encoders.py). The model serves the protocol of DESIGN.md section 3.1: stage 1 embeds
+are in helpers/encoders.py). The model serves the protocol of
+docs/design.md#1-honest-retrieval-retrieve-then-re-rank: stage 1 embeds
 images and texts separately (the gallery once, each query once, cosine similarity); stage 2
 re-ranks a query's top-K images with the fusion module, which scores (image, text) *pairs*, so it
 cannot leak the text into its own target.
@@ -20,7 +21,6 @@ Glossary of dimension letters (paper symbols in brackets):
 Run: python model.py   (parameter count of each part, paper and small configurations)
 Tests: pytest tests/test_model.py
 """
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -36,13 +36,12 @@ from mamba_triton import Mamba
 # -----------------------------------------------------------------------------
 # configuration
 
-
 @dataclass
 class ModelConfig:
-    """Paper defaults with their source; `small()` for CPU and SynthPEDES."""
+    """The network's fields: paper defaults with their source; `small()` for CPU and SynthPEDES.
+    The choices that are not the paper's are argued in docs/design.md#9-small-defaults-where-the-paper-is-silent."""
 
-    # encoders: a hub name or a local folder; "" builds the encoder from the shape fields below
-    # with random weights (those fields are read only then)
+    # encoders: a hub name or a local folder; "" builds one from the shape fields below, randomly initialised
     vision_model: str = "google/vit-base-patch16-224"  # paper (implementation details): ViT-B/16
     text_model: str = "bert-base-uncased"  # paper (implementation details): BERT-base
     image_size: tuple[int, int] = (224, 224)  # (H, W), paper: 224 x 224
@@ -55,10 +54,7 @@ class ModelConfig:
     text_heads: int = 12
     vocab_size: int = 30522  # the bert-base-uncased WordPiece vocabulary
     max_text_len: int = 64  # tokens per text, for data.collate (not stated)
-    # not in the paper (which fine-tunes all of BERT): freeze the embeddings and the bottom N
-    # layers of the text encoder. Their outputs never change, so T2IReID caches them per text
-    # while training: a text seen before costs only the top layers.
-    text_frozen_layers: int = 0
+    text_frozen_layers: int = 0  # not in the paper: the bottom N text layers frozen, so their states are cached
     # BDAM (Sec. III-C)
     bdam_width: int = 768  # paper
     bdam_depth: int = 2  # not stated; Table II's "shallow BDAM" is depth 1
@@ -71,35 +67,24 @@ class ModelConfig:
     expand: int = 2  # Mamba default (Gu & Dao 2023)
     dropout: float = 0.1  # paper (fusion); also used in BDAM
     embed_dim: int = 256  # E: not stated; = d_model
+    # how the fusion trains: docs/design.md#1-honest-retrieval-retrieve-then-re-rank
+    fusion_candidates: int = 8  # Q images per text: its own and its Q - 1 nearest by stage 1
+    fusion_detach: bool = True  # the fusion's loss trains the fusion alone, never the stage-1 features
     # ablation switches, Table II (BDAM)
     use_bdam: bool = True  # False: one global projection of the patch tokens, no clothing stream
     bdam_cross_attention: bool = True
     bdam_gate: bool = True  # False: f_id = f_id_hat, f_clo = f_clo_hat
+    clothing_stream: bool = True  # the clothing projections that L_aln trains and beta scores (Table IV w/o L_aln: off)
     # Table III (fusion)
     use_fusion: bool = True  # False: stage 1 only
     fusion_mamba: bool = True  # False: residual MLP layers in place of the Mamba layers
     fusion_gate: bool = True  # g_fus (B x 2) per pair, as the paper; False: fixed weights 0.5 / 0.5
     fusion_align: bool = True  # False: one linear map in place of the alignment FFN
-    # not in the paper: BatchNorm on f_id and f_clo before their projections ("BNNeck", Luo et
-    # al. 2019); the triplet and HSIC losses then see the normalised features too. A randomly
-    # initialised ViT gives pooled features that differ little between images (cosine ~0.96):
-    # without it the small SynthPEDES model stays at chance for hundreds of steps, the triplet
-    # loss sits at its margin and HSIC is won by a constant clothing feature.
-    image_bn: bool = True
-    # not in the paper: a stack of stride-2 3x3 convolutions in place of the ViT's 16x16 patch
-    # projection (Xiao et al. 2021, "Early convolutions help transformers see better"); only for a
-    # ViT built from its config (small(): a random ViT learns colour-at-a-place features faster)
-    conv_stem: bool = False
-    # how BDAM pools each stream's tokens to one vector: "mean" (the paper) or "position", a linear
-    # map of the flattened tokens (one D x D matrix per patch position) that starts as the mean.
-    # Not in the paper. On small, cluttered SynthPEDES crops a randomly initialised ViT learns
-    # "the colour at the torso" far sooner when the pooling may weight positions differently.
-    bdam_pooling: str = "mean"
-    # not in the paper: BatchNorm on the gate's input [f_id_hat; f_clo_hat]. Pooled features of
-    # a randomly initialised ViT differ little between images (cosine ~0.96), so a linear gate
-    # on them gives every image the same g; standardised per channel over the batch, the
-    # image-to-image differences reach the gate from the first step
-    bdam_gate_norm: bool = False
+    # not in the paper, for a randomly initialised ViT on SynthPEDES (docs/design.md#9-small-defaults-where-the-paper-is-silent)
+    image_bn: bool = True  # BatchNorm on f_id and f_clo before their projections ("BNNeck", Luo et al. 2019)
+    conv_stem: bool = False  # stride-2 convolutions in place of the 16 x 16 patch projection (Xiao et al. 2021)
+    bdam_pooling: str = "mean"  # "mean" (the paper) or "position": one D x D map per patch position, starting as the mean
+    bdam_gate_norm: bool = False  # BatchNorm on the gate's input [f_id_hat; f_clo_hat]
 
     def __post_init__(self):
         self.image_size = tuple(self.image_size)  # a JSON round trip gives a list
@@ -111,15 +96,16 @@ class ModelConfig:
                             "set vision_model='' or conv_stem=False (a pretrained ViT keeps its own)")
         widths = [(self.bdam_width, self.bdam_heads, "bdam"), (self.text_width, self.text_heads, "text"),
                   (self.vision_width, self.vision_heads, "vision")]
-        for width, heads, name in widths:
-            if width % heads:
-                problems.append(f"{name}_width {width} is not a multiple of {name}_heads {heads}")
+        problems += [f"{name}_width {width} is not a multiple of {name}_heads {heads}"
+                     for width, heads, name in widths if width % heads]
         if any(s % self.patch_size for s in self.image_size):
             problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.text_frozen_layers < 0 or (not self.text_model and self.text_frozen_layers > self.text_layers):
             problems.append(f"text_frozen_layers must be in 0..text_layers, got {self.text_frozen_layers}")
         if min(self.bdam_depth, self.fusion_layers) < 1:
             problems.append("bdam_depth and fusion_layers must be >= 1")
+        if self.fusion_candidates < 2:
+            problems.append("fusion_candidates must be >= 2 (a text's own image and one other)")
         if problems:
             raise ValueError("ModelConfig: " + "; ".join(problems))
 
@@ -134,113 +120,6 @@ class ModelConfig:
         return cls(**{**small, **overrides})
 
 
-@dataclass
-class ObjectiveConfig:
-    """What the network is trained on and how it ranks: the losses of Eq. 1-4
-    (losses.compute_losses), their balance by GradNorm (Eq. 5-6, losses.GradNorm) and the
-    retrieval settings (K, a, beta). Paper defaults with their source. T2IReID reads three of
-    them: loss_aln (the clothing projections exist for L_aln alone), fusion_candidates and
-    fusion_detach."""
-
-    # objective (losses.compute_losses) and retrieval
-    temperature: float = 0.02  # tau of Eq. 1/3: not stated; IRRA's value
-    triplet_margin: float = 0.3  # m of Eq. 4: not stated; Hermans et al. 2017
-    triplet_squared: bool = True  # Eq. 4 as written: squared Euclidean distances
-    hsic_kernel: str = "linear"  # Eq. 2 as written; "rbf" as an option
-    # the fusion re-ranker (docs/design.md#1-honest-retrieval-retrieve-then-re-rank)
-    fusion_candidates: int = 8  # Q images per text in training: its own and its Q - 1 nearest by stage 1
-    fusion_detach: bool = True  # the fusion loss trains the fusion alone, never the stage-1 features
-    rerank_k: int = -1  # K candidates re-ranked at test; < 0: chosen on the validation split
-    # a: stage 2 scores a candidate (1 - a) s1 + a s_fus; < 0: chosen on the validation split
-    fusion_weight: float = -1.0
-    # beta: a query's clothing part adds beta * cos(f_clo image, clothing text) to its score
-    # (the pair L_aln trains); < 0: chosen on the validation split for accuracy, never on test
-    clothing_weight: float = -1.0
-    gradnorm_alpha: float = 1.5  # paper (Eq. 6): the strength of the GradNorm loss
-    # lambda of Eq. 6, not stated: the weights rest within |log w_k| <= alpha K / (2 lambda),
-    # [0.22, 4.5] for the five losses (losses.GradNorm)
-    weight_reg: float = 2.5
-    # Table IV (losses)
-    loss_aln: bool = True  # Eq. 1
-    loss_decouple: bool = True  # Eq. 2
-    loss_info: bool = True  # Eq. 3, stage 1
-    loss_triplet: bool = True  # Eq. 4
-    loss_fusion: bool = True  # Eq. 3 on the fusion scores (DESIGN 3.1)
-    use_gradnorm: bool = True  # Eq. 5; False: all weights 1
-    use_weight_reg: bool = True  # the lambda term of Eq. 6
-
-    def __post_init__(self):
-        problems = []
-        if self.hsic_kernel not in ("linear", "rbf"):
-            problems.append(f"hsic_kernel must be 'linear' or 'rbf', got {self.hsic_kernel!r}")
-        if not self.loss_names():
-            problems.append("every loss is switched off")
-        if self.fusion_candidates < 2:
-            problems.append("fusion_candidates must be >= 2 (a text's own image and one other)")
-        if self.rerank_k == 0 or self.fusion_weight > 1:
-            problems.append("rerank_k must be >= 1 (or < 0: chosen), fusion_weight <= 1 (or < 0: chosen)")
-        if problems:
-            raise ValueError("ObjectiveConfig: " + "; ".join(problems))
-
-    def loss_names(self) -> list[str]:
-        """The losses switched on, in the order of losses.compute_losses. The fusion loss, the
-        most expensive, comes last: GradNorm.backward gets the last task's gradient on the shared
-        layer by subtraction, without a backward pass of its own."""
-        on = [self.loss_aln, self.loss_decouple, self.loss_info, self.loss_triplet, self.loss_fusion]
-        return [name for name, flag in zip(("aln", "decouple", "info", "triplet", "fusion"), on) if flag]
-
-    def balanced_names(self) -> list[str]:
-        """GradNorm's tasks: the losses that reach the shared layer. A detached fusion loss does
-        not (it trains the fusion alone), so it is added to the total with weight 1."""
-        return [name for name in self.loss_names() if not (name == "fusion" and self.fusion_detach)]
-
-
-def check_pair(cfg: ModelConfig, objective: ObjectiveConfig) -> None:
-    """The checks across the two configs (each checks itself): a loss needs the part it trains."""
-    problems = []
-    if not cfg.use_bdam and (objective.loss_aln or objective.loss_decouple):
-        problems.append("use_bdam=False leaves no clothing feature: "
-                        "set loss_aln=False, loss_decouple=False")
-    if not cfg.use_fusion and objective.loss_fusion:
-        problems.append("use_fusion=False: set loss_fusion=False too")
-    if problems:
-        raise ValueError("ModelConfig and ObjectiveConfig: " + "; ".join(problems))
-
-
-def replace_fields(cfg: ModelConfig, objective: ObjectiveConfig, fields: dict) -> tuple[ModelConfig, ObjectiveConfig]:
-    """Both configs with `fields` (a row of ABLATIONS, command-line flags) set in the config that
-    owns each, checked as a pair (ValueError). A name that neither owns is a TypeError."""
-    owned = {f.name for f in dataclasses.fields(ObjectiveConfig)}
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in fields.items() if k not in owned})
-    objective = dataclasses.replace(objective, **{k: v for k, v in fields.items() if k in owned})
-    check_pair(cfg, objective)
-    return cfg, objective
-
-
-def load_configs(saved: dict) -> tuple[ModelConfig, ObjectiveConfig]:
-    """A run's config.json (train.start_run) -> its two configs. A run written before
-    ObjectiveConfig existed has no "objective" section: its "model" section holds those fields."""
-    return replace_fields(ModelConfig(), ObjectiveConfig(), {**saved["model"], **saved.get("objective", {})})
-
-
-# rows of the ablation tables, fields of either config; train.py applies one with replace_fields
-ABLATIONS = {
-    "full": {},
-    "w/o BDAM": dict(use_bdam=False, loss_aln=False, loss_decouple=False),  # Table II
-    "w/o cross-attention": dict(bdam_cross_attention=False),
-    "w/o BDAM gate": dict(bdam_gate=False),
-    "shallow BDAM": dict(bdam_depth=1),
-    "w/o fusion": dict(use_fusion=False, loss_fusion=False),  # Table III
-    "w/o Mamba": dict(fusion_mamba=False),
-    "w/o fusion gate": dict(fusion_gate=False),
-    "w/o alignment": dict(fusion_align=False),
-    "w/o L_aln": dict(loss_aln=False),  # Table IV
-    "w/o L_decouple": dict(loss_decouple=False),
-    "w/o L_info": dict(loss_info=False),
-    "w/o L_tri": dict(loss_triplet=False),
-    "w/o GradNorm": dict(use_gradnorm=False),
-    "w/o weight regulariser": dict(use_weight_reg=False),
-}
 # -----------------------------------------------------------------------------
 # BDAM: Bidirectional Decoupled Alignment Module (Sec. III-C)
 
@@ -436,15 +315,11 @@ class MambaFusion(nn.Module):
 class T2IReID(nn.Module):
     """Stage 1: encode_images (one vision pass: the gallery embedding, the fusion tokens and the
     gate) / encode_texts. Stage 2: pair_score on encode_images' tokens. Training: forward(batch)
-    -> everything losses.compute_losses needs, through the same two methods. `objective` (default
-    the paper's) is the one it is trained with: checked against cfg (check_pair), and read for
-    loss_aln, fusion_candidates and fusion_detach, and evaluate.py reads rerank_k and fusion_weight."""
+    -> everything losses.compute_losses needs, through the same two methods."""
 
-    def __init__(self, cfg: ModelConfig, objective: ObjectiveConfig | None = None):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        objective = ObjectiveConfig() if objective is None else objective
-        check_pair(cfg, objective)
-        self.cfg, self.objective = cfg, objective
+        self.cfg = cfg
         self.vision, self.text = load_vision_encoder(cfg), load_text_encoder(cfg)
         dv, dt, d = self.vision.config.hidden_size, self.text.config.hidden_size, cfg.bdam_width
         self.bdam = BDAM(cfg, dv) if cfg.use_bdam else None
@@ -452,8 +327,9 @@ class T2IReID(nn.Module):
         self.image_proj, self.text_proj = nn.Linear(d, cfg.embed_dim), nn.Linear(dt, cfg.embed_dim)
         self.image_bn = nn.BatchNorm1d(d) if cfg.image_bn else nn.Identity()
         self.clothing_bn = nn.BatchNorm1d(d) if cfg.image_bn and cfg.use_bdam else nn.Identity()
-        self.clothing_image_proj = nn.Linear(d, cfg.embed_dim) if objective.loss_aln else None
-        self.clothing_text_proj = nn.Linear(dt, cfg.embed_dim) if objective.loss_aln else None
+        clothing = cfg.use_bdam and cfg.clothing_stream  # the pair that L_aln trains
+        self.clothing_image_proj = nn.Linear(d, cfg.embed_dim) if clothing else None
+        self.clothing_text_proj = nn.Linear(dt, cfg.embed_dim) if clothing else None
         self.fusion = MambaFusion(cfg, d, dt) if cfg.use_fusion else None
         self.frozen_text = FrozenTextPrefix(self.text, cfg.text_frozen_layers) if cfg.text_frozen_layers else None
 
@@ -520,7 +396,7 @@ class T2IReID(nn.Module):
     def clothing_embedding(self, text_features: torch.Tensor) -> torch.Tensor:
         """(B, Dt) features of clothing texts -> (B, E), L2-normalised: the text side of L_aln."""
         if self.clothing_text_proj is None:
-            raise RuntimeError("this model has no clothing stream (loss_aln=False): it cannot score clothing text")
+            raise RuntimeError("this model has no clothing stream (clothing_stream=False): it cannot score clothing text")
         return F.normalize(self.clothing_text_proj(text_features), dim=-1)
 
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -569,12 +445,12 @@ class T2IReID(nn.Module):
         s describing image s mod B -> fusion_scores (S, Q), fusion_pids (S, Q) the candidates'
         identities (the loss counts every candidate of the text's identity as a positive),
         fusion_query_pids (S,), fusion_gate (S,) W_img on the text's own image. With
-        objective.fusion_detach every input is detached: the fusion loss cannot move stage 1.
+        cfg.fusion_detach every input is detached: the fusion loss cannot move stage 1.
         """
-        if self.objective.fusion_detach:
+        if self.cfg.fusion_detach:
             tokens, image_emb, texts, text_emb = (x.detach() for x in (tokens, image_emb, texts, text_emb))
         b, s = len(tokens), len(texts)
-        q = min(self.objective.fusion_candidates, b)
+        q = min(self.cfg.fusion_candidates, b)
         own = torch.arange(s, device=pids.device) % b  # (S,)
         sim = (text_emb @ image_emb.T).detach()  # (S, B) stage-1 similarity
         sim[torch.arange(s, device=pids.device), own] = float("inf")  # the own image comes first

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from evaluate import robustness_ratios
+from helpers.reports import robustness_ratios
 from model import ABLATIONS
 from train import parse_config
 
@@ -171,7 +171,7 @@ def run_one(regime: str, row: str, seed: int, out: Path, extra: list) -> dict:
 def epochs_asked(extra: list) -> int:
     """The epochs a run trains for, as train.py reads the flags after `--` (the SynthPEDES
     preset's one without `--epochs`): what the time of a run scales with before any is timed."""
-    return parse_config(["--data", "synth", *extra])[0].epochs
+    return parse_config(["--data", "synth", *extra])[0].train.epochs
 
 
 def run_study(rows, seeds, regimes, out: Path, extra: list, hours: float | None = None) -> None:
