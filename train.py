@@ -47,6 +47,7 @@ from helpers.distributed import (StopRequest, any_process, from_rank0, gather_ba
                                  mean_over_processes, rank, world)
 from helpers.encoders import EncoderLoadError, load_tokenizer
 from helpers.pictures import read_log, training_picture
+from helpers.runs import start_run, trim_log
 from losses import GradNorm, LossConfig, compute_losses
 from model import ModelConfig, T2IReID
 from synthetic import synthpedes
@@ -390,30 +391,6 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def start_run(cfgs: Configs, run: Path | None) -> tuple[Path, bool]:
-    """A new run folder with config.json, or the folder of a run to resume; runs/latest -> it."""
-    resume = run is not None
-    if resume and not (run / "last.pt").exists():
-        raise TrainingError(f"{run / 'last.pt'} does not exist: nothing to resume")
-    if not resume:
-        run = Path("runs") / (cfgs.train.name or f"{cfgs.train.data}-{time.strftime('%Y%m%d-%H%M%S')}")
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "config.json").write_text(json.dumps(cfgs.as_dict(), indent=2) + "\n")
-    latest = run.parent / "latest"
-    if latest.is_symlink() or not latest.exists():
-        latest.unlink(missing_ok=True)
-        latest.symlink_to(run.resolve(), target_is_directory=True)
-    return run, resume
-
-
-def trim_log(path: Path, last_step: int) -> None:
-    """On resume, drop the log lines of steps after the checkpoint: they are trained again."""
-    if path.exists():
-        rows = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= last_step]
-        path.write_text("".join(row + "\n" for row in rows))
-
-
 def setup(cfgs: Configs, run: Path | None):
     """Data, model and optimisers, the run folder, and (resuming) the last checkpoint. Under
     torchrun every process runs this; rank 0 alone prepares the data and writes the folder."""
@@ -434,7 +411,7 @@ def setup(cfgs: Configs, run: Path | None):
     state = State.create(cfgs, device, total_steps=train_cfg.epochs * len(sampler))
     if rank() > 0:  # dropout masks of its own; rank 0 draws what one process would
         torch.manual_seed(train_cfg.seed * 1_000_003 + rank())
-    run, resume = from_rank0(start_run(cfgs, run) if rank() == 0 else None)
+    run, resume = from_rank0(start_run(cfgs.train, cfgs.as_dict(), run) if rank() == 0 else None)
     if resume:
         state.load_state_dict(torch.load(run / "last.pt", map_location=device, weights_only=False))
         if rank() == 0:

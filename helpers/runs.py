@@ -1,9 +1,10 @@
-"""Finding and reading what train.py writes: a run folder's checkpoint and the configuration it
-carries; evaluate.py builds the model from them. Errors say what to do."""
+"""The run folders: train.py makes one (config.json, runs/latest) and resumes it; evaluate.py
+finds its checkpoint and the configuration it carries. Errors say what to do."""
 from __future__ import annotations
 
 import json
 import pickle
+import time
 from pathlib import Path
 
 import torch
@@ -49,3 +50,27 @@ def read_saved(path: Path) -> tuple[dict, dict, Path]:
         return saved, json.loads((path.parent / "config.json").read_text()), path.parent / "config.json"
     raise RunError(f"{path} carries no configuration and has no config.json beside it: copy the run's "
                    f"config.json next to it (train.py writes it in the run folder), or use --run runs/NAME.")
+
+
+def start_run(train_cfg, config: dict, run: Path | None) -> tuple[Path, bool]:
+    """A new run folder with config.json, or the folder of a run to resume; runs/latest -> it."""
+    resume = run is not None
+    if resume and not (run / "last.pt").exists():
+        raise RunError(f"{run / 'last.pt'} does not exist: nothing to resume")
+    if not resume:
+        run = Path("runs") / (train_cfg.name or f"{train_cfg.data}-{time.strftime('%Y%m%d-%H%M%S')}")
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    latest = run.parent / "latest"
+    if latest.is_symlink() or not latest.exists():
+        latest.unlink(missing_ok=True)
+        latest.symlink_to(run.resolve(), target_is_directory=True)
+    return run, resume
+
+
+def trim_log(path: Path, last_step: int) -> None:
+    """On resume, drop the log lines of steps after the checkpoint: they are trained again."""
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= last_step]
+        path.write_text("".join(row + "\n" for row in rows))
