@@ -111,7 +111,7 @@ def training_curves(log_rows: list) -> dict:
 
 def _weights_panel(ax, lines: dict) -> None:
     """GradNorm's w_k on a log scale between the 0.2 and 5 lines that no weight should cross
-    (README, Results)."""
+    (README.md#results)."""
     for task, (steps, values) in lines.items():
         ax.plot(steps, values, linewidth=1, label=task)
     ax.set_yscale("log")

@@ -1,7 +1,8 @@
 """Two-stage text-to-image retrieval: the gallery and the queries embedded, each query split
 into identity and clothing, stage 1 (dual encoder) and stage 2 (fusion re-ranking).
 
-Paper Sec. III-D with the protocol of DESIGN.md 3.1 and the text side of DESIGN.md 3.5: the
+Paper Sec. III-D with the protocol of docs/design.md#1-honest-retrieval-retrieve-then-re-rank
+and the text side of docs/design.md#5-text-side-only-identity-text-meets-the-identity-path: the
 gallery is embedded once from images alone (and its fusion tokens cached); each query is split
 by the lexicon of the rules backend (`lexicon.split_query`) into an identity part, which meets
 the visual identity (stage 1, and the fusion in stage 2), and a clothing part, which meets the
@@ -25,7 +26,7 @@ from model import T2IReID
 
 
 # ----------------------------------------------------------------------------------------------
-# Embedding: the gallery from images alone, the queries from text alone (DESIGN 3.1)
+# Embedding: the gallery from images alone, the queries from text alone (docs/design.md#1-honest-retrieval-retrieve-then-re-rank)
 
 def _chunks(items: list, size: int, desc: str, progress: bool):
     starts = range(0, len(items), size)
@@ -75,7 +76,7 @@ def embed_texts(model: T2IReID, tokenizer, texts: list, max_len: int, device, ba
 def embed_queries(model: T2IReID, tokenizer, texts: list, max_len: int, device, batch_size=64,
                   progress=True, split=True) -> dict:
     """Search queries, each split into its identity and clothing parts by the lexicon of the
-    rules backend (lexicon.split_query, DESIGN 3.5): the identity part meets the visual identity
+    rules backend (lexicon.split_query, docs/design.md#5-text-side-only-identity-text-meets-the-identity-path): the identity part meets the visual identity
     (stage 1 and the fusion), the clothing part the clothing stream. A query that names no
     identity trait ranks by its clothing part alone (`clothing_only`); where the model has no
     clothing stream, or the query names no clothing either, by the whole query on the identity
