@@ -2,6 +2,7 @@
 score depends on the image, every ablation row makes the change it names and trains, clear
 errors offline."""
 import dataclasses
+import shlex
 import types
 
 import pytest
@@ -10,9 +11,11 @@ import torch
 import data
 import mamba_triton
 import train
+from evaluate import RetrievalConfig
+from helpers.cli import given
 from helpers.encoders import ConvStem, EncoderLoadError, load_tokenizer, load_vision_encoder
-from losses import GradNorm, compute_losses
-from model import ABLATIONS, BDAM, ModelConfig, ObjectiveConfig, ResidualMLP, T2IReID, check_pair, replace_fields
+from losses import GradNorm, LossConfig, compute_losses
+from model import BDAM, ModelConfig, ResidualMLP, T2IReID
 
 
 @pytest.fixture(autouse=True)
@@ -51,14 +54,16 @@ def batch(tiny_synth):
 
 def test_forward_backward_finite_losses_and_a_gradient_on_every_parameter(batch):
     torch.manual_seed(0)
-    objective = ObjectiveConfig()
-    model = T2IReID(tiny(), objective)
-    losses = compute_losses(model(batch), batch, objective)
-    assert list(losses) == objective.loss_names() == ["aln", "decouple", "info", "triplet", "fusion"]
+    loss_cfg = LossConfig()
+    model = T2IReID(tiny())
+    losses = compute_losses(model(batch), batch, loss_cfg)
+    assert list(losses) == loss_cfg.loss_names() == ["aln", "decouple", "info", "triplet", "fusion"]
     assert all(torch.isfinite(v) for v in losses.values())
     # the detached fusion loss is not one of GradNorm's tasks; backward adds it with weight 1
-    assert objective.balanced_names() == ["aln", "decouple", "info", "triplet"]
-    gradnorm = GradNorm(objective.balanced_names(), objective.gradnorm_alpha, objective.weight_reg)
+    assert model.cfg.fusion_detach and loss_cfg.balanced_names(model.cfg.fusion_detach) == [
+        "aln", "decouple", "info", "triplet"]
+    assert loss_cfg.balanced_names(fusion_detach=False) == loss_cfg.loss_names()  # then it reaches the shared layer
+    gradnorm = GradNorm(loss_cfg.balanced_names(model.cfg.fusion_detach), loss_cfg.gradnorm_alpha, loss_cfg.weight_reg)
     stats = gradnorm.backward(losses, model.shared_parameter())
     assert (stats["grad_norms"] > 0).all()  # every balanced loss reaches GradNorm's shared layer
     assert gradnorm.log_weights.grad.abs().sum() > 0
@@ -76,7 +81,7 @@ def test_a_few_steps_on_one_batch_drive_the_loss_down(batch):
     history = []
     for _ in range(8):
         opt.zero_grad()
-        loss = sum(compute_losses(model(batch), batch, model.objective).values())
+        loss = sum(compute_losses(model(batch), batch, LossConfig()).values())
         loss.backward()
         opt.step()
         history.append(loss.item())
@@ -202,8 +207,8 @@ def test_the_fusion_loss_moves_stage_one_only_when_not_detached(batch, detach):
     """fusion_detach: the fusion loss trains the fusion alone, so it cannot fall by moving the
     stage-1 embeddings; without it, its gradient reaches the encoders and the projections."""
     torch.manual_seed(0)
-    model = T2IReID(tiny(), ObjectiveConfig(fusion_detach=detach)).train()
-    loss = compute_losses(model(batch), batch, model.objective)["fusion"]
+    model = T2IReID(tiny(fusion_detach=detach)).train()
+    loss = compute_losses(model(batch), batch, LossConfig())["fusion"]
     loss.backward()
     outside = {name: p.grad for name, p in model.named_parameters() if not name.startswith("fusion.")}
     inside = [p.grad for name, p in model.named_parameters() if name.startswith("fusion.") and "align_image" not in name]
@@ -259,7 +264,7 @@ def test_clothing_text_never_reaches_the_identity_path(batch):
     swapped = {**batch, "clothing": {k: v.roll(1, dims=0) for k, v in batch["clothing"].items()}}
     with torch.no_grad():
         out, other = model(batch), model(swapped)
-        losses, other_losses = (compute_losses(o, b, model.objective) for o, b in ((out, batch), (other, swapped)))
+        losses, other_losses = (compute_losses(o, b, LossConfig()) for o, b in ((out, batch), (other, swapped)))
     for key in ("identity_emb", "image_emb", "fusion_scores"):
         torch.testing.assert_close(out[key], other[key])
     assert not torch.allclose(out["clo_text"], other["clo_text"])
@@ -271,7 +276,7 @@ def test_fusion_candidates_are_the_nearest_images_own_first(batch):
     """Each text meets its own image and the Q - 1 in-batch images nearest to it by stage 1,
     its own person's other images included (they count as positives), as at test."""
     torch.manual_seed(0)
-    model = T2IReID(tiny(), ObjectiveConfig(fusion_candidates=4)).eval()
+    model = T2IReID(tiny(fusion_candidates=4)).eval()
     with torch.no_grad():
         out = model(batch)
     pids = batch["pids"]
@@ -350,10 +355,10 @@ def everything_present(r) -> dict:
             "every loss, GradNorm's tasks all but the fusion": list(r.losses) == list(ALL_LOSSES)
             and list(r.gradnorm.tasks) == list(ALL_LOSSES[:-1]),
             "weights learned": any(w != 1 for w in r.weights),
-            "regulariser": regulariser(r.gradnorm) == pytest.approx(r.objective.weight_reg * len(r.gradnorm.tasks))}
+            "regulariser": regulariser(r.gradnorm) == pytest.approx(r.loss_cfg.weight_reg * len(r.gradnorm.tasks))}
 
 
-# What each ablation row changes, as {claim: holds}: a new row of model.ABLATIONS is a KeyError
+# What each ablation row changes, as {claim: holds}: a new row of train.ABLATIONS is a KeyError
 # here until it has its check. Each claim fails when the row's switch is ignored.
 ROW_CHECKS = {
     "full": everything_present,
@@ -384,7 +389,19 @@ ROW_CHECKS = {
 }
 
 
-@pytest.mark.parametrize("row", list(ABLATIONS))
+def row_configs(row: str, model_cfg: ModelConfig) -> train.Configs:
+    """A row of train.ABLATIONS on `model_cfg` and the paper's losses: its flags read by train.py's
+    parser (each field to the config that owns it), checked as train.py checks them."""
+    _, args = train.parse_config(shlex.split(train.ABLATIONS[row]))
+    assert not given(args, "train") and not given(args, "retrieval"), row  # a row changes the model and losses
+    cfgs = train.Configs(train.TrainConfig(weight_decay=0.0, amp="off"),
+                         dataclasses.replace(model_cfg, **given(args, "model")),
+                         dataclasses.replace(LossConfig(), **given(args, "loss")), RetrievalConfig())
+    train.check_configs(cfgs)
+    return cfgs
+
+
+@pytest.mark.parametrize("row", list(train.ABLATIONS))
 @pytest.mark.parametrize("synth_preset", [False, True], ids=["paper switches", "synth preset switches"])
 def test_every_ablation_row_makes_its_change_and_trains(row, synth_preset, batch):
     """Each row on the paper's switches, and on the SynthPEDES preset's (frozen, cached text
@@ -392,16 +409,16 @@ def test_every_ablation_row_makes_its_change_and_trains(row, synth_preset, batch
     train.py's (GradNorm and the regulariser are applied there) that moves the vision encoder."""
     torch.manual_seed(0)
     preset = dict(text_frozen_layers=1) if synth_preset else {}
-    cfg, objective = replace_fields(tiny(**preset), ObjectiveConfig(), ABLATIONS[row])
-    state = train.State.create(train.TrainConfig(weight_decay=0.0), cfg, objective, torch.device("cpu"), total_steps=1)
+    cfgs = row_configs(row, tiny(**preset))
+    state = train.State.create(cfgs, torch.device("cpu"), total_steps=1)
     vision = [p.detach().clone() for p in state.model.vision.parameters()]
     out = state.model(batch)
-    losses = compute_losses(out, batch, objective)
-    assert list(losses) == objective.loss_names() and all(torch.isfinite(v) for v in losses.values())
+    losses = compute_losses(out, batch, cfgs.loss)
+    assert list(losses) == cfgs.loss.loss_names() and all(torch.isfinite(v) for v in losses.values())
     assert "fusion" not in losses or list(losses)[-1] == "fusion"  # GradNorm.backward's subtraction
-    log_row = train.train_step(state, batch, objective, torch.device("cpu"), amp=False)
+    log_row = train.train_step(state, batch)
     weights = [log_row[f"w_{task}"] for task in state.gradnorm.tasks]
-    r = types.SimpleNamespace(objective=objective, model=state.model, out=out, losses=losses, gradnorm=state.gradnorm,
+    r = types.SimpleNamespace(loss_cfg=cfgs.loss, model=state.model, out=out, losses=losses, gradnorm=state.gradnorm,
                               weights=weights)
     claims = ROW_CHECKS[row](r)
     assert all(claims.values()), {claim: holds for claim, holds in claims.items() if not holds}
@@ -413,7 +430,7 @@ def test_small_configuration_with_minilm_runs(batch):
     model = T2IReID(ModelConfig.small(image_size=(64, 32))).eval()
     assert model.text.config.hidden_size == 384  # the real all-MiniLM-L6-v2
     with torch.no_grad():
-        losses = compute_losses(model(batch), batch, model.objective)
+        losses = compute_losses(model(batch), batch, LossConfig())
     assert all(torch.isfinite(v) for v in losses.values())
 
 
@@ -424,19 +441,29 @@ def test_hub_name_offline_fails_with_a_clear_message():
         T2IReID(tiny(text_model="./no/such/bert"))
 
 
-def test_config_rejects_inconsistent_switches():
+def test_config_rejects_inconsistent_switches(capsys):
+    def check(model_cfg, **loss_fields):
+        train.check_configs(train.Configs(train.TrainConfig(), model_cfg, LossConfig(**loss_fields), RetrievalConfig()))
+
+    # the paper's losses train the clothing stream
+    with pytest.raises(ValueError, match="loss_aln needs the clothing stream .*: set loss_aln=False"):
+        check(tiny(use_bdam=False))
+    with pytest.raises(ValueError, match="loss_aln needs the clothing stream .*: set loss_aln=False"):
+        check(tiny(clothing_stream=False))
     with pytest.raises(ValueError, match="use_bdam=False leaves no clothing feature: set loss_aln=False"):
-        T2IReID(tiny(use_bdam=False))  # the paper's objective trains the clothing stream
+        check(tiny(use_bdam=False), loss_aln=False)
     with pytest.raises(ValueError, match="use_fusion=False: set loss_fusion=False too"):
-        check_pair(tiny(use_fusion=False), ObjectiveConfig())
-    with pytest.raises(ValueError, match="use_fusion=False: set loss_fusion=False too"):
-        replace_fields(tiny(), ObjectiveConfig(), dict(use_fusion=False))  # a row must switch both
-    cfg, objective = replace_fields(tiny(), ObjectiveConfig(), ABLATIONS["w/o fusion"])  # each field to its owner
-    assert cfg.use_fusion is False and objective.loss_fusion is False and not hasattr(cfg, "loss_fusion")
+        check(tiny(use_fusion=False))
+    check(tiny(use_bdam=False), loss_aln=False, loss_decouple=False)  # "w/o BDAM": consistent
+    with pytest.raises(SystemExit):
+        train.parse_config(["--use-fusion", "false"])  # a row must switch both
+    assert "use_fusion=False: set loss_fusion=False too" in capsys.readouterr().err
+    cfgs, _ = train.parse_config(["--ablation", "w/o fusion"])  # each field to its owner
+    assert cfgs.model.use_fusion is False and cfgs.loss.loss_fusion is False and not hasattr(cfgs.model, "loss_fusion")
     with pytest.raises(ValueError, match="hsic_kernel"):
-        ObjectiveConfig(hsic_kernel="gaussian")
+        LossConfig(hsic_kernel="gaussian")
     with pytest.raises(ValueError, match="every loss is switched off"):
-        ObjectiveConfig(loss_aln=False, loss_decouple=False, loss_info=False, loss_triplet=False, loss_fusion=False)
+        LossConfig(loss_aln=False, loss_decouple=False, loss_info=False, loss_triplet=False, loss_fusion=False)
     with pytest.raises(ValueError, match="bdam_pooling"):
         tiny(bdam_pooling="max")
     with pytest.raises(ValueError, match="conv_stem"):
@@ -458,16 +485,16 @@ def test_activation_checkpointing_gives_the_same_losses_and_gradients(batch, fro
     and without frozen text layers (model.text_features runs the layers above them itself).
     Tolerances: fp32, the same arithmetic in the same order; 1e-6 relative, 1e-7 absolute."""
     from helpers.devices import checkpoint_activations
-    objective, results = ObjectiveConfig(fusion_candidates=2), []  # the fusion's pairs are not checkpointed
+    loss_cfg, results = LossConfig(), []
     for checkpointed in (False, True):
-        torch.manual_seed(0)
-        model = T2IReID(tiny(dropout=0.1, text_frozen_layers=frozen), objective).train()
+        torch.manual_seed(0)  # fusion_candidates 2: the fusion's pairs are not checkpointed
+        model = T2IReID(tiny(dropout=0.1, text_frozen_layers=frozen, fusion_candidates=2)).train()
         if checkpointed:
             checkpoint_activations(model)
         torch.manual_seed(1)
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-            losses = compute_losses(model(batch), batch, objective)
+            losses = compute_losses(model(batch), batch, loss_cfg)
         sum(losses.values()).backward()
         results.append((losses, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, sum(saved)))
     (plain, plain_grads, plain_saved), (ckpt, ckpt_grads, ckpt_saved) = results

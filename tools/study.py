@@ -30,8 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from helpers.reports import robustness_ratios
-from model import ABLATIONS
-from train import parse_config
+from train import ABLATIONS, parse_config
 
 HERE = Path(__file__).resolve().parent.parent  # the repository root, where train.py is
 RESULTS = HERE / "results" / "study"
@@ -66,7 +65,7 @@ LONGER = ("a 4-epoch run of the full model and of `w/o Mamba`, seeds 0-2, would 
 class Claim:
     text: str
     source: str  # where the paper makes it
-    rows: tuple  # rows of model.ABLATIONS, each compared with "full"
+    rows: tuple  # rows of train.ABLATIONS, each compared with "full"
     reads: tuple = ALL_IMAGES  # the METRICS its verdict is read from, on the final ranking
     needs_fusion: bool = False  # it can show only where the full model's fusion changes the ranking
 
@@ -96,7 +95,7 @@ def slug(row: str) -> str:
 
 def table_v_ratios(robustness: dict) -> dict:
     """{setting: {stage: ratio}}: the Rank-1 of Identity-Only and Clothes-Conflict queries over
-    Standard's, per stage (evaluate.robustness_ratios); {} for a run without Table V."""
+    Standard's, per stage (helpers.reports.robustness_ratios); {} for a run without Table V."""
     out = {}
     for (name, stage), ratio in (robustness_ratios(robustness) if robustness else {}).items():
         out.setdefault(name, {})[stage] = ratio
@@ -536,7 +535,7 @@ def main(argv=None) -> int:
     argv = argv[:argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", nargs="+", default=list(ALL_ROWS), choices=list(ABLATIONS),
-                        help="rows of model.ABLATIONS (default: full, then each claim's rows in order)")
+                        help="rows of train.ABLATIONS (default: full, then each claim's rows in order)")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=REGIMES)
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"where summaries and the table go ({RESULTS})")
