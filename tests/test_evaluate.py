@@ -128,15 +128,17 @@ import data  # noqa: E402
 from helpers import lexicon  # noqa: E402
 import mamba_triton  # noqa: E402
 from evaluate import choose_from_sweep as choose_clothing_weight, choose_k_and_a as choose_rerank  # noqa: E402
-from evaluate import (RunError, derangement, evaluate_model,  # noqa: E402
-                      gate_summary, load_run, main, report, robustness_metrics, robustness_queries, robustness_ratios)
+from evaluate import (DEFAULT_RERANK, RetrievalConfig, RunError, derangement, evaluate_model,  # noqa: E402
+                      load_run, main, robustness_metrics, robustness_queries)
+from helpers.reports import gate_summary, report, robustness_ratios  # noqa: E402
 from helpers.pictures import (FRAME, FRAME_COLOURS, GAP, TEXT_WIDTH, THUMB, gate_curves, gate_histograms,  # noqa: E402
                       ranked_list_picture, read_log, running_mean, training_curves, training_figure,
                       training_picture)
 from helpers import retrieval  # noqa: E402
 from helpers.retrieval import TwoStage, embed_gallery, embed_texts, fusion_image_reliance, query_ranker, rerank  # noqa: E402
 from helpers.encoders import load_tokenizer  # noqa: E402
-from model import ModelConfig, ObjectiveConfig, T2IReID  # noqa: E402
+from losses import LossConfig  # noqa: E402
+from model import ModelConfig, T2IReID  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -156,7 +158,7 @@ def tiny_cfg(**overrides) -> ModelConfig:
 @pytest.fixture(scope="module")
 def tiny_model():
     torch.manual_seed(0)
-    return T2IReID(tiny_cfg(), ObjectiveConfig(rerank_k=5)).eval()
+    return T2IReID(tiny_cfg()).eval()
 
 
 @pytest.fixture(scope="module")
@@ -383,7 +385,7 @@ def test_fusion_image_reliance_matches_a_naive_swap_and_is_nil_for_a_blind_fusio
 
 def test_evaluate_model_two_stages_robustness_and_gates(tiny_model, tokenizer, test_split):
     args = (tiny_model, test_split, tokenizer, (64, 32), 48, "cpu")
-    out = evaluate_model(*args, batch_size=16, progress=False)
+    out = evaluate_model(*args, batch_size=16, rerank_k=5, progress=False)
     json.dumps(out)  # everything fits in metrics.json
     assert out["rerank_k"] == 5 and out["num_gallery"] == len(test_split.gallery) == 32
     tables = [out["stage1"], out["stage2"]] + [r[s] for key in ("table_v_as_shipped", "table_v_whole_text")
@@ -521,17 +523,35 @@ def test_load_run_errors_and_round_trip(tmp_path, tiny_model, capsys):
         load_run(runs_dir=tmp_path / "runs")
     folder = tmp_path / "runs" / "r1"
     folder.mkdir(parents=True)
-    # as train.py writes it before ObjectiveConfig: the objective's fields in "model"
-    old = {**dataclasses.asdict(tiny_model.cfg), **dataclasses.asdict(tiny_model.objective)}
-    (folder / "config.json").write_text(json.dumps({"train": {"data": "synth"}, "model": old}))
+    # as train.py wrote it while an "objective" section held the losses', the fusion's two
+    # training fields and the retrieval settings (K 5; beta and a left to the validation split)
+    fusion = ("fusion_candidates", "fusion_detach")
+    model = {k: v for k, v in dataclasses.asdict(tiny_model.cfg).items() if k not in (*fusion, "clothing_stream")}
+    objective = {**dataclasses.asdict(LossConfig()), **{k: getattr(tiny_model.cfg, k) for k in fusion},
+                 **dataclasses.asdict(RetrievalConfig(rerank_k=5))}
+    (folder / "config.json").write_text(json.dumps({"train": {"data": "synth"}, "model": model,
+                                                    "objective": objective}))
     with pytest.raises(RunError, match="no best.pt or last.pt"):
         load_run(folder)
     torch.save({"model": tiny_model.state_dict(), "step": 3}, folder / "last.pt")
     run = load_run(runs_dir=tmp_path / "runs")
     assert run.checkpoint.name == "last.pt" and run.train == {"data": "synth"}
-    assert (run.model_cfg, run.objective) == (tiny_model.cfg, tiny_model.objective) and run.objective.rerank_k == 5
+    # the config's K; beta and a with no results.json beside the checkpoint: 0 and 1
+    assert run.model_cfg == tiny_model.cfg and run.settings == RetrievalConfig(0.0, 5, 1.0)
     for (name, a), b in zip(tiny_model.state_dict().items(), run.model.state_dict().values()):
         assert torch.equal(a, b), name
+    # the settings train.py's final evaluation chose on validation fill those the config left open
+    (folder / "results.json").write_text(json.dumps({"clothing_weight": 0.3, "rerank_k": 20, "fusion_weight": 0.25}))
+    assert load_run(folder).settings == RetrievalConfig(0.3, 5, 0.25)
+    # config.json as train.py writes it now: one section per owner
+    (folder / "config.json").write_text(json.dumps({"train": {"data": "synth"},
+                                                    "model": dataclasses.asdict(tiny_model.cfg),
+                                                    "loss": dataclasses.asdict(LossConfig()),
+                                                    "retrieval": dataclasses.asdict(RetrievalConfig())}))
+    run = load_run(folder)
+    assert run.model_cfg == tiny_model.cfg and run.settings == RetrievalConfig(0.3, 20, 0.25)
+    (folder / "results.json").unlink()
+    assert load_run(folder).settings == RetrievalConfig(0.0, DEFAULT_RERANK, 1.0)
     assert main(["--run", str(tmp_path / "nowhere")]) == 2
     assert "python train.py" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
@@ -544,9 +564,11 @@ def test_cli_evaluates_a_run_and_searches_a_folder(tmp_path, tiny_model, tiny_sy
     folder.mkdir()
     train = {"data": "synth", "root": str(tiny_synth), "eval_batch": 16, "seed": 0}  # as train.TrainConfig
     (folder / "config.json").write_text(json.dumps({"train": train, "model": dataclasses.asdict(tiny_model.cfg),
-                                                    "objective": dataclasses.asdict(tiny_model.objective)}))
-    torch.save({"model": tiny_model.state_dict(), "clothing_weight": 0.25, "fusion_weight": 0.5},  # train.py's choices
-               folder / "best.pt")
+                                                    "loss": dataclasses.asdict(LossConfig()),
+                                                    "retrieval": dataclasses.asdict(RetrievalConfig(rerank_k=5))}))
+    torch.save({"model": tiny_model.state_dict()}, folder / "best.pt")
+    # train.py's choices on the validation split, beside best.pt
+    (folder / "results.json").write_text(json.dumps({"clothing_weight": 0.25, "rerank_k": 20, "fusion_weight": 0.5}))
     (folder / "log.jsonl").write_text("".join(json.dumps({"step": i, "w_img": 0.5 - i / 10, "g_std": 0.1}) + "\n"
                                               for i in range(1, 4)))
     assert main(["--run", str(folder), "--device", "cpu", "--rerank-k", "3", "--limit-queries", "8"]) == 0
