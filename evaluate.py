@@ -30,15 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from data import DATASETS, DatasetError, load_dataset
 from helpers import lexicon
 from helpers.encoders import EncoderLoadError, load_tokenizer
-from helpers.metrics import retrieval_metrics
+from helpers.metrics import metrics_of_both_stages, retrieval_metrics
 from helpers.pictures import gate_curves, gate_histograms, ranked_list_picture, read_log, training_picture
-from helpers.reports import gate_summary, report, rerank_report, sweep_report
-from helpers.retrieval import TwoStage, embed_gallery, fusion_image_reliance, query_ranker, rerank
+from helpers.reports import example_rankings, gate_summary, report, rerank_report, sweep_report
+from helpers.retrieval import embed_gallery, fusion_image_reliance, query_ranker, rerank
 from helpers.runs import RunError, find_checkpoint, read_saved
 from model import ModelConfig, T2IReID
 
@@ -94,41 +93,6 @@ def robustness_queries(gallery: list, seed: int = 0) -> tuple[dict, list, list] 
 # ----------------------------------------------------------------------------------------------
 # The whole evaluation
 
-def metrics_of_both_stages(ranker: TwoStage, pids, gallery_pids, batch_size=64, progress=True, gate_sink=None,
-                           outfits=None, gallery_outfits=None):
-    """(stage-1 metrics, stage-2 metrics or None when ranker.k is 0), each with "cross_outfit"
-    where the outfits are known (retrieval_metrics). `gate_sink`, a list, gets the mean W_img of
-    every pair the fusion module scores (Fig. 5)."""
-    stage1 = retrieval_metrics(ranker.stage1, pids, gallery_pids, 1024, outfits, gallery_outfits)
-    if not ranker.k:
-        return stage1, None
-    ranker.gates = gate_sink
-    bar = tqdm(total=len(pids), desc="stage 2", disable=not progress, leave=False)
-
-    def rows(start, end):  # the slow part on a CPU, hence the progress bar
-        bar.update(end - start)
-        return ranker.stage2(start, end)  # (n, G)
-    # 4 x batch_size pairs per fusion pass: half of what a training step scores, with no gradients
-    queries_per_pass = max(1, 4 * batch_size // ranker.k)
-    try:
-        return stage1, retrieval_metrics(rows, pids, gallery_pids, queries_per_pass, outfits, gallery_outfits)
-    finally:
-        bar.close()
-        ranker.gates = None
-
-
-def _examples(rows, texts: list, query_pids: list, gallery: list, count: int, seed: int) -> dict:
-    """`count` seeded queries with their top-10 paths and whether each is of the query's identity."""
-    pick = sorted(torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed))[:count].tolist())
-    out = dict(queries=[], paths=[], correct=[])
-    for q in pick:
-        top = rows(q, q + 1)[0].topk(min(10, len(gallery))).indices.tolist()
-        out["queries"].append(texts[q])
-        out["paths"].append([gallery[g].image_path for g in top])
-        out["correct"].append([gallery[g].pid == query_pids[q] for g in top])
-    return out
-
-
 def robustness_metrics(ranker, gallery: list, limit_queries, seed: int, notes: list,
                        batch_size=64, progress=True) -> dict | None:
     """Table V on the test images that have generated descriptions; the images left out (and
@@ -182,7 +146,7 @@ def evaluate_model(model: T2IReID, data, tokenizer, image_size, max_len: int, de
                   fusion_weight=a, clothing_weight=clothing_weight, stage1=stage1, stage2=stage2,
                   table_v_as_shipped=None, table_v_whole_text=None, notes=[],
                   gates=dict(bdam=gate_summary(bdam_gate, gallery["gate"]), fusion=gate_summary(fusion_gate)),
-                  examples=_examples(captions.stage2 if k else captions.stage1, texts, pids, data.gallery, 6, seed))
+                  examples=example_rankings(captions.stage2 if k else captions.stage1, texts, pids, data.gallery, 6, seed))
     only = int(captions.clothing_only.sum()) if captions.clothing_only is not None else 0
     if only:
         result["notes"].append(f"{only} of {len(texts)} caption queries name no identity trait: they rank by "

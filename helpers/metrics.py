@@ -1,10 +1,12 @@
 """Retrieval metrics of the community protocol (IRRA, Jiang & Ye, CVPR 2023): Rank-1/5/10, mAP
 and mINP in percent, computed in blocks of queries; and, where the dataset knows outfits, the
 cloth-changing protocol of PRCC and LTCC on the same rankings. Checked against hand-worked
-rankings in tests/test_evaluate.py."""
+rankings in tests/test_evaluate.py; `metrics_of_both_stages` ranks with both stages of a
+helpers.retrieval.TwoStage."""
 from __future__ import annotations
 
 import torch
+from tqdm import tqdm
 
 
 def _rank_block(similarity: torch.Tensor, query_pids: torch.Tensor, gallery_pids: torch.Tensor,
@@ -89,3 +91,26 @@ def retrieval_metrics(similarity, query_pids, gallery_pids, chunk_size: int = 10
         first, ap, inp = (torch.cat(column) for column in zip(*cross))
         metrics["cross_outfit"] = {**_summary(first, ap, inp), "queries": len(first)} if len(first) else None
     return metrics
+
+
+def metrics_of_both_stages(ranker, pids, gallery_pids, batch_size=64, progress=True, gate_sink=None,
+                           outfits=None, gallery_outfits=None):
+    """(stage-1 metrics, stage-2 metrics or None when ranker.k is 0), each with "cross_outfit"
+    where the outfits are known (retrieval_metrics). `gate_sink`, a list, gets the mean W_img of
+    every pair the fusion module scores (Fig. 5)."""
+    stage1 = retrieval_metrics(ranker.stage1, pids, gallery_pids, 1024, outfits, gallery_outfits)
+    if not ranker.k:
+        return stage1, None
+    ranker.gates = gate_sink
+    bar = tqdm(total=len(pids), desc="stage 2", disable=not progress, leave=False)
+
+    def rows(start, end):  # the slow part on a CPU, hence the progress bar
+        bar.update(end - start)
+        return ranker.stage2(start, end)  # (n, G)
+    # 4 x batch_size pairs per fusion pass: half of what a training step scores, with no gradients
+    queries_per_pass = max(1, 4 * batch_size // ranker.k)
+    try:
+        return stage1, retrieval_metrics(rows, pids, gallery_pids, queries_per_pass, outfits, gallery_outfits)
+    finally:
+        bar.close()
+        ranker.gates = None

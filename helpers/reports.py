@@ -103,3 +103,13 @@ def sweep_report(rows: list[dict], chosen: float) -> str:
     return "\n".join(lines)
 
 
+def example_rankings(rows, texts: list, query_pids: list, gallery: list, count: int, seed: int) -> dict:
+    """`count` seeded queries with their top-10 paths and whether each is of the query's identity."""
+    pick = sorted(torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed))[:count].tolist())
+    out = dict(queries=[], paths=[], correct=[])
+    for q in pick:
+        top = rows(q, q + 1)[0].topk(min(10, len(gallery))).indices.tolist()
+        out["queries"].append(texts[q])
+        out["paths"].append([gallery[g].image_path for g in top])
+        out["correct"].append([gallery[g].pid == query_pids[q] for g in top])
+    return out
