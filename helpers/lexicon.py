@@ -260,6 +260,41 @@ def split_query(query):
 
 
 # ----------------------------------------------------------------------------------------------
+# Checks of written descriptions, printed at the end of describe.py's run.
+
+def _sentences(text):
+    return [t for t in re.split(r"(?<=[.!?])\s+", text.strip()) if t]
+
+
+def description_quality(descriptions):
+    """Shares of the described images (file_path -> record) whose identity text names clothing,
+    holds a fragment (`is_fragment`), names no body trait besides a gender word, or came from
+    the fallback; and whose clothing text holds a gendered pronoun or a scene word."""
+    def share(test, side):
+        return sum(map(test, (d[side] for d in descriptions.values()))) / max(1, len(descriptions))
+
+    def categories(text):
+        return {word_category(w) for w in WORD_RE.findall(text) if w.lower() not in PERSON_NOUNS}
+    return {"images": len(descriptions),
+            "identity_clothing": share(lambda t: bool(categories(t) & {"garment", "pattern"}),
+                                       "identity"),
+            "identity_fragment": share(lambda t: any(map(is_fragment, _sentences(t))), "identity"),
+            "identity_no_trait": share(lambda t: "body" not in categories(t), "identity"),
+            "identity_fallback": sum(bool(d.get("identity_fallback"))
+                                     for d in descriptions.values()) / max(1, len(descriptions)),
+            "clothing_pronoun_or_scene": share(lambda t: bool(categories(t) & {"pronoun", "scene"}),
+                                               "clothing")}
+
+
+def print_quality(q):
+    print(f"description checks over {q['images']} images: identity texts naming clothing "
+          f"{q['identity_clothing']:.1%}, with a fragment {q['identity_fragment']:.1%}, with no "
+          f"body trait but a gender {q['identity_no_trait']:.1%} (fallback, no body words in the "
+          f"captions: {q['identity_fallback']:.1%}); clothing texts with a pronoun or a scene "
+          f"word {q['clothing_pronoun_or_scene']:.1%}")
+
+
+# ----------------------------------------------------------------------------------------------
 # Appendix: the word lists.
 
 # and SynthPEDES's). Used three times: to mask style skeletons, to split captions into identity and

@@ -79,7 +79,7 @@ def test_rules_backend_describes_every_image_and_keeps_texts_to_their_side(reali
     for path, d in written.items():
         named = {w.lower() for c in recs[path]["captions"] for w in lexicon.body_words(c)}
         assert named <= {w.lower() for w in lexicon.WORD_RE.findall(d["identity"])}, (recs[path]["captions"], d)
-    quality = describe.description_quality(written)
+    quality = lexicon.description_quality(written)
     assert quality["identity_fragment"] < 0.02
     assert quality["identity_clothing"] < 0.01
     assert quality["clothing_pronoun_or_scene"] < 0.01
