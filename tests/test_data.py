@@ -17,6 +17,7 @@ from PIL import Image
 
 import data
 from helpers import lexicon
+from helpers import transforms
 from synthetic import render
 from synthetic import synthpedes
 from helpers.encoders import OFFLINE_TEXT_MODEL, EncoderLoadError, load_tokenizer
@@ -387,7 +388,7 @@ def test_main_prints_dataset_errors_without_traceback(tmp_path):
 
 def naive_normalised(image, size):
     pixels = np.asarray(image.resize((size[1], size[0]), Image.Resampling.BILINEAR), dtype=np.float64) / 255
-    out = (pixels - np.array(data.IMAGENET_MEAN)) / np.array(data.IMAGENET_STD)  # (H, W, 3)
+    out = (pixels - np.array(transforms.IMAGENET_MEAN)) / np.array(transforms.IMAGENET_STD)  # (H, W, 3)
     return torch.tensor(out.transpose(2, 0, 1), dtype=torch.float32)  # (3, H, W)
 
 
@@ -401,14 +402,14 @@ def test_eval_transform_matches_a_naive_reference():
 def test_train_transform_flip_pad_crop_and_erase():
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 16, 3), dtype=np.uint8))
     ref = naive_normalised(image, (32, 16))
-    flip = data.TrainTransform((32, 16), flip_p=1.0, pad=0, erase_p=0.0)
+    flip = transforms.TrainTransform((32, 16), flip_p=1.0, pad=0, erase_p=0.0)
     torch.testing.assert_close(flip(image), ref.flip(-1), rtol=0, atol=1e-5)
     # pad-and-crop: the output is a window of the black-padded image (black = -mean/std)
-    black = (-torch.tensor(data.IMAGENET_MEAN) / torch.tensor(data.IMAGENET_STD)).view(3, 1, 1)
+    black = (-torch.tensor(transforms.IMAGENET_MEAN) / torch.tensor(transforms.IMAGENET_STD)).view(3, 1, 1)
     padded = black.repeat(1, 32 + 6, 16 + 6)
     padded[:, 3:35, 3:19] = ref
     windows = {(i, j) for i in range(7) for j in range(7)}
-    crop = data.TrainTransform((32, 16), flip_p=0.0, pad=3, erase_p=0.0)
+    crop = transforms.TrainTransform((32, 16), flip_p=0.0, pad=3, erase_p=0.0)
     seen = set()
     torch.manual_seed(0)
     for _ in range(40):
@@ -417,7 +418,7 @@ def test_train_transform_flip_pad_crop_and_erase():
         assert hits
         seen.update(hits)
     assert len(seen) > 10  # the offset varies
-    erase = data.TrainTransform((32, 16))
+    erase = transforms.TrainTransform((32, 16))
     for _ in range(20):
         x = torch.randn(3, 32, 16) + 5
         y = erase.erase(x)
