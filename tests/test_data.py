@@ -19,6 +19,7 @@ import data
 from helpers import lexicon
 from helpers import transforms
 from synthetic import render
+from synthetic import captions
 from synthetic import synthpedes
 from helpers.encoders import OFFLINE_TEXT_MODEL, EncoderLoadError, load_tokenizer
 
@@ -160,17 +161,17 @@ def test_clothing_is_independent_of_identity():
 # ---- SynthPEDES: captions ---------------------------------------------------------------------
 
 def norm(text):
-    return " " + " ".join(synthpedes.words(text)) + " "
+    return " " + " ".join(captions.words(text)) + " "
 
 
 def test_caption_styles_differ_in_form_not_content():
     rng = random.Random(0)
     for ident in synthpedes.sample_identities(40, seed=3):
         outfit = synthpedes.sample_outfit(rng)
-        p = synthpedes.phrases(ident, outfit)
+        p = captions.phrases(ident, outfit)
         content = [p[k] for k in ("gender", "height", "build", "skin", "hair", "top", "bottom", "shoes")]
         content += p["extras"] + p["bags"] + p["worn"]
-        caps = [synthpedes.caption(s, ident, outfit) for s in range(synthpedes.NUM_STYLES)]
+        caps = [captions.caption(s, ident, outfit) for s in range(captions.NUM_STYLES)]
         for s, c in enumerate(caps):
             for phrase in content:
                 assert norm(phrase) in norm(c), (s, phrase, c)
@@ -180,7 +181,7 @@ def test_caption_styles_differ_in_form_not_content():
             for phrase in sorted(content, key=len, reverse=True):
                 rest = rest.replace(norm(phrase), " ")
             skeletons.append(rest.split())
-        assert len({tuple(s) for s in skeletons}) == synthpedes.NUM_STYLES  # different wording
+        assert len({tuple(s) for s in skeletons}) == captions.NUM_STYLES  # different wording
     assert caps[3] == caps[3].lower() and not any(ch in caps[3] for ch in ",.;:-")
 
 
@@ -207,10 +208,10 @@ def test_records_store_the_truth_of_each_image(tiny_synth):
     for r in ann.records[:12]:
         a = r["attributes"]
         ident, outfit, nuisance = a["identity"], a["clothing"], a["nuisance"]
-        assert len(set(r["caption_styles"])) == 2 and set(r["caption_styles"]) <= set(range(synthpedes.NUM_STYLES))
-        assert r["captions"] == [synthpedes.caption(s, ident, outfit) for s in r["caption_styles"]]
-        assert (r["identity_text"], r["clothing_text"]) == synthpedes.descriptions_of(ident, outfit)
-        assert r["processed_tokens"] == [synthpedes.words(c) for c in r["captions"]]
+        assert len(set(r["caption_styles"])) == 2 and set(r["caption_styles"]) <= set(range(captions.NUM_STYLES))
+        assert r["captions"] == [captions.caption(s, ident, outfit) for s in r["caption_styles"]]
+        assert (r["identity_text"], r["clothing_text"]) == captions.descriptions_of(ident, outfit)
+        assert r["processed_tokens"] == [captions.words(c) for c in r["captions"]]
         stored = np.asarray(data.load_image(ann.image_dir / r["file_path"]))
         assert stored.shape == (64, 32, 3)
         assert (stored == np.asarray(render.render_person(ident, outfit, nuisance, (64, 32)))).all()
@@ -511,7 +512,7 @@ def test_main_generates_once_summarises_and_draws_a_contact_sheet(tmp_path, caps
     out = capsys.readouterr().out
     assert "train       6      36        72" in out and "test        3      18        36" in out
     styles = [int(line.split(": ")[1]) for line in out.splitlines() if line.startswith("captions in style")]
-    assert len(styles) == synthpedes.NUM_STYLES and sum(styles) == 10 * 6 * 2
+    assert len(styles) == captions.NUM_STYLES and sum(styles) == 10 * 6 * 2
     sheet = tmp_path / "SynthPEDES" / "contact_sheet.png"
     assert f"contact sheet: {sheet}" in out and Image.open(sheet).width == 6 * (16 * 3 + 8)
     stamp = (tmp_path / "SynthPEDES" / "reid_raw.json").stat().st_mtime_ns
@@ -552,8 +553,8 @@ def test_realistic_captions_change_only_the_captions(tmp_path):
     a, b = (json.loads((f / "reid_raw.json").read_text()) for f in (planted, real))
     for x, y in zip(a, b):
         assert x["attributes"] == y["attributes"] and x["captions"] != y["captions"]
-        assert set(y["caption_styles"]) <= set(synthpedes.REALISTIC_STYLES)
-        assert y["processed_tokens"] == [synthpedes.words(c) for c in y["captions"]]
+        assert set(y["caption_styles"]) <= set(captions.REALISTIC_STYLES)
+        assert y["processed_tokens"] == [captions.words(c) for c in y["captions"]]
     assert json.loads((real / "config.json").read_text())["captions"] == "realistic"
 
 

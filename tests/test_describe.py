@@ -25,6 +25,7 @@ from helpers import lexicon
 from helpers import mllm
 from helpers import styles
 from synthetic import render
+from synthetic import captions
 from synthetic import synthpedes
 
 KEY = "sk-test-NEVER-PRINT-4242"
@@ -239,7 +240,7 @@ def test_synthpedes_identity_text_with_glasses_is_a_valid_identity_description()
     identities = [i for i in synthpedes.sample_identities(40, seed=0) if i["glasses"]]
     outfit = synthpedes.sample_outfit(random.Random(0))
     for ident in identities:
-        identity, clothing = synthpedes.descriptions_of(ident, outfit)
+        identity, clothing = captions.descriptions_of(ident, outfit)
         assert "glasses" in identity.split()
         answer = json.dumps({"identity": identity, "clothing": clothing})
         assert describe.validate_answer(answer) == (identity, clothing)
@@ -249,7 +250,7 @@ def test_agreement_counts_glasses_in_the_identity_text_as_right():
     ident = next(i for i in synthpedes.sample_identities(40, seed=0) if i["glasses"])
     outfit = synthpedes.sample_outfit(random.Random(0))
     record = {"file_path": "a.png", "attributes": {"identity": ident, "clothing": outfit}}
-    identity, clothing = synthpedes.descriptions_of(ident, outfit)
+    identity, clothing = captions.descriptions_of(ident, outfit)
     right = {"a.png": {"identity": identity, "clothing": clothing}}
     assert synthpedes.attribute_agreement([record], right)["identity"] == 1.0
     # glasses in the clothing text instead: one identity value missed (and leaked), clothing intact
