@@ -2,8 +2,9 @@
 
 The attribute words of pedestrian captions (CUHK-PEDES / ICFG-PEDES / RSTPReid wording and
 SynthPEDES's) are used three times by `describe.py` (paper Sec. III-B): to mask captions into
-*style skeletons* before style clustering (DESIGN 3.7, after HAM), to split captions into
-identity and clothing clauses (the offline `rules` backend, DESIGN 3.8), and to validate that
+*style skeletons* before style clustering (docs/design.md#7-style-clustering, after HAM), to split
+captions into identity and clothing clauses (the offline `rules` backend, docs/design.md#8-gpt-4),
+and to validate that
 neither description leaks into the other; helpers/retrieval.py splits each search query with it too
 (`split_query`). Read top to bottom: word lookup (plural, possessive, hyphenated and one-typo
 forms), skeletons, the splitter; the word lists themselves are the appendix at the bottom.
@@ -249,7 +250,8 @@ def split_query(query):
     """A search query (a caption, a Table V string, any text a person types) -> (identity,
     clothing, names_identity), split as `rules_describe` splits an image's captions: the identity
     part is what meets the visual identity, the clothing part ("" when it names no clothing)
-    what meets the clothing stream (DESIGN 3.5). names_identity is False when the query names no
+    what meets the clothing stream
+    (docs/design.md#5-text-side-only-identity-text-meets-the-identity-path). names_identity is False when the query names no
     identity trait ("a red jacket and jeans"); identity is then "A person." (or "A man.", from a
     pronoun). A query with no word in it is a ValueError."""
     if not WORD_RE.search(query or ""):
@@ -323,9 +325,7 @@ GARMENTS = _words("""shirt t-shirt tshirt tee top blouse sweater jumper hoodie s
 PATTERNS = _words("""striped stripes stripe plaid checked checkered chequered floral flowered
     flowery dotted polka spotted patterned printed print prints logo logos graphic camouflage
     lettering letters writing design designs""")
-# Glasses are an identity trait (README, design decision 11): prescription glasses are part of
-# how a person looks and are not changed with the outfit (SynthPEDES draws them once per
-# person). Sunglasses are worn for the weather, like a hat: an accessory, i.e. clothing (GARMENTS).
+# Glasses are identity, sunglasses an accessory in GARMENTS (docs/design.md#11-glasses-are-identity)
 EYEWEAR = _words("glasses eyeglasses spectacles bespectacled")
 # Body traits that never describe clothing: forbidden in a clothing description.
 BODY_TRAITS = EYEWEAR | _words("""man men woman women male female boy boys girl girls lady
