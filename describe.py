@@ -50,7 +50,8 @@ from pathlib import Path
 
 import data
 from synthetic import synthpedes
-from helpers.lexicon import body_words, description_quality, garment_words, gender_word, print_quality, rules_describe
+from helpers.lexicon import (body_words, description_quality, garment_words, gender_word, print_quality,
+                             rules_describe)
 from helpers.mllm import (Answer, DescribeError, OpenAIBackend, ValidationError, confirm, print_cost,
                           print_estimate)
 from helpers.styles import print_clusters, style_clusters
