@@ -3,33 +3,34 @@
 For every image of a dataset this script writes two texts: an *identity* description (gender
 presentation, age, height, build, skin, hair, glasses) and a *clothing* description (garments,
 colours, patterns, shoes, bags, accessories, sunglasses among them). Glasses are identity: a
-person keeps them from outfit to outfit (README, design decision 11). `train.py` feeds the first
-to the identity text branch and the second to the clothing alignment loss (Eq. 1). The pipeline,
-top to bottom:
+person keeps them from outfit to outfit (docs/design.md#11-glasses-are-identity). `train.py`
+feeds the first to the identity text branch and the second to the clothing alignment loss
+(Eq. 1). The pipeline, top to bottom:
 
 1. Load the captions of a dataset (`data.read_annotations`; SynthPEDES is generated if missing).
-2. Style clustering (DESIGN 3.7, after HAM, Jiang et al. 2025): mask attribute words (colours,
-   garments, patterns, body words) so that only the *style skeleton* of a caption is left, embed
-   the skeletons with a text encoder (CLIP's when one loads, else the offline all-MiniLM-L6-v2),
-   DBSCAN (Ester et al. 1996) with the eps of the k-distance curve whose clustering has the best
-   silhouette, noise points to the nearest cluster. The clusters are cached beside the output
-   (`helpers/styles.py`; the word lists and the skeleton mask are in `helpers/lexicon.py`).
+2. Style clustering (docs/design.md#7-style-clustering, after HAM, Jiang et al. 2025): mask
+   attribute words (colours, garments, patterns, body words) so that only the *style skeleton*
+   of a caption is left, embed the skeletons with a text encoder (CLIP's when one loads, else
+   the offline all-MiniLM-L6-v2), DBSCAN (Ester et al. 1996) with the eps of the k-distance
+   curve whose clustering has the best silhouette, noise points to the nearest cluster. The
+   clusters are cached beside the output (`helpers/styles.py`; the word lists and the skeleton
+   mask are in `helpers/lexicon.py`).
 3. A style prompt per cluster, plus two content prompts (identity, clothing).
 4. A backend answers: `openai` sends the image (base64 data URL) and the prompts to any
-   OpenAI-compatible chat endpoint and asks for JSON; `rules` (offline, no key) splits the
-   image's own captions into identity and clothing clauses (`lexicon.rules_describe`), and
-   never leaves an image without descriptions (no body words: "A man." / "A person.", marked).
+   OpenAI-compatible chat endpoint and asks for JSON (`helpers/mllm.py`); `rules` (offline, no
+   key) splits the image's own captions into identity and clothing clauses
+   (`lexicon.rules_describe`), and never leaves an image without descriptions (no body words:
+   "A man." / "A person.", marked).
 5. Validation: the answer parses, both texts are non-empty and within length bounds, the
    identity text names no garment and the clothing text no body trait; else retry with the
    reason appended to the prompt, then record a failure.
-6. Output (DESIGN 9): `descriptions.jsonl` beside the annotation file (where train.py reads it),
-   one JSON object per image, appended + fsynced as results arrive. A rerun skips finished
-   images, retries failed ones, and repairs a line cut short by a kill, so nothing is lost or
-   duplicated. Images left failed: exit status 1.
+6. Output (docs/design.md#the-descriptions): `descriptions.jsonl` beside the annotation file
+   (where train.py reads it), one JSON object per image, appended + fsynced as results arrive.
+   A rerun skips finished images, retries failed ones, and repairs a line cut short by a kill,
+   so nothing is lost or duplicated. Images left failed: exit status 1.
 
-Before the first request the openai backend prints its estimate: requests, prompt and answer
-tokens (images by the tile rule), the cost at the model's list price (PRICES, or --price-in /
---price-out) and the time at --workers concurrent requests; then it asks to go on (y/N), or,
+Before the first request the openai backend prints its estimate (requests, tokens, cost at
+`mllm.PRICES` or --price-in / --price-out, time at --workers) and asks to go on (y/N), or,
 without a terminal, needs --yes.
 
 Run:   python describe.py                          # offline: SynthPEDES + rules backend
@@ -38,10 +39,8 @@ Run:   python describe.py                          # offline: SynthPEDES + rules
 Test:  pytest tests/test_describe.py
 """
 import argparse
-import base64
 import dataclasses
 import json
-import math
 import os
 import re
 import sys
@@ -51,13 +50,11 @@ from pathlib import Path
 
 import data
 from synthetic import synthpedes
-from helpers.lexicon import (PERSON_NOUNS, WORD_RE, body_words, garment_words, gender_word, is_fragment, rules_describe,
-                     word_category)
+from helpers.lexicon import (body_words, description_quality, garment_words, gender_word, print_quality,
+                             rules_describe)
+from helpers.mllm import (Answer, DescribeError, OpenAIBackend, ValidationError, confirm, print_cost,
+                          print_estimate)
 from helpers.styles import print_clusters, style_clusters
-
-
-class DescribeError(Exception):
-    """A problem the user can fix (missing key, bad option, unreadable output); no traceback."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,18 +83,8 @@ def build_messages(style, image_url, reason=None):
                                          {"type": "image_url", "image_url": {"url": image_url}}]}]
 
 
-def image_data_url(path):
-    mime = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}.get(
-        Path(path).suffix.lower(), "image/png")
-    return f"data:{mime};base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
-
-
 # ----------------------------------------------------------------------------------------------
 # Validation: what makes an answer usable as training text.
-
-class ValidationError(ValueError):
-    pass
-
 
 def validate_answer(text, min_words=2, max_words=100):
     """Parse an answer and check it; returns (identity, clothing) or raises ValidationError
@@ -128,17 +115,7 @@ def validate_answer(text, min_words=2, max_words=100):
 
 # ----------------------------------------------------------------------------------------------
 # Backends. `rules` keeps the captions' own wording, so the style prompt does not apply to it;
-# `openai` is any OpenAI-compatible chat endpoint that accepts images (DESIGN 3.8).
-
-@dataclass
-class Answer:
-    identity: str = ""
-    clothing: str = ""
-    error: str = ""          # empty when the answer passed validation
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    identity_fallback: bool = False   # the captions name no body trait: "A man.", "A person."
-
+# `openai` (helpers/mllm.py) is any OpenAI-compatible chat model with images (docs/design.md#8-gpt-4).
 
 class RulesBackend:
     """The captions split by `rules_describe`, then validated like any answer. An identity text
@@ -167,165 +144,8 @@ class RulesBackend:
                       identity_fallback=fallback)
 
 
-class OpenAIBackend:
-    """The image and prompts to `client.chat.completions.create`, JSON output requested.
-
-    Transport retries (408, 409, 429, 5xx, timeouts, refused connections) are the client's own,
-    `max_retries` of them, with its exponential backoff and the server's Retry-After. An answer
-    that fails validation is asked again with the reason appended, `validation_retries` times,
-    then recorded as a failure.
-    """
-    name = "openai"
-
-    def __init__(self, cfg):
-        import openai
-        key = os.environ.get("OPENAI_API_KEY", "").strip()
-        if not key:
-            raise DescribeError("OPENAI_API_KEY is not set. Export the key of your endpoint (any "
-                                "non-empty string for a local server), or use --backend rules.")
-        self.openai, self.cfg, self.model = openai, cfg, cfg.model
-        self.fatal = None   # set by the first refused request; every later image stops at once
-        self.client = openai.OpenAI(api_key=key, base_url=cfg.base_url or None,
-                                    max_retries=cfg.max_retries, timeout=cfg.timeout)
-
-    def describe(self, image_path, captions, style):
-        if self.fatal:
-            raise self.fatal
-        answer, reason = Answer(), None
-        try:
-            url = image_data_url(image_path)
-        except OSError as err:
-            return Answer(error=f"cannot read the image: {err}")
-        for _ in range(self.cfg.validation_retries + 1):
-            try:
-                text = self._complete(build_messages(style, url, reason), answer)
-            except self.openai.APIError as err:   # retries exhausted, or a 4xx for this image
-                answer.error = f"{type(err).__name__}: {str(err)[:300]}"
-                return answer
-            try:
-                answer.identity, answer.clothing = validate_answer(
-                    text, self.cfg.min_words, self.cfg.max_words)
-                return answer
-            except ValidationError as err:
-                reason = str(err)
-        answer.error = f"invalid answer after {self.cfg.validation_retries + 1} tries: {reason}"
-        return answer
-
-    def _complete(self, messages, answer):
-        """One chat completion (the client retries transient errors); returns the message text."""
-        openai = self.openai
-        try:
-            response = self.client.chat.completions.create(
-                model=self.model, messages=messages, temperature=self.cfg.temperature,
-                response_format={"type": "json_object"})
-        except (openai.AuthenticationError, openai.PermissionDeniedError,
-                openai.NotFoundError) as err:  # wrong key, model or URL: stop the whole run
-            self.fatal = DescribeError(
-                f"the endpoint refused the request ({type(err).__name__}, HTTP "
-                f"{err.status_code}); check --base-url, --model and OPENAI_API_KEY")
-            raise self.fatal from None
-        if response.usage is not None:
-            answer.prompt_tokens += response.usage.prompt_tokens or 0
-            answer.completion_tokens += response.usage.completion_tokens or 0
-        return response.choices[0].message.content if response.choices else ""
-
-
 # ----------------------------------------------------------------------------------------------
-# What a run will cost, printed before its first request: requests, tokens, dollars, time.
-
-# USD per million (input, output) tokens, OpenAI list prices (openai.com/api/pricing) as of
-# PRICES_DATE; check your provider's current prices, or pass --price-in / --price-out.
-PRICES_DATE = "2025-06"
-PRICES = {"gpt-4o": (2.50, 10.00), "gpt-4o-mini": (0.15, 0.60), "gpt-4.1": (2.00, 8.00),
-          "gpt-4.1-mini": (0.40, 1.60), "gpt-4.1-nano": (0.10, 0.40),
-          "gpt-4-turbo": (10.00, 30.00)}
-
-
-# Image tokens of the tile rule (OpenAI's vision guide, detail "high", which "auto" picks for
-# these images): (base, per 512-px tile); gpt-4o-mini counts more tokens at a lower price.
-TILE_TOKENS = {"gpt-4o-mini": (2833, 5667), "": (85, 170)}
-CHARS_PER_TOKEN = 4   # English text, roughly (no tokenizer is installed for the estimate)
-
-
-def prices(model, price_in=-1.0, price_out=-1.0):
-    """USD per 1M (prompt, completion) tokens: the flags where given (>= 0), else PRICES for the
-    longest model name that `model` starts with; None where neither says."""
-    known = [name for name in PRICES if model.startswith(name)]
-    default = PRICES[max(known, key=len)] if known else (None, None)
-    return (price_in if price_in >= 0 else default[0]), (price_out if price_out >= 0 else default[1])
-
-
-def estimate_cost(model, prompt_tokens, completion_tokens, price_in=-1.0, price_out=-1.0):
-    """Dollars, or None when the model is not in PRICES and no prices were given."""
-    p_in, p_out = prices(model, price_in, price_out)
-    if p_in is None or p_out is None:
-        return None
-    return (prompt_tokens * p_in + completion_tokens * p_out) / 1e6
-
-
-def image_tokens(width, height, model=""):
-    """Prompt tokens of one image by the tile rule: scaled down to fit 2048 x 2048, then down
-    until its shorter side is at most 768, then base + per_tile * (512-px tiles). An estimate:
-    providers other than OpenAI, and newer models, count images their own way."""
-    scale = min(1.0, 2048 / max(width, height))
-    scale *= min(1.0, 768 / (min(width, height) * scale))
-    base, per_tile = TILE_TOKENS[max((n for n in TILE_TOKENS if model.startswith(n)), key=len)]
-    return base + per_tile * math.ceil(width * scale / 512) * math.ceil(height * scale / 512)
-
-
-def estimate_run(prompt_chars, image_sizes, answer_tokens, cfg):
-    """The run's estimate: one request per image (re-asks after an invalid answer come on top);
-    prompt tokens = the prompt text at CHARS_PER_TOKEN + the image's tiles; answer_tokens each;
-    the cost at the model's prices; the time at cfg.workers concurrent requests of
-    cfg.request_seconds each."""
-    text = sum(math.ceil(n / CHARS_PER_TOKEN) for n in prompt_chars)
-    images = sum(image_tokens(w, h, cfg.model) for w, h in image_sizes)
-    requests = len(image_sizes)
-    return dict(requests=requests, text_tokens=text, image_tokens=images, prompt_tokens=text + images,
-                completion_tokens=answer_tokens * requests,
-                cost=estimate_cost(cfg.model, text + images, answer_tokens * requests, cfg.price_in, cfg.price_out),
-                seconds=math.ceil(requests / cfg.workers) * cfg.request_seconds)
-
-
-def print_estimate(todo, labels, clusters, image_dir, cfg):
-    """The estimate of the requests `todo` will make (estimate_run), from each image's size and
-    prompt and the captions' length (an answer is two texts about as long as a caption)."""
-    from PIL import Image
-    sizes, chars = [], []
-    for record, label in zip(todo, labels):
-        with Image.open(Path(image_dir) / record["file_path"]) as image:
-            sizes.append(image.size)
-        messages = build_messages(clusters[label].prompt, "")
-        chars.append(len(messages[0]["content"]) + len(messages[1]["content"][0]["text"]))
-    words = [len(c.split()) for r in todo for c in r["captions"]] or [30]
-    answer = round(2 * 1.3 * sum(words) / len(words)) + 12   # 1.3 tokens a word, JSON around it
-    e = estimate_run(chars, sizes, answer, cfg)
-    p_in, p_out = prices(cfg.model, cfg.price_in, cfg.price_out)
-    source = ("as given" if min(cfg.price_in, cfg.price_out) >= 0
-              else f"list prices as of {PRICES_DATE}, check your provider")
-    cost = (f"${e['cost']:.4f} at ${p_in} / ${p_out} per 1M prompt / answer tokens ({source})"
-            if e["cost"] is not None else "unknown: pass --price-in and --price-out (USD per 1M tokens)")
-    print(f"estimate for {cfg.model}: {e['requests']} requests (one per image; re-asks of invalid answers "
-          f"come on top); {e['prompt_tokens']:,} prompt tokens ({e['text_tokens']:,} text at "
-          f"{CHARS_PER_TOKEN} characters a token, {e['image_tokens']:,} image: the 512-px tile rule, an "
-          f"estimate) and {e['completion_tokens']:,} answer tokens; cost {cost}; time "
-          f"{e['seconds'] / 60:.1f} min at {cfg.workers} concurrent requests of {cfg.request_seconds:g} s")
-    return e
-
-
-def confirm(cfg):
-    """Go on only when the user says so: --yes, or 'y' at the terminal's prompt. DescribeError
-    without a terminal (a script or a job must pass --yes) and on any other answer."""
-    if cfg.yes:
-        return
-    if not sys.stdin.isatty():
-        raise DescribeError("no terminal to confirm the estimate above: pass --yes to send the requests")
-    if input("send these requests? [y/N] ").strip().lower() not in ("y", "yes"):
-        raise DescribeError("stopped before the first request; nothing was sent")
-
-
-# ----------------------------------------------------------------------------------------------
-# Output: one JSON line per image, appended and fsynced; a rerun resumes (DESIGN 9).
+# Output: one JSON line per image, appended and fsynced; a rerun resumes (docs/design.md#the-descriptions).
 
 def load_progress(path):
     """{file_path: record} of the images already described in `path` (missing file: {}), read by
@@ -408,8 +228,7 @@ class DescribeConfig:
     style_encoder: str = _option("openai/clip-vit-base-patch16", "CLIP hub name or folder for "
                                  "style embeddings ('minilm': the offline encoder)")
     style_sample: int = _option(4000, "captions used to fit the style clusters")
-    # A style is a habit shared by a sizeable group of annotators: DBSCAN's min_samples (the k of
-    # the k-distance curve) is this share of the sample; 5% recovers SynthPEDES's planted styles.
+    # A style is a habit of many annotators (docs/design.md#7-style-clustering)
     min_style_share: float = _option(0.05, "DBSCAN min_samples, as a share of the sample")
     seed: int = _option(0, "seed of the caption sample")
     dry_run: bool = _option(False, "print the prompts of a few images; call and write nothing")
@@ -491,7 +310,8 @@ def run(cfg):
     records = select_records(annotations.records, cfg.split, cfg.limit)
     out = data.descriptions_file(cfg.data, cfg.root)   # where train.py and evaluate.py read them
     if not cfg.dry_run:   # the key is checked before any slow work; a dry run needs none
-        backend = (OpenAIBackend if cfg.backend == "openai" else RulesBackend)(cfg)
+        backend = (OpenAIBackend(cfg, build_messages, validate_answer) if cfg.backend == "openai"
+                   else RulesBackend(cfg))
     done = {} if cfg.dry_run else load_progress(out)
     todo = [r for r in records if r["file_path"] not in done]
     print(f"{annotations.name}: {len(records)} images selected ({cfg.split}), "
@@ -502,7 +322,8 @@ def run(cfg):
                                                   save=not cfg.dry_run)
         print_clusters(clusters, report)
         if cfg.backend == "openai":   # before the first request: what the run will cost
-            print_estimate(todo, labels, clusters, annotations.image_dir, cfg)
+            print_estimate(todo, [build_messages(clusters[label].prompt, "") for label in labels],
+                           annotations.image_dir, cfg)
         if cfg.dry_run:
             print_dry_run(todo, labels, clusters, annotations.image_dir)
             return summary
@@ -531,43 +352,7 @@ def print_summary(s, cfg, out):
         print(f"{s.failed} images failed (their lines in {out} say why); rerun the same command "
               "to retry them: finished images are kept")
     if cfg.backend == "openai":
-        cost = estimate_cost(cfg.model, s.prompt_tokens, s.completion_tokens,
-                             cfg.price_in, cfg.price_out)
-        price = f"${cost:.4f}" if cost is not None else "unknown (pass --price-in/--price-out)"
-        print(f"tokens: {s.prompt_tokens} prompt + {s.completion_tokens} completion; "
-              f"estimated cost {price}")
-
-
-def _sentences(text):
-    return [t for t in re.split(r"(?<=[.!?])\s+", text.strip()) if t]
-
-
-def description_quality(descriptions):
-    """Shares of the described images (file_path -> record) whose identity text names clothing,
-    holds a fragment (`is_fragment`), names no body trait besides a gender word, or came from
-    the fallback; and whose clothing text holds a gendered pronoun or a scene word."""
-    def share(test, side):
-        return sum(map(test, (d[side] for d in descriptions.values()))) / max(1, len(descriptions))
-
-    def categories(text):
-        return {word_category(w) for w in WORD_RE.findall(text) if w.lower() not in PERSON_NOUNS}
-    return {"images": len(descriptions),
-            "identity_clothing": share(lambda t: bool(categories(t) & {"garment", "pattern"}),
-                                       "identity"),
-            "identity_fragment": share(lambda t: any(map(is_fragment, _sentences(t))), "identity"),
-            "identity_no_trait": share(lambda t: "body" not in categories(t), "identity"),
-            "identity_fallback": sum(bool(d.get("identity_fallback"))
-                                     for d in descriptions.values()) / max(1, len(descriptions)),
-            "clothing_pronoun_or_scene": share(lambda t: bool(categories(t) & {"pronoun", "scene"}),
-                                               "clothing")}
-
-
-def print_quality(q):
-    print(f"description checks over {q['images']} images: identity texts naming clothing "
-          f"{q['identity_clothing']:.1%}, with a fragment {q['identity_fragment']:.1%}, with no "
-          f"body trait but a gender {q['identity_no_trait']:.1%} (fallback, no body words in the "
-          f"captions: {q['identity_fallback']:.1%}); clothing texts with a pronoun or a scene "
-          f"word {q['clothing_pronoun_or_scene']:.1%}")
+        print_cost(cfg, s.prompt_tokens, s.completion_tokens)
 
 
 def parse_args(argv=None):

@@ -1,16 +1,14 @@
 """Mamba's selective scan in Triton, forward and backward, written from scratch, and the block.
 
 Read this file top to bottom, as a ladder: the equations, here; (2) a sequential PyTorch
-reference written from them, and the same scan for CPUs with its backward written out; (3) the
-forward kernel; (4) the backward kernel, which recomputes states from checkpoints; (5) the
-autograd function that joins them; (6) the dispatch: Triton on CUDA tensors (or on CPU under
-TRITON_INTERPRET=1, as the tests run), the CPU scan otherwise and on cards the kernels do not
-run on; (7) the Mamba block; (8) the check against the reference. The next rung is tools/mamba_chunked.py: the same scan in two passes over
-segments of the sequence, built from this file's pieces, for batches too small to fill a GPU, with
-the dispatch that chooses it or this file's kernels (the block here stays on the sequential ones,
-as mamba_chunked imports this file). Beside it: tools/mamba_bench.py times the scans and the block on a
-GPU; tools/mamba_compile.py compiles the kernels for sm_75 to sm_90 on a machine without a GPU, with
-the registers and spills of each kernel.
+reference written from them; (3) the forward kernel; (4) the backward kernel, which recomputes
+states from checkpoints; (5) the autograd function that joins them; (6) the dispatch: Triton on
+CUDA tensors (or on CPU under TRITON_INTERPRET=1, as the tests run), else the CPU scan of
+helpers/scan_cpu.py (the reference's recurrence with its backward written out); (7) the Mamba
+block; (8) the check against the reference. The next rung, tools/mamba_chunked.py, runs the same
+scan in two passes over segments of the sequence, for batches too small to fill a GPU (the block
+here stays on the sequential kernels). tools/mamba_bench.py times the scans on a GPU;
+tools/mamba_compile.py compiles the kernels for sm_75 to sm_90 without one.
 
 The selective scan (Gu & Dao, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces",
 2023, Sec. 3.2, Algorithm 2; semantics of `selective_scan_fn` in github.com/state-spaces/mamba,
@@ -59,32 +57,10 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from torch import nn
 
-# ------------------------------------------------------------------------------------------------
-# 1. Input checks shared by every implementation
-
-
-def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
-    """Raise a ValueError naming the argument whose shape disagrees with u (b, d, l), A (d, n)."""
-    if u.dim() != 3 or A.dim() != 2:
-        raise ValueError(f"selective_scan: u must be (batch, channels, L) and A (channels, N); "
-                         f"got u {tuple(u.shape)}, A {tuple(A.shape)}")
-    b, d, l = u.shape
-    n = A.shape[1]
-    expected = {"delta": (b, d, l), "A": (d, n), "B": (b, n, l), "C": (b, n, l),
-                "D": (d,), "z": (b, d, l), "delta_bias": (d,)}
-    given = {"delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
-    for name, tensor in given.items():
-        if tensor is not None and tuple(tensor.shape) != expected[name]:
-            raise ValueError(f"selective_scan: {name} has shape {tuple(tensor.shape)}, expected "
-                             f"{expected[name]} for u of shape (batch, channels, L) = {(b, d, l)} "
-                             f"and N = {n}")
-    if l == 0:
-        raise ValueError("selective_scan: the sequence is empty (L = 0)")
-
+from helpers.scan_cpu import check_inputs, kernel_refusal, selective_scan_cpu
 
 # ------------------------------------------------------------------------------------------------
 # 2. The reference: the equations above, one time step at a time, in fp32
-
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False):
@@ -94,15 +70,14 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     Returns: out (b, d, l) in u's dtype and, if return_last_state, the last state (b, d, n) fp32.
     Mirrors `selective_scan_ref` of mamba_ssm (real A, input-dependent B and C only).
     """
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    check_inputs(u, delta, A, B, C, D, z, delta_bias)
     dtype_in = u.dtype
     u, delta, A, B, C = (t.float() for t in (u, delta, A, B, C))
     if delta_bias is not None:
         delta = delta + delta_bias.float()[:, None]                  # (b, d, l)
     if delta_softplus:
         delta = F.softplus(delta)                                    # (b, d, l), threshold 20
-    # Every step's factors at once, then split along time with unbind: indexing [:, :, t] inside
-    # the loop would make autograd zero-fill a whole (b, d, l) gradient per step, O(L^2) work.
+    # All steps' factors at once, split with unbind: autograd of [:, :, t] per step is O(L^2) work
     decay = torch.exp(torch.einsum("bdl,dn->lbdn", delta, A))        # (l, b, d, n)  exp(delta_t A)
     drive = torch.einsum("bdl,bnl,bdl->lbdn", delta, B, u)           # (l, b, d, n)  delta_t B_t u_t
     h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])              # (b, d, n) state h_{-1} = 0
@@ -117,77 +92,6 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
         y = y * F.silu(z.float())
     out = y.to(dtype_in)
     return (out, h) if return_last_state else out
-
-
-# ------------------------------------------------------------------------------------------------
-# 2b. The scan on a CPU: the same recurrence with its adjoint written out
-#
-# Autograd through the reference records a dozen small ops per step and, in the backward, stacks
-# per-step gradients back into (l, b, d, n) tensors: at the fusion's shapes that costs 5x the
-# arithmetic. Here the forward keeps every state (b, l, d, n) and the backward runs the adjoint
-# recurrence by hand, each direction one fused in-place op per step on a contiguous (b, d, n)
-# slice. With y_t = <h_t, C_t> and h_t = a_t h_{t-1} + x_t, a_t = exp(delta_t A),
-# x_t = delta_t u_t B_t, the gradient of the state is a scan backwards in time,
-#     dh_t = C_t dy_t + a_{t+1} dh_{t+1}            (dh_{L-1} also receives d last state)
-# and every other gradient is a sum over n or over (b, l) of dh_t times one factor:
-#     dC_t = sum_d h_t dy_t,  dB_t = sum_d dh_t delta_t u_t,  d(delta_t u_t) = sum_n dh_t B_t,
-#     d(delta_t A) = dh_t h_{t-1} a_t  ->  d delta_t (sum_n with A), dA (sum over b, l with delta).
-# A chunked or doubling (log-depth) scan does more passes over the (b, l, d, n) states than this
-# loop and was slower here (docs/experiments.md); the loop is over time, its ops are not.
-
-
-class _ScanCPU(torch.autograd.Function):
-    """h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t, y_t = <h_t, C_t>, all fp32:
-    delta, u (b, l, d); A (d, n); B, C (b, l, n) -> y (b, l, d), last state (b, d, n)."""
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)  # fp32 under autocast too
-    def forward(ctx, delta, u, A, B, C):
-        decay = torch.exp(delta[..., None] * A)                      # (b, l, d, n)  a_t
-        h = (delta * u)[..., None] * B[:, :, None, :]                # (b, l, d, n)  x_t, then h_t
-        for t in range(1, h.shape[1]):
-            h[:, t].addcmul_(decay[:, t], h[:, t - 1])               # h_t = a_t h_{t-1} + x_t
-        ctx.save_for_backward(delta, u, A, B, C, decay, h)
-        return (h @ C[..., None]).squeeze(-1), h[:, -1].clone()      # (b, l, d), (b, d, n)
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cpu")
-    def backward(ctx, dy, dlast):
-        delta, u, A, B, C, decay, h = ctx.saved_tensors
-        dy = dy.contiguous()  # (b, l, d): it arrives with the strides of the caller's (b, d, l)
-        dh = dy[..., None] * C[:, :, None, :]                        # (b, l, d, n)  C_t dy_t
-        dh[:, -1] += dlast
-        for t in range(dh.shape[1] - 2, -1, -1):
-            dh[:, t].addcmul_(decay[:, t + 1], dh[:, t + 1])         # + a_{t+1} dh_{t+1}
-        d_drive = (dh @ B[..., None]).squeeze(-1)                    # (b, l, d)  d(delta_t u_t)
-        d_exponent = dh[:, 1:] * h[:, :-1] * decay[:, 1:]            # (b, l-1, d, n); h_{-1} = 0
-        ddelta = d_drive * u
-        ddelta[:, 1:] += (d_exponent * A).sum(-1)
-        dA = (d_exponent * delta[:, 1:, :, None]).sum((0, 1))        # (d, n)
-        dB = ((delta * u)[:, :, None, :] @ dh).squeeze(2)            # (b, l, n)
-        dC = (dy[:, :, None, :] @ h).squeeze(2)                      # (b, l, n)
-        return ddelta, d_drive * delta, dA, dB, dC
-
-
-def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       return_last_state=False):
-    """The selective scan on a CPU (_ScanCPU); same arguments and results as the reference."""
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    dtype_in = u.dtype
-    u, delta, z = (t.float() if t is not None else None for t in (u, delta, z))
-    if delta_bias is not None:
-        delta = delta + delta_bias.float()[:, None]                  # (b, d, l)
-    if delta_softplus:
-        delta = F.softplus(delta)
-    time_major = lambda t: t.float().transpose(1, 2).contiguous()   # noqa: E731  (b, l, .)
-    y, last = _ScanCPU.apply(time_major(delta), time_major(u), A.float(), time_major(B), time_major(C))
-    y = y.transpose(1, 2)                                            # (b, d, l)
-    if D is not None:
-        y = y + D.float()[:, None] * u
-    if z is not None:
-        y = y * F.silu(z)
-    out = y.to(dtype_in)
-    return (out, last) if return_last_state else out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -207,8 +111,7 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 BLOCK_D = 32      # channels per program = threads of one warp (64 x 512 channels: 1,024 programs)
 NUM_WARPS = 1     # one config everywhere: the interpreter cannot autotune
 CHUNK = 32        # steps between checkpoints: in fp32 they cost N / CHUNK = half of u's size
-NUM_STAGES = tl.constexpr(3)  # tl.range pipelines the per-step loads: those of step t + 2 are
-#                               in flight while step t computes (1 turns this off)
+NUM_STAGES = tl.constexpr(3)  # tl.range loads step t + 2 while step t computes (1: no pipelining)
 
 
 @triton.jit
@@ -301,7 +204,6 @@ def _scan_fwd_kernel(
 # of CHUNK states, then walks the chunk backwards reading them. Sums over channels (dB, dC) are
 # written per channel block and sums over batch (dA, dD, d delta_bias) per batch element; the
 # wrapper adds up these partials, which keeps the result deterministic (no atomics).
-
 
 @triton.jit
 def _recompute_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, bias, A, h, scratch, row, col, t0, t1, s_l,
@@ -397,7 +299,6 @@ def _scan_bwd_kernel(
 # ------------------------------------------------------------------------------------------------
 # 5. The autograd function: lay out, allocate, launch, and add up the partial sums
 
-
 def _like(t, ref):
     """t with the strides of the dense tensor ref (a copy only when they differ)."""
     return t if t.stride() == ref.stride() else torch.empty_like(ref, dtype=t.dtype).copy_(t)
@@ -426,8 +327,7 @@ def _launch_args(u, delta, z, A, B, C, D, delta_bias, chunk, block_d):
     return tensors, sizes, grid, flags
 
 
-# Each launch is built in one place, as (grid, arguments, keywords, outputs): SelectiveScanFn
-# launches it, and mamba_compile.compile_kernels compiles exactly the same arguments for a GPU target.
+# Each launch is built once, as (grid, arguments, keywords, outputs): tools/mamba_compile.py compiles the same.
 
 def _fwd_launch(u, delta, z, A, B, C, D, delta_bias, softplus, chunk, block_d):
     """The forward kernel's launch; outputs (out, ckpt), allocated here."""
@@ -494,19 +394,6 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once: kernels are
 _NOTICES = set()                                          # each refusal is printed once
 
 
-def kernel_refusal(device, dtype):
-    """Why the Triton kernels cannot run on this CUDA device for inputs of `dtype`; "" if they
-    can. Triton compiles for compute capability 7.5 and up; the bf16 kernels compile for sm_75
-    too (tools/mamba_compile.py) but are run only where the card has bf16 (8.0 and up): no card
-    below that has run them."""
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (7, 5):
-        return f"compute capability {major}.{minor} is below Triton's 7.5"
-    if dtype == torch.bfloat16 and major < 8:
-        return f"bf16 kernels need compute capability 8.0 (this card: {major}.{minor}); --amp fp16 does not"
-    return ""
-
-
 def kernels_run(u):
     """Whether the Triton kernels take u: on CUDA where kernel_refusal has nothing to say (else
     a one-line notice, once, and the PyTorch scan), on the CPU only in the interpreter."""
@@ -525,7 +412,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """The selective scan; same arguments and results as `selective_scan_ref`. fp16 inputs
     (--amp fp16) run the fp32 kernels: the kernels are built for fp32 and bf16, and keep an fp32
     state whatever the input."""
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    check_inputs(u, delta, A, B, C, D, z, delta_bias)
     if not kernels_run(u):
         return selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                   return_last_state)
@@ -539,7 +426,6 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
 # ------------------------------------------------------------------------------------------------
 # 7. The Mamba block (Gu & Dao 2023, Fig. 3; mamba_ssm/modules/mamba_simple.py)
-
 
 class Mamba(nn.Module):
     """in_proj -> (x, z); x -> causal depthwise conv -> SiLU -> scan gated by SiLU(z) -> out_proj.
@@ -591,51 +477,9 @@ class Mamba(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-# 8. The check against the reference: python mamba_triton.py
-
-def random_inputs(b, d, l, n, dtype, device, seed=0):
-    """Scan inputs as the Mamba block makes them: every optional input, A < 0, small delta."""
-    g = torch.Generator(device).manual_seed(seed)
-    x = dict(u=torch.randn(b, d, l, generator=g, device=device),
-             delta=0.5 * torch.randn(b, d, l, generator=g, device=device),
-             A=-0.5 - torch.rand(d, n, generator=g, device=device),
-             B=torch.randn(b, n, l, generator=g, device=device),
-             C=torch.randn(b, n, l, generator=g, device=device),
-             D=torch.randn(d, generator=g, device=device),
-             z=torch.randn(b, d, l, generator=g, device=device),
-             delta_bias=0.3 * torch.randn(d, generator=g, device=device))
-    return {k: (v if k in ("A", "D", "delta_bias") else v.to(dtype)).requires_grad_()
-            for k, v in x.items()}
-
-
-def check(device):
-    """Print the largest errors of the kernel's output and gradients against the reference;
-    returns whether all of them are within the tolerances."""
-    b, d, l, n = (2, 40, 37, 16) if device == "cpu" else (4, 256, 500, 16)
-    print(f"kernel vs reference on {device}, batch {b}, channels {d}, L {l}, N {n}, "
-          f"every optional input, delta_softplus; relative error = max |error| / max |reference|")
-    all_ok = True
-    for dtype, (rtol, atol) in ((torch.float32, (2e-3, 6e-3)), (torch.bfloat16, (3e-2, 5e-2))):
-        x = random_inputs(b, d, l, n, dtype, device)
-        results = []
-        reference = lambda *a: selective_scan_ref(*a, return_last_state=True)  # noqa: E731
-        for fn in (SelectiveScanFn.apply, reference):
-            out, last = fn(*x.values(), True)
-            w = torch.randn(out.shape, generator=torch.Generator(device).manual_seed(1),
-                            device=device)
-            grads = torch.autograd.grad((out.float() * w).sum() + last.sum(), list(x.values()))
-            results.append(dict(out=out, last_state=last, **{"d" + k: g for k, g in zip(x, grads)}))
-        print(f"\n{str(dtype):16s} {'max abs err':>12s} {'max rel err':>12s}   "
-              f"within rtol {rtol}, atol {atol}")
-        for name, got in results[0].items():
-            want = results[1][name].float()
-            err = (got.float() - want).abs()
-            ok = bool((err <= atol + rtol * want.abs()).all())
-            all_ok &= ok
-            rel = (err.max() / want.abs().max()).item()
-            print(f"{name:16s} {err.max().item():12.2e} {rel:12.2e}   {'yes' if ok else 'NO'}")
-    return all_ok
-
+# 8. The check against the reference (helpers/scan_check.py): python mamba_triton.py
 
 if __name__ == "__main__":
-    sys.exit(0 if check("cuda" if torch.cuda.is_available() else "cpu") else 1)
+    from helpers.scan_check import check
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sys.exit(0 if check(device, SelectiveScanFn.apply, selective_scan_ref) else 1)

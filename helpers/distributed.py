@@ -2,7 +2,7 @@
 run's processes stopped cleanly by Ctrl-C or SIGTERM.
 
 Each process takes P/N whole identities of the batch (data.IdentitySampler); the losses see the
-global batch, gathered from every process (README, design decision 12). With one process all of
+global batch, gathered from every process (docs/design.md#12-several-processes-the-losses-see-the-global-batch). With one process all of
 this is a no-op. A stop request (`StopRequest`) ends the run after a whole step, on every process
 alike, and the data loader's workers keep out of the signal's way (`leave_process_group`). Used
 by train.py:

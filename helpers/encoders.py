@@ -3,8 +3,8 @@ whose bottom layers are frozen and cached.
 
 Every pretrained load -- ViT, BERT, the tokenizer, describe.py's style encoder -- goes through
 `load_pretrained`: a local folder, else the local Hugging Face cache, else the hub, but only
-when one TCP connection to it succeeds (DESIGN section 6: fail fast and say what to pass, never
-retry for half a minute). Every model loads in float32 (`dtype=torch.float32`), whatever dtype its
+when one TCP connection to it succeeds (docs/design.md#the-pretrained-encoders: fail fast and say
+what to pass, never retry for half a minute). Every model loads in float32 (`dtype=torch.float32`), whatever dtype its
 checkpoint was saved in: autocast does the rest. `ModelConfig` (model.py) names the encoders; an
 empty name builds one from the config's shape fields with random weights. Dimension letters as in
 model.py.
@@ -35,7 +35,7 @@ OFFLINE_TEXT_MODEL = _offline_text_model()  # all-MiniLM-L6-v2: bert-base-uncase
 
 # -----------------------------------------------------------------------------
 # pretrained weights: the one loader of the project (ViT, BERT, the tokenizer, describe.py's style
-# encoder), from a folder, the local cache or the hub (DESIGN section 6)
+# encoder), from a folder, the local cache or the hub (docs/design.md#the-pretrained-encoders)
 
 
 class EncoderLoadError(RuntimeError):
@@ -74,7 +74,8 @@ def load_pretrained(model_class, name_or_path: str, field: str, **kwargs):
     or the hub; fails at once with a message naming the setting to change (`field`) when none
     of them has the weights: a hub load is tried only when one TCP connection succeeds. A model
     is loaded with `dtype=torch.float32`: transformers 5 keeps a checkpoint's fp16/bf16 dtype
-    otherwise, and Adam on fp16 weights under bf16 autocast went to NaN (DESIGN section 6)."""
+    otherwise, and Adam on fp16 weights under bf16 autocast goes to NaN
+    (docs/design.md#the-pretrained-encoders)."""
     folder = Path(name_or_path).expanduser()
     if folder.is_dir():
         return _from_pretrained(model_class, str(folder), **kwargs)
@@ -100,7 +101,7 @@ def load_pretrained(model_class, name_or_path: str, field: str, **kwargs):
 def load_tokenizer(name_or_path: str | None = None):
     """The text encoder's WordPiece tokenizer (default: the offline all-MiniLM-L6-v2 folder).
     Loaded with from_pretrained: in transformers 5, BertTokenizer(vocab_file=...) silently
-    ignores the vocabulary (DESIGN section 6)."""
+    ignores the vocabulary (docs/design.md#the-pretrained-encoders)."""
     name = name_or_path or OFFLINE_TEXT_MODEL
     if not name:
         raise EncoderLoadError("text_model: no tokenizer given and the offline default is missing: "
@@ -140,8 +141,7 @@ class ConvStem(nn.Sequential):
         self.to(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        # channels last, weights and activations: oneDNN's convolutions (forward and backward)
-        # take 0.7x the time of the default layout on a CPU (`python -m tools.train_bench`)
+        # channels last, weights and activations: oneDNN's CPU convolutions are faster in it
         return super().forward(images.contiguous(memory_format=torch.channels_last))
 
     @property

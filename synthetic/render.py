@@ -8,7 +8,7 @@ bottom: the vocabulary (every value and its colour or size), the body layout in 
 pixels), the pen, one function per body part, `render_person`.
 
 `synthetic/synthpedes.py` draws the values (identity traits once per person, outfits, nuisance) and
-writes the dataset; this file only draws pixels (DESIGN section 4).
+writes the dataset; this file only draws pixels (docs/design.md#synthpedes).
 
 Test: pytest tests/test_data.py -k "region or height or build or gender or hair or glasses"
 """

@@ -17,7 +17,9 @@ from PIL import Image
 
 import data
 from helpers import lexicon
+from helpers import transforms
 from synthetic import render
+from synthetic import captions
 from synthetic import synthpedes
 from helpers.encoders import OFFLINE_TEXT_MODEL, EncoderLoadError, load_tokenizer
 
@@ -159,17 +161,17 @@ def test_clothing_is_independent_of_identity():
 # ---- SynthPEDES: captions ---------------------------------------------------------------------
 
 def norm(text):
-    return " " + " ".join(synthpedes.words(text)) + " "
+    return " " + " ".join(captions.words(text)) + " "
 
 
 def test_caption_styles_differ_in_form_not_content():
     rng = random.Random(0)
     for ident in synthpedes.sample_identities(40, seed=3):
         outfit = synthpedes.sample_outfit(rng)
-        p = synthpedes.phrases(ident, outfit)
+        p = captions.phrases(ident, outfit)
         content = [p[k] for k in ("gender", "height", "build", "skin", "hair", "top", "bottom", "shoes")]
         content += p["extras"] + p["bags"] + p["worn"]
-        caps = [synthpedes.caption(s, ident, outfit) for s in range(synthpedes.NUM_STYLES)]
+        caps = [captions.caption(s, ident, outfit) for s in range(captions.NUM_STYLES)]
         for s, c in enumerate(caps):
             for phrase in content:
                 assert norm(phrase) in norm(c), (s, phrase, c)
@@ -179,7 +181,7 @@ def test_caption_styles_differ_in_form_not_content():
             for phrase in sorted(content, key=len, reverse=True):
                 rest = rest.replace(norm(phrase), " ")
             skeletons.append(rest.split())
-        assert len({tuple(s) for s in skeletons}) == synthpedes.NUM_STYLES  # different wording
+        assert len({tuple(s) for s in skeletons}) == captions.NUM_STYLES  # different wording
     assert caps[3] == caps[3].lower() and not any(ch in caps[3] for ch in ",.;:-")
 
 
@@ -206,10 +208,10 @@ def test_records_store_the_truth_of_each_image(tiny_synth):
     for r in ann.records[:12]:
         a = r["attributes"]
         ident, outfit, nuisance = a["identity"], a["clothing"], a["nuisance"]
-        assert len(set(r["caption_styles"])) == 2 and set(r["caption_styles"]) <= set(range(synthpedes.NUM_STYLES))
-        assert r["captions"] == [synthpedes.caption(s, ident, outfit) for s in r["caption_styles"]]
-        assert (r["identity_text"], r["clothing_text"]) == synthpedes.descriptions_of(ident, outfit)
-        assert r["processed_tokens"] == [synthpedes.words(c) for c in r["captions"]]
+        assert len(set(r["caption_styles"])) == 2 and set(r["caption_styles"]) <= set(range(captions.NUM_STYLES))
+        assert r["captions"] == [captions.caption(s, ident, outfit) for s in r["caption_styles"]]
+        assert (r["identity_text"], r["clothing_text"]) == captions.descriptions_of(ident, outfit)
+        assert r["processed_tokens"] == [captions.words(c) for c in r["captions"]]
         stored = np.asarray(data.load_image(ann.image_dir / r["file_path"]))
         assert stored.shape == (64, 32, 3)
         assert (stored == np.asarray(render.render_person(ident, outfit, nuisance, (64, 32)))).all()
@@ -387,7 +389,7 @@ def test_main_prints_dataset_errors_without_traceback(tmp_path):
 
 def naive_normalised(image, size):
     pixels = np.asarray(image.resize((size[1], size[0]), Image.Resampling.BILINEAR), dtype=np.float64) / 255
-    out = (pixels - np.array(data.IMAGENET_MEAN)) / np.array(data.IMAGENET_STD)  # (H, W, 3)
+    out = (pixels - np.array(transforms.IMAGENET_MEAN)) / np.array(transforms.IMAGENET_STD)  # (H, W, 3)
     return torch.tensor(out.transpose(2, 0, 1), dtype=torch.float32)  # (3, H, W)
 
 
@@ -401,14 +403,14 @@ def test_eval_transform_matches_a_naive_reference():
 def test_train_transform_flip_pad_crop_and_erase():
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 16, 3), dtype=np.uint8))
     ref = naive_normalised(image, (32, 16))
-    flip = data.TrainTransform((32, 16), flip_p=1.0, pad=0, erase_p=0.0)
+    flip = transforms.TrainTransform((32, 16), flip_p=1.0, pad=0, erase_p=0.0)
     torch.testing.assert_close(flip(image), ref.flip(-1), rtol=0, atol=1e-5)
     # pad-and-crop: the output is a window of the black-padded image (black = -mean/std)
-    black = (-torch.tensor(data.IMAGENET_MEAN) / torch.tensor(data.IMAGENET_STD)).view(3, 1, 1)
+    black = (-torch.tensor(transforms.IMAGENET_MEAN) / torch.tensor(transforms.IMAGENET_STD)).view(3, 1, 1)
     padded = black.repeat(1, 32 + 6, 16 + 6)
     padded[:, 3:35, 3:19] = ref
     windows = {(i, j) for i in range(7) for j in range(7)}
-    crop = data.TrainTransform((32, 16), flip_p=0.0, pad=3, erase_p=0.0)
+    crop = transforms.TrainTransform((32, 16), flip_p=0.0, pad=3, erase_p=0.0)
     seen = set()
     torch.manual_seed(0)
     for _ in range(40):
@@ -417,7 +419,7 @@ def test_train_transform_flip_pad_crop_and_erase():
         assert hits
         seen.update(hits)
     assert len(seen) > 10  # the offset varies
-    erase = data.TrainTransform((32, 16))
+    erase = transforms.TrainTransform((32, 16))
     for _ in range(20):
         x = torch.randn(3, 32, 16) + 5
         y = erase.erase(x)
@@ -510,7 +512,7 @@ def test_main_generates_once_summarises_and_draws_a_contact_sheet(tmp_path, caps
     out = capsys.readouterr().out
     assert "train       6      36        72" in out and "test        3      18        36" in out
     styles = [int(line.split(": ")[1]) for line in out.splitlines() if line.startswith("captions in style")]
-    assert len(styles) == synthpedes.NUM_STYLES and sum(styles) == 10 * 6 * 2
+    assert len(styles) == captions.NUM_STYLES and sum(styles) == 10 * 6 * 2
     sheet = tmp_path / "SynthPEDES" / "contact_sheet.png"
     assert f"contact sheet: {sheet}" in out and Image.open(sheet).width == 6 * (16 * 3 + 8)
     stamp = (tmp_path / "SynthPEDES" / "reid_raw.json").stat().st_mtime_ns
@@ -551,8 +553,8 @@ def test_realistic_captions_change_only_the_captions(tmp_path):
     a, b = (json.loads((f / "reid_raw.json").read_text()) for f in (planted, real))
     for x, y in zip(a, b):
         assert x["attributes"] == y["attributes"] and x["captions"] != y["captions"]
-        assert set(y["caption_styles"]) <= set(synthpedes.REALISTIC_STYLES)
-        assert y["processed_tokens"] == [synthpedes.words(c) for c in y["captions"]]
+        assert set(y["caption_styles"]) <= set(captions.REALISTIC_STYLES)
+        assert y["processed_tokens"] == [captions.words(c) for c in y["captions"]]
     assert json.loads((real / "config.json").read_text())["captions"] == "realistic"
 
 

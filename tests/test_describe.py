@@ -22,8 +22,10 @@ import pytest
 import data
 import describe
 from helpers import lexicon
+from helpers import mllm
 from helpers import styles
 from synthetic import render
+from synthetic import captions
 from synthetic import synthpedes
 
 KEY = "sk-test-NEVER-PRINT-4242"
@@ -205,7 +207,7 @@ def test_validate_answer(answer, reason):
     if reason is None:
         assert describe.validate_answer(answer) == ("A tall woman", "A red coat")
     else:
-        with pytest.raises(describe.ValidationError, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        with pytest.raises(mllm.ValidationError, match=reason.replace("(", r"\(").replace(")", r"\)")):
             describe.validate_answer(answer)
 
 
@@ -238,7 +240,7 @@ def test_synthpedes_identity_text_with_glasses_is_a_valid_identity_description()
     identities = [i for i in synthpedes.sample_identities(40, seed=0) if i["glasses"]]
     outfit = synthpedes.sample_outfit(random.Random(0))
     for ident in identities:
-        identity, clothing = synthpedes.descriptions_of(ident, outfit)
+        identity, clothing = captions.descriptions_of(ident, outfit)
         assert "glasses" in identity.split()
         answer = json.dumps({"identity": identity, "clothing": clothing})
         assert describe.validate_answer(answer) == (identity, clothing)
@@ -248,7 +250,7 @@ def test_agreement_counts_glasses_in_the_identity_text_as_right():
     ident = next(i for i in synthpedes.sample_identities(40, seed=0) if i["glasses"])
     outfit = synthpedes.sample_outfit(random.Random(0))
     record = {"file_path": "a.png", "attributes": {"identity": ident, "clothing": outfit}}
-    identity, clothing = synthpedes.descriptions_of(ident, outfit)
+    identity, clothing = captions.descriptions_of(ident, outfit)
     right = {"a.png": {"identity": identity, "clothing": clothing}}
     assert synthpedes.attribute_agreement([record], right)["identity"] == 1.0
     # glasses in the clothing text instead: one identity value missed (and leaked), clothing intact
@@ -298,9 +300,9 @@ def test_style_prompt_describes_the_cluster_form():
 
 
 def test_cost_estimate():
-    assert describe.estimate_cost("gpt-4o-mini-2024-07-18", 1_000_000, 100_000) == pytest.approx(0.21)
-    assert describe.estimate_cost("my-local-llava", 10, 10) is None
-    assert describe.estimate_cost("my-local-llava", 2e6, 1e6, 1.0, 3.0) == pytest.approx(5.0)
+    assert mllm.estimate_cost("gpt-4o-mini-2024-07-18", 1_000_000, 100_000) == pytest.approx(0.21)
+    assert mllm.estimate_cost("my-local-llava", 10, 10) is None
+    assert mllm.estimate_cost("my-local-llava", 2e6, 1e6, 1.0, 3.0) == pytest.approx(5.0)
 
 
 @pytest.mark.parametrize("size, model, tokens", [
@@ -310,7 +312,7 @@ def test_cost_estimate():
     ((600, 200), "gpt-4.1", 85 + 2 * 170),   # 2 x 1 tiles
     ((64, 128), "gpt-4o-mini-2024-07-18", 2833 + 5667)])
 def test_image_tokens_by_the_tile_rule(size, model, tokens):
-    assert describe.image_tokens(*size, model) == tokens
+    assert mllm.image_tokens(*size, model) == tokens
 
 
 def test_estimate_by_hand():
@@ -318,12 +320,12 @@ def test_estimate_by_hand():
     characters (100 + 101 tokens at 4 a token), 50 answer tokens each, gpt-4o at $2.50 / $10.00
     per 1M: (1,221 x 2.50 + 100 x 10.00) / 1e6 = $0.0040525; 2 workers at 5 s: one round, 5 s."""
     cfg = describe.DescribeConfig(model="gpt-4o", workers=2, request_seconds=5.0)
-    e = describe.estimate_run([400, 403], [(1024, 1024), (64, 128)], 50, cfg)
+    e = mllm.estimate_run([400, 403], [(1024, 1024), (64, 128)], 50, cfg)
     assert (e["requests"], e["text_tokens"], e["image_tokens"], e["prompt_tokens"], e["completion_tokens"]) == (
         2, 201, 1020, 1221, 100)
     assert e["cost"] == pytest.approx(0.0040525) and e["seconds"] == 5.0
     cfg = describe.DescribeConfig(model="my-llava", workers=1, request_seconds=3.0, price_in=1.0, price_out=2.0)
-    e = describe.estimate_run([400] * 3, [(64, 128)] * 3, 10, cfg)
+    e = mllm.estimate_run([400] * 3, [(64, 128)] * 3, 10, cfg)
     assert e["cost"] == pytest.approx((3 * (100 + 255) * 1.0 + 30 * 2.0) / 1e6) and e["seconds"] == 9.0
 
 

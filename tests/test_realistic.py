@@ -13,6 +13,7 @@ import data
 import describe
 from helpers import lexicon
 from helpers import styles
+from synthetic import captions
 from synthetic import synthpedes
 
 
@@ -43,7 +44,7 @@ def records(root):
 def test_realistic_captions_do_what_real_captions_do(realistic):
     recs = records(realistic)
     caps = [c for r in recs for c in r["captions"]]
-    assert all(c == " ".join(synthpedes.words(c)) for c in caps)             # lower-case token streams
+    assert all(c == " ".join(captions.words(c)) for c in caps)             # lower-case token streams
     vocabulary = Counter(w for c in caps for w in c.split())
     misspelt = [w for w in vocabulary if lexicon.word_category(w) in ("garment", "colour")
                 and not any(w in words for _, words in lexicon._LEXICON)
@@ -54,7 +55,7 @@ def test_realistic_captions_do_what_real_captions_do(realistic):
     joined = [len(" ".join(r["captions"]).split()) for r in recs]
     assert sum(n > 100 for n in joined) / len(joined) > 0.1               # run-ons past the limit
     styles = Counter(s for r in recs for s in r["caption_styles"])
-    assert set(styles) == set(synthpedes.REALISTIC_STYLES) and min(styles.values()) > 100
+    assert set(styles) == set(captions.REALISTIC_STYLES) and min(styles.values()) > 100
     # two captions of an image disagree: another word for the same garment or colour
     differences = [set(r["captions"][0].split()) ^ set(r["captions"][1].split()) for r in recs
                    if r["caption_styles"][0] == r["caption_styles"][1]]
@@ -79,7 +80,7 @@ def test_rules_backend_describes_every_image_and_keeps_texts_to_their_side(reali
     for path, d in written.items():
         named = {w.lower() for c in recs[path]["captions"] for w in lexicon.body_words(c)}
         assert named <= {w.lower() for w in lexicon.WORD_RE.findall(d["identity"])}, (recs[path]["captions"], d)
-    quality = describe.description_quality(written)
+    quality = lexicon.description_quality(written)
     assert quality["identity_fragment"] < 0.02
     assert quality["identity_clothing"] < 0.01
     assert quality["clothing_pronoun_or_scene"] < 0.01
@@ -88,9 +89,9 @@ def test_rules_backend_describes_every_image_and_keeps_texts_to_their_side(reali
     assert all(len(d["clothing"].split()) <= 100 and len(d["identity"].split()) <= 100
                for d in written.values())
     # stricter than the lexicon: no clothing noun the generator wrote is in an identity text
-    clothing_nouns = {w for values in synthpedes.SAY.values() for v in values for w in v.split()
+    clothing_nouns = {w for values in captions.SAY.values() for v in values for w in v.split()
                       if lexicon.word_category(w) == "garment"}
-    clothing_nouns |= {w for item in synthpedes.UNUSUAL_ITEMS for w in item.split()[1:]}
+    clothing_nouns |= {w for item in captions.UNUSUAL_ITEMS for w in item.split()[1:]}
     leaks = sum(bool(clothing_nouns & set(d["identity"].lower().split())) for d in written.values())
     assert leaks / len(written) < 0.01
     assert f"identity texts naming clothing {quality['identity_clothing']:.1%}" in printed

@@ -16,7 +16,8 @@ import triton
 from torch import nn
 
 from tools import mamba_chunked
-from mamba_triton import BLOCK_D, CHUNK, Mamba, random_inputs, selective_scan, selective_scan_ref
+from helpers.scan_check import random_inputs
+from mamba_triton import BLOCK_D, CHUNK, Mamba, selective_scan, selective_scan_ref
 
 
 def _scan_bytes(b, d, l, n, elem, backward):

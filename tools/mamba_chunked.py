@@ -38,8 +38,9 @@ import triton
 import triton.language as tl
 
 import mamba_triton as mt
-from mamba_triton import (BLOCK_D, CHUNK, NUM_STAGES, NUM_WARPS, _check_inputs, _launch_args,
-                          _layout, _like, _load_step, _recompute_chunk)
+from helpers.scan_cpu import check_inputs
+from mamba_triton import (BLOCK_D, CHUNK, NUM_STAGES, NUM_WARPS, _launch_args, _layout, _like, _load_step,
+                          _recompute_chunk)
 
 # Programs that fill a GPU: 132 SMs (H100) x 16 resident one-warp programs, about as many as
 # the registers allow. A guess, to be checked by tools/mamba_bench.py's table of both scans.
@@ -412,9 +413,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
     chunked: None, the chunked kernels on CUDA where `chunked_is_faster`; True or False, the
     chunked or the sequential kernels wherever kernels run (CUDA, or the CPU under
-    TRITON_INTERPRET=1). Elsewhere the CPU scan of mamba_triton.py, whatever chunked says.
+    TRITON_INTERPRET=1). Elsewhere the CPU scan (helpers/scan_cpu.py), whatever chunked says.
     """
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    check_inputs(u, delta, A, B, C, D, z, delta_bias)
     if chunked is None:
         chunked = u.is_cuda and chunked_is_faster(*u.shape)
     if not (chunked and u.dtype != torch.float16 and mt.kernels_run(u)):  # fp16: the sequential kernels in fp32

@@ -9,7 +9,7 @@ ones SelectiveScanFn makes (mamba_triton._fwd_launch, _bwd_launch) and ChunkedSc
 (mamba_chunked._fwd_launches, _bwd_launches), not a second copy.
 
 A variant that does not compile (bf16 on sm_75, were Triton to refuse it) is a FAILED cell of
-the table, not a crash. At run time mamba_triton.kernel_refusal decides which cards run them.
+the table, not a crash. At run time helpers/scan_cpu.kernel_refusal decides which cards run them.
 
 Run:  python -m tools.mamba_compile    the table
 Test: pytest tests/test_compile.py

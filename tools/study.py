@@ -2,13 +2,13 @@
 
 SynthPEDES knows who is who and what they wear, so each claim of the paper can be tested under
 control: every row of the claims below is trained with seeds 0, 1, 2 in both regimes
-(cloth-changing and same-clothes) by `train.py`, evaluated on the 90 held-out test identities,
-and compared with the full model by one rule (`verdict`), on the numbers each claim is about
+(cloth-changing and same-clothes) by `train.py`, evaluated on the 90 held-out test identities, and
+compared with the full model by one rule (`verdict`), on the numbers each claim is about
 (`Claim.reads`): a claim about decoupling (Tables II and V) on the mAP over the person's other
-outfits and Table V's ratios, the others on Rank-1 and mAP. Each finished run leaves a small
-JSON summary in results/study/runs/; a study that is stopped continues from them (and an
-interrupted run resumes from its last.pt). The table is written to results/study/table.{md,json},
-with one picture per regime (effects-<regime>.png: each row's effect, sorted, against the claim).
+outfits and Table V's ratios, the others on Rank-1 and mAP. Each finished run leaves a small JSON
+summary in results/study/runs/; a study that is stopped continues from them (an interrupted run
+resumes from its last.pt). The table is written to results/study/table.{md,json}, with one picture
+per regime (effects-<regime>.png: each row's effect, sorted, against the claim).
 
     python -m tools.study                         # everything; prints the time it expects first
     python -m tools.study --table                 # only rebuild the table and pictures from the finished runs
@@ -37,26 +37,18 @@ RESULTS = HERE / "results" / "study"
 REGIMES = ("cloth-changing", "same-clothes")
 SEEDS = (0, 1, 2)
 MIN_SEEDS = 3  # no verdict on fewer: the paper reports the mean over seeds 0, 1, 2 (issue 23)
-# train.py fields on top of its SynthPEDES preset: the run length of a study run (README,
-# "Do the paper's claims hold on SynthPEDES?", says what the full model reaches with it)
-# The default run's length (810 steps since 2026-12-05, 541 before): at 203 (18 photographs per
-# identity) the full model reached R1 12.9 / mAP 11.1, against 52.7 / 29.3 at 541 (one run each,
-# 2026-11-28): too short to compare
-STUDY_PRESET = {}
-MINUTES_PER_RUN = 7.5  # the estimate before any run has finished: the default runs here, 2026-12-05
+STUDY_PRESET = {}  # train.py fields on top of its SynthPEDES preset: none, its default run length
+MINUTES_PER_RUN = 7.5  # the time estimate before any run has finished (a default run on this machine)
 
 SETTINGS = ("Standard", "Identity-Only", "Clothes-Conflict")  # Table V
-# The numbers of a run that a verdict reads, each per stage: Rank-1 and mAP over all the person's
-# images, the same over the person's other outfits only (evaluate.py's cloth-changing protocol),
-# and Table V's ratios, the Rank-1 that Identity-Only and Clothes-Conflict queries keep of Standard's
+# What a verdict reads, per stage: Rank-1 / mAP over all images, over other outfits, Table V's ratios
 METRICS = {"R1": "Rank-1", "mAP": "mAP", "cross_R1": "Rank-1, other outfits", "cross_mAP": "mAP, other outfits",
            "Identity-Only": "Identity-Only / Standard", "Clothes-Conflict": "Clothes-Conflict / Standard"}
 CROSS = ("cross_R1", "cross_mAP")  # absent from the summaries written before issue 23
 ALL_IMAGES = ("R1", "mAP")
 DECOUPLING = ("cross_mAP", "Identity-Only", "Clothes-Conflict")  # the decoupled model finds the person, not the clothes
 NOT_TESTABLE = "not testable at this length"
-# What would test the fusion's rows where the full model's stage 2 is within noise of its stage 1:
-# four times the steps (docs/experiments.md, "Four times the steps": about 25 minutes a run here)
+# What would test the fusion's rows where its stage 2 is within noise of its stage 1 (four times the steps)
 LONGER = ("a 4-epoch run of the full model and of `w/o Mamba`, seeds 0-2, would test them: "
           "`python -m tools.study --rows full \"w/o Mamba\" --regimes {regime} --out results/study-4-epochs -- --epochs 4`")
 
@@ -91,7 +83,6 @@ def slug(row: str) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # Running: one train.py process per (regime, row, seed); its summary is all the study keeps
-
 
 def table_v_ratios(robustness: dict) -> dict:
     """{setting: {stage: ratio}}: the Rank-1 of Identity-Only and Clothes-Conflict queries over
@@ -203,7 +194,6 @@ def run_study(rows, seeds, regimes, out: Path, extra: list, hours: float | None 
 
 # ----------------------------------------------------------------------------------------------
 # The table: mean +- std over seeds, the difference from the full model, and a verdict
-
 
 def final(summary: dict) -> dict:
     """The ranking a user gets: stage 2 where the model has a fusion, else stage 1."""
@@ -343,7 +333,6 @@ def aggregate(summaries: list) -> dict:
 
 # ----------------------------------------------------------------------------------------------
 # The table as markdown, and one picture per regime
-
 
 def _pm(value, scale: float = 1.0, digits: int = 1, unit: str = "") -> str:
     """(mean, std) as "mean ± std" (times `scale`); '-' for None."""
@@ -518,8 +507,7 @@ def effects_picture(regime: str, t: dict, path: Path) -> Path | None:
 
 
 def write_table(out: Path) -> list[Path]:
-    """Aggregate every summary under out/runs into out/table.json, out/table.md and a picture per
-    regime (out/effects-<regime>.png); the paths written."""
+    """Every summary under out/runs -> out/table.{json,md}, out/effects-<regime>.png; the paths."""
     summaries = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*/seed*.json"))]
     table = aggregate(summaries)
     out.mkdir(parents=True, exist_ok=True)  # a new --out where no run has finished yet
