@@ -42,8 +42,8 @@ from tqdm import tqdm
 import data
 import evaluate
 from synthetic import synthpedes
-from helpers.devices import (amp_mode, checkpoint_activations, forward_context, grad_scaler, keep_freed_memory, optimizer_step,
-                     text_attention_for)
+from helpers.devices import (amp_mode, checkpoint_activations, forward_context, grad_scaler, install_cpu_substitutes,
+                     keep_freed_memory, optimizer_step, text_attention_for)
 from helpers.distributed import (StopRequest, any_process, from_rank0, gather_batch, init_distributed, leave_process_group,
                          mean_over_processes, rank, world)
 from helpers.encoders import EncoderLoadError, load_tokenizer
@@ -286,6 +286,7 @@ class State:
     def create(cls, cfg: TrainConfig, mcfg: ModelConfig, ocfg: ObjectiveConfig, device, total_steps: int) -> "State":
         model = T2IReID(mcfg, ocfg).to(device)
         text_attention_for(model.text, torch.device(device))
+        install_cpu_substitutes(model, torch.device(device))  # devices.Dropout and CPUAttention on a CPU
         if cfg.grad_checkpoint:
             checkpoint_activations(model)
         reg = ocfg.weight_reg if ocfg.use_weight_reg else 0.0
