@@ -230,7 +230,7 @@ class GradNorm(nn.Module):
     alpha L_grad + lambda sum_k s_k^2. (The w_k of the first term are detached: its gradient on
     s_k, w_k L_k > 0, would only shrink every weight towards 0.)
 
-    Two choices where the paper is silent (README, design decision 3):
+    Two choices where the paper is silent (docs/design.md#3-gradnorm-as-eq-5-6-write-it):
     - G_ref is the mean weighted norm, and L_grad is measured in units of it. The gradient norms
       at W differ by orders of magnitude between a 4-layer ViT and ViT-B and over training; in
       these units alpha means the same on every preset.
@@ -241,8 +241,9 @@ class GradNorm(nn.Module):
                                                         alpha 1.5, lambda 2.5: |log w| <= 1.5).
     In practice G_k / G_ref is well below K, and the weights stay closer to 1.
 
-    Use (train.py):
-        gradnorm = GradNorm(cfg.loss_names(), cfg.gradnorm_alpha, cfg.weight_reg if cfg.use_weight_reg else 0)
+    backward_plain computes Eq. 5-6 as written; backward, which train.py calls, is the same with
+    one backward pass fewer. Use (train.py):
+        gradnorm = GradNorm(tasks, alpha, reg_lambda)  # the balanced losses, fusion last
         weight_optimizer = torch.optim.Adam(gradnorm.parameters(), lr=...)
         stats = gradnorm.backward(losses, model.shared_parameter())  # fills .grad of both
         optimizer.step(); weight_optimizer.step()
@@ -299,66 +300,77 @@ class GradNorm(nn.Module):
         stats = {"grad_norms": g.detach(), "targets": target * g_ref, "weights": self.weights().detach()}
         return (g / g_ref - target).abs().sum(), stats
 
-    def task_grad_norms(self, losses: dict[str, torch.Tensor], shared: torch.Tensor) -> torch.Tensor:
-        """||grad_W L_k|| for each task, one `torch.autograd.grad(retain_graph=True)` each: (K,)."""
-        norms = []
-        for loss in self._tasks(losses):
-            (grad,) = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
-            norms.append(torch.zeros((), device=shared.device) if grad is None else grad.norm())
-        return torch.stack(norms)
-
-    def backward(self, losses: dict[str, torch.Tensor], shared: torch.Tensor, reduce=None, scale=1.0) -> dict:
-        """Fill .grad: the network's from sum_k w_k L_k, s_k's from alpha L_grad + lambda sum_k s_k^2
-        (Eq. 5-6). Returns the stats: G_k, their targets r_k G_ref, w_k, L_total, L_grad.
-
-        The last task's gradient on W is not computed on its own: the full backward adds
-        sum_k w_k grad_W L_k to W.grad, so grad_W L_last = (added - sum_{k<last} w_k grad_W L_k) /
-        w_last. That saves one backward pass through the last of `tasks`. train.py passes
-        ObjectiveConfig.loss_names(), which puts the fusion loss last: it is the most expensive, the
-        only one that runs the Mamba fusion (over S x Q pairs). The result is exact for any order
-        (w_last > 0); only the cost depends on it, and __init__ refuses a fusion task that is not
-        last.
-
-        Under fp16 autocast, `scale` is the GradScaler's factor (train.update; 1 otherwise): every
-        backward runs on scale * loss, so that small fp16 gradients do not flush to zero. The
-        network's .grad is left scaled, for the scaler's step to unscale; the gradients on W are
-        divided by scale here, before the subtraction and the norms, so that G_k, L_grad and the
-        weights are those of the unscaled losses. When a scaled gradient overflowed (a norm is inf
-        or nan) the weights get no gradient: the scaler skips the network's step, Adam the weights'.
-
-        Under DistributedDataParallel, `reduce` averages a tensor over the processes (train.py
-        passes an all-reduce). DDP averages what backward() accumulates in .grad, but not what
-        autograd.grad returns, so the K - 1 task gradients on W are averaged here; with losses
-        that are the same on every process (train.py computes them over the global batch), every
-        process then computes the same norms, the same L_grad and the same weights.
-        """
-        w = self.weights().detach()  # (K,)
-        before = torch.zeros_like(shared) if shared.grad is None else shared.grad.detach().clone()
+    def task_gradients(self, losses: list[torch.Tensor], shared: torch.Tensor, scale=1.0, reduce=None) -> list:
+        """grad_W L_k for each of `losses`, one `torch.autograd.grad(retain_graph=True)` each;
+        zeros where L_k does not reach W. Each runs on scale * L_k and is divided by scale (see
+        backward_plain); `reduce` averages them over the processes."""
         grads = []
-        for loss in self._tasks(losses)[:-1]:
+        for loss in losses:
             (grad,) = torch.autograd.grad(loss * scale, shared, retain_graph=True, allow_unused=True)
             grads.append(torch.zeros_like(shared) if grad is None else grad / scale)
         if reduce is not None and grads:
-            grads = list(reduce(torch.stack(grads)))  # (K - 1, *W.shape), averaged over processes
-        others = torch.zeros_like(shared)
-        for k, grad in enumerate(grads):
-            others += w[k] * grad
-        norms = [grad.norm() for grad in grads]
-        # losses outside the tasks (a detached fusion loss) train with weight 1; they must not
-        # reach `shared`, or the subtraction below would count them
-        weighted = self.network_loss(losses) + sum(v for k, v in losses.items() if k not in self.tasks)
-        (weighted * scale).backward()  # the network
-        added = torch.zeros_like(shared) if shared.grad is None else (shared.grad.detach() - before) / scale
-        norms.append(((added - others) / w[-1]).norm())
-        if not torch.isfinite(torch.stack(norms)).all():  # fp16 overflow: this step is skipped
-            return {"total": weighted.detach(), "grad_norms": torch.stack(norms).detach()}
-        l_grad, stats = self.gradnorm_loss(losses, torch.stack(norms))
+            grads = list(reduce(torch.stack(grads)))  # (K', *W.shape), averaged over processes
+        return grads
+
+    def task_grad_norms(self, losses: dict[str, torch.Tensor], shared: torch.Tensor) -> torch.Tensor:
+        """||grad_W L_k|| for each task: (K,)."""
+        return torch.stack([grad.norm() for grad in self.task_gradients(self._tasks(losses), shared)])
+
+    def weighted_total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """sum_k w_k L_k, plus the losses outside the tasks (a detached fusion loss) with weight 1."""
+        return self.network_loss(losses) + sum(v for k, v in losses.items() if k not in self.tasks)
+
+    def weight_step(self, losses: dict[str, torch.Tensor], norms: torch.Tensor, weighted: torch.Tensor) -> dict:
+        """Fill the s_k's .grad from alpha L_grad + lambda sum_k s_k^2, given ||grad_W L_k|| (K,)
+        and the network's weighted loss. Returns the stats: G_k, their targets r_k G_ref, w_k,
+        L_total, L_grad. A non-finite norm (an fp16 overflow) leaves the weights without a gradient."""
+        if not torch.isfinite(norms).all():  # the scaler skips this step: so does Adam on s_k
+            return {"total": weighted.detach(), "grad_norms": norms.detach()}
+        l_grad, stats = self.gradnorm_loss(losses, norms)
         weight_loss = self.alpha * l_grad + self.regulariser()
         (grad_s,) = torch.autograd.grad(weight_loss, self.log_weights)  # only s_k sees these
         self.log_weights.grad = grad_s if self.log_weights.grad is None else self.log_weights.grad + grad_s
         total = weighted.detach() + weight_loss.detach()  # L_total of Eq. 6
         stats.update(total=total, gradnorm_loss=l_grad.detach())
         return stats
+
+    def backward_plain(self, losses: dict[str, torch.Tensor], shared: torch.Tensor, reduce=None, scale=1.0) -> dict:
+        """Eq. 5-6 as written: grad_W L_k for each task (K backward passes to W), the network's
+        .grad from sum_k w_k L_k, then the s_k's from alpha L_grad + lambda sum_k s_k^2. Returns
+        weight_step's stats.
+
+        Under fp16 autocast, `scale` is the GradScaler's factor (train.update; 1 otherwise): every
+        backward runs on scale * loss, so that small fp16 gradients do not flush to zero. The
+        network's .grad is left scaled, for the scaler's step to unscale; the gradients on W are
+        unscaled, so that G_k, L_grad and the weights are those of the unscaled losses.
+
+        Under DistributedDataParallel, `reduce` averages a tensor over the processes (train.py
+        passes an all-reduce): DDP averages what backward() accumulates in .grad, not what
+        autograd.grad returns. With losses that are the same on every process (train.py computes
+        them over the global batch), every process then gets the same norms and weights.
+        """
+        grads = self.task_gradients(self._tasks(losses), shared, scale, reduce)  # K x grad_W L_k
+        weighted = self.weighted_total(losses)
+        (weighted * scale).backward()  # the network
+        return self.weight_step(losses, torch.stack([grad.norm() for grad in grads]), weighted)
+
+    def backward(self, losses: dict[str, torch.Tensor], shared: torch.Tensor, reduce=None, scale=1.0) -> dict:
+        """backward_plain's gradients and stats with one backward pass fewer: the full backward
+        adds sum_k w_k grad_W L_k to W.grad, so grad_W L_last = (added - sum_{k<last} w_k
+        grad_W L_k) / w_last. Exact for any order (w_last > 0); the saving is the last task's
+        pass, so train.py puts the fusion loss, the most expensive, last (__init__ checks)."""
+        # Optimisation: the last task's gradient on W by subtraction, sparing a pass through the fusion.
+        w = self.weights().detach()  # (K,)
+        before = torch.zeros_like(shared) if shared.grad is None else shared.grad.detach().clone()
+        grads = self.task_gradients(self._tasks(losses)[:-1], shared, scale, reduce)  # K - 1 x grad_W L_k
+        others = torch.zeros_like(shared)
+        for k, grad in enumerate(grads):
+            others += w[k] * grad
+        weighted = self.weighted_total(losses)  # a loss outside the tasks must not reach W: it would be subtracted
+        (weighted * scale).backward()  # the network
+        added = torch.zeros_like(shared) if shared.grad is None else (shared.grad.detach() - before) / scale
+        last = (added - others) / w[-1]  # grad_W L_last, unscaled
+        return self.weight_step(losses, torch.stack([grad.norm() for grad in grads] + [last.norm()]), weighted)
 
 
 # -----------------------------------------------------------------------------

@@ -21,14 +21,12 @@ Glossary of dimension letters (paper symbols in brackets):
 Run: python model.py   (parameter count of each part, paper and small configurations)
 Tests: pytest tests/test_model.py
 """
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helpers.devices import Dropout
 from helpers.encoders import OFFLINE_TEXT_MODEL, FrozenTextPrefix, load_text_encoder, load_vision_encoder, run_bert_layers
 from mamba_triton import Mamba
 
@@ -126,27 +124,19 @@ class ModelConfig:
 
 class Attention(nn.Module):
     """Pre-norm residual multi-head attention: x + Attn(LN(x), LN(context)) (self-attention
-    when there is no context)."""
+    when there is no context), dropout on the attention weights (Vaswani et al. 2017)."""
 
     def __init__(self, width: int, heads: int, dropout: float, cross: bool):
         super().__init__()
         self.norm = nn.LayerNorm(width)
         self.norm_context = nn.LayerNorm(width) if cross else None
-        # nn.MultiheadAttention holds the weights (its initialisation, its state-dict names);
-        # forward writes its product out, so that the attention dropout is devices.Dropout
-        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
-        self.drop = Dropout(dropout)
+        self.attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, P, D), context (B, P', D) or None -> (B, P, D)."""
-        a, q = self.attn, self.norm(x)
-        kv = q if self.norm_context is None else self.norm_context(context)
-        (w_q, w_kv), (b_q, b_kv) = (t.split([a.embed_dim, 2 * a.embed_dim]) for t in (a.in_proj_weight, a.in_proj_bias))
-        heads = lambda t: t.unflatten(-1, (a.num_heads, a.head_dim)).transpose(1, 2)  # noqa: E731  (B, H, P, d)
-        k, v = map(heads, F.linear(kv, w_kv, b_kv).chunk(2, dim=-1))
-        scores = heads(F.linear(q, w_q, b_q)) @ k.transpose(-1, -2) / math.sqrt(a.head_dim)  # (B, H, P, P')
-        out = self.drop(scores.softmax(-1)) @ v                                           # (B, H, P, d)
-        return x + a.out_proj(out.transpose(1, 2).flatten(2))
+        q = self.norm(x)
+        kv = q if self.norm_context is None else self.norm_context(context)  # (B, P', D)
+        return x + self.attn(q, kv, kv, need_weights=False)[0]  # (B, P, D)
 
 
 class FeedForward(nn.Module):
@@ -155,7 +145,7 @@ class FeedForward(nn.Module):
     def __init__(self, width: int, dropout: float):
         super().__init__()
         self.net = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 4 * width), nn.GELU(),
-                                 Dropout(dropout), nn.Linear(4 * width, width))
+                                 nn.Dropout(dropout), nn.Linear(4 * width, width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.net(x)  # (..., width)
@@ -188,8 +178,9 @@ class BDAM(nn.Module):
         g = sigmoid(W_g [f_id_hat; f_clo_hat] + b_g)             (B, D), element-wise gate
         f_id = g * f_id_hat,     f_clo = (1 - g) * f_clo_hat
     The gate also scales every identity token (tokens = g * Z_id), whose mean is exactly f_id:
-    the fusion module reads that token sequence (DESIGN.md 3.2). With bdam_pooling="position",
-    f_hat = sum_p W_p Z_p + b (W_p = I / P, b = 0 at the start, i.e. the mean) for each stream.
+    the fusion module reads that token sequence (docs/design.md#2-mamba-runs-over-a-sequence).
+    With bdam_pooling="position", f_hat = sum_p W_p Z_p + b (W_p = I / P, b = 0 at the start,
+    i.e. the mean) for each stream.
     """
 
     def __init__(self, cfg: ModelConfig, vision_width: int):
@@ -215,8 +206,7 @@ class BDAM(nn.Module):
         if self.pool_id is None:
             f_id_hat, f_clo_hat = z_id.mean(1), z_clo.mean(1)  # (B, D) each
         else:
-            # in fp32 under autocast: a (B, P D) x (P D, D) product of B rows costs less than
-            # casting its P D x D weight to bf16 on every step
+            # fp32 under autocast: B rows times (P D, D) cost less than casting the weight to bf16
             with torch.autocast(patches.device.type, enabled=False):
                 f_id_hat, f_clo_hat = (pool(z.flatten(1).float()) for pool, z in
                                        ((self.pool_id, z_id), (self.pool_clo, z_clo)))
@@ -236,14 +226,14 @@ def position_pooling(positions: int, width: int) -> nn.Linear:
 
 
 # -----------------------------------------------------------------------------
-# Mamba fusion (Sec. III-D, DESIGN.md 3.2)
+# Mamba fusion (Sec. III-D, docs/design.md#2-mamba-runs-over-a-sequence)
 
 
 def aligner(d_in: int, d: int, cfg: ModelConfig) -> nn.Module:
     """The alignment FFN (Sec. III-D), or one linear map for the "w/o alignment" row."""
     if not cfg.fusion_align:
         return nn.Linear(d_in, d)
-    return nn.Sequential(nn.Linear(d_in, d), nn.GELU(), Dropout(cfg.dropout), nn.Linear(d, d),
+    return nn.Sequential(nn.Linear(d_in, d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(d, d),
                          nn.LayerNorm(d))
 
 
@@ -254,7 +244,7 @@ class ResidualMamba(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(cfg.fusion_width)
         self.mamba = Mamba(cfg.fusion_width, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand)
-        self.drop = Dropout(cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.drop(self.mamba(self.norm(x)))  # (S, P, d)
@@ -280,7 +270,7 @@ class MambaFusion(nn.Module):
         x = x + Mamba(x)  (fusion_layers times);  f_final = W_o mean_p LN(x)_p   (E,)
     The visual clothing feature is not used here, on purpose (Sec. III-D). The gate is
     instance-level as the paper's g_fus in R^{B x 2}; the token sequence is ours
-    (docs/design.md#2-mamba-needs-a-sequence).
+    (docs/design.md#2-mamba-runs-over-a-sequence).
     """
 
     def __init__(self, cfg: ModelConfig, image_width: int, text_width: int):

@@ -41,8 +41,8 @@ from evaluate import RetrievalConfig
 from helpers.batches import make_loader, to_device, training_items
 from helpers.checkpoints import random_states, restore_random_states, save
 from helpers.cli import add_config_flags, given
-from helpers.devices import (amp_mode, checkpoint_activations, forward_context, grad_scaler, keep_freed_memory,
-                             optimizer_step, text_attention_for)
+from helpers.devices import (amp_mode, checkpoint_activations, forward_context, grad_scaler, install_cpu_substitutes,
+                             keep_freed_memory, optimizer_step, text_attention_for)
 from helpers.distributed import (StopRequest, any_process, from_rank0, gather_batch, init_distributed,
                                  mean_over_processes, rank, world)
 from helpers.encoders import EncoderLoadError, load_tokenizer
@@ -261,6 +261,7 @@ class State:
         train_cfg, model_cfg, loss_cfg = cfgs.train, cfgs.model, cfgs.loss
         model = T2IReID(model_cfg).to(device)
         text_attention_for(model.text, torch.device(device))
+        install_cpu_substitutes(model, torch.device(device))  # the speed substitutes of helpers/devices.py, on a CPU
         if train_cfg.grad_checkpoint:
             checkpoint_activations(model)
         gradnorm = GradNorm(loss_cfg.balanced_names(model_cfg.fusion_detach), alpha=loss_cfg.gradnorm_alpha,

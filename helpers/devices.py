@@ -1,20 +1,25 @@
 """How a training step runs on the machine at hand: bf16 where the hardware multiplies it, fp16
-with a loss scale on GPUs without bf16, the attention kernel on a CPU, dropout's random numbers on
-a CPU, malloc's treatment of large blocks, and activation checkpointing where memory is short.
-None changes the model; `python -m tools.train_bench` measures what they buy and what the step holds
-in memory (docs/benchmarks.md).
+with a loss scale on GPUs without bf16, the attention kernel on a CPU, cheaper CPU substitutes for
+dropout and BDAM's attention (install_cpu_substitutes), malloc's treatment of large blocks, and
+activation checkpointing where memory is short. None changes the model's arithmetic;
+`python -m tools.train_bench` measures what they buy and what the step holds in memory
+(docs/benchmarks.md#cpu-training-step).
 
 Tests: pytest tests/test_devices.py
 """
 import contextlib
 import ctypes
 import functools
+import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
+
+from model import Attention
 
 
 def cpu_has_bf16() -> bool:
@@ -28,11 +33,11 @@ def cpu_has_bf16() -> bool:
 
 
 def keep_freed_memory() -> None:
-    """Ask glibc's malloc to keep freed memory for reuse rather than hand it back to the system.
-    By default every block over 128 KiB and up to 32 MiB (the fusion's states are 16 MiB) is
-    mapped afresh from the system and unmapped when freed, so each step first-touches its large
-    tensors again, page by page: on two cores that took 60% of the scan's time. A no-op where
-    the C library is not glibc. Costs the memory of the largest step, held until exit."""
+    """Ask glibc's malloc to keep freed memory for reuse rather than hand it back to the system:
+    by default every block over 128 KiB and up to 32 MiB (the fusion's states are 16 MiB) is
+    mapped afresh and unmapped when freed, so each step first-touches its large tensors again,
+    page by page. A no-op where the C library is not glibc. Costs the memory of the largest
+    step, held until exit."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -74,9 +79,8 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
 def forward_context(device: torch.device, amp) -> contextlib.ExitStack:
     """How a training forward runs: autocast to `amp` (bf16 | fp16 | off, amp_mode) where the
     device multiplies it: fp16 and bf16 on a GPU, bf16 on a CPU with cpu_has_bf16() (elsewhere a
-    CPU runs fp32); on a CPU, attention by its plain matrix products. PyTorch's fused
-    CPU attention kernel is slow at these lengths: on two cores its backward took half of the
-    text layer's time (`python train.py --bench`, docs/benchmarks.md). The attention is the same
+    CPU runs fp32); on a CPU, attention by its plain matrix products (SDPA's math kernel), as
+    PyTorch's fused CPU attention kernel is slow at these lengths. The attention is the same
     arithmetic either way; bf16 rounds the products as a GPU run does (the losses, the GradNorm
     weights and the scan stay fp32). The backward follows the forward's choices."""
     stack = contextlib.ExitStack()
@@ -89,31 +93,68 @@ def forward_context(device: torch.device, amp) -> contextlib.ExitStack:
     return stack
 
 
+def cpu_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout(x, p, training) with a cheaper mask on a CPU tensor: torch's bernoulli_ draws a
+    number of the Mersenne Twister per element; here each 64-bit draw gives four 16-bit numbers,
+    and an element is kept when its number is at least p * 65536 (rounded). The same
+    Bernoulli(1 - p) mask and 1 / (1 - p) scale, p to within 1 / 65536, at half the cost forward
+    and backward. On a GPU, F.dropout itself (its random numbers are cheap there)."""
+    if not training or p == 0 or x.device.type != "cpu":
+        return F.dropout(x, p, training)
+    n = x.numel()
+    draws = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None)  # every bit
+    numbers = draws.view(torch.int16)[:n].view(x.shape)             # uniform in -2^15 .. 2^15-1
+    threshold = -2 ** 15 + round(p * 2 ** 16)
+    scale = torch.where(numbers >= threshold, 1 / (1 - p), 0.0).to(x.dtype)
+    return x * scale
+
+
 class Dropout(nn.Dropout):
-    """nn.Dropout whose mask costs less on a CPU: torch's bernoulli_ draws a number of the
-    Mersenne Twister per element, 5 ms for BDAM's (32, 32, 768) FFN activations on two cores,
-    80x the product it masks. Here each 64-bit draw gives four 16-bit numbers, and an element is
-    kept when its number is at least p * 65536 (rounded): the same Bernoulli(1 - p) mask and
-    1 / (1 - p) scale, p to within 1 / 65536, at half the cost forward and backward. On a GPU,
-    nn.Dropout itself (its random numbers are cheap there)."""
+    """nn.Dropout with cpu_dropout's mask (install_cpu_substitutes puts it in the model)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0 or x.device.type != "cpu" or self.inplace:
+        if self.inplace:
             return super().forward(x)
-        n = x.numel()
-        draws = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None)  # every bit
-        numbers = draws.view(torch.int16)[:n].view(x.shape)             # uniform in -2^15 .. 2^15-1
-        threshold = -2 ** 15 + round(self.p * 2 ** 16)
-        scale = torch.where(numbers >= threshold, 1 / (1 - self.p), 0.0).to(x.dtype)
-        return x * scale
+        return cpu_dropout(x, self.p, self.training)
+
+
+class CPUAttention(Attention):
+    """model.Attention with nn.MultiheadAttention's product written out over its own weights, so
+    that the dropout on the attention weights is cpu_dropout: the same outputs in eval mode."""
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, P, D), context (B, P', D) or None -> (B, P, D)."""
+        a, q = self.attn, self.norm(x)
+        kv = q if self.norm_context is None else self.norm_context(context)
+        (w_q, w_kv), (b_q, b_kv) = (t.split([a.embed_dim, 2 * a.embed_dim]) for t in (a.in_proj_weight, a.in_proj_bias))
+        heads = lambda t: t.unflatten(-1, (a.num_heads, a.head_dim)).transpose(1, 2)  # noqa: E731  (B, H, P, d)
+        k, v = map(heads, F.linear(kv, w_kv, b_kv).chunk(2, dim=-1))
+        scores = heads(F.linear(q, w_q, b_q)) @ k.transpose(-1, -2) / math.sqrt(a.head_dim)  # (B, H, P, P')
+        out = cpu_dropout(scores.softmax(-1), a.dropout, self.training) @ v               # (B, H, P, d)
+        return x + a.out_proj(out.transpose(1, 2).flatten(2))
+
+
+def install_cpu_substitutes(model: nn.Module, device: torch.device) -> None:
+    """On a CPU, cheaper random numbers in the paper's own modules of a model.T2IReID (BDAM and
+    the fusion; the pretrained encoders keep theirs): each nn.Dropout there becomes a Dropout,
+    each model.Attention a CPUAttention. Same parameters, state-dict names and eval outputs, and
+    the random draws in the order the model makes them. A no-op on a GPU."""
+    if torch.device(device).type != "cpu":
+        return
+    parts = [part for part in (model.bdam, model.fusion) if part is not None]
+    for module in [m for part in parts for m in part.modules()]:
+        if type(module) is Attention:
+            module.__class__ = CPUAttention
+        for name, child in module.named_children():
+            if type(child) is nn.Dropout:
+                setattr(module, name, Dropout(child.p))
 
 
 def text_attention_for(text_encoder: nn.Module, device: torch.device) -> None:
     """On a CPU, the Hugging Face text encoder computes its attention by its own "eager" path
-    (matmul, additive padding mask, softmax, matmul) rather than through PyTorch's SDPA: with a
-    mask, the math kernel that forward_context picks there also checks every row for full
-    masking and selects, 0.9x the text layer's time without that (`python -m tools.train_bench`).
-    The same product either way. On a GPU the fused SDPA kernels stay."""
+    (matmul, additive padding mask, softmax, matmul) rather than through PyTorch's SDPA, whose
+    math kernel also checks every masked row for full masking. The same product either way. On
+    a GPU the fused SDPA kernels stay."""
     if device.type == "cpu":
         text_encoder.config._attn_implementation = "eager"
 

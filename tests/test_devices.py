@@ -1,14 +1,16 @@
-"""helpers/devices.py: the CPU dropout against nn.Dropout's contract, and the attention BDAM writes out
-against nn.MultiheadAttention itself.
+"""helpers/devices.py: the CPU dropout against nn.Dropout's contract, the CPU attention against
+model.Attention, and the model with its CPU substitutes against the plain model.
 Run: pytest tests/test_devices.py
 """
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from helpers import devices
-from helpers.devices import Dropout, amp_mode
-from model import Attention
+from helpers.devices import CPUAttention, Dropout, amp_mode, install_cpu_substitutes
+from model import Attention, ModelConfig, T2IReID
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -50,21 +52,83 @@ def test_dropout_backward_is_the_mask_and_eval_is_the_identity():
 
 
 @pytest.mark.parametrize("cross", [False, True])
-def test_attention_is_multihead_attention_written_out(cross):
-    """BDAM's Attention computes what nn.MultiheadAttention (its parameter holder) computes, with
-    and without a context, forward and backward, dropout off."""
+def test_cpu_attention_is_the_attention_written_out(cross):
+    """CPUAttention computes what model.Attention (nn.MultiheadAttention) computes, with and
+    without a context, forward and backward, in eval mode; fp32, tolerances 1e-5 / 1e-4."""
     torch.manual_seed(0)
-    layer = Attention(48, 4, dropout=0.1, cross=cross).eval()
+    plain = Attention(48, 4, dropout=0.1, cross=cross).eval()
+    written = copy.deepcopy(plain)
+    written.__class__ = CPUAttention
     x, context = torch.randn(3, 7, 48, requires_grad=True), torch.randn(3, 5, 48, requires_grad=True)
-    ours = layer(x, context if cross else None)
-    q = layer.norm(x)
-    kv = layer.norm_context(context) if cross else q
-    theirs = x + layer.attn(q, kv, kv, need_weights=False)[0]
+    ours, theirs = (layer(x, context if cross else None) for layer in (written, plain))
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
-    grads = [torch.autograd.grad(out.square().sum(), [x, layer.attn.in_proj_weight]) for out in (ours, theirs)]
+    grads = [torch.autograd.grad(out.square().sum(), [x, layer.attn.in_proj_weight])
+             for out, layer in ((ours, written), (theirs, plain))]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    assert isinstance(layer.attn, nn.MultiheadAttention)  # the state-dict names stay
+
+
+@pytest.mark.parametrize("layer_class", [Attention, CPUAttention])
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_attention_dropout_keeps_one_minus_p_of_the_attention_weights(layer_class, p):
+    """Training mode. With q = k = 0 every attention weight is 1 / P', with v = 1 and the output
+    projection the identity the output is x + (kept weights of the row) / (P' (1 - p)) in every
+    channel: the kept fraction is 1 - p to within 5 standard deviations (B P P' = 2^18 weights)."""
+    b, queries, keys, width = 16, 64, 256, 8
+    layer = layer_class(width, 1, dropout=p, cross=True).train()
+    with torch.no_grad():
+        layer.attn.in_proj_weight.zero_()
+        layer.attn.in_proj_bias.copy_(torch.cat([torch.zeros(2 * width), torch.ones(width)]))
+        layer.attn.out_proj.weight.copy_(torch.eye(width))
+        layer.attn.out_proj.bias.zero_()
+        x = torch.randn(b, queries, width)
+        kept = (layer(x, torch.randn(b, keys, width)) - x)[..., 0] * (1 - p)  # (B, P) kept fraction per row
+    n = b * queries * keys
+    assert abs(kept.mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
+
+
+def tiny_model(dropout: float) -> T2IReID:
+    """A T2IReID with random encoders on 64 x 32 images, BDAM with cross-attention, the fusion."""
+    cfg = ModelConfig.small(image_size=(64, 32), vision_layers=1, vision_width=32, vision_heads=2, text_model="",
+                            text_layers=1, text_width=32, text_heads=2, bdam_width=32, bdam_heads=2,
+                            fusion_width=16, embed_dim=16, dropout=dropout)
+    return T2IReID(cfg)
+
+
+def test_cpu_substitutes_replace_the_paper_modules_dropout_and_attention_only():
+    """BDAM's and the fusion's nn.Dropout become devices.Dropout and their Attention CPUAttention;
+    the encoders keep theirs; the state dict is the same; a GPU device changes nothing."""
+    torch.manual_seed(0)
+    model = tiny_model(0.1)
+    keys, text_drops = list(model.state_dict()), [m for m in model.text.modules() if type(m) is nn.Dropout]
+    install_cpu_substitutes(model, torch.device("cuda"))
+    assert not any(isinstance(m, (Dropout, CPUAttention)) for m in model.modules())
+    install_cpu_substitutes(model, torch.device("cpu"))
+    parts = [*model.bdam.modules(), *model.fusion.modules()]
+    assert not any(type(m) in (nn.Dropout, Attention) for m in parts)
+    assert sum(isinstance(m, CPUAttention) for m in parts) == 4 * model.cfg.bdam_depth and sum(isinstance(m, Dropout) for m in parts) > 4
+    assert text_drops and all(type(m) is nn.Dropout for m in model.text.modules() if isinstance(m, nn.Dropout))
+    assert list(model.state_dict()) == keys
+
+
+def test_cpu_substitutes_keep_the_model_outputs_in_eval_mode():
+    """The images' embeddings, tokens and gate, the texts' embeddings and the fusion's pair
+    scores of the model with its CPU substitutes equal the plain model's (fp32, 1e-5)."""
+    torch.manual_seed(0)
+    plain = tiny_model(0.1).eval()
+    substituted = copy.deepcopy(plain)
+    install_cpu_substitutes(substituted, torch.device("cpu"))
+    images, ids = torch.randn(4, 3, 64, 32), torch.randint(1000, 30000, (4, 12))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        outputs = []
+        for model in (plain, substituted.eval()):
+            img = model.encode_images(images)
+            texts = model.text_features(ids, mask)
+            outputs.append([img["emb"], img["tokens"], img["gate"], model.text_embedding(texts),
+                            model.pair_score(img["tokens"], texts)[0]])
+    for got, want in zip(outputs[1], outputs[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_amp_reads_bf16_fp16_off_and_the_old_true_false():

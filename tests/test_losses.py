@@ -374,3 +374,28 @@ def test_gradnorm_skips_the_weights_when_a_scaled_gradient_overflows():
     stats = gn.backward(three_task_losses(shared, toy_losses), shared.weight, scale=float("inf"))
     assert not torch.isfinite(stats["grad_norms"]).all() and gn.log_weights.grad is None
     assert torch.isnan(gn.initial_losses).all()
+
+
+@pytest.mark.parametrize("scale", [1.0, 1024.0])
+def test_gradnorm_backward_by_subtraction_equals_the_plain_loop(scale):
+    """GradNorm.backward (the last task's gradient on W by subtraction) against backward_plain
+    (one autograd.grad per task) on the toy network with three tasks, weights away from 1 and a
+    gradient already in W.grad: the same gradient on the s_k, on every network parameter, and
+    the same stats, to 1e-5 relative (the subtraction rounds differently), scaled or not."""
+    results = []
+    for method in ("backward_plain", "backward"):
+        shared, heads, toy_losses = toy_problem(seed=4)
+        gn = GradNorm(["a", "b", "c"], alpha=1.5, reg_lambda=0.1)
+        with torch.no_grad():
+            gn.log_weights.copy_(torch.tensor([0.3, -0.2, 0.5]))
+        shared.weight.grad = torch.ones_like(shared.weight)  # an accumulated gradient must not matter
+        stats = getattr(gn, method)(three_task_losses(shared, toy_losses), shared.weight, scale=scale)
+        grads = {n: p.grad.clone() for n, p in [*shared.named_parameters(), *heads.named_parameters()]}
+        results.append((stats, gn.log_weights.grad.clone(), grads))
+    (plain, plain_s, plain_grads), (fast, fast_s, fast_grads) = results
+    torch.testing.assert_close(fast_s, plain_s, rtol=1e-5, atol=1e-8)
+    assert fast_grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-5, atol=1e-8, msg=name)
+    for key in ("grad_norms", "targets", "weights", "total", "gradnorm_loss"):
+        torch.testing.assert_close(fast[key], plain[key], rtol=1e-5, atol=1e-8, msg=key)

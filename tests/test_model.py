@@ -504,3 +504,42 @@ def test_activation_checkpointing_gives_the_same_losses_and_gradients(batch, fro
     for name, grad in plain_grads.items():
         torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-6, atol=1e-7, msg=name)
     assert ckpt_saved < 0.6 * plain_saved  # the layers' activations were not kept
+
+
+def attention_by_hand(layer, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    """x + softmax(Q K^T / sqrt(d)) V W_o + b_o per head, Q, K, V from the packed in-projection of
+    the normalised x and context (Vaswani et al. 2017, Eq. 1), written with einsum."""
+    a = layer.attn
+    q = layer.norm(x)
+    kv = q if context is None else layer.norm_context(context)
+    w_q, w_k, w_v = a.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = a.in_proj_bias.chunk(3)
+    split = lambda t: t.unflatten(-1, (a.num_heads, a.head_dim))  # noqa: E731  (B, L, H, d)
+    queries, keys, values = split(q @ w_q.T + b_q), split(kv @ w_k.T + b_k), split(kv @ w_v.T + b_v)
+    weights = torch.einsum("bphd,bqhd->bhpq", queries, keys).div(a.head_dim ** 0.5).softmax(-1)  # (B, H, P, P')
+    heads = torch.einsum("bhpq,bqhd->bphd", weights, values).flatten(2)  # (B, P, D)
+    return x + heads @ a.out_proj.weight.T + a.out_proj.bias
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_bdam_attention_is_multi_head_attention_by_hand_in_eval_mode(cross):
+    """model.Attention (nn.MultiheadAttention) against the formula, with and without a context;
+    fp32, 1e-5. Dropout is on (0.1) but inactive in eval mode."""
+    from model import Attention
+    torch.manual_seed(0)
+    layer = Attention(48, 4, dropout=0.1, cross=cross).eval()
+    x, context = torch.randn(3, 7, 48), torch.randn(3, 5, 48) if cross else None
+    torch.testing.assert_close(layer(x, context), attention_by_hand(layer, x, context), rtol=1e-5, atol=1e-5)
+
+
+def test_bdam_layer_state_dict_names_are_those_of_the_saved_checkpoints():
+    """The parameter names of a BDAM layer as checkpoints before issue 37 hold them."""
+    from model import BDAMLayer
+    attention = lambda name, cross: [f"{name}.norm.weight", f"{name}.norm.bias"] + (  # noqa: E731
+        [f"{name}.norm_context.weight", f"{name}.norm_context.bias"] if cross else []) + [
+        f"{name}.attn.in_proj_weight", f"{name}.attn.in_proj_bias", f"{name}.attn.out_proj.weight",
+        f"{name}.attn.out_proj.bias"]
+    ffn = lambda name: [f"{name}.net.{i}.{p}" for i in (0, 1, 4) for p in ("weight", "bias")]  # noqa: E731
+    saved = [*attention("self_id", False), *attention("self_clo", False), *attention("cross_id", True),
+             *attention("cross_clo", True), *ffn("ffn_id"), *ffn("ffn_clo")]
+    assert list(BDAMLayer(8, 2, 0.1, cross=True).state_dict()) == saved
