@@ -38,15 +38,16 @@ from tqdm import tqdm
 import data
 import evaluate
 from evaluate import RetrievalConfig
-from helpers.batches import make_loader, to_device, training_items
+from helpers.batches import fill_text_cache, make_loader, to_device, training_items
 from helpers.checkpoints import random_states, restore_random_states, save
 from helpers.cli import add_config_flags, given
 from helpers.devices import (amp_mode, checkpoint_activations, forward_context, grad_scaler, install_cpu_substitutes,
-                             keep_freed_memory, optimizer_step, text_attention_for)
+                             keep_freed_memory, not_float32, optimizer_step, text_attention_for)
 from helpers.distributed import (StopRequest, any_process, from_rank0, gather_batch, init_distributed,
                                  mean_over_processes, rank, world)
 from helpers.encoders import EncoderLoadError, load_tokenizer
 from helpers.pictures import read_log, training_picture
+from helpers.reports import gate_stats
 from helpers.runs import start_run, trim_log
 from losses import GradNorm, LossConfig, compute_losses
 from model import ModelConfig, T2IReID
@@ -221,18 +222,6 @@ def load_splits(train_cfg: TrainConfig) -> tuple[data.ReIDData, data.ReIDData | 
     return dataset, val
 
 
-@torch.no_grad()
-def fill_text_cache(model: T2IReID, texts: list[str], tokenizer, max_len: int, device, chunk: int = 64) -> None:
-    """The frozen text layers' states of every training text, computed once before the first
-    step (model.FrozenTextPrefix): an epoch then costs only the layers above."""
-    if model.frozen_text is None:
-        return
-    texts = sorted(texts, key=lambda text: (len(text), text))  # similar lengths pad little
-    for start in tqdm(range(0, len(texts), chunk), desc=f"frozen text layers: {len(texts)} texts", leave=False,
-                      disable=rank() > 0):
-        model.frozen_text.fill(**to_device(data.tokenize(tokenizer, texts[start:start + chunk], max_len), device))
-
-
 # ----------------------------------------------------------------------------------------------
 # The training state: what the steps share and what a checkpoint holds
 
@@ -355,29 +344,6 @@ def update(state: State, losses: dict[str, torch.Tensor]) -> dict:
     return {**values, "total": stats["total"].detach().item(),
             **{f"w_{task}": w for task, w in zip(state.gradnorm.tasks, state.gradnorm.weights().tolist())},
             **{f"G_{task}": g for task, g in zip(state.gradnorm.tasks, norms)}}
-
-
-def gate_stats(out: dict) -> dict:
-    """The gates of Fig. 5 on this batch: g_std, the BDAM gate's per-channel spread over the
-    images (0: the same g for every image), and w_img, the fusion gate's mean W_img (near 0: the
-    fusion reads the text alone)."""
-    stats = {}
-    if out.get("bdam_gate") is not None and len(out["bdam_gate"]) > 1:
-        stats["g_std"] = out["bdam_gate"].detach().float().std(0).mean().item()
-    if out.get("fusion_gate") is not None:
-        stats["w_img"] = out["fusion_gate"].float().mean().item()
-    return stats
-
-
-def not_float32(model: torch.nn.Module) -> str:
-    """"; the model holds float16 parameters (N tensors): names" for the error of a non-finite
-    loss, or "": Adam on half-precision weights overflows (helpers/encoders.py loads float32)."""
-    held = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            held.setdefault(str(p.dtype).removeprefix("torch."), []).append(name)
-    return "".join(f"; the model holds {dtype} parameters ({len(names)} tensors): {', '.join(names[:4])}"
-                   + ", ..." * (len(names) > 4) for dtype, names in held.items())
 
 
 # ----------------------------------------------------------------------------------------------

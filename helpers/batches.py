@@ -6,9 +6,10 @@ import functools
 import os
 
 import torch
+from tqdm import tqdm
 
 import data
-from helpers.distributed import leave_process_group
+from helpers.distributed import leave_process_group, rank
 
 
 class SeededItems(torch.utils.data.Dataset):
@@ -59,3 +60,15 @@ def make_loader(items: SeededItems, sampler: data.IdentitySampler, epoch: int, s
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: to_device(v, device) if isinstance(v, dict) else v.to(device, non_blocking=True)
             for k, v in batch.items()}
+
+
+@torch.no_grad()
+def fill_text_cache(model, texts: list[str], tokenizer, max_len: int, device, chunk: int = 64) -> None:
+    """The frozen text layers' states of every training text, computed once before the first
+    step (model.FrozenTextPrefix): an epoch then costs only the layers above."""
+    if model.frozen_text is None:
+        return
+    texts = sorted(texts, key=lambda text: (len(text), text))  # similar lengths pad little
+    for start in tqdm(range(0, len(texts), chunk), desc=f"frozen text layers: {len(texts)} texts", leave=False,
+                      disable=rank() > 0):
+        model.frozen_text.fill(**to_device(data.tokenize(tokenizer, texts[start:start + chunk], max_len), device))

@@ -184,3 +184,14 @@ def _recomputed(forward, *args):
     if torch.is_grad_enabled() and forward.__self__.training:
         return checkpoint(forward, *args, use_reentrant=False)
     return forward(*args)
+
+
+def not_float32(model: torch.nn.Module) -> str:
+    """"; the model holds float16 parameters (N tensors): names" for the error of a non-finite
+    loss, or "": Adam on half-precision weights overflows (helpers/encoders.py loads float32)."""
+    held = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            held.setdefault(str(p.dtype).removeprefix("torch."), []).append(name)
+    return "".join(f"; the model holds {dtype} parameters ({len(names)} tensors): {', '.join(names[:4])}"
+                   + ", ..." * (len(names) > 4) for dtype, names in held.items())

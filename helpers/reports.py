@@ -113,3 +113,15 @@ def example_rankings(rows, texts: list, query_pids: list, gallery: list, count: 
         out["paths"].append([gallery[g].image_path for g in top])
         out["correct"].append([gallery[g].pid == query_pids[q] for g in top])
     return out
+
+
+def gate_stats(out: dict) -> dict:
+    """The gates of Fig. 5 on this batch: g_std, the BDAM gate's per-channel spread over the
+    images (0: the same g for every image), and w_img, the fusion gate's mean W_img (near 0: the
+    fusion reads the text alone)."""
+    stats = {}
+    if out.get("bdam_gate") is not None and len(out["bdam_gate"]) > 1:
+        stats["g_std"] = out["bdam_gate"].detach().float().std(0).mean().item()
+    if out.get("fusion_gate") is not None:
+        stats["w_img"] = out["fusion_gate"].float().mean().item()
+    return stats
