@@ -34,11 +34,12 @@ import torch
 from data import DATASETS, DatasetError, load_dataset
 from helpers import lexicon
 from helpers.encoders import EncoderLoadError, load_tokenizer
-from helpers.metrics import metrics_of_both_stages, retrieval_metrics
+from helpers.metrics import metrics_of_both_stages
 from helpers.pictures import gate_curves, gate_histograms, ranked_list_picture, read_log, training_picture
 from helpers.reports import example_rankings, gate_summary, report, rerank_report, sweep_report
-from helpers.retrieval import embed_gallery, fusion_image_reliance, query_ranker, rerank
+from helpers.retrieval import embed_gallery, fusion_image_reliance, query_ranker
 from helpers.runs import RunError, find_checkpoint, read_saved
+from helpers.sweeps import clothing_weight_sweep, rerank_sweep
 from model import ModelConfig, T2IReID
 
 
@@ -183,52 +184,6 @@ class RetrievalConfig:
                              "(or < 0: chosen)")
 
 
-@torch.no_grad()
-def clothing_weight_sweep(model: T2IReID, data, gallery: dict, tokenizer, device, batch_size=64,
-                          weights=CLOTHING_WEIGHTS, seed=0) -> list[dict]:
-    """Stage 1 on `data` (the validation split; `gallery` its embed_gallery) for each beta: the
-    captions' R1, mAP and cross-outfit mAP, and, for the record, Table V's Rank-1 of each setting.
-    Every query is embedded once; each beta only re-adds."""
-    cfg, pids, outfits = model.cfg, [g.pid for g in data.gallery], [g.outfit for g in data.gallery]
-    ranker = query_ranker(model, gallery, tokenizer, cfg.max_text_len, device, 0, 0.0, batch_size, False)
-    captions = ranker([q.caption for q in data.queries])
-    built = robustness_queries(data.gallery, seed)
-    settings = {name: ranker(texts) for name, texts in built[0].items()} if built else {}
-    rows = []
-    for beta in weights if gallery["clo"] is not None else (0.0,):
-        for ranked in (captions, *settings.values()):
-            ranked.clothing_weight = beta
-        m = retrieval_metrics(captions.stage1, [q.pid for q in data.queries], pids, 1024,
-                              [q.outfit for q in data.queries], outfits)
-        rows.append(dict(clothing_weight=beta, R1=m["R1"], mAP=m["mAP"],
-                         cross_mAP=(m.get("cross_outfit") or {}).get("mAP"),
-                         **{name: retrieval_metrics(r.stage1, built[1], pids)["R1"] for name, r in settings.items()}))
-    return rows
-
-
-@torch.no_grad()
-def rerank_sweep(model: T2IReID, data, gallery: dict, tokenizer, device, clothing_weight: float,
-                 batch_size=64, ks=RERANK_KS, weights=FUSION_WEIGHTS) -> list[dict]:
-    """Stage 2 on `data` (the validation split) for each K in `ks` and a in `weights`: the
-    captions' Rank-1, mAP and cross-outfit mAP. The fusion scores the top max(ks) once."""
-    pids, outfits = [g.pid for g in data.gallery], [g.outfit for g in data.gallery]
-    captions = query_ranker(model, gallery, tokenizer, model.cfg.max_text_len, device, max(ks), clothing_weight,
-                            batch_size, False, fusion_weight=1.0)([q.caption for q in data.queries])
-    step = max(1, 4 * batch_size // max(ks))
-    blocks = [captions.fusion_scores(s, min(s + step, len(data.queries))) for s in range(0, len(data.queries), step)]
-    stage1, candidates, fused = (torch.cat(parts) for parts in zip(*blocks))  # (Q, G), (Q, Kmax), (Q, Kmax)
-    base = stage1.gather(1, candidates)  # (Q, Kmax): s1 with its clothing term
-    rows = []
-    for k in ks:
-        for a in weights:  # fused is the a = 1 score, so a's is base + a (fused - base)
-            scores = base[:, :k] + a * (fused[:, :k] - base[:, :k])  # (Q, K)
-            m = retrieval_metrics(rerank(stage1, candidates[:, :k], scores), [q.pid for q in data.queries],
-                                  pids, 1024, [q.outfit for q in data.queries], outfits)
-            rows.append(dict(rerank_k=k, fusion_weight=a, R1=m["R1"], mAP=m["mAP"],
-                             cross_mAP=(m.get("cross_outfit") or {}).get("mAP")))
-    return rows
-
-
 def selection_key(rows: list[dict]) -> str:
     """The validation measure a setting is chosen by: mAP over the person's other outfits where
     the data knows outfits (what decoupling is for), else mAP (same-clothes data, CUHK-PEDES)."""
@@ -264,8 +219,8 @@ def choose_settings(model: T2IReID, val, tokenizer, settings: RetrievalConfig, d
         gallery = embed_gallery(model, [g.image_path for g in val.gallery], model.cfg.image_size, device,
                                 batch_size, False)
         if beta < 0:
-            rows = sweeps["clothing_weight_sweep"] = clothing_weight_sweep(model, val, gallery, tokenizer, device,
-                                                                           batch_size, seed=seed)
+            rows = sweeps["clothing_weight_sweep"] = clothing_weight_sweep(
+                model, val, gallery, tokenizer, device, batch_size, CLOTHING_WEIGHTS, robustness_queries(val.gallery, seed))
             beta = choose_from_sweep(rows)
             print(sweep_report(rows, beta))
         if model.fusion is not None and min(k, a) < 0:

@@ -4,7 +4,7 @@ scoring each pair, the pictures, the command line."""
 import pytest
 import torch
 
-from evaluate import retrieval_metrics
+from helpers.metrics import retrieval_metrics
 
 
 def scores_from_orders(orders, num_gallery):
