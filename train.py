@@ -161,7 +161,7 @@ def parse_config(argv=None, prog=None, description=None) -> tuple[Configs, argpa
         saved = json.loads((Path(args.resume) / "config.json").read_text())
         return Configs(*(evaluate.config_of(cls, saved.get("objective", {}), saved.get(owner, {}))
                          for owner, cls in OWNERS.items())), args
-    both = parser.parse_args(shlex.split(ABLATIONS[args.ablation]) + list(argv or sys.argv[1:]))
+    both = parser.parse_args(shlex.split(ABLATIONS[args.ablation]) + list(sys.argv[1:] if argv is None else argv))
     preset = presets(given(both, "train").get("data", "synth"))
     try:
         cfgs = Configs(*(dataclasses.replace(getattr(preset, owner), **given(both, owner)) for owner in OWNERS))
