@@ -1,3 +1,3 @@
-"""SynthPEDES, the embedded dataset that knows the truth: people drawn by render.py, captions,
-splits and the files written in CUHK-PEDES format by synthpedes.py
-(`python -m synthetic.synthpedes`)."""
+"""SynthPEDES, the embedded dataset that knows the truth: people drawn by synthetic/render.py,
+their captions in synthetic/captions.py, splits and the files in CUHK-PEDES format written by
+synthetic/synthpedes.py (`python -m synthetic.synthpedes`)."""
