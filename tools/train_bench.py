@@ -1,6 +1,7 @@
 """`python -m tools.train_bench`: where a training step's time goes, part by part, and the whole
-step against its two encoders alone (docs/design.md, decision 8). It takes train.py's flags and
-times train.py's State and train_step; train.py does not import it. `--memory`: what a training
+step against its two encoders alone (docs/benchmarks.md#cpu-training-step). It takes train.py's
+flags and times train.py's State (the model as training builds it, with the CPU substitutes of
+devices.install_cpu_substitutes on a CPU) and train_step; train.py does not import it. `--memory`: what a training
 step holds in memory, with and without --grad-checkpoint, estimated on the CPU (no GPU needed).
 
     python -m tools.train_bench                        # SynthPEDES preset on this machine
@@ -24,7 +25,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 import mamba_triton
 from losses import compute_losses
 from model import BDAMLayer, ModelConfig, ObjectiveConfig, T2IReID
-from helpers.devices import Dropout, checkpoint_activations, cpu_has_bf16, forward_context, keep_freed_memory
+from helpers.devices import checkpoint_activations, cpu_has_bf16, forward_context, keep_freed_memory
 from helpers.encoders import EncoderLoadError
 from train import State, TrainConfig, parse_config, pick_device, to_device, train_step
 
@@ -33,7 +34,7 @@ def bench(cfg: TrainConfig, mcfg: ModelConfig, ocfg: ObjectiveConfig, steps: int
     """Where a training step's time goes: the median time of each part's forward and backward on
     random inputs of the configured shapes, then the whole step (forward, every loss, GradNorm,
     Adam), and the encoders alone as the baseline (ViT + text encoder, the mean of their outputs
-    as the loss; DESIGN.md section 8). Hub encoders are built from their configs with random
+    as the loss). Hub encoders are built from their configs with random
     weights (no download). Frozen text layers are timed as training sees them: from the cache
     (filled by the warm-up steps, as train() fills it before the first step)."""
     device = pick_device(cfg.device)
@@ -183,9 +184,11 @@ def saved_for_backward(forward, parameters=(), layers=()) -> list[tuple[int, tor
 
 def step_memory(mcfg: ModelConfig, ocfg: ObjectiveConfig, amp: str, checkpointed: bool, batch: int) -> dict:
     """What one training forward of a `batch` keeps for its backward (random weights, random
-    inputs, on the CPU, as a GPU runs it: autocast to bf16 for amp bf16, PyTorch's SDPA in the
-    encoders, nn.Dropout's mask in BDAM, the scan's saved tensors as the Triton kernels keep them): {"kept": bytes after the forward, "by_dtype", "layer":
-    the most one layer saves -- what a checkpointed layer holds again while its backward runs}."""
+    inputs, on the CPU, as a GPU runs it: autocast to bf16 for amp bf16, the model without CPU
+    substitutes, the scan's saved tensors as the Triton kernels keep them): {"kept": bytes after
+    the forward, "by_dtype", "layer": the most one layer saves -- what a checkpointed layer holds
+    again while its backward runs}. On the CPU, SDPA with dropout runs its math kernel, which
+    keeps BDAM's attention weights; a GPU's fused kernels keep less: an upper bound there."""
     torch.manual_seed(0)
     model = T2IReID(mcfg, ocfg).train()
     if checkpointed:
@@ -198,7 +201,6 @@ def step_memory(mcfg: ModelConfig, ocfg: ObjectiveConfig, amp: str, checkpointed
 
     def forward():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp != "off"), \
-                mock.patch.object(Dropout, "forward", torch.nn.Dropout.forward), \
                 mock.patch.object(mamba_triton, "selective_scan", _KernelSaves.scan):  # as on a GPU
             return compute_losses(model(inputs), inputs, ocfg)
     saved = saved_for_backward(forward, list(model.parameters()), layers)
