@@ -24,38 +24,41 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 import mamba_triton
 from losses import compute_losses
-from model import BDAMLayer, ModelConfig, ObjectiveConfig, T2IReID
+from losses import LossConfig
+from model import BDAMLayer, ModelConfig, T2IReID
 from helpers.devices import checkpoint_activations, cpu_has_bf16, forward_context, keep_freed_memory
 from helpers.encoders import EncoderLoadError
-from train import State, TrainConfig, parse_config, pick_device, to_device, train_step
+from helpers.batches import to_device
+from train import Configs, State, parse_config, pick_device, train_step
 
 
-def bench(cfg: TrainConfig, mcfg: ModelConfig, ocfg: ObjectiveConfig, steps: int = 10) -> None:
+def bench(cfgs: Configs, steps: int = 10) -> None:
     """Where a training step's time goes: the median time of each part's forward and backward on
     random inputs of the configured shapes, then the whole step (forward, every loss, GradNorm,
     Adam), and the encoders alone as the baseline (ViT + text encoder, the mean of their outputs
     as the loss). Hub encoders are built from their configs with random
     weights (no download). Frozen text layers are timed as training sees them: from the cache
     (filled by the warm-up steps, as train() fills it before the first step)."""
-    device = pick_device(cfg.device)
+    cfg, loss_cfg, device = cfgs.train, cfgs.loss, pick_device(cfgs.train.device)
     local = lambda name: name if name and Path(name).is_dir() else ""  # noqa: E731
-    mcfg = dataclasses.replace(mcfg, vision_model=local(mcfg.vision_model), text_model=local(mcfg.text_model))
-    b, t = cfg.p * cfg.k, mcfg.max_text_len
+    model_cfg = dataclasses.replace(cfgs.model, vision_model=local(cfgs.model.vision_model),
+                                    text_model=local(cfgs.model.text_model))
+    b, t = cfg.p * cfg.k, model_cfg.max_text_len
     g = torch.Generator().manual_seed(cfg.seed)
     text = lambda: {"input_ids": torch.randint(1000, 30000, (b, t), generator=g),  # noqa: E731
                     "attention_mask": torch.ones(b, t, dtype=torch.long)}
-    batch = to_device({"images": torch.randn(b, 3, *mcfg.image_size, generator=g),
+    batch = to_device({"images": torch.randn(b, 3, *model_cfg.image_size, generator=g),
                        "pids": torch.arange(b) // cfg.k, "identity": text(), "clothing": text()}, device)
-    state = State.create(cfg, mcfg, ocfg, device, total_steps=10 ** 6)
+    state = State.create(dataclasses.replace(cfgs, model=model_cfg), device, total_steps=10 ** 6)
     model = state.model
     amp = cfg.amp if device.type == "cuda" or (cfg.amp == "bf16" and cpu_has_bf16()) else "off"  # as forward_context
     context = functools.partial(forward_context, device, cfg.amp)  # as train_step runs the forward
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
-          f"batch {b}, images {mcfg.image_size}, text length {t}, autocast {amp}, "
-          f"frozen text layers {mcfg.text_frozen_layers}")
+          f"batch {b}, images {model_cfg.image_size}, text length {t}, autocast {amp}, "
+          f"frozen text layers {model_cfg.text_frozen_layers}")
     print(f"{'part (forward + backward)':40s}{'ms / step':>12s}{'share':>8s}")
-    rows = bench_parts(state, batch, ocfg, context)
-    whole = _median_ms(lambda _: train_step(state, batch, ocfg, device, cfg.amp), steps, device)
+    rows = bench_parts(state, batch, loss_cfg, context)
+    whole = _median_ms(lambda _: train_step(state, batch), steps, device)
     for name, (setup, timed) in rows.items():
         ms = _median_ms(timed, steps, device, setup)
         print(f"{name:40s}{ms:12.1f}{ms / whole:8.0%}")
@@ -76,7 +79,7 @@ def bench(cfg: TrainConfig, mcfg: ModelConfig, ocfg: ObjectiveConfig, steps: int
           f"{whole / base:.2f}x its encoders")
 
 
-def bench_parts(state: State, batch: dict, ocfg: ObjectiveConfig, autocast) -> dict:
+def bench_parts(state: State, batch: dict, loss_cfg: LossConfig, autocast) -> dict:
     """{part: (setup, timed)}: setup() makes the part's inputs (untimed), timed(inputs) runs the
     part's forward and backward -- or, for the optimiser, its step. autocast() is the context of
     every forward (devices.forward_context)."""
@@ -96,7 +99,7 @@ def bench_parts(state: State, batch: dict, ocfg: ObjectiveConfig, autocast) -> d
     def model_outputs():
         with autocast():
             out = model(batch)
-        return out, compute_losses(out, batch, ocfg)
+        return out, compute_losses(out, batch, loss_cfg)
 
     def bdam_inputs():
         with torch.no_grad(), autocast():
@@ -120,7 +123,7 @@ def bench_parts(state: State, batch: dict, ocfg: ObjectiveConfig, autocast) -> d
         state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
 
-    texts = [key for key in ("identity", "clothing") if key != "clothing" or ocfg.loss_aln]
+    texts = [key for key in ("identity", "clothing") if key != "clothing" or loss_cfg.loss_aln]
     rows = {"vision encoder (ViT)": (lambda: None, forward_backward(
                 lambda _: [model.vision(pixel_values=batch["images"]).last_hidden_state])),
             f"text encoder ({len(texts)} texts)": (lambda: None, forward_backward(
@@ -131,8 +134,8 @@ def bench_parts(state: State, batch: dict, ocfg: ObjectiveConfig, autocast) -> d
         rows["fusion (S x Q image-text pairs)"] = (fusion_inputs, forward_backward(
             lambda x: [model.fusion_pairs(x[0], x[1], batch["pids"], x[2], x[3])["fusion_scores"]]))
     rows["losses (compute_losses)"] = (lambda: {k: leaf(v) for k, v in model_outputs()[0].items()},
-                                       forward_backward(lambda out: compute_losses(out, batch, ocfg).values()))
-    if ocfg.use_gradnorm:
+                                       forward_backward(lambda out: compute_losses(out, batch, loss_cfg).values()))
+    if loss_cfg.use_gradnorm:
         rows["GradNorm's K - 1 extra gradients"] = (model_outputs, gradnorm_extra)
     rows["optimiser (Adam)"] = (gradients, adam)
     return rows
@@ -182,7 +185,7 @@ def saved_for_backward(forward, parameters=(), layers=()) -> list[tuple[int, tor
     return list(saved.values())
 
 
-def step_memory(mcfg: ModelConfig, ocfg: ObjectiveConfig, amp: str, checkpointed: bool, batch: int) -> dict:
+def step_memory(model_cfg: ModelConfig, loss_cfg: LossConfig, amp: str, checkpointed: bool, batch: int) -> dict:
     """What one training forward of a `batch` keeps for its backward (random weights, random
     inputs, on the CPU, as a GPU runs it: autocast to bf16 for amp bf16, the model without CPU
     substitutes, the scan's saved tensors as the Triton kernels keep them): {"kept": bytes after
@@ -190,19 +193,19 @@ def step_memory(mcfg: ModelConfig, ocfg: ObjectiveConfig, amp: str, checkpointed
     again while its backward runs}. On the CPU, SDPA with dropout runs its math kernel, which
     keeps BDAM's attention weights; a GPU's fused kernels keep less: an upper bound there."""
     torch.manual_seed(0)
-    model = T2IReID(mcfg, ocfg).train()
+    model = T2IReID(model_cfg).train()
     if checkpointed:
         checkpoint_activations(model)
     layers = [m for m in model.modules() if isinstance(m, (GradientCheckpointingLayer, BDAMLayer))]  # ViT, BERT, BDAM
-    text = lambda: {"input_ids": torch.randint(1000, 30000, (batch, mcfg.max_text_len)),  # noqa: E731
-                    "attention_mask": torch.ones(batch, mcfg.max_text_len, dtype=torch.long)}
-    inputs = {"images": torch.randn(batch, 3, *mcfg.image_size), "pids": torch.arange(batch) // 2,
+    text = lambda: {"input_ids": torch.randint(1000, 30000, (batch, model_cfg.max_text_len)),  # noqa: E731
+                    "attention_mask": torch.ones(batch, model_cfg.max_text_len, dtype=torch.long)}
+    inputs = {"images": torch.randn(batch, 3, *model_cfg.image_size), "pids": torch.arange(batch) // 2,
               "identity": text(), "clothing": text()}
 
     def forward():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp != "off"), \
                 mock.patch.object(mamba_triton, "selective_scan", _KernelSaves.scan):  # as on a GPU
-            return compute_losses(model(inputs), inputs, ocfg)
+            return compute_losses(model(inputs), inputs, loss_cfg)
     saved = saved_for_backward(forward, list(model.parameters()), layers)
     by_dtype = {}
     for nbytes, dtype, _ in saved:
@@ -228,7 +231,7 @@ class _KernelSaves(torch.autograd.Function):
         return _KernelSaves.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 
-def memory_table(mcfg: ModelConfig, ocfg: ObjectiveConfig, batches=(32, 64, 128), measured: int = 4,
+def memory_table(model_cfg: ModelConfig, loss_cfg: LossConfig, batches=(32, 64, 128), measured: int = 4,
                  memories=(24, 80)) -> dict:
     """Print the estimate of a training step's memory at each batch, amp bf16 and off, with and
     without activation checkpointing; returns {(amp, checkpointed): (fixed bytes, bytes per image)}.
@@ -240,16 +243,16 @@ def memory_table(mcfg: ModelConfig, ocfg: ObjectiveConfig, batches=(32, 64, 128)
     layer's activations, recomputed in its backward. Not counted: the CUDA context and the caching
     allocator's slack (leave 1-2 GB), the gradients in flight during the backward (a few of one
     layer's outputs), the autocast weight copies outside the forward."""
-    model = T2IReID(mcfg, ocfg)
+    model = T2IReID(model_cfg)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     fixed = 16 * trained + 4 * (sum(p.numel() for p in model.parameters()) - trained)
     gib, rows, result = 2 ** 30, {}, {}
-    print(f"memory of a training step: images {mcfg.image_size}, text length {mcfg.max_text_len}, {trained:,} "
+    print(f"memory of a training step: images {model_cfg.image_size}, text length {model_cfg.max_text_len}, {trained:,} "
           f"trained parameters: weights + gradients + Adam (fp32) {fixed / gib:.2f} GiB; activations measured "
           f"at batch {measured} on the CPU (torch.autograd.graph.saved_tensors_hooks), scaled linearly")
     for amp in ("bf16", "off"):
         for checkpointed in (False, True):
-            m = step_memory(mcfg, ocfg, amp, checkpointed, measured)
+            m = step_memory(model_cfg, loss_cfg, amp, checkpointed, measured)
             per_image = (m["kept"] + checkpointed * m["layer"]) / measured
             result[amp, checkpointed] = (fixed, per_image)
             shares = ", ".join(f"{str(d).replace('torch.', '')} {n / m['kept']:.0%}" for d, n in m["by_dtype"].items())
@@ -268,17 +271,17 @@ def main(argv=None) -> int:
     memory = "--memory" in argv
     if memory and "--data" not in argv:  # the paper's configuration unless another is asked for
         argv += ["--data", "cuhk"]
-    cfg, mcfg, ocfg, _ = parse_config([a for a in argv if a != "--memory"], "tools/train_bench.py",
+    cfgs, _ = parse_config([a for a in argv if a != "--memory"], "tools/train_bench.py",
                                       "where a training step's time goes (train.py's flags); --memory: what "
                                       "it holds in memory, estimated on the CPU (default --data cuhk)")
     keep_freed_memory()
     try:
         if memory:
             local = lambda name: name if name and Path(name).is_dir() else ""  # noqa: E731  (shapes only)
-            memory_table(dataclasses.replace(mcfg, vision_model=local(mcfg.vision_model),
-                                             text_model=local(mcfg.text_model)), ocfg)
+            memory_table(dataclasses.replace(cfgs.model, vision_model=local(cfgs.model.vision_model),
+                                             text_model=local(cfgs.model.text_model)), cfgs.loss)
             return 0
-        bench(cfg, mcfg, ocfg)
+        bench(cfgs)
     except EncoderLoadError as err:
         print(f"tools/train_bench.py: error: {err}", file=sys.stderr)
         return 2
