@@ -29,9 +29,11 @@ import evaluate
 import mamba_triton
 from synthetic import synthpedes
 import train
-from tools import train_bench
+from helpers.batches import fill_text_cache, loader_workers, make_loader, training_items
 from helpers.devices import forward_context
 from helpers.encoders import load_tokenizer
+from helpers.reports import gate_stats
+from helpers.runs import start_run
 from losses import compute_losses
 from model import T2IReID
 from helpers.pictures import read_log, training_figure
@@ -55,15 +57,15 @@ def scan_reference(monkeypatch):
 def synth_root(tmp_path_factory):
     """30 identities (18 train / 3 val / 9 test), their descriptions written by train.py itself."""
     root = tmp_path_factory.mktemp("synth")
-    cfg, *_ = train.parse_config(["--root", str(root), *SYNTH])
-    train.prepare_data(cfg)
+    cfgs, _ = train.parse_config(["--root", str(root), *SYNTH])
+    train.prepare_data(cfgs.train)
     return root
 
 
-def config(root, *extra):
-    """(TrainConfig, ModelConfig, ObjectiveConfig) of the command line, as train.train takes them."""
-    cfg, mcfg, ocfg, _ = train.parse_config(["--root", str(root), *SYNTH, *TINY, *extra])
-    return cfg, mcfg, ocfg
+def config(root, *extra) -> train.Configs:
+    """The configs of the command line, as train.train takes them."""
+    cfgs, _ = train.parse_config(["--root", str(root), *SYNTH, *TINY, *extra])
+    return cfgs
 
 
 def test_training_retrieves_held_out_people_far_above_chance(tmp_path_factory, tmp_path, monkeypatch):
@@ -76,10 +78,11 @@ def test_training_retrieves_held_out_people_far_above_chance(tmp_path_factory, t
     where chance is 1.1 (2026-11-28)."""
     monkeypatch.chdir(tmp_path)
     root = tmp_path_factory.mktemp("synth300")
-    cfg, mcfg, ocfg, _ = train.parse_config(["--root", str(root), "--synth-train-images", "0", "--epochs", "2",
-                                             "--final-eval", "false"])
-    run = train.train(cfg, mcfg, ocfg)
-    model = T2IReID(mcfg, ocfg)
+    cfgs, _ = train.parse_config(["--root", str(root), "--synth-train-images", "0", "--epochs", "2",
+                                  "--final-eval", "false"])
+    run = train.train(cfgs)
+    mcfg = cfgs.model
+    model = T2IReID(mcfg)
     model.load_state_dict(torch.load(run / "best.pt", weights_only=False)["model"])
     test = data.load_dataset("synth", root)
     result = evaluate.evaluate_model(model, test, load_tokenizer(mcfg.text_model), mcfg.image_size,
@@ -96,7 +99,8 @@ def test_training_retrieves_held_out_people_far_above_chance(tmp_path_factory, t
     steps = [row for row in log if "total" in row]
     assert len(steps) == 136 and steps[-1]["total"] < steps[0]["total"]
     # GradNorm's weights stay inside the regulariser's bound, and each step logs w_k and G_k
-    assert all(0.2 <= row[f"w_{t}"] <= 5 and row[f"G_{t}"] >= 0 for row in steps for t in ocfg.balanced_names())
+    assert all(0.2 <= row[f"w_{t}"] <= 5 and row[f"G_{t}"] >= 0 for row in steps
+               for t in cfgs.loss.balanced_names(mcfg.fusion_detach))
     assert all(0 < row["w_img"] < 1 and row["g_std"] > 0 for row in steps)  # both gates logged
     assert (Path("runs") / "latest").resolve() == run.resolve()
     assert {"last.pt", "best.pt", "config.json"} <= {p.name for p in run.iterdir()}
@@ -105,17 +109,17 @@ def test_training_retrieves_held_out_people_far_above_chance(tmp_path_factory, t
 def test_gate_stats_by_hand():
     """g_std: per-channel std over the images, averaged over channels; w_img: the mean W_img."""
     g = torch.tensor([[0.2, 0.4], [0.6, 0.4]])  # channel 0 varies (std 0.2828), channel 1 does not
-    stats = train.gate_stats({"bdam_gate": g, "fusion_gate": torch.tensor([[0.1, 0.3], [0.5, 0.7]])})
+    stats = gate_stats({"bdam_gate": g, "fusion_gate": torch.tensor([[0.1, 0.3], [0.5, 0.7]])})
     assert stats["g_std"] == pytest.approx((0.4 / 2 ** 0.5) / 2) and stats["w_img"] == pytest.approx(0.4)
-    assert train.gate_stats({"bdam_gate": None, "fusion_gate": None}) == {}  # w/o BDAM gate, w/o fusion
+    assert gate_stats({"bdam_gate": None, "fusion_gate": None}) == {}  # w/o BDAM gate, w/o fusion
 
 
 def test_random_erasing_reaches_the_training_images_as_the_run_asks(synth_root):
     """--erase-p is what train() trains on: with 1, each image differs from the one with 0 (the
     same seed, so the same flip and crop) in one rectangle, and is 0 throughout it."""
     dataset = data.load_dataset("synth", synth_root)
-    plain = train.training_items(dataset, *config(synth_root, "--erase-p", "0")[:2])
-    erased = train.training_items(dataset, *config(synth_root, "--erase-p", "1")[:2])
+    plain, erased = (training_items(dataset, cfgs.train, cfgs.model)
+                     for cfgs in (config(synth_root, "--erase-p", "0"), config(synth_root, "--erase-p", "1")))
     for i in range(4):
         a, b = plain[(0, i)]["image"], erased[(0, i)]["image"]  # (3, H, W)
         rows, cols = (a != b).any(0).nonzero(as_tuple=True)
@@ -126,7 +130,7 @@ def test_random_erasing_reaches_the_training_images_as_the_run_asks(synth_root):
 
 def test_final_evaluation_writes_both_stages_and_robustness(synth_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    run = train.train(*config(synth_root, "--p", "4", "--k", "2", "--max-steps", "2"))
+    run = train.train(config(synth_root, "--p", "4", "--k", "2", "--max-steps", "2"))
     results = json.loads((run / "results.json").read_text())
     assert results["num_queries"] == len(data.load_dataset("synth", synth_root).queries)
     for protocol in ("table_v_as_shipped", "table_v_whole_text"):  # Table V in both protocols
@@ -139,37 +143,38 @@ def test_final_evaluation_writes_both_stages_and_robustness(synth_root, tmp_path
     tried = {(row["rerank_k"], row["fusion_weight"]) for row in results["rerank_sweep"]}
     assert tried == {(8, a) for a in evaluate.FUSION_WEIGHTS}
     assert (results["rerank_k"], results["fusion_weight"]) in tried
-    run_back = evaluate.load_run(run)
-    assert (run_back.rerank_k, run_back.fusion_weight) == (results["rerank_k"], results["fusion_weight"])
-    # beta chosen on the validation split (one row per beta tried), kept in best.pt for evaluate.py
+    # beta chosen on the validation split (one row per beta tried); evaluate.py reads the three
+    # settings from results.json beside best.pt, which nothing rewrites
     betas = [row["clothing_weight"] for row in results["clothing_weight_sweep"]]
     assert betas == list(evaluate.CLOTHING_WEIGHTS) and results["clothing_weight"] in betas
-    assert torch.load(run / "best.pt", weights_only=False)["clothing_weight"] == results["clothing_weight"]
-    assert evaluate.load_run(run).clothing_weight == results["clothing_weight"]
+    assert set(torch.load(run / "best.pt", weights_only=False)) == {"model", "epoch", "val_R1", "config"}
+    assert evaluate.load_run(run).settings == evaluate.RetrievalConfig(
+        results["clothing_weight"], results["rerank_k"], results["fusion_weight"])
     # training at a glance: a line for each task's loss, written by train.py itself
-    tasks = config(synth_root)[2].loss_names()
+    tasks = config(synth_root).loss.loss_names()
     assert [line.get_label() for line in training_figure(read_log(run / "log.jsonl")).axes[0].get_lines()] == tasks
     assert (run / "training_curves.png").is_file()
 
 
 def test_loader_workers_from_the_cores(monkeypatch):
-    monkeypatch.setattr(train.os, "cpu_count", lambda: 16)
-    assert train.loader_workers(3, "cpu") == 3  # as given
-    assert train.loader_workers(-1, "cpu") == 0  # a CPU run: the cores train
+    from helpers import batches
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(batches.os, "cpu_count", lambda: 16)
+    assert loader_workers(3, cpu) == 3  # as given
+    assert loader_workers(-1, cpu) == 0  # a CPU run: the cores train
     monkeypatch.setattr(train.torch.cuda, "is_available", lambda: True)
-    assert train.loader_workers(-1, "cuda") == 8 and train.loader_workers(-1, "auto") == 8
-    monkeypatch.setattr(train.os, "cpu_count", lambda: 4)
-    assert train.loader_workers(-1, "cuda") == 3
+    assert loader_workers(-1, cuda) == 8 and loader_workers(-1, train.pick_device("auto")) == 8
+    monkeypatch.setattr(batches.os, "cpu_count", lambda: 4)
+    assert loader_workers(-1, cuda) == 3
 
 
 def test_resume_continues_exactly(synth_root, tmp_path, monkeypatch):
     """4 steps straight == 2 steps, stop, resume, 2 more: same weights, same log."""
     monkeypatch.chdir(tmp_path)
     base = ["--epochs", "2", "--p", "4", "--k", "2", "--final-eval", "false", "--checkpoint-every", "1"]
-    straight = train.train(*config(synth_root, *base, "--max-steps", "5", "--name", "straight"))
-    halves = train.train(*config(synth_root, *base, "--max-steps", "2", "--name", "halves"))
-    cfg, mcfg, ocfg = config(synth_root, *base, "--max-steps", "5", "--name", "halves")
-    train.train(cfg, mcfg, ocfg, run=halves)
+    straight = train.train(config(synth_root, *base, "--max-steps", "5", "--name", "straight"))
+    halves = train.train(config(synth_root, *base, "--max-steps", "2", "--name", "halves"))
+    train.train(config(synth_root, *base, "--max-steps", "5", "--name", "halves"), run=halves)
     a = torch.load(straight / "last.pt", weights_only=False)
     b = torch.load(halves / "last.pt", weights_only=False)
     assert a["global_step"] == b["global_step"] == 5
@@ -206,9 +211,8 @@ def ddp_worker(rank: int, port: int, root: str, runs: list) -> None:
 
     train.checkpoint = checkpoint
     for name, steps, resume in runs:
-        cfg, mcfg, ocfg, _ = train.parse_config(["--root", root, *SYNTH, *DDP, "--name", name,
-                                                 "--max-steps", str(steps)])
-        train.train(cfg, mcfg, ocfg, Path("runs") / name if resume else None)
+        cfgs, _ = train.parse_config(["--root", root, *SYNTH, *DDP, "--name", name, "--max-steps", str(steps)])
+        train.train(cfgs, Path("runs") / name if resume else None)
 
 
 def run_two_processes(root: Path, runs: list, timeout: float = 240) -> None:
@@ -227,7 +231,7 @@ def run_two_processes(root: Path, runs: list, timeout: float = 240) -> None:
             pytest.fail(f"the two processes did not finish in {timeout} s")
 
 
-def chunked_forward(model, chunks: list, rngs: list, ocfg) -> tuple[dict, dict]:
+def chunked_forward(model, chunks: list, rngs: list, loss_cfg) -> tuple[dict, dict]:
     """What the two processes compute, in one: each chunk (a process's P/N identities) through the
     model with that process's dropout RNG, the outputs and labels concatenated in rank order, the
     losses over the concatenation. Returns (losses, rank 0's buffers): DDP broadcasts rank 0's
@@ -235,7 +239,7 @@ def chunked_forward(model, chunks: list, rngs: list, ocfg) -> tuple[dict, dict]:
     outs, rank0_buffers = [], None
     for r, chunk in enumerate(chunks):
         torch.set_rng_state(rngs[r])
-        with forward_context(torch.device("cpu"), amp=False):  # as train_step runs it
+        with forward_context(torch.device("cpu"), amp="off"):  # as train_step runs it (DDP's --amp false)
             outs.append(model(chunk))
         rngs[r] = torch.get_rng_state()
         rank0_buffers = rank0_buffers or {name: b.clone() for name, b in model.named_buffers()}
@@ -243,26 +247,28 @@ def chunked_forward(model, chunks: list, rngs: list, ocfg) -> tuple[dict, dict]:
     length = max(c["clothing"]["input_ids"].shape[1] for c in chunks)
     ids = [F.pad(c["clothing"]["input_ids"], (0, length - c["clothing"]["input_ids"].shape[1])) for c in chunks]
     labels = {"pids": torch.cat([c["pids"] for c in chunks]), "clothing": {"input_ids": torch.cat(ids)}}
-    return compute_losses(out, labels, ocfg), rank0_buffers
+    return compute_losses(out, labels, loss_cfg), rank0_buffers
 
 
 def one_process_reference(root: Path, steps: int):
     """train.train's set-up, then `steps` updates on the concatenated chunks: (state, log rows)."""
-    cfg, mcfg, ocfg = config(root, *DDP)
+    cfgs = config(root, *DDP)
+    cfg, mcfg = cfgs.train, cfgs.model
+    assert cfg.amp == "off"  # fp32, as the two processes run
     dataset, tokenizer, cpu = data.load_dataset("synth", root), load_tokenizer(None), torch.device("cpu")
     torch.manual_seed(cfg.seed), np.random.seed(cfg.seed), random.seed(cfg.seed)
     samplers = [data.IdentitySampler([s.pid for s in dataset.train], cfg.p, cfg.k, seed=cfg.seed, rank=r, world=2)
                 for r in range(2)]
-    state = train.State.create(cfg, mcfg, ocfg, cpu, total_steps=cfg.epochs * len(samplers[0]))
-    rngs = [torch.get_rng_state(), torch.manual_seed(cfg.seed * 1_000_003 + 1).get_state()]  # as train.train
-    items = train.training_items(dataset, cfg, mcfg)
-    train.fill_text_cache(state.model, items.dataset.texts(), tokenizer, mcfg.max_text_len, cpu)
+    state = train.State.create(cfgs, cpu, total_steps=cfg.epochs * len(samplers[0]))
+    rngs = [torch.get_rng_state(), torch.manual_seed(cfg.seed * 1_000_003 + 1).get_state()]  # as train.setup
+    items = training_items(dataset, cfg, mcfg)
+    fill_text_cache(state.model, items.dataset.texts(), tokenizer, mcfg.max_text_len, cpu)
     state.model.train()
-    loaders = [train.make_loader(items, sampler, 0, 0, tokenizer, cfg, mcfg.max_text_len) for sampler in samplers]
+    loaders = [make_loader(items, sampler, 0, 0, tokenizer, cfg, mcfg.max_text_len, cpu) for sampler in samplers]
     rows = []
     for chunks in itertools.islice(zip(*loaders), steps):
-        losses, rank0_buffers = chunked_forward(state.model, chunks, rngs, ocfg)
-        rows.append(train.update(state, losses, ocfg))
+        losses, rank0_buffers = chunked_forward(state.model, chunks, rngs, cfgs.loss)
+        rows.append(train.update(state, losses))
         state.model.load_state_dict(rank0_buffers, strict=False)  # after the backward that used them
     return state, rows
 
@@ -298,7 +304,7 @@ def test_two_processes_match_one_process_computing_the_same_thing(synth_root, tm
         for key, value in mine.items():
             assert theirs[key] == pytest.approx(value, rel=1e-5, abs=1e-5), (theirs["step"], key)
     saved = torch.load(tmp_path / "runs" / "straight" / "last.pt", weights_only=False)
-    noise, lr = noise_driven(reference, steps=3), config(synth_root)[0].lr
+    noise, lr = noise_driven(reference, steps=3), config(synth_root).train.lr
     for name, tensor in reference.model.state_dict().items():
         mask = noise.get(name, torch.zeros_like(tensor, dtype=torch.bool))
         torch.testing.assert_close(saved["model"][name][~mask], tensor[~mask], rtol=1e-5, atol=1e-5, msg=name)
@@ -375,7 +381,7 @@ def test_non_finite_loss_stops_with_the_loss_named(synth_root, tmp_path, monkeyp
     monkeypatch.setattr(train, "compute_losses", broken)
     with pytest.raises(train.TrainingError, match=r"loss triplet = nan at step 1 \(epoch 1\); lower --lr or "
                                                   r"turn --amp off; last.pt"):  # float32: no dtype named
-        train.train(*config(synth_root, "--p", "4", "--k", "2", "--max-steps", "1"))
+        train.train(config(synth_root, "--p", "4", "--k", "2", "--max-steps", "1"))
 
 
 def half_precision_encoders(folder: Path) -> tuple[Path, Path]:
@@ -396,20 +402,21 @@ def test_half_precision_checkpoints_load_in_float32_and_train_under_autocast(syn
     unless told): Adam on fp16 weights under bf16 autocast turned the text tower to NaN at step 2
     on an H200 (DESIGN section 6). One step under bf16 autocast on the CPU stays finite."""
     vit, bert = half_precision_encoders(tmp_path)
-    cfg, mcfg, ocfg = config(synth_root, "--vision-model", str(vit), "--text-model", str(bert),
-                             "--image-size", "32,32", "--conv-stem", "false", "--text-frozen-layers", "0",
-                             "--p", "4", "--k", "2")
-    state = train.State.create(cfg, mcfg, ocfg, torch.device("cpu"), total_steps=2)
+    cfgs = config(synth_root, "--vision-model", str(vit), "--text-model", str(bert),
+                  "--image-size", "32,32", "--conv-stem", "false", "--text-frozen-layers", "0", "--p", "4", "--k", "2")
+    cfg, mcfg, cpu = cfgs.train, cfgs.model, torch.device("cpu")
+    assert cfg.amp == "bf16"  # the preset's: train_step runs under bf16 autocast
+    state = train.State.create(cfgs, cpu, total_steps=2)
     dtypes = {name: p.dtype for name, p in state.model.named_parameters() if p.dtype != torch.float32}
     assert not dtypes, dtypes
     assert state.model.text.embeddings.word_embeddings.weight.shape[1] == 32  # the saved BERT, not another
     monkeypatch.setattr(devices, "cpu_has_bf16", lambda: True)  # bf16 autocast, as on a GPU
-    items = train.training_items(data.load_dataset("synth", synth_root), cfg, mcfg)
+    items = training_items(data.load_dataset("synth", synth_root), cfg, mcfg)
     sampler = data.IdentitySampler([s.pid for s in items.dataset.samples], cfg.p, cfg.k, seed=0)
     tokenizer = load_tokenizer(str(bert))
-    for batch in itertools.islice(train.make_loader(items, sampler, 0, 0, tokenizer, cfg, mcfg.max_text_len), 2):
-        row = train.train_step(state, batch, ocfg, torch.device("cpu"), amp=True)
-        assert all(math.isfinite(row[name]) for name in ocfg.loss_names()), row
+    for batch in itertools.islice(make_loader(items, sampler, 0, 0, tokenizer, cfg, mcfg.max_text_len, cpu), 2):
+        row = train.train_step(state, batch)
+        assert all(math.isfinite(row[name]) for name in cfgs.loss.loss_names()), row
     assert all(torch.isfinite(p).all() for p in state.model.parameters())
 
 
@@ -420,7 +427,7 @@ def test_non_finite_loss_names_half_precision_parameters():
     state = types.SimpleNamespace(model=model, global_step=4, epoch=0)
     with pytest.raises(train.TrainingError, match=r"loss info = nan at step 5 .*float16 parameters "
                                                   r"\(2 tensors\): 0\.weight, 0\.bias"):
-        train.update(state, {"info": torch.tensor(float("nan"))}, None)
+        train.update(state, {"info": torch.tensor(float("nan"))})
 
 
 def test_real_benchmark_without_descriptions_names_the_describe_command(tmp_path):
@@ -429,9 +436,9 @@ def test_real_benchmark_without_descriptions_names_the_describe_command(tmp_path
     (folder / "reid_raw.json").write_text(json.dumps([{"split": "train", "captions": ["a man"],
                                                         "file_path": "a.jpg", "processed_tokens": [["a", "man"]],
                                                         "id": 1}]))
-    cfg, *_ = train.parse_config(["--data", "cuhk", "--root", str(tmp_path)])
+    cfgs, _ = train.parse_config(["--data", "cuhk", "--root", str(tmp_path)])
     with pytest.raises(data.DatasetError, match="python describe.py --data cuhk"):
-        train.prepare_data(cfg)
+        train.prepare_data(cfgs.train)
 
 
 # The real benchmarks' presets with tiny encoders built from their configs (no hub)
@@ -512,12 +519,20 @@ def test_evaluate_reads_a_checkpoint_alone_with_the_configuration_it_carries(syn
 
 
 def test_command_line_types_presets_and_ablations():
-    cfg, mcfg, ocfg, _ = train.parse_config(["--ablation", "w/o Mamba", "--lr", "2e-4", "--use-gradnorm", "false"])
-    assert cfg.data == "synth" and cfg.lr == 2e-4 and mcfg.fusion_mamba is False and ocfg.use_gradnorm is False
-    assert mcfg.vision_model == "" and ocfg.rerank_k == -1  # the SynthPEDES preset: a small ViT, K chosen
-    cfg, mcfg, ocfg, _ = train.parse_config(["--data", "cuhk"])
-    assert mcfg.vision_model == "google/vit-base-patch16-224" and mcfg.image_size == (224, 224)
-    assert cfg.lr == 1e-4 and cfg.weight_decay == 1e-3 and ocfg.gradnorm_alpha == 1.5  # Sec. IV-A
+    cfgs, _ = train.parse_config(["--ablation", "w/o Mamba", "--lr", "2e-4", "--use-gradnorm", "false"])
+    assert cfgs.train.data == "synth" and cfgs.train.lr == 2e-4 and cfgs.model.fusion_mamba is False
+    assert cfgs.loss.use_gradnorm is False and cfgs.model.vision_model == ""  # the SynthPEDES preset: a small ViT
+    assert cfgs.retrieval == evaluate.RetrievalConfig(-1, -1, -1)  # beta, K and a chosen on validation
+    assert cfgs == train.Configs(*(dataclasses.replace(getattr(train.presets("synth"), owner), **fields) for owner, fields
+                                   in (("train", dict(lr=2e-4)), ("model", dict(fusion_mamba=False)),
+                                       ("loss", dict(use_gradnorm=False)), ("retrieval", {}))))  # nothing else
+    cfgs, _ = train.parse_config(["--data", "cuhk"])
+    assert cfgs.model.vision_model == "google/vit-base-patch16-224" and cfgs.model.image_size == (224, 224)
+    assert cfgs.train.lr == 1e-4 and cfgs.train.weight_decay == 1e-3 and cfgs.loss.gradnorm_alpha == 1.5  # Sec. IV-A
+    for row, flags in train.ABLATIONS.items():  # every row is flags that the parser takes, on either preset
+        for data_name in ("synth", "cuhk"):
+            assert train.parse_config(["--data", data_name, "--ablation", row])[0] == \
+                   train.parse_config(["--data", data_name, *flags.split()])[0], row
     for bad in (["--no-such-field", "1"], ["--epochs", "ten"], ["--use-bdam", "maybe"], ["--data", "mnist"]):
         with pytest.raises(SystemExit):
             train.parse_config(bad)
@@ -526,32 +541,62 @@ def test_command_line_types_presets_and_ablations():
 
 
 def test_switches_that_contradict_across_configs_are_a_command_line_error(capsys):
-    """use_bdam and use_fusion (ModelConfig) against the losses that need them (ObjectiveConfig):
-    parse_config's error names the fix, from flags and from an ablation row with a flag on top."""
-    for argv, fix in ((["--use-bdam", "false"],
+    """use_bdam, clothing_stream and use_fusion (ModelConfig) against the losses that need them
+    (LossConfig): parse_config's error (train.check_configs) names the fix, from flags and from
+    an ablation row with a flag on top."""
+    for argv, fix in ((["--use-bdam", "false"], "loss_aln needs the clothing stream (use_bdam and clothing_stream): "
+                                                "set loss_aln=False"),
+                      (["--ablation", "w/o L_aln", "--loss-aln", "true"], "loss_aln needs the clothing stream"),
+                      (["--use-bdam", "false", "--loss-aln", "false"],
                        "use_bdam=False leaves no clothing feature: set loss_aln=False, loss_decouple=False"),
                       (["--ablation", "w/o fusion", "--loss-fusion", "true"],
                        "use_fusion=False: set loss_fusion=False too")):
         with pytest.raises(SystemExit):
             train.parse_config(argv)
         assert fix in capsys.readouterr().err, argv
-    _, mcfg, ocfg, _ = train.parse_config(["--use-bdam", "false", "--loss-aln", "false", "--loss-decouple", "false"])
-    assert mcfg.use_bdam is False and ocfg.loss_names() == ["info", "triplet", "fusion"]
+    cfgs, _ = train.parse_config(["--use-bdam", "false", "--loss-aln", "false", "--loss-decouple", "false"])
+    assert cfgs.model.use_bdam is False and cfgs.loss.loss_names() == ["info", "triplet", "fusion"]
+
+
+OBJECTIVE = {"model": ("fusion_candidates", "fusion_detach"), "retrieval": ("rerank_k", "fusion_weight",
+                                                                           "clothing_weight")}
+
+
+def as_written_with_an_objective(cfgs: train.Configs) -> dict:
+    """config.json as train.py wrote it while an ObjectiveConfig held the losses' fields, the
+    fusion's two training fields and the retrieval settings: "train", "model", "objective"."""
+    saved = cfgs.as_dict()
+    model = {k: v for k, v in saved["model"].items() if k not in (*OBJECTIVE["model"], "clothing_stream")}
+    objective = {**saved["loss"], **{k: saved["model"][k] for k in OBJECTIVE["model"]}, **saved["retrieval"]}
+    return {"train": saved["train"], "model": model, "objective": objective}
 
 
 def test_resume_reads_config_json_old_and_new(tmp_path, monkeypatch):
-    """config.json holds "train", "model" and "objective"; a run written before ObjectiveConfig
-    existed has the objective's fields in "model", and --resume splits them out by name."""
+    """config.json holds "train", "model", "loss" and "retrieval"; a run written while an
+    "objective" section held the losses', the fusion's and retrieval's fields has them split out
+    to their owners by name."""
     monkeypatch.chdir(tmp_path)
-    cfg, mcfg, ocfg, _ = train.parse_config(["--ablation", "w/o L_aln", "--rerank-k", "7", "--name", "new"])
-    run, _ = train.start_run(cfg, mcfg, ocfg, None)
-    assert set(json.loads((run / "config.json").read_text())) == {"train", "model", "objective"}
-    assert train.parse_config(["--resume", str(run)])[:3] == (cfg, mcfg, ocfg)
+    flags = ["--ablation", "w/o L_decouple", "--rerank-k", "7", "--fusion-candidates", "4", "--temperature", "0.05"]
+    cfgs, _ = train.parse_config([*flags, "--name", "new"])
+    run, _ = start_run(cfgs.train, cfgs.as_dict(), None)
+    assert set(json.loads((run / "config.json").read_text())) == {"train", "model", "loss", "retrieval"}
+    assert train.parse_config(["--resume", str(run)])[0] == cfgs
     old = tmp_path / "runs" / "old"
     old.mkdir()
-    model = {**dataclasses.asdict(mcfg), **dataclasses.asdict(ocfg)}  # as train.py wrote it before
-    (old / "config.json").write_text(json.dumps({"train": dataclasses.asdict(cfg), "model": model}))
-    assert train.parse_config(["--resume", str(old)])[:3] == (cfg, mcfg, ocfg)
+    (old / "config.json").write_text(json.dumps(as_written_with_an_objective(cfgs)))
+    back = train.parse_config(["--resume", str(old)])[0]
+    assert (back.model.fusion_candidates, back.retrieval.rerank_k, back.loss.temperature) == (4, 7, 0.05)
+    assert back == cfgs
+
+
+def test_resume_of_a_run_without_l_aln_written_with_an_objective_has_no_clothing_stream(tmp_path):
+    """A "w/o L_aln" run written with an "objective" section trained a model without clothing
+    projections (they existed for L_aln alone then): read back, clothing_stream is off, so that
+    its checkpoints fit the model built from its configuration."""
+    cfgs, _ = train.parse_config(["--ablation", "w/o L_aln"])
+    assert cfgs.model.clothing_stream is False
+    (tmp_path / "config.json").write_text(json.dumps(as_written_with_an_objective(cfgs)))
+    assert train.parse_config(["--resume", str(tmp_path)])[0] == cfgs
 
 
 def test_both_regimes_train_on_as_many_photographs_per_identity(monkeypatch, tmp_path):
@@ -567,18 +612,19 @@ def test_both_regimes_train_on_as_many_photographs_per_identity(monkeypatch, tmp
         raise Generated  # what was asked for is all this test needs
     monkeypatch.setattr(synthpedes, "ensure_synthpedes", ensure)
     for regime, per_outfit in (("cloth-changing", 24), ("same-clothes", 72)):
-        cfg, *_ = train.parse_config(["--root", str(tmp_path), "--synth-regime", regime])
+        cfgs, _ = train.parse_config(["--root", str(tmp_path), "--synth-regime", regime])
         with pytest.raises(Generated):
-            train.prepare_data(cfg)
+            train.prepare_data(cfgs.train)
         assert asked["regime"] == regime and asked["train_images_per_outfit"] == per_outfit
-    cfg, *_ = train.parse_config(["--root", str(tmp_path), "--synth-train-images", "0"])
+    cfgs, _ = train.parse_config(["--root", str(tmp_path), "--synth-train-images", "0"])
     with pytest.raises(Generated):
-        train.prepare_data(cfg)
+        train.prepare_data(cfgs.train)
     assert asked["train_images_per_outfit"] is None  # as many as the validation and test outfits
 
 
 def test_bench_prints_where_a_training_step_goes(capsys):
     """`python -m tools.train_bench`: a row per part, the whole step, the baseline."""
+    from tools import train_bench
     assert train_bench.main([*TINY, "--p", "4", "--k", "2"]) == 0
     out = capsys.readouterr().out
     for part in ("vision encoder (ViT)", "text encoder (2 texts)", "BDAM", "fusion (S x Q image-text pairs)",
@@ -592,40 +638,41 @@ def test_bench_prints_where_a_training_step_goes(capsys):
 def test_amp_flag_takes_bf16_fp16_off_and_old_configs_true_false(tmp_path, monkeypatch, capsys):
     """--amp bf16 | fp16 | off; true / false, the flag and config.json of runs from before fp16,
     read as bf16 / off; anything else is a one-line command-line error."""
-    assert [train.parse_config(["--amp", v])[0].amp for v in ("fp16", "off", "true", "false")] == [
+    assert [train.parse_config(["--amp", v])[0].train.amp for v in ("fp16", "off", "true", "false")] == [
         "fp16", "off", "bf16", "off"]
-    assert train.parse_config([])[0].amp == "bf16" and train.parse_config([])[0].grad_checkpoint is False
-    assert train.parse_config(["--grad-checkpoint", "true"])[0].grad_checkpoint is True
+    assert train.parse_config([])[0].train.amp == "bf16" and train.parse_config([])[0].train.grad_checkpoint is False
+    assert train.parse_config(["--grad-checkpoint", "true"])[0].train.grad_checkpoint is True
     with pytest.raises(SystemExit):
         train.parse_config(["--amp", "fp8"])
     assert "amp must be bf16, fp16 or off" in capsys.readouterr().err
     monkeypatch.chdir(tmp_path)
-    cfg, mcfg, ocfg, _ = train.parse_config(["--name", "old"])
-    run, _ = train.start_run(cfg, mcfg, ocfg, None)
+    cfgs, _ = train.parse_config(["--name", "old"])
+    run, _ = start_run(cfgs.train, cfgs.as_dict(), None)
     saved = json.loads((run / "config.json").read_text())
     for old, mode in ((True, "bf16"), (False, "off")):
         (run / "config.json").write_text(json.dumps({**saved, "train": {**saved["train"], "amp": old}}))
-        assert train.parse_config(["--resume", str(run)])[0].amp == mode
+        assert train.parse_config(["--resume", str(run)])[0].train.amp == mode
 
 
 def test_update_with_a_loss_scale_is_the_unscaled_update(synth_root):
     """train.update with a GradScaler (--amp fp16; a CPU one at scale 1024 here, fp32 numbers):
     the same network parameters, GradNorm weights and log row as without one, and the scaler's
     state in last.pt's dict."""
-    cfg, mcfg, ocfg = config(synth_root, "--p", "4", "--k", "2", "--dropout", "0")
+    cfgs = config(synth_root, "--p", "4", "--k", "2", "--dropout", "0")
+    cfg, mcfg, cpu = cfgs.train, cfgs.model, torch.device("cpu")
     dataset = data.load_dataset("synth", synth_root)
     sampler = data.IdentitySampler([s.pid for s in dataset.train], cfg.p, cfg.k, seed=0)
-    loader = train.make_loader(train.training_items(dataset, cfg, mcfg), sampler, 0, 0,
-                               load_tokenizer(mcfg.text_model or None), cfg, mcfg.max_text_len)
+    loader = make_loader(training_items(dataset, cfg, mcfg), sampler, 0, 0, load_tokenizer(mcfg.text_model or None),
+                         cfg, mcfg.max_text_len, cpu)
     batch = next(iter(loader))
     results = []
     for scaler in (None, torch.amp.GradScaler("cpu", init_scale=1024.0)):
         torch.manual_seed(0)
-        state = train.State.create(cfg, mcfg, ocfg, torch.device("cpu"), total_steps=10)
+        state = train.State.create(cfgs, cpu, total_steps=10)
         state.scaler = scaler
-        with forward_context(torch.device("cpu"), "off"):
-            losses = compute_losses(state.model(batch), batch, ocfg)
-        row = train.update(state, losses, ocfg)
+        with forward_context(cpu, "off"):
+            losses = compute_losses(state.model(batch), batch, cfgs.loss)
+        row = train.update(state, losses)
         results.append((row, [p.detach().clone() for p in state.model.parameters()], state.gradnorm.weights()))
     (row, params, weights), (row_s, params_s, weights_s) = results
     assert row.keys() == row_s.keys() and all(row_s[k] == pytest.approx(row[k], rel=1e-5, abs=1e-7) for k in row)
@@ -641,6 +688,7 @@ def test_memory_estimator_counts_a_linear_layers_saved_input_by_dtype():
     counted). Under bf16 autocast it keeps the input's bf16 copy, 80 bytes; when the input needs
     a gradient too, also the weight's bf16 copy (4 x 8 x 2 = 64 bytes: a copy, not the parameter).
     A tensor saved twice counts once."""
+    from tools import train_bench
     layer = nn.Linear(8, 4)
     x = torch.randn(5, 8)
     saved = train_bench.saved_for_backward(lambda: layer(x), list(layer.parameters()))
@@ -660,8 +708,9 @@ def test_memory_estimator_counts_a_linear_layers_saved_input_by_dtype():
 def test_memory_table_of_a_tiny_model(capsys):
     """python -m tools.train_bench --memory's table on the tests' tiny model: checkpointing keeps less
     per image, bf16 autocast keeps bf16 activations, and each estimate is fixed + batch x per image."""
-    cfg, mcfg, ocfg = config(Path("unused"))
-    result = train_bench.memory_table(mcfg, ocfg, batches=(32, 64), measured=4)
+    from tools import train_bench
+    cfgs = config(Path("unused"))
+    result = train_bench.memory_table(cfgs.model, cfgs.loss, batches=(32, 64), measured=4)
     out = capsys.readouterr().out
     assert "bf16 autocast, checkpointed" in out and "bfloat16" in out and "largest batch in 24 GiB" in out
     for amp in ("bf16", "off"):
