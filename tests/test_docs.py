@@ -141,7 +141,7 @@ REFERENCE = re.compile(r"(?<![\w/.-])((?:docs/[\w.-]+|README)\.md)(?:#([\w-]+))?
 ANCHORED_LINK = re.compile(r"!?\[[^\]]*\]\([^)\s]*#[^)\s]*\)")
 # The old spellings: the design note that was once outside the repository (by its name, its
 # section numbers), a design decision by number, a note by its heading's words; each with its
-# name. A decision's number is fine beside its anchor ("design decision 3 (docs/design.md#3-...)").
+# name. A decision's number is fine when its anchor follows it.
 OLD_SPELLINGS = [
     (re.compile(r"\bdesign(?:\.md)?,?\s+(?:section\s+)?\d+(?:\.\d+)?", re.I), "a design section by number"),
     (re.compile(r"\b(?:design\s+)?decisions?\s+(\d+)", re.I), "a design decision by number"),
