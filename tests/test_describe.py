@@ -199,7 +199,7 @@ def test_cluster_styles_sends_noise_to_the_nearest_cluster():
     ('{"identity": "tall", "clothing": "A red coat"}', '"identity" has 1 words'),
     ('{"identity": "A tall woman in a red coat", "clothing": "A red coat"}', "names clothing (coat)"),
     ('{"identity": "A tall woman", "clothing": "A woman\'s red coat"}', "body traits (woman's)"),
-    # glasses are identity (README, design decision 11); sunglasses are an accessory
+    # glasses are identity (docs/design.md#11-glasses-are-identity); sunglasses are an accessory
     ('{"identity": "A tall woman", "clothing": "A red coat and glasses"}', "body traits (glasses)"),
     ('{"identity": "A tall woman with sunglasses", "clothing": "A red coat"}', "names clothing (sunglasses)"),
 ])
@@ -225,7 +225,8 @@ def test_rules_backend_splits_captions_into_identity_and_clothing():
 
 
 def test_glasses_go_to_the_identity_text_and_sunglasses_to_the_clothing():
-    """README, design decision 11: glasses are kept from outfit to outfit, sunglasses are not."""
+    """Glasses are kept from outfit to outfit, sunglasses are not
+    (docs/design.md#11-glasses-are-identity)."""
     backend = describe.RulesBackend(describe.DescribeConfig())
     answer = backend.describe(None, ["The woman wears glasses and a red coat. She has long black "
                                      "hair and is carrying sunglasses in a bag."], style="")

@@ -1,12 +1,17 @@
 """The documentation works: every relative link in README.md and docs/*.md reaches a file (and
-its #anchor a heading of that file), and every `python X.py ...` command the README shows in a
-code block names a script that exists and takes the flags shown."""
+its #anchor a heading of that file); every reference to a design note, in the docs and in the
+comments and docstrings of every .py, is `docs/<file>.md#<anchor>` or `README.md#<anchor>` and
+resolves (docs/design.md#what-the-tests-check); and every `python X.py ...` command the README
+shows in a code block names a script that exists and takes the flags shown."""
+import ast
+import io
 import json
 import os
 import re
 import shlex
 import subprocess
 import sys
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -123,6 +128,120 @@ def test_a_link_to_a_file_git_ignores_is_broken(tmp_path):
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
 def test_every_relative_link_resolves(path):
     assert not broken_links(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# References to design notes: one form, `docs/<file>.md#<anchor>` or `README.md#<anchor>` (in a
+# markdown link from docs/, relative: `design.md#<anchor>`), and it resolves. Read in every .md
+# and in the comments and docstrings of every .py of the project.
+
+PYTHON = sorted([*REPO.glob("*.py"), *(p for d in ("helpers", "synthetic", "tools", "tests")
+                                       for p in (REPO / d).rglob("*.py"))])
+REFERENCE = re.compile(r"(?<![\w/.-])((?:docs/[\w.-]+|README)\.md)(?:#([\w-]+))?")
+ANCHORED_LINK = re.compile(r"!?\[[^\]]*\]\([^)\s]*#[^)\s]*\)")
+# The old spellings: the design note that was once outside the repository (by its name, its
+# section numbers), a design decision by number, a note by its heading's words; each with its
+# name. A decision's number is fine when its anchor follows it.
+OLD_SPELLINGS = [
+    (re.compile(r"\bdesign(?:\.md)?,?\s+(?:section\s+)?\d+(?:\.\d+)?", re.I), "a design section by number"),
+    (re.compile(r"\b(?:design\s+)?decisions?\s+(\d+)", re.I), "a design decision by number"),
+    (re.compile(r"\b(?:docs/)?(?:README|design|experiments|claims|benchmarks)(?:\.md)?,\s+"
+                r"(?:\"[^\"\n]*\"?|section\s+\d+|[A-Z][\w'-]*)"),
+     "a note by its heading's words"),
+    (re.compile(r"\bDESIGN\b"), "the design file outside the repository"),
+]
+
+
+def commentary(source: str) -> str:
+    """A .py file's comments and docstrings at their places, the code blanked to spaces (the
+    lines kept, so a reference wrapped over two comment lines reads as one)."""
+    tree = ast.parse(source)
+    docstrings = {node.body[0].value.lineno for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)
+                  and isinstance(node.body[0].value, ast.Constant) and isinstance(node.body[0].value.value, str)}
+    out = [[" "] * len(line) for line in source.splitlines()]
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        keep = tok.type == tokenize.COMMENT or (tok.type == tokenize.STRING and tok.start[0] in docstrings)
+        if keep:
+            for row, text in enumerate(tok.string.removeprefix("#").split("\n"), tok.start[0]):
+                col = tok.start[1] + (tok.type == tokenize.COMMENT) if row == tok.start[0] else 0
+                out[row - 1][col:col + len(text)] = text
+    return "\n".join("".join(line) for line in out)
+
+
+def reference_problems(path: Path, root: Path = REPO) -> list[str]:
+    """'file:line: text (why)' for each reference to a note in `path` (a .md, or a .py's comments
+    and docstrings) that names a missing file or heading, or that uses an old spelling."""
+    text = path.read_text(encoding="utf-8")
+    text = commentary(text) if path.suffix == ".py" else text
+    name = path.relative_to(root)
+    where = lambda m: f"{name}:{text.count(chr(10), 0, m.start()) + 1}: {' '.join(m.group(0).split())}"
+    bad = []  # (start, end, problem)
+    for m in REFERENCE.finditer(text):
+        file, anchor = root / m.group(1), m.group(2)
+        if not file.is_file():
+            bad.append((m.start(), m.end(), f"{where(m)} (no such file)"))
+        elif anchor and anchor not in anchors(file):
+            bad.append((m.start(), m.end(), f"{where(m)} (no heading #{anchor})"))
+    # In markdown, a link with an #anchor is the reference itself, whatever its text says.
+    plain = ANCHORED_LINK.sub(lambda m: " " * len(m.group(0)), text) if path.suffix == ".md" else text
+    for pattern, why in OLD_SPELLINGS:
+        for m in pattern.finditer(plain):
+            cited = m.lastindex and re.search(rf"design\.md#{m.group(1)}-", text[m.end():m.end() + 100])
+            if not cited and not any(s < m.end() and m.start() < e for s, e, _ in bad):
+                bad.append((m.start(), m.end(), f"{where(m)} ({why}: cite docs/<file>.md#<anchor>)"))
+    return [problem for _, _, problem in sorted(bad)]
+
+
+def test_a_reference_that_resolves_passes(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "design.md").write_text("# Design\n\n### 3. GradNorm, as Eq. 5-6 write it\n")
+    code = tmp_path / "a.py"
+    code.write_text('"""The weights (docs/design.md#3-gradnorm-as-eq-5-6-write-it)."""\n'
+                    "x = 1  # see docs/design.md, and design decision 3 (docs/design.md#3-gradnorm-as-eq-5-6-write-it)\n")
+    assert reference_problems(code, tmp_path) == []
+
+
+def test_a_missing_file_or_heading_is_found(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "design.md").write_text("## SynthPEDES\n")
+    (tmp_path / "README.md").write_text("[ok](docs/design.md#synthpedes) `docs/design.md#synth` "
+                                        "docs/gone.md#x README.md#results\n")
+    assert reference_problems(tmp_path / "README.md", tmp_path) == [
+        "README.md:1: docs/design.md#synth (no heading #synth)",
+        "README.md:1: docs/gone.md#x (no such file)",
+        "README.md:1: README.md#results (no heading #results)"]
+
+
+def test_old_spellings_are_found(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "experiments.md").write_text("## Four times the steps\n")
+    code = tmp_path / "a.py"
+    code.write_text('"""Stage 1 (DESIGN.md section 3.1)."""\n'
+                    "s = 'DESIGN 3.1 in a string: code, not a comment'\n"
+                    "# glasses are identity (README, design\n#   decision 11); DESIGN 7\n"
+                    "# the cached texts (docs/experiments.md, \"Four times the steps\"), a design decision\n")
+    assert reference_problems(code, tmp_path) == [
+        "a.py:1: DESIGN.md section 3.1 (a design section by number: cite docs/<file>.md#<anchor>)",
+        "a.py:3: design decision 11 (a design decision by number: cite docs/<file>.md#<anchor>)",
+        "a.py:4: DESIGN 7 (a design section by number: cite docs/<file>.md#<anchor>)",
+        'a.py:5: docs/experiments.md, "Four times the steps" '
+        "(a note by its heading's words: cite docs/<file>.md#<anchor>)"]
+
+
+def test_a_link_names_a_decision_by_number_in_its_text(tmp_path):
+    (tmp_path / "docs").mkdir()
+    page = tmp_path / "docs" / "claims.md"
+    page.write_text("[design decisions 3](design.md#3-g) and [5](design.md#5-t) hold;\n"
+                    "decision 9 does not; the twelve design decisions, a design decision.\n\n### 9. Small\n")
+    assert reference_problems(page, tmp_path) == [
+        "docs/claims.md:2: decision 9 (a design decision by number: cite docs/<file>.md#<anchor>)"]
+
+
+@pytest.mark.parametrize("path", DOCS + PYTHON, ids=lambda p: str(p.relative_to(REPO)))
+def test_references_to_notes_use_one_form_and_resolve(path):
+    assert not reference_problems(path), "\n".join(reference_problems(path))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -204,11 +204,12 @@ def test_gradnorm_brings_weighted_gradient_norms_together():
 
 
 def test_gradnorm_regulariser_bounds_the_weights_on_a_starving_history():
-    """A made-up loss history of the kind that starved retrieval before (DESIGN 3.3): task
-    "hsic" barely falls and its gradient at the shared layer is 50x smaller than "info"'s, so
-    GradNorm asks for ever more of its weight. With lambda the weights settle within
-    |log w| <= alpha K / (2 lambda) -- and, alpha K / (2 lambda) = log 5 here, between 0.2 and 5
-    at every one of 3,000 steps; without lambda they run off."""
+    """A made-up loss history of the kind that starved retrieval before
+    (docs/design.md#3-gradnorm-as-eq-5-6-write-it): task "hsic" barely falls and its gradient at
+    the shared layer is 50x smaller than "info"'s, so GradNorm asks for ever more of its weight.
+    With lambda the weights settle within |log w| <= alpha K / (2 lambda) -- and, alpha K /
+    (2 lambda) = log 5 here, between 0.2 and 5 at every one of 3,000 steps; without lambda they
+    run off."""
     def run(reg_lambda, steps=3000):
         gn = GradNorm(["hsic", "info", "triplet"], alpha=1.5, reg_lambda=reg_lambda)
         opt = torch.optim.Adam(gn.parameters(), lr=0.025)

@@ -93,7 +93,7 @@ def test_bdam_gate_scales_tokens_and_pools_to_f_id():
     cfg = tiny()
     bdam = BDAM(cfg, vision_width=48)
     out = bdam(torch.randn(3, 8, 48))
-    assert torch.allclose(out["tokens"].mean(1), out["f_id"], atol=1e-6)  # DESIGN 3.2
+    assert torch.allclose(out["tokens"].mean(1), out["f_id"], atol=1e-6)  # docs/design.md#2-mamba-runs-over-a-sequence
     g = out["gate"]
     assert ((g > 0) & (g < 1)).all() and g.shape == (3, 64)
     # f_id = g * f_id_hat, f_clo = (1 - g) * f_clo_hat: the hats are means of LayerNorm-ed
@@ -256,7 +256,8 @@ def test_frozen_text_layers_are_cached_and_equal_the_whole_encoder(batch):
 
 
 def test_clothing_text_never_reaches_the_identity_path(batch):
-    """Only the textual identity meets the visual identity (DESIGN 3.5): with other clothing
+    """Only the textual identity meets the visual identity
+    (docs/design.md#5-text-side-only-identity-text-meets-the-identity-path): with other clothing
     descriptions, stage 1's embeddings, the fusion's scores and every loss but L_aln are the same;
     only the clothing side moves."""
     torch.manual_seed(0)

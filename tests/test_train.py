@@ -400,7 +400,7 @@ def half_precision_encoders(folder: Path) -> tuple[Path, Path]:
 def test_half_precision_checkpoints_load_in_float32_and_train_under_autocast(synth_root, tmp_path, monkeypatch):
     """Encoders saved in float16 load in float32 (transformers 5 keeps a checkpoint's dtype
     unless told): Adam on fp16 weights under bf16 autocast turned the text tower to NaN at step 2
-    on an H200 (DESIGN section 6). One step under bf16 autocast on the CPU stays finite."""
+    on an H200 (docs/design.md#the-pretrained-encoders). One step under bf16 autocast on the CPU stays finite."""
     vit, bert = half_precision_encoders(tmp_path)
     cfgs = config(synth_root, "--vision-model", str(vit), "--text-model", str(bert),
                   "--image-size", "32,32", "--conv-stem", "false", "--text-frozen-layers", "0", "--p", "4", "--k", "2")
