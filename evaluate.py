@@ -268,6 +268,13 @@ def config_of(cls, *sections: dict):
     return cls(**{k: v for section in sections for k, v in section.items() if k in names})
 
 
+def model_config(config: dict) -> ModelConfig:
+    """A run's ModelConfig; a run written with an "objective" section had clothing projections only with L_aln."""
+    old = config.get("objective", {})
+    legacy = {"clothing_stream": old["loss_aln"]} if "loss_aln" in old and "clothing_stream" not in config["model"] else {}
+    return config_of(ModelConfig, old, legacy, config["model"])
+
+
 def load_run(run=None, runs_dir="runs") -> Run:
     """A run folder written by train.py (default: runs/latest, else the newest under runs/): its
     best.pt, else its last.pt."""
@@ -280,7 +287,7 @@ def load_checkpoint(path) -> Run:
     path = Path(path)
     saved, config, config_file = read_saved(path)
     try:  # runs written before the losses had their own config keep fusion fields in "objective"
-        model_cfg = config_of(ModelConfig, config.get("objective", {}), config["model"])
+        model_cfg = model_config(config)
         settings = config_of(RetrievalConfig, config.get("objective", {}), config.get("retrieval", {}))
     except (KeyError, TypeError, ValueError) as e:
         raise RunError(f"{config_file}: bad 'model' or 'retrieval' section ({e}); rerun train.py.") from None

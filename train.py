@@ -159,7 +159,8 @@ def parse_config(argv=None, prog=None, description=None) -> tuple[Configs, argpa
         if any(given(args, owner) for owner in OWNERS) or args.ablation != "full":
             parser.error("--resume continues a run with its saved configuration; give no other fields")
         saved = json.loads((Path(args.resume) / "config.json").read_text())
-        return Configs(*(evaluate.config_of(cls, saved.get("objective", {}), saved.get(owner, {}))
+        return Configs(*(evaluate.model_config(saved) if owner == "model" else
+                         evaluate.config_of(cls, saved.get("objective", {}), saved.get(owner, {}))
                          for owner, cls in OWNERS.items())), args
     both = parser.parse_args(shlex.split(ABLATIONS[args.ablation]) + list(sys.argv[1:] if argv is None else argv))
     preset = presets(given(both, "train").get("data", "synth"))
