@@ -42,7 +42,7 @@ def test_the_top_level_holds_exactly_the_seven_files_of_the_card():
     assert {p.name for p in REPO.glob("*.py")} == CARD
 
 
-@pytest.mark.xfail(strict=True, reason="issue 37 asks <= 3,000 lines; 3,128 on 2026-12-07 (README, What is missing)")
+@pytest.mark.xfail(strict=True, reason="issue 37 asks <= 3,000 lines; 3,136 on 2026-12-07 (README, What is missing)")
 def test_the_seven_files_together_read_in_an_afternoon():
     total = sum(lines(REPO / name) for name in CARD)
     assert total <= MAX_CARD_LINES, {name: lines(REPO / name) for name in sorted(CARD)}
