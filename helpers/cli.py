@@ -28,7 +28,8 @@ def add_config_flags(parser: argparse.ArgumentParser, owner: str, small, full) -
         a, b = getattr(small, f.name), getattr(full, f.name)
         shown = "synth; choices synth|cuhk|icfg|rstp" if f.name == "data" else (
             a if a == b else f"{a} with --data synth, {b} with cuhk|icfg|rstp")
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f"{owner}.{f.name}", metavar=f.name.upper(), default=None,
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f"{owner}.{f.name}", metavar=f.name.upper(),
+                            default=None,
                             type=lambda s, t=f.type: parse_value(s, t),
                             help=f"{type(small).__name__}.{f.name} (default: {shown})")
 
